@@ -1,0 +1,178 @@
+"""Every setting mlxlite reads: its env var, its `config.json` key, default and help.
+
+Resolution order: environment variable, then `$MLXLITE_HOME/config.json`, then the
+default. `MLXLITE_HOME` itself comes only from the environment (it locates the file).
+Values are parsed by the setting's type; a bad value is a `BadRequest` naming it.
+Nothing here imports anything heavy: `--help` and `list` read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from mlxlite.errors import BadRequest
+
+
+def parse_duration(value: Any) -> float:
+    """Ollama-style keep-alive: seconds as a number, or '5m', '1h30m', '10s', '-1'.
+
+    Returns seconds; negative means forever.
+    """
+    if isinstance(value, bool):
+        raise BadRequest(f"invalid duration: {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if not isinstance(value, str) or not value.strip():
+        raise BadRequest(f"invalid duration: {value!r}")
+    text = value.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    sign = -1.0 if text.startswith("-") else 1.0
+    text = text.lstrip("+-")
+    total, number = 0.0, ""
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch.isdigit() or ch == ".":
+            number += ch
+            i += 1
+            continue
+        unit = "ms" if text.startswith("ms", i) else ch
+        if unit not in units or not number:
+            raise BadRequest(f"invalid duration: {value!r}")
+        try:
+            total += float(number) * units[unit]
+        except ValueError:
+            raise BadRequest(f"invalid duration: {value!r}") from None
+        number = ""
+        i += len(unit)
+    if number:
+        raise BadRequest(f"invalid duration: {value!r} (missing unit)")
+    return sign * total
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(value)
+
+
+def _parse_list(value: Any) -> list[str]:
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    env: str
+    default: Any
+    parse: Callable[[Any], Any]
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "MLXLITE_HOST", "127.0.0.1:11435", str,
+            "address the daemon binds and the CLI talks to (host:port)"),
+    Setting("keep_alive", "MLXLITE_KEEP_ALIVE", "5m", parse_duration,
+            "how long an idle model stays loaded (0 unloads at once, negative keeps forever)"),
+    Setting("num_parallel", "MLXLITE_NUM_PARALLEL", 8, int,
+            "most sequences decoded together in one batch per model"),
+    Setting("max_queue", "MLXLITE_MAX_QUEUE", 512, int,
+            "most requests waiting for the engine before new ones get 503"),
+    Setting("max_loaded_models", "MLXLITE_MAX_LOADED_MODELS", 3, int,
+            "most models resident at once; the least recently used idle one is evicted"),
+    Setting("prefix_cache_bytes", "MLXLITE_PREFIX_CACHE_BYTES", 1 << 30, int,
+            "memory budget of the prompt-prefix KV cache, in bytes"),
+    Setting("memory_budget_bytes", "MLXLITE_MEMORY_BUDGET_BYTES", 0, int,
+            "refuse to load models past this many bytes (0: 75% of physical memory)"),
+    Setting("max_body_bytes", "MLXLITE_MAX_BODY_BYTES", 32 << 20, int,
+            "largest JSON request body the daemon accepts, in bytes"),
+    Setting("origins", "MLXLITE_ORIGINS", [], _parse_list,
+            "extra CORS origins allowed besides localhost ones (comma-separated)"),
+    Setting("api_key", "MLXLITE_API_KEY", "", str,
+            "bearer key required on every request when set (required off loopback)"),
+    Setting("log_file", "MLXLITE_LOG_FILE", "", str,
+            "file for the daemon's JSON request log (default: stderr)"),
+    Setting("num_ctx", "MLXLITE_CONTEXT_LENGTH", 4096, int,
+            "default context window in tokens when a request does not set num_ctx"),
+    Setting("hf_endpoint", "MLXLITE_HF_ENDPOINT", "https://huggingface.co", str,
+            "base URL of the Hugging Face hub for hf.co/ pulls"),
+    Setting("hf_token", "HF_TOKEN", "", str,
+            "Hugging Face token sent to the hub when set"),
+    Setting("registry_auth", "MLXLITE_REGISTRY_AUTH", {}, dict,
+            "credentials per registry host: {host: {username, password} or {token}}"),
+    Setting("docker_config", "DOCKER_CONFIG", "", str,
+            "directory of a docker-style config.json to read registry credentials from"),
+    Setting("openblas", "MLXLITE_OPENBLAS", True, _parse_bool,
+            "on Linux, re-exec once with OpenBLAS preloaded when it is installed"),
+    Setting("float32_on_cpu", "MLXLITE_FLOAT32_ON_CPU", True, _parse_bool,
+            "on CPU, dequantize weights to float32 when they fit the memory budget"),
+)
+
+_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+def home() -> Path:
+    """The root of everything mlxlite writes (`MLXLITE_HOME`, default `~/.mlxlite`)."""
+    return Path(os.environ.get("MLXLITE_HOME") or Path.home() / ".mlxlite").expanduser()
+
+
+def _file_values() -> dict[str, Any]:
+    path = home() / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise BadRequest(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"{path} must hold a JSON object")
+    unknown = sorted(set(data) - set(_BY_KEY))
+    if unknown:
+        raise BadRequest(f"{path}: unknown setting {unknown[0]!r}")
+    return data
+
+
+def get(key: str) -> Any:
+    """The current value of one setting (env over file over default)."""
+    setting = _BY_KEY[key]
+    raw: Any
+    if setting.env in os.environ:
+        raw = os.environ[setting.env]
+        if setting.parse is dict:
+            try:
+                raw = json.loads(raw) if raw else {}
+            except ValueError:
+                raise BadRequest(f"{setting.env} must be JSON") from None
+    else:
+        file_values = _file_values()
+        if key not in file_values:
+            return setting.default
+        raw = file_values[key]
+    try:
+        value = setting.parse(raw)
+    except (TypeError, ValueError, BadRequest):
+        raise BadRequest(f"invalid value for {setting.env} / {key}: {raw!r}") from None
+    return value
+
+
+def describe() -> str:
+    """A table of every setting for `serve --help`."""
+    lines = []
+    for s in SETTINGS:
+        lines.append(f"  {s.env:<28} {s.help} (default: {s.default!r})")
+    return "\n".join(lines)

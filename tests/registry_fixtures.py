@@ -1,0 +1,1 @@
+"""Fixtures for this area of the suite (filled in by its owner)."""
