@@ -1,0 +1,239 @@
+"""The `mlxlite` command line: argparse verbs, each importing what it needs lazily.
+
+Contract: `main(argv=None) -> int`. Every expected failure is an `MlxliteError` and
+becomes one `error: ...` line on stderr and exit status 1 (130 on Ctrl-C); no
+traceback for user mistakes (set MLXLITE_DEBUG=1 to see one for internal errors).
+`--help`, `list`, `pull` never import mlx; verbs that generate go through a running
+daemon when one answers on MLXLITE_HOST, else run in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Callable
+
+from mlxlite import __version__
+from mlxlite.errors import MlxliteError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _store():
+    from mlxlite.store import Store
+
+    return Store()
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}".replace(".0 ", " ")
+        n /= 1000
+    return f"{n} B"
+
+
+def human_ago(ts: float, now: float | None = None) -> str:
+    delta = max(0.0, (now or time.time()) - ts)
+    for unit, size in (("year", 31536000), ("month", 2592000), ("week", 604800), ("day", 86400),
+                       ("hour", 3600), ("minute", 60), ("second", 1)):
+        if delta >= size:
+            count = int(delta // size)
+            return f"{count} {unit}{'s' if count != 1 else ''} ago"
+    return "just now"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["    ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+# ---- store verbs ---------------------------------------------------------------------
+def cmd_list(args: argparse.Namespace) -> int:
+    rows = [[e.name.display, e.digest[7:19], human_bytes(e.size), human_ago(e.modified)]
+            for e in _store().list()]
+    print(_table(rows, ["NAME", "ID", "SIZE", "MODIFIED"]))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from mlxlite.importers import import_path
+
+    results = import_path(_store(), args.path, args.name, say=_say)
+    for result in results:
+        print(result.summary())
+    return 0
+
+
+def model_summary(store, entry) -> dict:
+    """What `show` prints: the config blob plus template/system/license/params layers."""
+    from mlxlite import store as st
+
+    info = store.read_config(entry)
+    out = {
+        "name": entry.name.display,
+        "digest": entry.digest,
+        "size": entry.size,
+        "format": info.get("format"),
+        "architecture": info.get("architecture"),
+        "parameters": info.get("parameter_size") or info.get("parameter_count"),
+        "quantization": info.get("quantization"),
+        "context_length": info.get("context_length"),
+        "files": info.get("files") or list(entry.manifest.files()),
+    }
+    texts = {"template": (st.MEDIA_TEMPLATE, st.MEDIA_OLLAMA_TEMPLATE), "system": (st.MEDIA_SYSTEM,),
+             "license": (st.MEDIA_LICENSE,)}
+    for key, medias in texts.items():
+        parts = [store.read_blob(layer.digest).decode("utf-8", "replace")
+                 for media in medias for layer in entry.manifest.layers_of(media)]
+        if parts:
+            out[key] = "\n".join(parts)
+    for layer in entry.manifest.layers_of(st.MEDIA_PARAMS):
+        out["parameters_set"] = json.loads(store.read_blob(layer.digest))
+    if info.get("format") == "gguf" and ("template" not in out or "license" not in out):
+        from mlxlite import gguf
+
+        files = entry.manifest.files()
+        path = next((store.blob_path(layer.digest) for title, layer in files.items()
+                     if title.endswith(".gguf") or layer.media_type == st.MEDIA_GGUF), None)
+        if path is not None:
+            meta = gguf.read_metadata(path)
+            out.setdefault("template", meta.get("tokenizer.chat_template"))
+            if meta.get("general.license"):
+                out.setdefault("license", meta.get("general.license"))
+    elif "template" not in out:
+        view = store.view(entry)
+        for candidate in ("chat_template.jinja", "tokenizer_config.json"):
+            path = view / candidate
+            if path.exists():
+                text = path.read_text()
+                out["template"] = text if candidate.endswith(".jinja") else json.loads(text).get("chat_template")
+                break
+    return {k: v for k, v in out.items() if v not in (None, "")}
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = _store()
+    summary = model_summary(store, store.resolve(args.model))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print("  Model")
+    for label, key in (("architecture", "architecture"), ("parameters", "parameters"),
+                       ("context length", "context_length"), ("quantization", "quantization"),
+                       ("format", "format"), ("digest", "digest"), ("size", "size")):
+        if key in summary:
+            value = human_bytes(summary[key]) if key == "size" else summary[key]
+            print(f"    {label:<20}{value}")
+    if "parameters_set" in summary:
+        print("\n  Parameters")
+        for key, value in summary["parameters_set"].items():
+            print(f"    {key:<20}{json.dumps(value)}")
+    for key in ("system", "template", "license"):
+        if key in summary:
+            text = str(summary[key]).strip().splitlines()
+            print(f"\n  {key.capitalize()}")
+            for line in text[:12]:
+                print(f"    {line}")
+            if len(text) > 12:
+                print(f"    ... ({len(text) - 12} more lines)")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    store = _store()
+    entries = [store.resolve(name) for name in args.models]  # all or nothing on a typo
+    for entry in entries:
+        freed = store.remove(entry.name)
+        print(f"deleted '{entry.name.display}' ({human_bytes(freed)} freed)")
+    return 0
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    entry = _store().copy(args.source, args.destination)
+    print(f"copied '{args.source}' to '{entry.name.display}'")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = _store()
+    entries = [store.resolve(n) for n in args.models] if args.models else store.list()
+    bad = store.verify([e.name.full for e in entries]) if entries else []
+    for blob in bad:
+        print(f"bad blob {blob.digest}: {blob.reason}; used by {', '.join(blob.models)}")
+    blobs = {layer.digest for e in entries for layer in e.manifest.blobs}
+    if bad:
+        _say(f"error: {len(bad)} of {len(blobs)} blobs failed verification; pull or import the models again")
+        return 1
+    print(f"verified {len(entries)} models, {len(blobs)} blobs: all ok")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    removed, freed = _store().prune()
+    print(f"removed {removed} files, {human_bytes(freed)} freed")
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlxlite", description="Run large language models locally on MLX.")
+    parser.add_argument("--version", action="version", version=f"mlxlite {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
+
+    def verb(name: str, handler: Handler, help: str, **kw) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, **kw)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = verb("import", cmd_import, "import a GGUF file, model directory, HF cache repo, Ollama store or OCI layout")
+    p.add_argument("path")
+    p.add_argument("--name", help="model name (default: from the file or directory name)")
+    verb("list", cmd_list, "list models in the store", aliases=["ls"])
+    p = verb("show", cmd_show, "show a model's details")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = verb("rm", cmd_rm, "remove models")
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    p = verb("cp", cmd_cp, "copy a model under another name")
+    p.add_argument("source")
+    p.add_argument("destination")
+    p = verb("verify", cmd_verify, "re-hash every blob of the given models (default: all)")
+    p.add_argument("models", nargs="*", metavar="MODEL")
+    verb("prune", cmd_prune, "delete blobs no model uses and leftovers of interrupted writes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.handler(args)
+    except MlxliteError as exc:
+        _say(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        _say("")
+        return 130
+    except BrokenPipeError:
+        return 0
+    except (OSError, ValueError) as exc:
+        if os.environ.get("MLXLITE_DEBUG"):
+            raise
+        _say(f"error: {exc}")
+        return 1
+
+
+__all__ = ["main", "build_parser"]
