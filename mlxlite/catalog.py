@@ -16,9 +16,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from mlxlite import names
 from mlxlite.errors import IntegrityError, MlxliteError

@@ -80,7 +80,7 @@ class ModelName:
         """The OCI repository path on the registry: `namespace/model` (lowercase)."""
         return f"{self.namespace.lower()}/{self.model.lower()}"
 
-    def with_tag(self, tag: str) -> "ModelName":
+    def with_tag(self, tag: str) -> ModelName:
         return ModelName(self.host, self.namespace, self.model, _check_part("tag", tag, tag))
 
     def __str__(self) -> str:

@@ -89,7 +89,7 @@ class Options:
     mirostat_eta: float = 0.1
     tfs_z: float = 1.0
 
-    def merged(self, overrides: dict[str, Any]) -> "Options":
+    def merged(self, overrides: dict[str, Any]) -> Options:
         """These options with validated overrides applied (e.g. request over model)."""
         return replace(self, **parse_partial(overrides))
 

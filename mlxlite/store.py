@@ -26,9 +26,10 @@ import secrets
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 from mlxlite import config, names
 from mlxlite.errors import BadRequest, Busy, IntegrityError, ModelNotFound
@@ -89,7 +90,7 @@ class Layer:
         return out
 
     @classmethod
-    def from_json(cls, data: dict) -> "Layer":
+    def from_json(cls, data: dict) -> Layer:
         if not isinstance(data, dict):
             raise IntegrityError("manifest layer is not an object")
         size = data.get("size")
@@ -112,7 +113,7 @@ class Manifest:
     layers: tuple[Layer, ...]
 
     @classmethod
-    def parse(cls, raw: bytes) -> "Manifest":
+    def parse(cls, raw: bytes) -> Manifest:
         try:
             data = json.loads(raw)
         except ValueError as exc:
@@ -236,7 +237,7 @@ class BlobWriter:
     and renames into place. The temp file is flock-held so `prune` skips live writers.
     """
 
-    def __init__(self, store: "Store") -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         store.blob_dir.mkdir(parents=True, exist_ok=True)
         self.path = store.blob_dir / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
@@ -274,7 +275,7 @@ class BlobWriter:
                 os.unlink(self.path)
             self.done = True
 
-    def __enter__(self) -> "BlobWriter":
+    def __enter__(self) -> BlobWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
