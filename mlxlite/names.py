@@ -64,7 +64,8 @@ class ModelName:
     def display(self) -> str:
         """Short form: `model:tag`, `ns/model:tag` or `host/ns/model:tag`."""
         host, namespace, model, tag = self.key
-        if host != DEFAULT_HOST:
+        # A namespace that looks like a host must keep the host, or it would re-parse as one.
+        if host != DEFAULT_HOST or "." in namespace or namespace == "localhost":
             return f"{host}/{namespace}/{model}:{tag}"
         if namespace != DEFAULT_NAMESPACE:
             return f"{namespace}/{model}:{tag}"
@@ -92,7 +93,8 @@ def parse(text: str) -> ModelName:
     if not isinstance(text, str):
         raise InvalidName(f"invalid model name {text!r}: not a string")
     full = text
-    text = text.strip()
+    if text != text.strip():
+        raise InvalidName(f"invalid model name {full!r}: surrounding whitespace")
     if not text:
         raise InvalidName("invalid model name: empty")
     if len(text) > MAX_NAME:
