@@ -357,7 +357,7 @@ class Store:
         `known_digest` (e.g. from an HF cache blob name) skips reading the file; a wrong
         one is caught by `verify` and by the digest check at load.
         """
-        src = Path(src)
+        src = Path(src).resolve()  # link the file, never a symlink (HF snapshots are symlinks)
         size = src.stat().st_size
         digest = names.parse_digest(known_digest) if known_digest else None
         if digest is None:
