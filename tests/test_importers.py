@@ -15,7 +15,7 @@ import pytest
 from mlxlite import names
 from mlxlite.errors import BadRequest
 from mlxlite.importers import import_path
-from mlxlite.store import MEDIA_GGUF, Layer, Store, build_manifest
+from mlxlite.store import MEDIA_GGUF, Layer, Store, build_manifest, hash_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -196,9 +196,8 @@ def test_kill_9_during_import_leaves_nothing_half_written(tmp_path):
             for entry in store.list():
                 assert store.verify([entry.name.full]) == []
             for blob in store.blob_dir.glob("*") if store.blob_dir.exists() else []:
-                if not blob.name.startswith(".tmp-"):
-                    assert blob.stat().st_size in {b.stat().st_size for b in src.iterdir()} | {
-                        len(store.blob_path("sha256:" + blob.name).read_bytes())}
+                if not blob.name.startswith(".tmp-"):  # a visible blob is always whole
+                    assert hash_file(blob)[0] == "sha256:" + blob.name
         assert killed >= 3  # most runs really died mid-import
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
         assert "IMPORTED" in done.stdout, done.stderr
