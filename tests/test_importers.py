@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from mlxlite import names
 from mlxlite.errors import BadRequest
 from mlxlite.importers import import_path
 from mlxlite.store import MEDIA_GGUF, Layer, Store, build_manifest, hash_file

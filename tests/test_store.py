@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mlxlite import names
-from mlxlite.errors import IntegrityError, ModelNotFound
+from mlxlite.errors import BadRequest, IntegrityError, ModelNotFound
 from mlxlite.store import MEDIA_FILE, TITLE, Layer, Store, build_manifest
 
 
@@ -59,7 +59,7 @@ def test_titles_that_escape_are_rejected(store):
     config = store.put_json({})
     for bad in ("../x", "/etc/passwd", "a/../../b", ""):
         layer = Layer(MEDIA_FILE, store.put_bytes(data), 1, {TITLE: bad})
-        with pytest.raises(Exception):
+        with pytest.raises(BadRequest, match="invalid file name"):
             store.write_manifest(names.parse("m"), build_manifest(config, [layer]))
 
 
