@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from mlxlite import __version__
-from mlxlite.errors import MlxliteError
+from mlxlite.errors import BadRequest, MlxliteError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -183,6 +183,66 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- generation ----------------------------------------------------------------------
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "seed", "num_predict", "num_ctx",
+                  "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty")
+
+
+def _daemon_client():
+    """A client of the running daemon, or None when nothing answers on MLXLITE_HOST."""
+    try:
+        from mlxlite import client
+    except ImportError:
+        return None
+    return client.connect_if_running()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mlxlite import chat
+    from mlxlite import options as opts
+
+    overrides = {}
+    for flag in SAMPLING_FLAGS:
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[flag] = opts.coerce(flag, value)
+    if args.stop:
+        overrides["stop"] = list(opts.coerce("stop", args.stop))
+    fmt = None
+    if args.format:
+        try:
+            fmt = "json" if args.format == "json" else json.loads(args.format)
+        except ValueError:
+            raise BadRequest("--format must be 'json' or a JSON schema") from None
+    prompt = " ".join(args.prompt)
+    if not sys.stdin.isatty():
+        piped = sys.stdin.read()
+        prompt = f"{prompt}\n\n{piped}" if prompt and piped.strip() else (prompt or piped)
+    client = _daemon_client()
+    if client is not None:
+        from mlxlite.store import Store
+
+        chat.resolve_or_fetch(Store(), args.model, _say)  # catalog models land in the shared store
+        backend = chat.DaemonBackend(args.model, client)
+    else:
+        backend = chat.LocalBackend(args.model, _say)
+        backend.load()
+    if not prompt.strip() and sys.stdin.isatty():
+        return chat.interactive(backend, overrides, args.system, fmt, args.verbose)
+    if not prompt.strip():
+        raise BadRequest("empty prompt")
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": prompt})
+    _, stats = chat.stream_turn(backend, messages, overrides, fmt)
+    print(flush=True)
+    if isinstance(backend, chat.LocalBackend):
+        stats.load = backend.load_seconds
+        stats.total += backend.load_seconds
+    if args.verbose:
+        _say(stats.render())
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -195,6 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
+    p = verb("run", cmd_run, "run a model: answer PROMPT, piped stdin, or chat interactively")
+    p.add_argument("model")
+    p.add_argument("prompt", nargs="*")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--format", help="'json' or a JSON schema the answer must follow")
+    p.add_argument("--verbose", action="store_true", help="print timings and token rates")
+    for flag in SAMPLING_FLAGS:
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=float if flag in (
+            "temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty") else int)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p = verb("import", cmd_import, "import a GGUF file, model directory, HF cache repo, Ollama store or OCI layout")
     p.add_argument("path")
     p.add_argument("--name", help="model name (default: from the file or directory name)")
