@@ -302,15 +302,11 @@ def import_ollama(store: Store, root: Path, say: Say = _quiet) -> list[ImportRes
 def _is_layout(path: Path) -> bool:
     if path.is_dir():
         return (path / "oci-layout").is_file()
-    if path.suffix == ".tar":
-        import tarfile
+    if path.name.lower().endswith((".tar", ".tar.gz", ".tgz")):
+        return True  # a damaged layout tar gets layout.py's clear error, not a GGUF one
+    from mlxlite import layout
 
-        try:
-            with tarfile.open(path) as tar:
-                return any(m.name.lstrip("./") == "oci-layout" for m in tar.getmembers()[:64])
-        except (tarfile.TarError, OSError):
-            return False
-    return False
+    return layout.is_layout(path)
 
 
 def import_path(store: Store, path: str | Path, name: str | None = None, say: Say = _quiet) -> list[ImportResult]:
@@ -322,8 +318,7 @@ def import_path(store: Store, path: str | Path, name: str | None = None, say: Sa
     if _is_layout(src):
         from mlxlite import layout
 
-        entry = layout.import_layout(store, src, name=parsed)
-        return [ImportResult(entry)]
+        return [layout.import_layout_result(store, src, name=parsed, progress=layout.plain_progress(say))]
     if src.is_file():
         real = src.resolve()
         known = "sha256:" + real.name if src.is_symlink() and _HEX64.match(real.name) else None
