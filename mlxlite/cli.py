@@ -183,6 +183,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from mlxlite import layout
+
+    result = layout.pack(_store(), args.models, args.output, progress=layout.plain_progress(_say))
+    print(result.summary())
+    return 0
+
+
 # ---- generation ----------------------------------------------------------------------
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "seed", "num_predict", "num_ctx",
                   "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty")
@@ -280,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("verify", cmd_verify, "re-hash every blob of the given models (default: all)")
     p.add_argument("models", nargs="*", metavar="MODEL")
     verb("prune", cmd_prune, "delete blobs no model uses and leftovers of interrupted writes")
+    p = verb("pack", cmd_pack, "pack models into an OCI image layout (a directory, or PATH.tar)")
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    p.add_argument("-o", "--output", required=True, metavar="PATH",
+                   help="a .tar file, else a directory (blobs hardlinked from the store)")
     return parser
 
 

@@ -431,10 +431,13 @@ class _TarSource:
 
     def __init__(self, path: Path) -> None:
         self.label = str(path)
+        with open(path, "rb") as fh:
+            self.compressed = fh.read(6).startswith(_COMPRESSED_MAGIC)
         try:
-            self.tar = tarfile.open(path, "r:*")
-        except (tarfile.TarError, EOFError) as exc:
-            raise BadRequest(f"{path} is not a readable tar file: {exc}") from None
+            self.tar = tarfile.open(path, "r:*" if self.compressed else "r:")
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            reason = str(exc).splitlines()[0]  # tarfile lists every method it tried; one line will do
+            raise BadRequest(f"{path} is not an OCI layout: not a readable tar file ({reason})") from None
         try:
             self.members = self._scan(path)
         except BaseException:
@@ -449,8 +452,7 @@ class _TarSource:
 
     def _scan(self, path: Path) -> dict[str, tarfile.TarInfo]:
         members: dict[str, tarfile.TarInfo] = {}
-        with open(path, "rb") as fh:
-            compressed = fh.read(6).startswith(_COMPRESSED_MAGIC)
+        compressed = self.compressed
         total = path.stat().st_size
         last = None
         try:
