@@ -185,8 +185,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_pack(args: argparse.Namespace) -> int:
     from mlxlite import layout
+    from mlxlite.progress import Printer
 
-    result = layout.pack(_store(), args.models, args.output, progress=layout.plain_progress(_say))
+    result = layout.pack(_store(), args.models, args.output, progress=Printer())
     print(result.summary())
     return 0
 

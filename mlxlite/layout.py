@@ -30,7 +30,6 @@ import secrets
 import shutil
 import stat
 import tarfile
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -91,38 +90,45 @@ def _quiet(_: dict) -> None:
     pass
 
 
-class _Ticker:
-    """Ollama-shaped per-blob progress events, at most ~10 a second per blob."""
+def _ticker(emit: Progress, verb: str, digest: str, total: int) -> Callable[[int], None]:
+    """Byte increments -> progress.layer's throttled, never-backwards events."""
+    from mlxlite import progress as progress_events
 
-    def __init__(self, progress: Progress, digest: str, total: int) -> None:
-        self.progress, self.digest, self.total = progress, digest, total
-        self.completed, self.last = 0, 0.0
-        self.status = f"pulling {digest_hex(digest)[:12]}"
+    report = progress_events.layer(emit, verb, digest, total)
+    done = 0
 
-    def __call__(self, n: int) -> None:
-        self.completed += n
-        now = time.monotonic()
-        if now - self.last >= 0.1 or self.completed >= self.total:
-            self.last = now
-            self.progress({"status": self.status, "digest": self.digest,
-                           "total": self.total, "completed": min(self.completed, self.total)})
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        report(done)
+
+    return tick
+
+
+class _SayStream:
+    """A text stream whose complete lines go to `say` (the importers' logging hook)."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say, self.buffer = say, ""
+
+    def write(self, text: str) -> None:
+        self.buffer += text
+        *lines, self.buffer = self.buffer.split("\n")
+        for line in lines:
+            self.say(line)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
 
 
 def plain_progress(say: Callable[[str], None]) -> Progress:
-    """Progress events as plain log lines (pipes, CI): statuses once, blobs at 25% steps."""
-    shown: dict[str, int] = {}
+    """Progress events rendered as a registry pull renders them in a pipe, through `say`."""
+    from mlxlite.progress import Printer
 
-    def emit(event: dict) -> None:
-        status, total = event.get("status", ""), event.get("total")
-        if not total:
-            say(status)
-            return
-        quarter = 4 * event.get("completed", 0) // total
-        if shown.get(status, -1) < quarter:
-            shown[status] = quarter
-            say(f"{status}: {event.get('completed', 0)}/{total} bytes")
-
-    return emit
+    return Printer(_SayStream(say), tty=False)  # type: ignore[arg-type]
 
 
 # ---- sources: "oci-layout:PATH[:REF]" and detection -------------------------------------
@@ -271,7 +277,7 @@ def _pack_dir(store: Store, entries: list[ModelEntry], out: Path, progress: Prog
     methods: Counter[str] = Counter()
     for digest, size, raw in _blobs_of(entries):
         dst = blob_dir / digest_hex(digest)
-        tick = _Ticker(progress, digest, size)
+        tick = _ticker(progress, "packing", digest, size)
         if dst.is_file() and dst.stat().st_size == size:
             methods["existing"] += 1
         elif raw is not None:
@@ -314,7 +320,7 @@ class _HashingReader:
     """A store blob read for tarfile, hashed as it goes, so a corrupt store blob never
     leaves the machine inside a package."""
 
-    def __init__(self, fh: BinaryIO, tick: _Ticker) -> None:
+    def __init__(self, fh: BinaryIO, tick: Callable[[int], None]) -> None:
         self.fh, self.tick, self.hash = fh, tick, hashlib.sha256()
 
     def read(self, n: int = -1) -> bytes:
@@ -352,7 +358,7 @@ def _pack_tar(store: Store, entries: list[ModelEntry], out: Path, progress: Prog
                 tar.addfile(_tarinfo("blobs/sha256", directory=True))
                 for digest, size, raw in _blobs_of(entries):
                     info = _tarinfo(f"blobs/sha256/{digest_hex(digest)}", size)
-                    tick = _Ticker(progress, digest, size)
+                    tick = _ticker(progress, "packing", digest, size)
                     if raw is not None:
                         tar.addfile(info, _BytesReader(raw))
                         tick(size)
@@ -670,7 +676,7 @@ def _copy_blobs(store: Store, source: _DirSource | _TarSource, blobs: Iterable[L
         if layer.digest in seen:
             continue
         seen.add(layer.digest)
-        tick = _Ticker(progress, layer.digest, layer.size)
+        tick = _ticker(progress, "pulling", layer.digest, layer.size)
         if store.has_blob(layer.digest, layer.size):
             tick(layer.size)
             methods["existing"] += 1
