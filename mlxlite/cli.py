@@ -122,7 +122,15 @@ def model_summary(store, entry) -> dict:
 
 def cmd_show(args: argparse.Namespace) -> int:
     store = _store()
-    summary = model_summary(store, store.resolve(args.model))
+    entry = store.resolve(args.model)
+    summary = model_summary(store, entry)
+    section = next((k for k in ("modelfile", "parameters", "template", "system", "license")
+                    if getattr(args, k, False)), None)
+    if section:  # Modelfile-style sections (issue 7)
+        from mlxlite.create import show_text
+
+        print(show_text(store, entry, section, summary), end="")
+        return 0
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -281,6 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("show", cmd_show, "show a model's details")
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="print JSON")
+    for flag, what in (("modelfile", "a Modelfile that recreates the model"), ("parameters", "its parameters"),
+                       ("template", "its chat template"), ("system", "its system prompt"),
+                       ("license", "its license")):
+        p.add_argument("--" + flag, action="store_true", help="print " + what)
+    from mlxlite.create import cmd_create, cmd_validate
+
+    p = verb("create", cmd_create, "create a model from a Modelfile")
+    p.add_argument("name")
+    p.add_argument("-f", "--file", default="Modelfile", help="path to the Modelfile (default: ./Modelfile)")
+    p = verb("validate", cmd_validate, "check a Modelfile (syntax, parameters, base model) without writing")
+    p.add_argument("-f", "--file", default="Modelfile", help="path to the Modelfile (default: ./Modelfile)")
     p = verb("rm", cmd_rm, "remove models")
     p.add_argument("models", nargs="+", metavar="MODEL")
     p = verb("cp", cmd_cp, "copy a model under another name")

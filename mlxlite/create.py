@@ -358,3 +358,45 @@ def to_modelfile(store: Store, entry: ModelEntry) -> str:
     if settings.requires:
         lines.append(f"REQUIRES {settings.requires}")
     return "\n".join(lines) + "\n"
+
+
+# ---- CLI verbs (wired in cli.py) -----------------------------------------------------------
+SHOW_FLAGS = ("modelfile", "parameters", "template", "system", "license")
+
+
+def _read_modelfile(path_text: str | None) -> tuple[modelfile.Modelfile, Path]:
+    path = Path(path_text or "Modelfile").expanduser()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadRequest(f"cannot read {path}: {exc.strerror or exc}") from None
+    return modelfile.parse(data, source=str(path)), path.resolve().parent
+
+
+def cmd_create(args: Any) -> int:
+    mf, base_dir = _read_modelfile(args.file)
+    create(Store(), args.name, spec_from_modelfile(mf), base_dir=base_dir,
+           say=lambda line: print(line, flush=True))
+    return 0
+
+
+def cmd_validate(args: Any) -> int:
+    mf, base_dir = _read_modelfile(args.file)
+    summary = check(Store(), spec_from_modelfile(mf), base_dir)
+    kinds = sorted({type(i).__name__.upper() for i in mf.instructions})
+    print(f"ok: {len(mf.instructions)} instructions ({', '.join(kinds)}); {summary}")
+    return 0
+
+
+def show_text(store: Store, entry: ModelEntry, section: str, summary: dict) -> str:
+    """`show --modelfile/--parameters/--template/--system/--license` output."""
+    if section == "modelfile":
+        return to_modelfile(store, entry)
+    if section == "parameters":
+        out = []
+        for key, value in (read_params(store, entry) or {}).items():
+            for item in value if isinstance(value, list) else [value]:
+                out.append(f"{key:<30} {json.dumps(item) if isinstance(item, str) else item}\n")
+        return "".join(out)
+    text = summary.get(section) or ""
+    return text if text.endswith("\n") or not text else text + "\n"
