@@ -215,7 +215,7 @@ def _daemon_client():
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mlxlite import chat
+    from mlxlite import blas, chat
     from mlxlite import options as opts
 
     overrides = {}
@@ -242,6 +242,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         chat.resolve_or_fetch(Store(), args.model, _say)  # catalog models land in the shared store
         backend = chat.DaemonBackend(args.model, client)
     else:
+        blas.ensure_openblas()  # before mlx is imported; re-execs at most once
         backend = chat.LocalBackend(args.model, _say)
         backend.load()
     if not prompt.strip() and sys.stdin.isatty():

@@ -108,14 +108,16 @@ def gguf_config(path: Path) -> dict:
     """The config blob of a GGUF model, from its header (validated)."""
     from mlxlite import gguf
 
-    meta = gguf.read_metadata(path)
-    arch = meta.get("general.architecture") or ""
+    header = gguf.read_gguf(path)
+    meta = header.metadata
+    arch = header.architecture
+    params = gguf.parameter_count(header)
     return {
         "format": "gguf",
         "architecture": arch,
         "family": arch,
-        "parameter_count": int(meta.get("general.parameter_count") or 0),
-        "parameter_size": _human_count(int(meta.get("general.parameter_count") or 0)),
+        "parameter_count": params,
+        "parameter_size": _human_count(params),
         "quantization": gguf.file_type_name(meta.get("general.file_type")),
         "context_length": meta.get(f"{arch}.context_length"),
         "files": [path.name],
