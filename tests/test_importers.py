@@ -210,3 +210,27 @@ def test_kill_9_during_import_leaves_nothing_half_written(tmp_path):
         import shutil
 
         shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_gguf_import_records_metadata(store, default_gguf):
+    (result,) = import_path(store, default_gguf, "smol:q4")
+    config = store.read_config(result.entry)
+    assert config["format"] == "gguf" and config["architecture"] == "llama"
+    assert config["quantization"] == "Q4_1" and config["context_length"] == 8192
+    assert 130e6 < config["parameter_count"] < 140e6
+    (title,) = result.entry.manifest.files()
+    assert title.endswith(".gguf")
+
+
+def test_truncated_and_fake_gguf_files_are_refused(store, tmp_path, default_gguf):
+    truncated = tmp_path / "cut.gguf"
+    with open(default_gguf, "rb") as fh:
+        truncated.write_bytes(fh.read(4096))
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"this is not a model at all" * 100)
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    for path, message in ((truncated, "truncated|GGUF"), (fake, "not a GGUF"), (empty, "not a GGUF")):
+        with pytest.raises(BadRequest, match=message):
+            import_path(store, path)
+    assert store.list() == []
