@@ -200,6 +200,24 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from mlxlite.progress import Printer
+    from mlxlite.pull import pull
+
+    entry = pull(_store(), args.model, insecure=args.insecure, sha256=args.sha256, progress=Printer())
+    print(f"pulled {entry.name.display} ({entry.digest[7:19]}, {human_bytes(entry.size)})")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from mlxlite.progress import Printer
+    from mlxlite.pull import push
+
+    digest = push(_store(), args.model, insecure=args.insecure, progress=Printer())
+    print(f"pushed {args.model} ({digest[7:19]})")
+    return 0
+
+
 # ---- generation ----------------------------------------------------------------------
 SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "seed", "num_predict", "num_ctx",
                   "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty")
@@ -283,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=float if flag in (
             "temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty") else int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p = verb("pull", cmd_pull, "pull a model from a registry, hf.co/<org>/<repo>[:<tag>] or an https URL")
+    p.add_argument("model")
+    p.add_argument("--insecure", action="store_true", help="use plain HTTP for the registry")
+    p.add_argument("--sha256", metavar="HEX", help="expected sha256 of a URL's file (makes it resumable)")
+    p = verb("push", cmd_push, "push a model to the OCI registry its name names")
+    p.add_argument("model")
+    p.add_argument("--insecure", action="store_true", help="use plain HTTP for the registry")
     p = verb("import", cmd_import, "import a GGUF file, model directory, HF cache repo, Ollama store or OCI layout")
     p.add_argument("path")
     p.add_argument("--name", help="model name (default: from the file or directory name)")
