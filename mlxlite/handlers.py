@@ -1,0 +1,396 @@
+"""Route handlers of the native (Ollama-compatible) API.
+
+Contract: each handler takes the server's request context (`ctx.json()`, `ctx.gone()`,
+`ctx.params`, `ctx.log`, `ctx.app.store`, `ctx.app.scheduler`) and returns an
+`api.Reply` or `api.Stream`; it raises `MlxliteError`s, which `server.py` maps to the
+wire. Store-only routes (tags, show, copy, delete) never load a model. Generation goes
+through `generation()`, shared with the OpenAI routes: it submits a job to the scheduler
+and yields text as it comes, so nothing waits for the end. Never imports mlx.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from mlxlite import __version__, api, tools
+from mlxlite import store as st
+from mlxlite.api import Reply, Stream, Summary
+from mlxlite.errors import MlxliteError
+from mlxlite.scheduler import Done, Embedded, EmbedJob, GenerateJob, LoadJob, Ready, is_finish
+
+
+# ---- generation shared by native and OpenAI routes -------------------------------------
+@dataclass(frozen=True)
+class Text:
+    text: str
+    logprob: float | None = None
+    token: int | None = None
+
+
+@dataclass(frozen=True)
+class Calls:
+    calls: list
+
+
+def resolve(ctx: Any, name: Any) -> Any:
+    entry = ctx.app.store.resolve(name)
+    ctx.log["model"] = entry.name.display
+    return entry
+
+
+def generation(ctx: Any, job: GenerateJob, summary: Summary, tool_names: list[str] | None = None
+               ) -> Iterator[Text | Calls]:
+    """Submit `job`; yield `Text` as the engine produces it, then `Calls` (if tools were
+    given and the output was tool calls). Fills `summary` as it goes. Errors before the
+    first token (load, prompt too long) are raised before anything is yielded."""
+    ticket = ctx.app.scheduler.submit(job)
+    parser = tools.ToolCallParser(tool_names) if tool_names is not None else None
+    for event in ticket.events(gone=ctx.gone):
+        if isinstance(event, Ready):
+            summary.load_seconds = event.load_seconds
+            summary.tokens = list(event.prompt_tokens)
+            continue
+        if is_finish(event):
+            summary.reason = event.reason
+            summary.prompt_tokens = event.prompt_tokens
+            summary.prompt_eval_tokens = event.prompt_eval_tokens
+            summary.eval_tokens = event.eval_tokens
+            summary.prompt_seconds = event.prompt_seconds
+            summary.eval_seconds = event.eval_seconds
+            ctx.log.update(prompt_tokens=event.prompt_tokens, prompt_eval_tokens=event.prompt_eval_tokens,
+                           eval_tokens=event.eval_tokens, load_ms=round(summary.load_seconds * 1e3, 2),
+                           prompt_ms=round(event.prompt_seconds * 1e3, 2),
+                           eval_ms=round(event.eval_seconds * 1e3, 2), done_reason=event.reason)
+            tail = event.text_tail
+            if parser is not None:
+                tail = parser.feed(tail)
+            if tail:
+                yield Text(tail)
+            if parser is not None:
+                text, calls = parser.finish()
+                if text:
+                    yield Text(text)
+                if calls:
+                    yield Calls(calls)
+            return
+        summary.tokens.append(event.token)
+        text = event.text if parser is None else parser.feed(event.text)
+        if text:
+            yield Text(text, event.logprob, event.token)
+
+
+def _load_or_unload(ctx: Any, entry: Any, req: api.GenerateRequest, chat: bool) -> Reply | Stream:
+    ticket = ctx.app.scheduler.submit(LoadJob(entry, req.keep_alive))
+    reason, load_seconds = "load", 0.0
+    for event in ticket.events(gone=ctx.gone):
+        if isinstance(event, Done):
+            reason, load_seconds = event.reason, event.load_seconds
+    out = {"model": req.name.display, "created_at": api.now_rfc3339()}
+    if chat:
+        out["message"] = {"role": "assistant", "content": ""}
+    else:
+        out["response"] = ""
+    out.update(done=True, done_reason=reason)
+    if reason == "load":
+        out["load_duration"] = api.ns(load_seconds)
+    return Stream(iter([out])) if req.stream else Reply(out)
+
+
+def _native(ctx: Any, chat: bool) -> Reply | Stream:
+    req = api.parse_chat(ctx.json()) if chat else api.parse_generate(ctx.json())
+    entry = resolve(ctx, req.name)
+    if req.empty:
+        return _load_or_unload(ctx, entry, req, chat)
+    job = GenerateJob(entry, req.prompt, req.options, req.keep_alive, req.format, req.truncate)
+    tool_names = [t["function"]["name"] for t in req.prompt.tools] if req.prompt.tools else None
+    items = _native_chunks(ctx, req, job, chat, tool_names)
+    if req.stream:
+        return Stream(items)
+    return Reply(_join(items, chat))
+
+
+def _native_chunks(ctx: Any, req: api.GenerateRequest, job: GenerateJob, chat: bool,
+                   tool_names: list[str] | None) -> Iterator[dict]:
+    model = req.name.display
+    summary = Summary()
+    for item in generation(ctx, job, summary, tool_names):
+        chunk: dict[str, Any] = {"model": model, "created_at": api.now_rfc3339()}
+        if isinstance(item, Calls):
+            if chat:
+                chunk["message"] = {"role": "assistant", "content": "", "tool_calls": item.calls}
+            else:
+                chunk.update(response="", tool_calls=item.calls)
+        elif chat:
+            chunk["message"] = {"role": "assistant", "content": item.text}
+        else:
+            chunk["response"] = item.text
+        chunk["done"] = False
+        if req.logprobs and isinstance(item, Text) and item.logprob is not None:
+            chunk["logprobs"] = [{"token": item.text, "logprob": item.logprob,
+                                  "bytes": list(item.text.encode()), "top_logprobs": []}]
+        yield chunk
+    final: dict[str, Any] = {"model": model, "created_at": api.now_rfc3339()}
+    if chat:
+        final["message"] = {"role": "assistant", "content": ""}
+    else:
+        final["response"] = ""
+    final.update(done=True, done_reason=summary.reason if summary.reason != "cancel" else "stop")
+    final.update(summary.metrics())
+    if not chat and not req.prompt.raw:
+        final["context"] = summary.tokens
+    yield final
+
+
+def _join(items: Iterator[dict], chat: bool) -> dict:
+    """A non-streamed response: the chunks' text joined onto the final chunk."""
+    texts: list[str] = []
+    calls: list = []
+    logprobs: list = []
+    final: dict = {}
+    for chunk in items:
+        if chunk.get("done"):
+            final = chunk
+            break
+        part = chunk["message"] if chat else chunk
+        texts.append(part.get("content" if chat else "response", ""))
+        calls.extend(part.get("tool_calls") or [])
+        logprobs.extend(chunk.get("logprobs") or [])
+    text = "".join(texts)
+    if chat:
+        final["message"] = {"role": "assistant", "content": text}
+        if calls:
+            final["message"]["tool_calls"] = calls
+    else:
+        final["response"] = text
+        if calls:
+            final["tool_calls"] = calls
+    if logprobs:
+        final["logprobs"] = logprobs
+    return final
+
+
+def handle_generate(ctx: Any) -> Reply | Stream:
+    return _native(ctx, chat=False)
+
+
+def handle_chat(ctx: Any) -> Reply | Stream:
+    return _native(ctx, chat=True)
+
+
+def embed_vectors(ctx: Any, entry: Any, inputs: tuple[str, ...], truncate: bool,
+                  keep_alive: float | None, options: dict) -> Embedded:
+    ticket = ctx.app.scheduler.submit(EmbedJob(entry, inputs, keep_alive, truncate, options))
+    for event in ticket.events(gone=ctx.gone):
+        if isinstance(event, Embedded):
+            ctx.log.update(prompt_tokens=event.prompt_tokens, load_ms=round(event.load_seconds * 1e3, 2))
+            return event
+    raise MlxliteError("embedding produced no result")
+
+
+def handle_embed(ctx: Any) -> Reply:
+    started = time.perf_counter()
+    req = api.parse_embed(ctx.json())
+    entry = resolve(ctx, req.name)
+    result = embed_vectors(ctx, entry, req.inputs, req.truncate, req.keep_alive, req.options)
+    return Reply({
+        "model": req.name.display,
+        "embeddings": api.resize(result.vectors, req.dimensions),
+        "total_duration": api.ns(time.perf_counter() - started),
+        "load_duration": api.ns(result.load_seconds),
+        "prompt_eval_count": result.prompt_tokens,
+    })
+
+
+def handle_embeddings(ctx: Any) -> Reply:
+    req = api.parse_embed(ctx.json(), legacy=True)
+    entry = resolve(ctx, req.name)
+    result = embed_vectors(ctx, entry, req.inputs, req.truncate, req.keep_alive, req.options)
+    return Reply({"embedding": result.vectors[0] if result.vectors else []})
+
+
+# ---- store routes ----------------------------------------------------------------------
+def model_record(store: Any, entry: Any) -> dict:
+    try:
+        info = store.read_config(entry)
+    except MlxliteError:
+        info = {}
+    return {
+        "name": entry.name.display,
+        "model": entry.name.display,
+        "modified_at": api.rfc3339(entry.modified),
+        "size": entry.size,
+        "digest": st.digest_hex(entry.digest),
+        "details": api.details(info),
+    }
+
+
+def handle_tags(ctx: Any) -> Reply:
+    store = ctx.app.store
+    return Reply({"models": [model_record(store, e) for e in store.list()]})
+
+
+def _layer_text(store: Any, entry: Any, *medias: str) -> str | None:
+    parts = [store.read_blob(layer.digest).decode("utf-8", "replace")
+             for media in medias for layer in entry.manifest.layers_of(media)]
+    return "\n".join(parts) if parts else None
+
+
+def _gguf_meta(store: Any, entry: Any) -> dict:
+    files = entry.manifest.files()
+    layer = next((layer for title, layer in files.items()
+                  if title.endswith(".gguf") or layer.media_type == st.MEDIA_GGUF), None)
+    if layer is None:
+        return {}
+    from mlxlite import gguf
+
+    return gguf.read_metadata(store.blob_path(layer.digest))
+
+
+def show_model(store: Any, entry: Any, verbose: bool = False) -> dict:
+    info = store.read_config(entry)
+    template = _layer_text(store, entry, st.MEDIA_TEMPLATE, st.MEDIA_OLLAMA_TEMPLATE)
+    system = _layer_text(store, entry, st.MEDIA_SYSTEM)
+    license_ = _layer_text(store, entry, st.MEDIA_LICENSE)
+    params: dict = {}
+    for layer in entry.manifest.layers_of(st.MEDIA_PARAMS):
+        params.update(json.loads(store.read_blob(layer.digest)))
+    messages: list = []
+    for layer in entry.manifest.layers_of(st.MEDIA_MESSAGES):
+        messages.extend(json.loads(store.read_blob(layer.digest)))
+    model_info: dict = {}
+    if info.get("format") == "gguf":
+        meta = _gguf_meta(store, entry)
+        for key, value in meta.items():
+            if isinstance(value, list) and not verbose:
+                value = None if key.startswith("tokenizer.ggml.") else value
+            model_info[key] = value
+        template = template or meta.get("tokenizer.chat_template")
+        license_ = license_ or meta.get("general.license")
+    else:
+        files = entry.manifest.files()
+        if "config.json" in files:
+            cfg = json.loads(store.read_blob(files["config.json"].digest))
+            arch = cfg.get("model_type", info.get("architecture", ""))
+            model_info = {"general.architecture": arch,
+                          **{f"{arch}.{k}": v for k, v in cfg.items() if isinstance(v, (int, float, str))}}
+        if template is None:
+            view = store.view(entry)
+            if (view / "chat_template.jinja").exists():
+                template = (view / "chat_template.jinja").read_text()
+            elif (view / "tokenizer_config.json").exists():
+                tc = json.loads((view / "tokenizer_config.json").read_text())
+                template = tc.get("chat_template") if isinstance(tc.get("chat_template"), str) else None
+    if info.get("parameter_count"):
+        model_info.setdefault("general.parameter_count", info["parameter_count"])
+    if info.get("context_length"):
+        model_info.setdefault("general.context_length", info["context_length"])
+    capabilities = ["completion", "embedding"]
+    if template and "tools" in template:
+        capabilities.append("tools")
+    lines = [f"# Modelfile generated by mlxlite show\nFROM {entry.name.display}"]
+    if template:
+        lines.append(f'TEMPLATE """{template}"""')
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    lines.extend(f"PARAMETER {line}" for line in api.params_text(params).splitlines())
+    if license_:
+        lines.append(f'LICENSE """{license_}"""')
+    return {
+        "license": license_ or "",
+        "modelfile": "\n".join(lines) + "\n",
+        "parameters": api.params_text(params),
+        "template": template or "",
+        "system": system or "",
+        "details": api.details(info),
+        "messages": messages,
+        "model_info": model_info,
+        "capabilities": capabilities,
+        "modified_at": api.rfc3339(entry.modified),
+    }
+
+
+def handle_show(ctx: Any) -> Reply:
+    body = api.body_object(ctx.json())
+    if "model" not in body and isinstance(body.get("name"), str):
+        body = {**body, "model": body["name"]}      # older clients send "name"
+    entry = resolve(ctx, api.model_name(body))
+    return Reply(show_model(ctx.app.store, entry, api.get(body, "verbose", bool, False)))
+
+
+def handle_copy(ctx: Any) -> Reply:
+    body = api.body_object(ctx.json())
+    source = api.model_name(body, "source")
+    destination = api.model_name(body, "destination")
+    ctx.app.store.copy(source, destination)
+    ctx.log["model"] = destination.display
+    return Reply(None)
+
+
+def handle_delete(ctx: Any) -> Reply:
+    body = api.body_object(ctx.json())
+    if "model" not in body and isinstance(body.get("name"), str):
+        body = {**body, "model": body["name"]}
+    entry = resolve(ctx, api.model_name(body))
+    ctx.app.store.remove(entry.name)
+    if any(r.digest == entry.digest for r in ctx.app.scheduler.ps()):
+        # Release its memory too; don't wait for it (the queue may be busy).
+        try:
+            ctx.app.scheduler.submit(LoadJob(entry, 0))
+        except MlxliteError:
+            pass
+    return Reply(None)
+
+
+def handle_ps(ctx: Any) -> Reply:
+    models = []
+    for r in ctx.app.scheduler.ps():
+        expires = r.expires_at if r.expires_at is not None else time.time() + 100 * 365 * 86400
+        models.append({
+            "name": r.name, "model": r.name, "size": r.size, "digest": st.digest_hex(r.digest),
+            "details": api.details(r.info), "expires_at": api.rfc3339(expires), "size_vram": r.size,
+            "context_length": r.context_length,
+        })
+    return Reply({"models": models})
+
+
+# ---- small routes ----------------------------------------------------------------------
+def handle_root(ctx: Any) -> Reply:
+    return Reply("mlxlite is running", content_type="text/plain; charset=utf-8")
+
+
+def handle_version(ctx: Any) -> Reply:
+    return Reply({"version": __version__})
+
+
+def handle_health(ctx: Any) -> Reply:
+    sched = ctx.app.scheduler
+    return Reply({"status": "ok", "version": __version__,
+                  "models": [r.name for r in sched.ps()], "queue": sched.depth(),
+                  "active": sched.busy(), "uptime": round(time.time() - ctx.app.started, 3)})
+
+
+def handle_metrics(ctx: Any) -> Reply:
+    sched, app = ctx.app.scheduler, ctx.app
+    lines = ["# TYPE mlxlite_requests_total counter"]
+    for (route, status), count in sorted(app.request_counts.items()):
+        lines.append(f'mlxlite_requests_total{{route="{route}",status="{status}"}} {count}')
+    resident = sched.ps()
+    c = sched.counters
+    lines += [
+        "# TYPE mlxlite_queue_depth gauge", f"mlxlite_queue_depth {sched.depth()}",
+        "# TYPE mlxlite_active_requests gauge", f"mlxlite_active_requests {int(sched.busy())}",
+        "# TYPE mlxlite_loaded_models gauge", f"mlxlite_loaded_models {len(resident)}",
+        "# TYPE mlxlite_loaded_bytes gauge", f"mlxlite_loaded_bytes {sum(r.size for r in resident)}",
+        "# TYPE mlxlite_prompt_tokens_total counter", f"mlxlite_prompt_tokens_total {c['prompt_tokens']}",
+        "# TYPE mlxlite_eval_tokens_total counter", f"mlxlite_eval_tokens_total {c['eval_tokens']}",
+        "# TYPE mlxlite_model_loads_total counter", f"mlxlite_model_loads_total {c['loads']}",
+        "# TYPE mlxlite_model_unloads_total counter", f"mlxlite_model_unloads_total {c['unloads']}",
+        "# TYPE mlxlite_cancelled_in_queue_total counter",
+        f"mlxlite_cancelled_in_queue_total {c['cancelled_in_queue']}",
+    ]
+    return Reply("\n".join(lines) + "\n", content_type="text/plain; version=0.0.4")
+

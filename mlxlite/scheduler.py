@@ -1,0 +1,425 @@
+"""The one thread that owns MLX: a bounded job queue, model residency, keep-alive.
+
+Contract: HTTP threads call `Scheduler.submit(job)` and get a `Ticket` (a reply queue
+plus a cancel event) or `Busy` at once when `max_queue` jobs already wait. Only the
+scheduler thread calls the engine (`mlxlite.runner`, imported lazily on that thread, or
+a fake with the same functions), so no other thread ever touches MLX. Events come back
+in order: `Ready` (model loaded, prompt tokenized), then `Piece`s and one `Finish` from
+the runner (or `Embedded`), or a single `Failed`. A ticket whose cancel event is set
+stops within one engine step (the runner checks it between prefill chunks and decode
+steps); a queued job that is cancelled is dropped without running.
+
+Residency: a loaded model stays for its keep-alive (request value, else the
+`keep_alive` setting; 0 unloads after the request, negative keeps it forever), at most
+`max_loaded_models` at once, the least recently used idle one evicted first.
+
+Seam for batching (issue 5): `_run_generate` is the single place that turns an admitted
+job into engine output; a batched decoder replaces it by admitting several jobs into one
+step loop, leaving `submit`, `Ticket` and the event types unchanged.
+This module never imports mlx itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlxlite import config
+from mlxlite.errors import Busy, Cancelled, MlxliteError
+
+log = logging.getLogger("mlxlite.scheduler")
+
+
+# ---- jobs (what HTTP threads submit) -----------------------------------------------
+@dataclass(frozen=True)
+class GenerateJob:
+    """Generate from a prompt. `prompt` is duck-typed: `prompt.to_tokens(loaded, engine)`
+    renders and tokenizes it on the MLX thread (the template lives on the loaded model)."""
+
+    entry: Any                      # store.ModelEntry
+    prompt: Any
+    options: dict = field(default_factory=dict)     # validated overrides over the model's defaults
+    keep_alive: float | None = None
+    format: Any = None              # None, "json" or a JSON-schema dict -> constrained decoding
+    truncate: bool = False
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    entry: Any
+    texts: tuple[str, ...]
+    keep_alive: float | None = None
+    truncate: bool = True
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoadJob:
+    """Load a model (empty prompt), or unload it when keep_alive == 0."""
+
+    entry: Any
+    keep_alive: float | None = None
+
+
+# ---- events (what comes back on a ticket) --------------------------------------------
+@dataclass(frozen=True)
+class Ready:
+    load_seconds: float
+    prompt_tokens: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Embedded:
+    vectors: list
+    prompt_tokens: int
+    load_seconds: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Done:
+    reason: str                     # "load" or "unload"
+    load_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: MlxliteError
+
+
+_ENDS = (Embedded, Done, Failed)
+
+
+class ClientGone(Exception):
+    """The HTTP client went away; the ticket has been cancelled."""
+
+
+class Ticket:
+    """One submitted job: its reply queue and cancel event."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, job: Any) -> None:
+        self.id = next(self._ids)
+        self.job = job
+        self.cancel_event = threading.Event()
+        self.replies: queue.SimpleQueue = queue.SimpleQueue()
+        self.submitted = time.monotonic()
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def events(self, gone: Callable[[], bool] | None = None, poll: float = 0.05) -> Iterator[Any]:
+        """Events until the job ends. `gone()` is polled while waiting; when it says the
+        client left, the job is cancelled and `ClientGone` raised. `Failed` is raised as
+        its error. Closing the iterator early also cancels the job."""
+        try:
+            while True:
+                try:
+                    event = self.replies.get(timeout=poll)
+                except queue.Empty:
+                    if gone is not None and gone():
+                        self.cancel()
+                        raise ClientGone() from None
+                    continue
+                if isinstance(event, Failed):
+                    raise event.error
+                yield event
+                if isinstance(event, _ENDS) or is_finish(event):
+                    return
+        finally:
+            # Reached on normal end too, where cancelling a finished job is harmless.
+            self.cancel()
+
+
+def is_finish(event: Any) -> bool:
+    """The runner's `Finish` (duck-typed, so a fake engine's counts too)."""
+    return type(event).__name__ == "Finish" and hasattr(event, "reason")
+
+
+@dataclass
+class Resident:
+    """A loaded model and its residency bookkeeping (touched on the MLX thread only)."""
+
+    entry: Any
+    loaded: Any
+    expires_at: float | None        # wall-clock seconds; None = never
+    last_used: float
+    token_bytes: list | None = None
+
+
+@dataclass(frozen=True)
+class ResidentInfo:
+    """A snapshot of one loaded model for `/api/ps`."""
+
+    name: str
+    digest: str
+    size: int
+    context_length: int
+    expires_at: float | None
+    info: dict
+    active: bool
+
+
+_STOP = object()
+
+
+class Scheduler:
+    """Owns the MLX thread. `engine` defaults to `mlxlite.runner`, imported on that thread."""
+
+    def __init__(self, store: Any = None, engine: Any = None, *, max_queue: int | None = None,
+                 keep_alive: float | None = None, max_loaded_models: int | None = None) -> None:
+        self.store = store
+        self._engine = engine
+        self.max_queue = max_queue if max_queue is not None else int(config.get("max_queue"))
+        self.default_keep_alive = (keep_alive if keep_alive is not None
+                                   else config.parse_duration(config.get("keep_alive")))
+        self.max_loaded = max(1, max_loaded_models if max_loaded_models is not None
+                              else int(config.get("max_loaded_models")))
+        self._queue: queue.Queue = queue.Queue()
+        self._pending = 0                       # queued, not yet taken by the MLX thread
+        self._lock = threading.Lock()
+        self._models: OrderedDict[str, Resident] = OrderedDict()   # digest -> resident, LRU first
+        self._snapshot: list[ResidentInfo] = []
+        self._active: Ticket | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.counters = {"jobs": 0, "cancelled_in_queue": 0, "loads": 0, "unloads": 0,
+                         "prompt_tokens": 0, "eval_tokens": 0}
+
+    # ---- called from any thread -------------------------------------------------------
+    def start(self) -> Scheduler:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="mlxlite-mlx", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, job: Any) -> Ticket:
+        """Queue a job; `Busy` at once when `max_queue` jobs are already waiting."""
+        if self._closed:
+            raise Busy("server is shutting down")
+        ticket = Ticket(job)
+        with self._lock:
+            if self._pending >= self.max_queue:
+                raise Busy(f"server busy, please try again: maximum pending requests exceeded "
+                           f"({self.max_queue})")
+            self._pending += 1
+        self.start()
+        self._queue.put(ticket)
+        return ticket
+
+    def depth(self) -> int:
+        """Jobs waiting, not counting the one running."""
+        with self._lock:
+            return self._pending
+
+    def busy(self) -> bool:
+        return self._active is not None
+
+    def ps(self) -> list[ResidentInfo]:
+        with self._lock:
+            return list(self._snapshot)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel what runs, drop what waits, unload everything, stop the thread."""
+        self._closed = True
+        active = self._active
+        if active is not None:
+            active.cancel()
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+
+    # ---- the MLX thread ---------------------------------------------------------------
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            self._engine = importlib.import_module("mlxlite.runner")
+        return self._engine
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=self._next_expiry_wait())
+            except queue.Empty:
+                self._expire()
+                continue
+            if item is _STOP:
+                break
+            with self._lock:
+                self._pending -= 1
+            ticket: Ticket = item
+            if ticket.cancelled:
+                self.counters["cancelled_in_queue"] += 1
+                ticket.replies.put(Failed(Cancelled("request canceled")))
+                continue
+            self._active = ticket
+            try:
+                self._run(ticket)
+            except MlxliteError as exc:
+                ticket.replies.put(Failed(exc))
+            except Exception as exc:  # never let one request kill the MLX thread
+                log.exception("job %d failed", ticket.id)
+                ticket.replies.put(Failed(MlxliteError(f"internal error: {type(exc).__name__}: {exc}")))
+            finally:
+                self._active = None
+                self._expire()
+        # Shutting down: refuse what waits, release every model.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Ticket):
+                item.replies.put(Failed(Busy("server is shutting down")))
+        for digest in list(self._models):
+            self._unload(digest)
+
+    def _run(self, ticket: Ticket) -> None:
+        self.counters["jobs"] += 1
+        job = ticket.job
+        if isinstance(job, LoadJob):
+            keep = self._keep(job.keep_alive)
+            if keep == 0:
+                self._unload(job.entry.digest)
+                ticket.replies.put(Done("unload"))
+                return
+            _, load_seconds = self._acquire(job.entry, ticket)
+            self._release(job.entry.digest, keep)
+            ticket.replies.put(Done("load", load_seconds))
+            return
+        resident, load_seconds = self._acquire(job.entry, ticket)
+        try:
+            if isinstance(job, EmbedJob):
+                self._run_embed(ticket, job, resident, load_seconds)
+            elif isinstance(job, GenerateJob):
+                self._run_generate(ticket, job, resident, load_seconds)
+            else:
+                raise MlxliteError(f"unknown job type {type(job).__name__}")
+        finally:
+            self._release(job.entry.digest, self._keep(job.keep_alive))
+
+    def _run_generate(self, ticket: Ticket, job: GenerateJob, resident: Resident,
+                      load_seconds: float) -> None:
+        engine, loaded = self.engine, resident.loaded
+        tokens = list(job.prompt.to_tokens(loaded, engine))
+        options = loaded.defaults.merged(job.options)
+        constraint = None
+        if job.format is not None:
+            from mlxlite import constrain  # lazy: only structured-output requests pay for it
+
+            if resident.token_bytes is None:
+                resident.token_bytes = engine.token_bytes(loaded)
+            constraint = constrain.TokenConstraint(job.format, resident.token_bytes,
+                                                   loaded.eos_token_ids)
+        ticket.replies.put(Ready(load_seconds, tuple(tokens)))
+        for item in engine.generate(loaded, tokens, options, ticket.cancel_event,
+                                    truncate=job.truncate, constraint=constraint):
+            ticket.replies.put(item)
+            if is_finish(item):
+                self.counters["prompt_tokens"] += item.prompt_eval_tokens
+                self.counters["eval_tokens"] += item.eval_tokens
+
+    def _run_embed(self, ticket: Ticket, job: EmbedJob, resident: Resident, load_seconds: float) -> None:
+        engine, loaded = self.engine, resident.loaded
+        if ticket.cancelled:
+            raise Cancelled("request canceled")
+        start = time.perf_counter()
+        limit = min(loaded.context_length, int(job.options.get("num_ctx") or config.get("num_ctx")))
+        texts = list(job.texts)
+        counts = [len(engine.tokenize(loaded, text)) for text in texts]
+        for i, count in enumerate(counts):
+            if count > limit:
+                if not job.truncate:
+                    from mlxlite.errors import BadRequest
+
+                    raise BadRequest(f"input {i} is {count} tokens, longer than the context "
+                                     f"length {limit}; set truncate to true to cut it")
+                tokens = engine.tokenize(loaded, texts[i])[:limit]
+                texts[i] = engine.detokenize(loaded, tokens)
+                counts[i] = limit
+        vectors = engine.embed(loaded, texts) if texts else []
+        self.counters["prompt_tokens"] += sum(counts)
+        ticket.replies.put(Embedded(vectors, sum(counts), load_seconds, time.perf_counter() - start))
+
+    # ---- residency (MLX thread only) ---------------------------------------------------
+    def _keep(self, keep_alive: float | None) -> float:
+        return self.default_keep_alive if keep_alive is None else float(keep_alive)
+
+    def _acquire(self, entry: Any, ticket: Ticket) -> tuple[Resident, float]:
+        resident = self._models.get(entry.digest)
+        if resident is not None:
+            self._models.move_to_end(entry.digest)
+            resident.expires_at = None      # in use: never expires while running
+            resident.entry = entry
+            self._publish()
+            return resident, 0.0
+        while len(self._models) >= self.max_loaded:
+            self._unload(next(iter(self._models)))     # least recently used first
+        if ticket.cancelled:
+            raise Cancelled("request canceled")
+        start = time.perf_counter()
+        loaded = self.engine.load(self.store, entry)
+        self.counters["loads"] += 1
+        resident = Resident(entry, loaded, None, time.time())
+        self._models[entry.digest] = resident
+        self._publish()
+        return resident, time.perf_counter() - start
+
+    def _release(self, digest: str, keep: float) -> None:
+        resident = self._models.get(digest)
+        if resident is None:
+            return
+        resident.last_used = time.time()
+        if keep == 0:
+            self._unload(digest)
+            return
+        resident.expires_at = None if keep < 0 else time.time() + keep
+        self._publish()
+
+    def _unload(self, digest: str) -> None:
+        resident = self._models.pop(digest, None)
+        if resident is None:
+            return
+        try:
+            self.engine.unload(resident.loaded)
+        finally:
+            self.counters["unloads"] += 1
+            self._publish()
+
+    def _expire(self) -> None:
+        now = time.time()
+        for digest, resident in list(self._models.items()):
+            if resident.expires_at is not None and resident.expires_at <= now:
+                self._unload(digest)
+
+    def _next_expiry_wait(self) -> float | None:
+        times = [r.expires_at for r in self._models.values() if r.expires_at is not None]
+        if not times:
+            return None
+        return max(0.0, min(times) - time.time()) + 0.001
+
+    def _publish(self) -> None:
+        active = self._active.job.entry.digest if self._active is not None else None
+        snap = []
+        num_ctx = int(config.get("num_ctx"))
+        for digest, r in reversed(self._models.items()):
+            loaded = r.loaded
+            snap.append(ResidentInfo(
+                name=r.entry.name.display, digest=digest, size=int(getattr(loaded, "size_bytes", 0)),
+                context_length=min(int(getattr(loaded, "context_length", 0)), num_ctx), expires_at=r.expires_at,
+                info=dict(getattr(loaded, "info", {}) or {}), active=digest == active))
+        with self._lock:
+            self._snapshot = snap

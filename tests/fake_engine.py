@@ -1,0 +1,210 @@
+"""A fake runner with the real runner's functions, for exact scheduler and HTTP tests.
+
+Byte-level "tokenizer" (token i < 256 is byte i; 256 = BOS, 257 = EOS); a chat template
+that writes `<|role|>content` lines; generation replies with a fixed text one byte per
+step (or as told by `reply_for(prompt_text)`), honouring num_predict, stop strings and
+the cancel event (checked between prefill chunks and before every step, like the real
+runner). Gates let a test hold generation at a known point: `hold_after` tokens, the
+generator waits on `resume` (still checking cancel). Counters say what ran and what is
+still running, so tests can prove nothing is stuck. Never used as the only test of a
+feature: the real runner has its own tests through the same server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlxlite.errors import BadRequest
+from mlxlite.options import Options
+
+BOS, EOS = 256, 257
+
+
+@dataclass(frozen=True)
+class Piece:
+    token: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str
+    prompt_tokens: int
+    prompt_eval_tokens: int
+    eval_tokens: int
+    prompt_seconds: float
+    eval_seconds: float
+    text_tail: str = ""
+
+
+class FakeTemplate:
+    source = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %} tools"
+    supports_tools = True
+
+    def render(self, messages: list[dict], tools: list | None = None,
+               add_generation_prompt: bool = True) -> str:
+        out = "".join(f"<|{m.get('role')}|>{m.get('content') or ''}\n" for m in messages)
+        if tools:
+            out = f"<|tools|>{len(tools)}\n" + out
+        return out + ("<|assistant|>" if add_generation_prompt else "")
+
+
+@dataclass
+class FakeLoaded:
+    name: str
+    digest: str
+    model: Any = None
+    tokenizer: Any = None
+    template: Any = field(default_factory=FakeTemplate)
+    eos_token_ids: frozenset = frozenset({EOS})
+    context_length: int = 2048
+    size_bytes: int = 1234
+    info: dict = field(default_factory=lambda: {"format": "gguf", "architecture": "fake",
+                                                "parameter_size": "1K", "quantization": "F32"})
+    defaults: Options = field(default_factory=Options)
+    system: str | None = None
+    messages: list = field(default_factory=list)
+
+
+class FakeEngine:
+    """Drop-in for `mlxlite.runner` (pass as `Scheduler(engine=FakeEngine())`)."""
+
+    Piece = Piece
+    Finish = Finish
+
+    def __init__(self, reply: str = "Hello there, this is a fake reply.", *, step_delay: float = 0.0,
+                 prefill_delay: float = 0.0, prefill_chunks: int = 1, load_delay: float = 0.0,
+                 hold_after: int | None = None) -> None:
+        self.reply = reply
+        self.reply_for: Callable[[str], str] | None = None
+        self.step_delay = step_delay
+        self.prefill_delay = prefill_delay
+        self.prefill_chunks = prefill_chunks
+        self.load_delay = load_delay
+        self.hold_after = hold_after
+        self.resume = threading.Event()
+        self.lock = threading.Lock()
+        self.active = 0                 # generators currently running
+        self.in_prefill = 0
+        self.started = 0
+        self.finished: list[str] = []   # finish reasons, in order
+        self.loads: list[str] = []
+        self.unloads: list[str] = []
+        self.prompts: list[str] = []
+        self.options: list[Options] = []
+        self.constraints: list[Any] = []
+        self.threads: set[str] = set()  # names of the threads that called the engine
+
+    def _touch(self) -> None:
+        self.threads.add(threading.current_thread().name)
+
+    def load(self, store: Any, entry: Any) -> FakeLoaded:
+        self._touch()
+        if self.load_delay:
+            time.sleep(self.load_delay)
+        self.loads.append(entry.name.display)
+        return FakeLoaded(entry.name.display, entry.digest)
+
+    def unload(self, loaded: FakeLoaded) -> None:
+        self._touch()
+        self.unloads.append(loaded.name)
+
+    def tokenize(self, loaded: FakeLoaded, text: str, add_special: bool = True) -> list[int]:
+        self._touch()
+        return ([BOS] if add_special else []) + list(text.encode())
+
+    def detokenize(self, loaded: FakeLoaded, tokens: list[int]) -> str:
+        return bytes(t for t in tokens if t < 256).decode("utf-8", "replace")
+
+    def token_bytes(self, loaded: FakeLoaded) -> list[bytes]:
+        return [bytes([i]) for i in range(256)] + [b"", b""]
+
+    def embed(self, loaded: FakeLoaded, texts: list[str]) -> list[list[float]]:
+        self._touch()
+        out = []
+        for text in texts:
+            raw = hashlib.sha256(text.encode()).digest()[:8]
+            vec = [b - 127.5 for b in raw]
+            norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+            out.append([v / norm for v in vec])
+        return out
+
+    def generate(self, loaded: FakeLoaded, prompt_tokens: list[int], options: Options,
+                 cancel: threading.Event | None = None, *, truncate: bool = False,
+                 constraint: Any = None) -> Iterator[Piece | Finish]:
+        self._touch()
+        num_ctx = min(options.num_ctx or 2048, loaded.context_length)
+        if len(prompt_tokens) >= num_ctx and not truncate:
+            raise BadRequest(f"prompt is {len(prompt_tokens)} tokens, longer than the context window "
+                             f"num_ctx={num_ctx}")
+        prompt_text = self.detokenize(loaded, prompt_tokens)
+        self.prompts.append(prompt_text)
+        self.options.append(options)
+        self.constraints.append(constraint)
+        reply = self.reply_for(prompt_text) if self.reply_for else self.reply
+        with self.lock:
+            self.active += 1
+            self.started += 1
+        reason, made, text = "stop", 0, ""
+        t0 = time.perf_counter()
+        try:
+            with self.lock:
+                self.in_prefill += 1
+            try:
+                for _ in range(self.prefill_chunks):
+                    if cancel is not None and cancel.is_set():
+                        reason = "cancel"
+                        break
+                    if self.prefill_delay:
+                        time.sleep(self.prefill_delay / self.prefill_chunks)
+            finally:
+                with self.lock:
+                    self.in_prefill -= 1
+            t1 = time.perf_counter()
+            data = reply.encode()
+            i = 0
+            while reason != "cancel":
+                if cancel is not None and cancel.is_set():
+                    reason = "cancel"
+                    break
+                if self.hold_after is not None and made == self.hold_after:
+                    while not self.resume.wait(0.01):
+                        if cancel is not None and cancel.is_set():
+                            break
+                    if cancel is not None and cancel.is_set():
+                        reason = "cancel"
+                        break
+                if options.num_predict >= 0 and made >= options.num_predict:
+                    reason = "length"
+                    break
+                if i >= len(data):
+                    reason = "stop"
+                    break
+                if self.step_delay:
+                    time.sleep(self.step_delay)
+                token = data[i]
+                i += 1
+                made += 1
+                piece = chr(token)
+                stop_hit = next((s for s in options.stop if s in text + piece), None)
+                if stop_hit is not None:
+                    full = text + piece
+                    keep = full[:full.index(stop_hit)]
+                    yield Piece(token, keep[len(text):], -0.1)
+                    reason = "stop"
+                    break
+                text += piece
+                yield Piece(token, piece, -0.1)
+            eval_s = time.perf_counter() - t1
+            yield Finish(reason, len(prompt_tokens), len(prompt_tokens), made, t1 - t0, eval_s)
+        finally:
+            with self.lock:
+                self.active -= 1
+                self.finished.append(reason)
