@@ -2,6 +2,7 @@
 same inputs -> same digest, `show --modelfile` round-trips, `validate` writes nothing."""
 
 import json
+import os
 
 import pytest
 
@@ -194,3 +195,46 @@ def test_show_sections(store, default_model, run_cli):
     assert params == [f"{'stop':<30} \"<|im_end|>\"", f"{'stop':<30} \"Captain:\"", f"{'temperature':<30} 0.0"]
     assert "Apache License 2.0" in run_cli("show", "pirate", "--license")[1]
     assert "<|im_start|>" in run_cli("show", "pirate", "--template")[1]  # the GGUF's own template
+
+
+PIRATE_DEMO = '''FROM smollm2:135m
+SYSTEM """You are a pirate captain. Always talk like a pirate: say Arr, matey and Ahoy."""
+PARAMETER temperature 0
+'''
+
+
+def _run(home, *argv):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "MLXLITE_HOME": str(home), "MLXLITE_HOST": "127.0.0.1:9"}
+    proc = subprocess.run([sys.executable, str(root / "mlxlite.py"), *argv], env=env, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_pirate_demo_answers_in_character_and_round_trips(store, default_model, run_cli, mlxlite_home, tmp_path):
+    from mlxlite import runner
+
+    (tmp_path / "Modelfile").write_text(PIRATE_DEMO)
+    assert run_cli("create", "pirate", "-f", str(tmp_path / "Modelfile"))[0] == 0
+    entry = store.resolve("pirate")
+    loaded = runner.load(store, entry)
+    try:
+        assert loaded.system.startswith("You are a pirate captain.")
+        assert loaded.defaults.temperature == 0.0
+    finally:
+        runner.unload(loaded)
+    pirate = _run(mlxlite_home, "run", "pirate", "Who are you?", "--num-predict", "24")
+    plain = _run(mlxlite_home, "run", "smollm2:135m", "Who are you?", "--num-predict", "24", "--temperature", "0")
+    assert pirate.strip() and pirate != plain
+    assert any(word in pirate.lower() for word in ("arr", "aye", "ahoy", "matey", "captain", "pirate", "sea")), pirate
+    code, text, _ = run_cli("show", "pirate", "--modelfile")
+    (tmp_path / "Shown").write_text(text)
+    assert run_cli("create", "pirate-again", "-f", str(tmp_path / "Shown"))[0] == 0
+    assert store.resolve("pirate-again").digest == entry.digest
