@@ -152,7 +152,7 @@ def _token_server(key, cert_der: bytes, service: str, issuer: str) -> TokenServe
             self.wfile.write(body)
 
     state.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=state.server.serve_forever, daemon=True).start()
+    threading.Thread(target=state.server.serve_forever, args=(0.05,), daemon=True).start()
     return state
 
 
@@ -227,7 +227,7 @@ class RegistryProxy:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     @property
     def host(self) -> str:
