@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlxlite.errors import BadRequest
+from mlxlite.errors import BadRequest, MlxliteError
 from mlxlite.options import Options
 
 BOS, EOS = 256, 257
@@ -81,7 +81,7 @@ class FakeEngine:
 
     def __init__(self, reply: str = "Hello there, this is a fake reply.", *, step_delay: float = 0.0,
                  prefill_delay: float = 0.0, prefill_chunks: int = 1, load_delay: float = 0.0,
-                 hold_after: int | None = None) -> None:
+                 hold_after: int | None = None, fail_after: int | None = None) -> None:
         self.reply = reply
         self.reply_for: Callable[[str], str] | None = None
         self.step_delay = step_delay
@@ -89,6 +89,7 @@ class FakeEngine:
         self.prefill_chunks = prefill_chunks
         self.load_delay = load_delay
         self.hold_after = hold_after
+        self.fail_after = fail_after
         self.resume = threading.Event()
         self.lock = threading.Lock()
         self.active = 0                 # generators currently running
@@ -181,6 +182,9 @@ class FakeEngine:
                     if cancel is not None and cancel.is_set():
                         reason = "cancel"
                         break
+                if self.fail_after is not None and made == self.fail_after:
+                    reason = "error"
+                    raise MlxliteError("the fake engine failed on purpose")
                 if options.num_predict >= 0 and made >= options.num_predict:
                     reason = "length"
                     break
@@ -208,3 +212,63 @@ class FakeEngine:
             with self.lock:
                 self.active -= 1
                 self.finished.append(reason)
+
+
+# ---- helpers for tests that run a real server over the fake engine ----------------------
+def add_fake_model(store: Any, name: str = "fake", **config_extra: Any) -> Any:
+    """A tiny model entry in the store (its 'weights' are a few bytes the fake ignores)."""
+    from mlxlite import names
+    from mlxlite import store as st
+
+    cfg = store.put_json({"format": "gguf", "architecture": "fake", "parameter_size": "1K",
+                          "quantization": "F32", "context_length": 2048, **config_extra})
+    data = f"weights of {name}".encode()
+    digest = store.put_bytes(data)
+    raw = st.build_manifest(cfg, [st.Layer(st.MEDIA_FILE, digest, len(data), {st.TITLE: "weights.bin"})])
+    with store.writing():
+        store.write_manifest(names.parse(name), raw)
+    return store.resolve(name)
+
+
+class RunningServer:
+    """`make_server` on 127.0.0.1:0 served from a thread; `.url`, `.log_lines()`, `.close()`."""
+
+    def __init__(self, engine: Any = None, store: Any = None, **kwargs: Any) -> None:
+        import io
+
+        from mlxlite.server import make_server
+        from mlxlite.store import Store
+
+        self.log = io.StringIO()
+        self.store = store or Store()
+        self.engine = engine
+        self.server = make_server("127.0.0.1:0", store=self.store, engine=engine, log_stream=self.log, **kwargs)
+        self.url = self.server.url
+        self.host, self.port = self.server.server_address[:2]
+        self.app = self.server.app
+        self.scheduler = self.app.scheduler
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def log_lines(self) -> list[dict]:
+        import json
+
+        return [json.loads(line) for line in self.log.getvalue().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        self.server.close()
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll until `predicate()`; a generous bound so slow CI machines never flake."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
