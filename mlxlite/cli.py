@@ -58,8 +58,15 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 # ---- store verbs ---------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
-    rows = [[e.name.display, e.digest[7:19], human_bytes(e.size), human_ago(e.modified)]
-            for e in _store().list()]
+    client = _daemon_client()
+    if client is not None:
+        from datetime import datetime
+
+        rows = [[m["name"], m["digest"][:12], human_bytes(m["size"]),
+                 human_ago(datetime.fromisoformat(m["modified_at"]).timestamp())] for m in client.tags()]
+    else:
+        rows = [[e.name.display, e.digest[7:19], human_bytes(e.size), human_ago(e.modified)]
+                for e in _store().list()]
     print(_table(rows, ["NAME", "ID", "SIZE", "MODIFIED"]))
     return 0
 
@@ -157,6 +164,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    client = _daemon_client()
+    if client is not None:  # the daemon also unloads the model if it is resident
+        for name in args.models:
+            client.delete(name)
+            print(f"deleted '{name}'")
+        return 0
     store = _store()
     entries = [store.resolve(name) for name in args.models]  # all or nothing on a typo
     for entry in entries:
@@ -166,6 +179,11 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
+    client = _daemon_client()
+    if client is not None:
+        client.copy(args.source, args.destination)
+        print(f"copied '{args.source}' to '{args.destination}'")
+        return 0
     entry = _store().copy(args.source, args.destination)
     print(f"copied '{args.source}' to '{entry.name.display}'")
     return 0
@@ -279,6 +297,52 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_daemon():
+    client = _daemon_client()
+    if client is None:
+        from mlxlite import config
+
+        raise MlxliteError(f"no mlxlite daemon answers on {config.get('host')}; start one with `mlxlite serve`")
+    return client
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mlxlite import blas
+
+    blas.ensure_openblas()  # before the scheduler thread imports mlx
+    from mlxlite import server
+
+    return server.serve_forever(args.host)
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    rows = []
+    for m in _require_daemon().ps():
+        expires = m.get("expires_at") or ""
+        until = "Forever"
+        if expires and not expires.startswith("2318"):
+            left = datetime.fromisoformat(expires).timestamp() - datetime.now(timezone.utc).timestamp()
+            until = f"{int(left // 60)} minutes from now" if left >= 60 else f"{max(0, int(left))} seconds from now"
+        rows.append([m["name"], m.get("digest", "")[:12], human_bytes(m.get("size", 0)),
+                     "100% " + ("GPU" if m.get("size_vram") else "CPU"), str(m.get("context_length", "")), until])
+    print(_table(rows, ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    client = _require_daemon()
+    if not any(m["name"] == args.model or m["model"] == args.model for m in client.ps()):
+        from mlxlite import names
+
+        wanted = names.parse(args.model).display
+        if not any(names.parse(m["name"]).display == wanted for m in client.ps()):
+            raise MlxliteError(f"model '{args.model}' is not loaded")
+    client.stop(args.model)
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -301,6 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=float if flag in (
             "temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty") else int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    from mlxlite import config as _config
+
+    p = verb("serve", cmd_serve, "start the daemon (Ollama-compatible and OpenAI-compatible APIs)",
+             epilog="settings (environment variables; also keys of $MLXLITE_HOME/config.json):\n"
+             + _config.describe(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", help="address to bind, host:port (default: MLXLITE_HOST or 127.0.0.1:11435)")
+    verb("ps", cmd_ps, "list the models the daemon has loaded")
+    p = verb("stop", cmd_stop, "unload a model from the daemon")
+    p.add_argument("model")
     p = verb("pull", cmd_pull, "pull a model from a registry, hf.co/<org>/<repo>[:<tag>] or an https URL")
     p.add_argument("model")
     p.add_argument("--insecure", action="store_true", help="use plain HTTP for the registry")
