@@ -4,6 +4,7 @@
   - a catalog name (`smollm2:135m`) installs from the built-in catalog, before registries;
   - `http(s)://.../file.gguf` downloads one GGUF file (resumable when `sha256` is given);
   - `hf.co/<org>/<repo>[:<revision or quant>]` goes through `hub.py`;
+  - `oci-layout:PATH[:REF]` imports an OCI image layout dir or tar through `layout.py`;
   - anything else is `[host/][namespace/]model[:tag][@digest]` on an OCI registry.
 Registry pulls fetch the manifest, then every blob through `download.fetch` (skip if
 present, parallel ranges, resume, verify), all under `store.writing()`; the manifest is
@@ -41,6 +42,10 @@ def pull(store: Store, ref: str, *, insecure: bool = False, progress: Emit = qui
     """Pull `ref` into the store and return the model entry (see the module docstring)."""
     if not isinstance(ref, str) or not ref.strip():
         raise BadRequest("pull needs a model name or URL")
+    if ref.startswith("oci-layout:"):  # a package on disk: layout.py verifies it like a pull
+        from mlxlite import layout
+
+        return layout.pull(store, ref, progress=progress)
     tuning = tuning or download.Tuning.from_config()
     if ref.startswith(("http://", "https://")):
         return pull_url(store, ref, sha256=sha256, progress=progress, cancel=cancel, tuning=tuning)
