@@ -40,7 +40,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TextIO
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from mlxlite import __version__, config, handlers, openai_api
+from mlxlite import __version__, config, create_api, handlers, openai_api
 from mlxlite.api import Reply, Stream
 from mlxlite.errors import (
     BadRequest,
@@ -77,6 +77,7 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/v1/embeddings"): openai_api.handle_embeddings,
     ("GET", "/v1/models"): openai_api.handle_models,
     ("GET", "/v1/models/{model*}"): openai_api.handle_model,
+    **create_api.ROUTES,  # /api/create, /api/blobs/:digest
 }
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
