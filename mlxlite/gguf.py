@@ -77,6 +77,7 @@ class Header:
     version: int
     metadata: dict[str, Any]
     tensors: tuple[TensorInfo, ...] = field(default_factory=tuple)
+    data_offset: int = 0  # where tensor data starts (tensor offsets are relative to it)
 
     @property
     def architecture(self) -> str:
@@ -168,7 +169,7 @@ def read_gguf(path: str | Path) -> Header:
         data_start = (r.pos + align - 1) // align * align
         if tensors and data_start > len(buf):
             raise BadRequest(f"{name}: truncated GGUF file (no tensor data)")
-        return Header(name, version, meta, tuple(tensors))
+        return Header(name, version, meta, tuple(tensors), data_start)
     finally:
         if isinstance(buf, mmap.mmap):
             buf.close()

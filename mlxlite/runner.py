@@ -1,0 +1,498 @@
+"""The MLX runner: load a model from the store, stream tokens, embed. The only module
+(with the `runner_*` helpers it alone imports) that imports mlx.
+
+Contract (notes/runner_interface.md is the full text):
+  - `load(store, entry) -> Loaded`: integrity first (`store.check_integrity`), then GGUF
+    (`runner_gguf`) or safetensors through mlx-lm from `store.view(entry)`; the Modelfile
+    layers (params -> `defaults`, system, messages, jinja template override) are read.
+    On the CPU device quantized weights become float32 when that fits the memory budget
+    (`float32_on_cpu`); activations, scales and norms are float32 on CPU.
+  - `generate(loaded, prompt_tokens, options, cancel, truncate=, constraint=)` yields
+    `Piece`s then one `Finish`. Building blocks the scheduler reuses per sequence:
+    `context_window`, `make_sampler`, `make_processors`, `allowed_logits`, `new_cache`,
+    `prefill`, `TextStream`, `StopMatcher`.
+  - `embed`, `tokenize`, `detokenize`, `token_bytes`, `unload`.
+Never called from more than one thread at a time (the scheduler owns the MLX thread).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from mlxlite import config, templates
+from mlxlite import options as options_mod
+from mlxlite.errors import BadRequest, IntegrityError, MlxliteError, Unsupported
+from mlxlite.options import Options
+from mlxlite.runner_text import StopMatcher, TextStream, token_table
+from mlxlite.store import (
+    MEDIA_GGUF,
+    MEDIA_MESSAGES,
+    MEDIA_PARAMS,
+    MEDIA_SYSTEM,
+    MEDIA_TEMPLATE,
+    ModelEntry,
+    Store,
+)
+
+__all__ = [
+    "Loaded", "Piece", "Finish", "load", "unload", "tokenize", "detokenize", "token_bytes", "generate",
+    "embed", "context_window", "make_sampler", "make_processors", "allowed_logits", "new_cache", "prefill",
+    "TextStream", "StopMatcher", "on_cpu", "memory_budget",
+]
+
+
+@dataclass
+class Loaded:
+    name: str
+    digest: str
+    model: Any
+    tokenizer: Any
+    template: templates.ChatTemplate
+    eos_token_ids: frozenset[int]
+    context_length: int
+    size_bytes: int
+    info: dict
+    defaults: Options
+    system: str | None
+    messages: list[dict]
+    table: list[bytes] = field(default_factory=list, repr=False)  # token id -> raw bytes
+    bos_token: str | None = None
+
+
+@dataclass(frozen=True)
+class Piece:
+    token: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str
+    prompt_tokens: int
+    prompt_eval_tokens: int
+    eval_tokens: int
+    prompt_seconds: float
+    eval_seconds: float
+    text_tail: str = ""
+
+
+# ---- device and memory -----------------------------------------------------------------
+def on_cpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
+def memory_budget() -> int:
+    """Bytes of weights we allow resident: the setting, else 75% of physical memory."""
+    budget = int(config.get("memory_budget_bytes") or 0)
+    if budget > 0:
+        return budget
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 // 4)
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _nbytes(model: Any) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+# ---- loading ----------------------------------------------------------------------------
+def _layer_text(store: Store, entry: ModelEntry, media: str) -> str | None:
+    layers = entry.manifest.layers_of(media)
+    if not layers:
+        return None
+    return store.read_blob(layers[-1].digest).decode("utf-8", errors="replace")
+
+
+def _modelfile_layers(store: Store, entry: ModelEntry) -> tuple[Options, str | None, list[dict], str | None]:
+    display = entry.name.display
+    defaults = Options()
+    params = _layer_text(store, entry, MEDIA_PARAMS)
+    if params is not None:
+        try:
+            values = json.loads(params)
+        except ValueError:
+            raise IntegrityError(f"model '{display}' has a params layer that is not JSON") from None
+        try:
+            defaults = options_mod.parse(values)
+        except BadRequest as exc:
+            raise BadRequest(f"model '{display}' has invalid parameters: {exc}") from None
+    system = _layer_text(store, entry, MEDIA_SYSTEM)
+    messages: list[dict] = []
+    raw = _layer_text(store, entry, MEDIA_MESSAGES)
+    if raw is not None:
+        try:
+            messages = json.loads(raw)
+        except ValueError:
+            raise IntegrityError(f"model '{display}' has a messages layer that is not JSON") from None
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise IntegrityError(f"model '{display}' has a messages layer that is not a list of messages")
+    return defaults, system, messages, _layer_text(store, entry, MEDIA_TEMPLATE)
+
+
+def _gguf_layer(entry: ModelEntry) -> Any:
+    for title, layer in entry.manifest.files().items():
+        if title.lower().endswith(".gguf"):
+            return layer
+    layers = entry.manifest.layers_of(MEDIA_GGUF)
+    return layers[0] if layers else None
+
+
+def _hf_specials(tokenizer: Any) -> frozenset[int]:
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    ids = set(getattr(hf, "all_special_ids", []) or [])
+    return frozenset(ids)
+
+
+def _load_safetensors(store: Store, entry: ModelEntry, f32: bool) -> tuple[Any, Any, dict, bool, Path]:
+    from mlx_lm.utils import dequantize_model
+    from mlx_lm.utils import load as mlx_load
+
+    view = store.view(entry)
+    if not (view / "config.json").is_file():
+        raise BadRequest(f"model '{entry.name.display}' has neither a GGUF file nor config.json + safetensors")
+    try:
+        model_cfg = json.loads((view / "config.json").read_text())
+    except ValueError:
+        raise BadRequest(f"model '{entry.name.display}': config.json is not valid JSON") from None
+    try:
+        model, tokenizer = mlx_load(str(view))
+    except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
+        raise Unsupported(f"model '{entry.name.display}' cannot be loaded by mlx-lm: {exc}") from None
+    dequantized = False
+    if on_cpu():
+        quantized = "quantization" in model_cfg or "quantization_config" in model_cfg
+        if quantized and f32 and _float32_estimate(model) <= memory_budget():
+            model = dequantize_model(model)
+            dequantized = True
+        model.set_dtype(mx.float32)  # float16 on MLX's CPU backend is far slower
+        mx.eval(model.parameters())
+    return model, tokenizer, model_cfg, dequantized, view
+
+
+def _float32_estimate(model: Any) -> int:
+    import mlx.nn as nn
+
+    total = 0
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            total += m.weight.shape[0] * m.scales.shape[-1] * m.group_size * 4
+    return total + _nbytes(model)
+
+
+def load(store: Store, entry: ModelEntry) -> Loaded:
+    """Load a stored model into MLX (see module doc). Errors are MlxliteErrors."""
+    store.check_integrity(entry)
+    info = dict(store.read_config(entry))
+    defaults, system, messages, template_override = _modelfile_layers(store, entry)
+    f32 = bool(config.get("float32_on_cpu")) and on_cpu()
+    layer = _gguf_layer(entry)
+    try:
+        if layer is not None:
+            from mlxlite import runner_gguf
+
+            path = store.blob_path(layer.digest)
+            model, tokenizer, spec, header, cfg = runner_gguf.load_gguf(
+                path, on_cpu=on_cpu(), float32=f32, budget=memory_budget())
+            dequantized = cfg.pop("_dequantized")
+            context_length = int(cfg.get("max_position_embeddings") or 4096)
+            source = template_override or templates.find_template(None, header.metadata)
+            specials = spec.special_ids
+            bos, eos = spec.bos_token, spec.eos_token
+            eos_ids = frozenset(spec.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
+            info.setdefault("format", "gguf")
+            info["architecture"] = header.architecture
+        else:
+            model, tokenizer, cfg, dequantized, view = _load_safetensors(store, entry, f32)
+            text_cfg = cfg.get("text_config") or {}
+            context_length = int(cfg.get("max_position_embeddings") or text_cfg.get("max_position_embeddings")
+                                 or info.get("context_length") or 4096)
+            source = template_override or templates.find_template(view)
+            specials = _hf_specials(tokenizer)
+            bos, eos = tokenizer.bos_token, tokenizer.eos_token
+            eos_ids = frozenset(tokenizer.eos_token_ids)
+            info.setdefault("format", "safetensors")
+            info.setdefault("architecture", cfg.get("model_type", ""))
+    except MlxliteError:
+        raise
+    except (RuntimeError, ValueError) as exc:  # mlx's own errors on a malformed file
+        raise BadRequest(f"model '{entry.name.display}' failed to load: {exc}") from None
+    backend = getattr(tokenizer, "_tokenizer", tokenizer)
+    backend = getattr(backend, "backend_tokenizer", backend)
+    vocab_size = int(cfg.get("vocab_size") or 0)
+    table = token_table(backend, specials, vocab_size)
+    if source is None:
+        fallback = templates.fallback(backend.get_vocab(with_added_tokens=True))
+        template = templates.ChatTemplate(templates.FALLBACKS[fallback], bos_token=bos, eos_token=eos, name=fallback)
+    else:
+        template = templates.ChatTemplate(source, bos_token=bos, eos_token=eos,
+                                          name="modelfile" if template_override else "model")
+    from mlxlite import blas
+
+    info.update({
+        "context_length": context_length,
+        "device": "cpu" if on_cpu() else "gpu",
+        "weights": "float32" if dequantized else ("quantized" if _is_quantized(model) else "float"),
+        "openblas": blas.active(),
+        "template": template.name,
+    })
+    return Loaded(entry.name.display, entry.digest, model, tokenizer, template, eos_ids, context_length,
+                  _nbytes(model), info, defaults, system, messages, table, bos)
+
+
+def _is_quantized(model: Any) -> bool:
+    import mlx.nn as nn
+
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+def unload(loaded: Loaded) -> None:
+    """Drop the model's arrays and give their memory back."""
+    loaded.model = None
+    loaded.tokenizer = None
+    loaded.table = []
+    gc.collect()
+    mx.clear_cache()
+
+
+# ---- tokens -------------------------------------------------------------------------------
+def tokenize(loaded: Loaded, text: str, add_special: bool = True) -> list[int]:
+    # A template that already wrote the BOS token must not get a second one.
+    if add_special and loaded.bos_token and text.startswith(loaded.bos_token):
+        add_special = False
+    return list(loaded.tokenizer.encode(text, add_special_tokens=add_special))
+
+
+def detokenize(loaded: Loaded, tokens: list[int]) -> str:
+    return loaded.tokenizer.decode(list(tokens))
+
+
+def token_bytes(loaded: Loaded) -> list[bytes]:
+    """Raw bytes of every token id; special tokens (EOS, control) are b"" (never text)."""
+    return loaded.table
+
+
+# ---- sampling building blocks (one per sequence; the scheduler reuses them) ---------------
+def context_window(loaded: Loaded, options: Options) -> int:
+    """Effective num_ctx: the request's, else the setting, capped by the model."""
+    n = options.num_ctx or int(config.get("num_ctx"))
+    return max(4, min(n, loaded.context_length))
+
+
+def make_sampler(options: Options) -> Callable[[mx.array], mx.array]:
+    """logprobs [B, V] -> token ids [B]. A seed gives the sampler its own key chain, so a
+    seeded sequence is reproducible whatever else runs in the process."""
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, categorical_sampling
+
+    temp = options.temperature
+    if temp <= 0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    filters: list[Callable[[mx.array], mx.array]] = []
+    if 0 < options.top_p < 1.0:
+        filters.append(lambda x: apply_top_p(x, options.top_p))
+    if options.min_p > 0:
+        filters.append(lambda x: apply_min_p(x, options.min_p, 1))
+    if options.top_k > 0:
+        filters.append(lambda x: apply_top_k(x, options.top_k))
+    key = [mx.random.key(options.seed & ((1 << 64) - 1))] if options.seed >= 0 else None
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        for f in filters:
+            logprobs = f(logprobs)
+        if key is None:
+            return categorical_sampling(logprobs, temp)
+        key[0], sub = mx.random.split(key[0])
+        return mx.random.categorical(logprobs * (1.0 / temp), key=sub)
+
+    return sampler
+
+
+def make_processors(options: Options, num_ctx: int) -> list[Callable[[mx.array, mx.array], mx.array]]:
+    """Ollama's penalties as mlx-lm logits processors (empty when all are off)."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    n = options.repeat_last_n
+    if n == 0:
+        return []
+    n = num_ctx if n < 0 else n
+    return make_logits_processors(
+        None,
+        options.repeat_penalty if options.repeat_penalty != 1.0 else None, n,
+        options.presence_penalty or None, n,
+        options.frequency_penalty or None, n,
+    )
+
+
+def allowed_logits(logits: mx.array, constraint: Any, eos_ids: frozenset[int]) -> mx.array:
+    """Mask logits [1, V] to what the constraint allows (only EOS once it is complete)."""
+    vocab = logits.shape[-1]
+    if constraint.is_complete():
+        mask = np.zeros(vocab, dtype=bool)
+        mask[[i for i in eos_ids if i < vocab]] = True
+    else:
+        mask = np.asarray(constraint.allowed_mask(), dtype=bool)[:vocab]
+        if mask.shape[0] < vocab:
+            mask = np.concatenate([mask, np.zeros(vocab - mask.shape[0], dtype=bool)])
+        if not mask.any():  # a stuck constraint ends the answer rather than emitting garbage
+            mask[[i for i in eos_ids if i < vocab]] = True
+    return mx.where(mx.array(mask), logits, mx.array(-float("inf"), dtype=logits.dtype))
+
+
+def new_cache(loaded: Loaded) -> list[Any]:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(loaded.model)
+
+
+def prefill(loaded: Loaded, tokens: list[int], cache: list[Any], step: int,
+            cancel: threading.Event | None = None) -> bool:
+    """Run `tokens` through the model into `cache` in chunks; False if cancelled between chunks."""
+    model = loaded.model
+    for start in range(0, len(tokens), step):
+        if cancel is not None and cancel.is_set():
+            return False
+        model(mx.array(tokens[start:start + step])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        mx.clear_cache()
+    return True
+
+
+def _check_prompt(loaded: Loaded, prompt: list[int], num_ctx: int, options: Options, truncate: bool) -> list[int]:
+    if not prompt:
+        raise BadRequest("the prompt is empty")
+    if len(prompt) < num_ctx:
+        return prompt
+    if not truncate:
+        raise BadRequest(f"prompt is {len(prompt)} tokens, longer than the context window num_ctx={num_ctx}; "
+                         "shorten it, raise num_ctx, or ask for truncation")
+    room = options.num_predict if options.num_predict > 0 else num_ctx // 2
+    keep = max(1, num_ctx - max(1, min(room, num_ctx // 2)))
+    return prompt[-keep:]
+
+
+# ---- generation ----------------------------------------------------------------------------
+def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel: threading.Event | None = None,
+             *, truncate: bool = False, constraint: object | None = None) -> Iterator[Piece | Finish]:
+    """Stream Pieces then one Finish (semantics in notes/runner_interface.md)."""
+    from mlx_lm.generate import generation_stream
+
+    num_ctx = context_window(loaded, options)
+    prompt = _check_prompt(loaded, [int(t) for t in prompt_tokens], num_ctx, options, truncate)
+    limit = num_ctx - len(prompt)
+    if options.num_predict >= 0:
+        limit = min(limit, options.num_predict)
+    t0 = time.perf_counter()
+    n_prompt = len(prompt)
+    if limit <= 0:
+        yield Finish("length", n_prompt, 0, 0, 0.0, 0.0)
+        return
+    model, eos = loaded.model, loaded.eos_token_ids
+    sampler = make_sampler(options)
+    processors = make_processors(options, num_ctx)
+    stops = StopMatcher(options.stop)
+    text = TextStream(loaded.table)
+    cache = new_cache(loaded)
+    history = mx.array(prompt[:-1]) if processors else None
+
+    def step(inp: mx.array) -> tuple[mx.array, mx.array]:
+        nonlocal history
+        with mx.stream(generation_stream):
+            logits = model(inp[None], cache=cache)[:, -1, :]
+            if processors:
+                history = mx.concatenate([history, inp])
+                for proc in processors:
+                    logits = proc(history, logits)
+            if constraint is not None:
+                logits = allowed_logits(logits, constraint, eos)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            tok = sampler(logprobs)
+            return tok, mx.take_along_axis(logprobs, tok[:, None], axis=-1)
+
+    def finish(reason: str, n_eval: int, t_first: float | None, tail: str = "") -> Finish:
+        now = time.perf_counter()
+        t_first = now if t_first is None else t_first
+        return Finish(reason, n_prompt, n_prompt, n_eval, t_first - t0, now - t_first, tail)
+
+    def flush_tail() -> str:
+        out, hit = stops.feed(text.flush())
+        return out if hit else out + stops.flush()
+
+    with mx.stream(generation_stream):
+        done = prefill(loaded, prompt[:-1], cache, max(1, options.num_batch), cancel)
+    if not done or (cancel is not None and cancel.is_set()):
+        yield finish("cancel", 0, None)
+        return
+    # Without a constraint the next step is queued before this token is handed out
+    # (mlx-lm's one-token lookahead); a constraint must see each token first.
+    lookahead = constraint is None
+    y, lp = step(mx.array(prompt[-1:]))
+    mx.async_eval(y, lp)
+    t_first: float | None = None
+    n = 0
+    while True:
+        nxt = None
+        if lookahead and n + 1 < limit:
+            nxt = step(y)
+            mx.async_eval(*nxt)
+        token = int(y.item())
+        if t_first is None:
+            t_first = time.perf_counter()
+        if token in eos:
+            yield finish("stop", n, t_first, flush_tail())
+            return
+        if constraint is not None:
+            constraint.advance(token)
+        n += 1
+        emit, hit = stops.feed(text.add(token))
+        yield Piece(token, emit, float(lp.item()))
+        if hit:
+            yield finish("stop", n, t_first)
+            return
+        if n >= limit:
+            yield finish("length", n, t_first, flush_tail())
+            return
+        if cancel is not None and cancel.is_set():
+            yield finish("cancel", n, t_first, flush_tail())
+            return
+        if nxt is None:
+            nxt = step(y)
+            mx.async_eval(*nxt)
+        y, lp = nxt
+        if n % 256 == 0:
+            mx.clear_cache()
+
+
+# ---- embeddings ---------------------------------------------------------------------------
+def embed(loaded: Loaded, texts: list[str], truncate: bool = True) -> list[list[float]]:
+    """Mean-pooled, L2-normalized final hidden states (after the final norm, before lm_head)."""
+    inner = getattr(loaded.model, "model", None)
+    if inner is None or not callable(inner):
+        raise Unsupported(f"model '{loaded.name}' does not expose hidden states for embeddings")
+    out = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise BadRequest("input must be a string or a list of strings")
+        ids = tokenize(loaded, text) or [0]
+        if len(ids) > loaded.context_length:
+            if not truncate:
+                raise BadRequest(f"input is {len(ids)} tokens, longer than the context length {loaded.context_length}")
+            ids = ids[: loaded.context_length]
+        hidden = inner(mx.array(ids)[None]).astype(mx.float32)
+        pooled = hidden[0].mean(axis=0)
+        pooled = pooled / mx.maximum(mx.linalg.norm(pooled), 1e-12)
+        out.append(pooled.tolist())
+    return out
