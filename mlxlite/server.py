@@ -40,7 +40,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TextIO
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from mlxlite import __version__, config, create_api, handlers, openai_api
+from mlxlite import __version__, config, create_api, handlers, openai_api, pull_api
 from mlxlite.api import Reply, Stream
 from mlxlite.errors import (
     BadRequest,
@@ -78,6 +78,7 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("GET", "/v1/models"): openai_api.handle_models,
     ("GET", "/v1/models/{model*}"): openai_api.handle_model,
     **create_api.ROUTES,  # /api/create, /api/blobs/:digest
+    **pull_api.ROUTES,  # /api/pull, /api/push
 }
 
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -297,6 +298,8 @@ class RequestHandler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Errors http.server finds itself (bad request line, headers): JSON too."""
         self.close_connection = True
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"   # answer garbage with a real status line
         body = json.dumps({"error": message or self.responses.get(code, ("error",))[0]}).encode()
         try:
             self.send_response(code)
