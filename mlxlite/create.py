@@ -197,7 +197,8 @@ def _from_name(store: Store, source: str) -> ModelEntry:
     try:
         parsed = names.parse(source)
     except MlxliteError as exc:
-        raise BadRequest(f"FROM {source!r}: not an existing file or directory, and {exc}") from None
+        hint = " (a # comment must be on a line of its own)" if "#" in source else ""
+        raise BadRequest(f"FROM {source!r}: not an existing file or directory, and {exc}{hint}") from None
     try:
         return store.resolve(parsed)
     except ModelNotFound:
@@ -373,16 +374,39 @@ def _read_modelfile(path_text: str | None) -> tuple[modelfile.Modelfile, Path]:
     return modelfile.parse(data, source=str(path)), path.resolve().parent
 
 
+def _notes(mf: modelfile.Modelfile, source: str) -> None:
+    for t in mf.instructions:
+        if isinstance(t, modelfile.Template) and t.family:
+            print(f"note: {source}:{t.line}:{t.column}: Go template mapped to the {t.family} jinja template",
+                  flush=True)
+
+
+def _located(mf: modelfile.Modelfile, source: str, exc: MlxliteError) -> MlxliteError:
+    """A FROM problem found at create time, pointed at the FROM line."""
+    if not str(exc).startswith("FROM "):
+        return exc
+    at = mf.from_
+    return type(exc)(f"{source}:{at.line}:{at.column}: {exc}")
+
+
 def cmd_create(args: Any) -> int:
     mf, base_dir = _read_modelfile(args.file)
-    create(Store(), args.name, spec_from_modelfile(mf), base_dir=base_dir,
-           say=lambda line: print(line, flush=True))
+    _notes(mf, args.file)
+    try:
+        create(Store(), args.name, spec_from_modelfile(mf), base_dir=base_dir,
+               say=lambda line: print(line, flush=True))
+    except MlxliteError as exc:
+        raise _located(mf, args.file, exc) from None
     return 0
 
 
 def cmd_validate(args: Any) -> int:
     mf, base_dir = _read_modelfile(args.file)
-    summary = check(Store(), spec_from_modelfile(mf), base_dir)
+    _notes(mf, args.file)
+    try:
+        summary = check(Store(), spec_from_modelfile(mf), base_dir)
+    except MlxliteError as exc:
+        raise _located(mf, args.file, exc) from None
     kinds = sorted({type(i).__name__.upper() for i in mf.instructions})
     print(f"ok: {len(mf.instructions)} instructions ({', '.join(kinds)}); {summary}")
     return 0

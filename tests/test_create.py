@@ -238,3 +238,21 @@ def test_pirate_demo_answers_in_character_and_round_trips(store, default_model, 
     (tmp_path / "Shown").write_text(text)
     assert run_cli("create", "pirate-again", "-f", str(tmp_path / "Shown"))[0] == 0
     assert store.resolve("pirate-again").digest == entry.digest
+
+
+def test_from_errors_found_at_create_time_point_at_the_from_line(run_cli, tmp_path):
+    (tmp_path / "Modelfile").write_text("# base\n\nFROM nosuch\n")
+    code, _, err = run_cli("create", "x", "-f", str(tmp_path / "Modelfile"))
+    assert code == 1 and f"{tmp_path / 'Modelfile'}:3:1: FROM 'nosuch'" in err and "not found" in err
+    (tmp_path / "Modelfile").write_text("FROM llama3 # my base\n")
+    code, _, err = run_cli("validate", "-f", str(tmp_path / "Modelfile"))
+    assert code == 1 and ":1:1: FROM" in err and "comment must be on a line of its own" in err
+
+
+def test_go_template_mapping_is_announced(store, default_model, run_cli, tmp_path):
+    (tmp_path / "Modelfile").write_text(
+        'FROM smollm2:135m\nTEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n'
+        '{{ end }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n"""\n')
+    code, out, err = run_cli("create", "chatml", "-f", str(tmp_path / "Modelfile"))
+    assert code == 0, err
+    assert out.startswith(f"note: {tmp_path / 'Modelfile'}:2:1: Go template mapped to the chatml jinja template")
