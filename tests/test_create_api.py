@@ -129,3 +129,13 @@ def test_created_model_chats_in_character_through_the_server(server, store, defa
     plain = client.chat(model=default_model, messages=ask, options={"temperature": 0, "num_predict": 24}).message.content
     assert pirate != plain
     assert any(w in pirate.lower() for w in ("arr", "aye", "ahoy", "matey", "captain", "pirate", "sea")), pirate
+
+
+def test_create_from_uploaded_safetensors_files(server, store, tiny_safetensors_dir):
+    ollama = pytest.importorskip("ollama")
+    client = ollama.Client(host=server.url)
+    files = {p.name: client.create_blob(p) for p in sorted(tiny_safetensors_dir.iterdir()) if p.is_file()}
+    assert client.create(model="tiny-up", files=files, system="be brief").status == "success"
+    entry = store.resolve("tiny-up")
+    assert {name: layer.digest for name, layer in entry.manifest.files().items()} == files
+    assert cr.settings_of(store, entry).system == "be brief"
