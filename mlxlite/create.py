@@ -193,7 +193,8 @@ def _looks_like_path(source: str) -> bool:
         or "\\" in source
 
 
-def _from_name(store: Store, source: str) -> ModelEntry:
+def _from_name(store: Store, source: str, say: Say | None = None) -> ModelEntry:
+    """A stored model; a built-in catalog name is fetched first when `say` is given (create)."""
     try:
         parsed = names.parse(source)
     except MlxliteError as exc:
@@ -202,6 +203,11 @@ def _from_name(store: Store, source: str) -> ModelEntry:
     try:
         return store.resolve(parsed)
     except ModelNotFound:
+        from mlxlite import catalog
+
+        if say is not None and parsed.digest is None and catalog.lookup(source) is not None:
+            say(f"pulling {source} from the built-in catalog")
+            return catalog.install(store, source, say)
         raise ModelNotFound(f"FROM {source!r}: model '{parsed.display}' not found; "
                             "pull or import it first") from None
 
@@ -256,7 +262,7 @@ def resolve_base(store: Store, name: ModelName, spec: CreateSpec, base_dir: Path
         return _import(store, path, name, say)
     if _looks_like_path(spec.from_):
         raise BadRequest(f"FROM {spec.from_!r}: no such file or directory")
-    return _from_name(store, spec.from_)
+    return _from_name(store, spec.from_, say)
 
 
 def check(store: Store, spec: CreateSpec, base_dir: Path | None = None) -> str:

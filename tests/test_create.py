@@ -256,3 +256,10 @@ def test_go_template_mapping_is_announced(store, default_model, run_cli, tmp_pat
     code, out, err = run_cli("create", "chatml", "-f", str(tmp_path / "Modelfile"))
     assert code == 0, err
     assert out.startswith(f"note: {tmp_path / 'Modelfile'}:2:1: Go template mapped to the chatml jinja template")
+
+
+def test_from_a_catalog_name_fetches_the_base_first(store, default_gguf):
+    entry, lines = _create(store, "pirate", "FROM smollm2:135m\nSYSTEM arr\n")
+    assert lines[0] == "pulling smollm2:135m from the built-in catalog"
+    assert store.exists("smollm2:135m")
+    assert entry.manifest.layers_of(st.MEDIA_GGUF) == store.resolve("smollm2:135m").manifest.layers_of(st.MEDIA_GGUF)
