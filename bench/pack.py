@@ -56,12 +56,14 @@ def run_child(home: Path, op: str, arg: Path) -> dict:
     import json
 
     env = dict(os.environ, MLXLITE_HOME=str(home))
+    os.sync()
     out = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT)), op, str(arg)],
                          env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def timed(cmd: list[str], cwd: Path | None = None) -> float:
+    os.sync()  # each step starts with no writeback of an earlier step's bytes pending
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
     return time.perf_counter() - start

@@ -162,8 +162,9 @@ class DaemonBackend:
 
 
 def stream_turn(backend: Backend, messages: list[dict], overrides: dict, fmt: Any,
-                out=sys.stdout) -> tuple[str, TurnStats]:
+                out=None) -> tuple[str, TurnStats]:
     """One answer written to `out` as it arrives; Ctrl-C stops it (the text so far is kept)."""
+    out = out or sys.stdout  # looked up per call: a default bound at import outlives redirections
     cancel = threading.Event()
     stats = TurnStats()
     pieces: list[str] = []
@@ -193,8 +194,9 @@ Ctrl-C stops the current answer. End a line with \\ to continue on the next one.
 
 
 def interactive(backend: Backend, overrides: dict, system: str | None, fmt: Any, verbose: bool,
-                read: Callable[[str], str] = input, out=sys.stdout) -> int:
+                read: Callable[[str], str] = input, out=None) -> int:
     """The REPL. `read` raises EOFError on Ctrl-D."""
+    out = out or sys.stdout
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:

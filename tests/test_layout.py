@@ -374,3 +374,43 @@ def test_skopeo_reads_our_tar_and_we_repack_its_dir(store, tmp_path):
     skopeo("copy", f"oci:{tmp_path / 'third'}:x", f"oci-archive:{tmp_path / 'third.tar'}:y")
     store.remove("tiny")
     assert layout.import_layout(store, tmp_path / "third.tar").digest == digest
+
+
+@needs_skopeo
+def test_skopeo_pulls_what_mlxlite_pushed_and_import_takes_it(store, registry, tmp_path, run_cli):
+    from mlxlite.pull import push
+
+    source = registry.name("team/tiny:v1")
+    digest = make_model(store, source)
+    push(store, source, insecure=True)
+    skopeo("copy", "--src-tls-verify=false", f"docker://{source}", f"oci:{tmp_path / 'fromreg'}:v1")
+    store.remove(source)
+    store.prune()
+    code, out, err = run_cli("import", str(tmp_path / "fromreg"))
+    assert code == 0, err
+    assert store.resolve("fromreg:v1").digest == digest and store.verify() == []
+    code, out, err = run_cli("pull", f"oci-layout:{tmp_path / 'fromreg'}:v1")
+    assert code == 0, err
+    assert "pulled fromreg:v1" in out and "pulling manifest" in err and "success" in err
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gguf_model", "tiny_safetensors_model"])
+def test_packed_model_runs_after_rm_and_import(store, tmp_path, run_cli, request, fixture, monkeypatch):
+    monkeypatch.setenv("MLXLITE_OPENBLAS", "0")  # in-process: no re-exec of pytest itself
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # `run` reads piped stdin
+    name = request.getfixturevalue(fixture)
+    argv = ("run", name, "Hello world", "--temperature", "0", "--num-predict", "8", "--seed", "7")
+    code, before, err = run_cli(*argv)
+    assert code == 0, err
+    digest = store.resolve(name).digest
+    code, _, err = run_cli("pack", name, "-o", str(tmp_path / "m.tar"))
+    assert code == 0, err
+    run_cli("rm", name)
+    run_cli("prune")
+    assert stored_blobs(store) == set()
+    code, _, err = run_cli("import", str(tmp_path / "m.tar"))
+    assert code == 0, err
+    assert store.resolve(name).digest == digest
+    code, after, err = run_cli(*argv)
+    assert code == 0, err
+    assert after == before and after.strip()
