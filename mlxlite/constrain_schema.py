@@ -156,8 +156,8 @@ class _Compiler:
         node.target = self.compile(target, ref)
         seen = {id(node)}
         t = node.target
-        while t.kind == "ref":
-            if id(t) in seen:
+        while t is None or t.kind == "ref":
+            if t is None or id(t) in seen:  # None: a placeholder still being compiled
                 raise BadRequest(f"$ref {ref!r} refers to itself without a schema in between")
             seen.add(id(t))
             t = t.target
