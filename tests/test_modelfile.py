@@ -246,3 +246,22 @@ def test_go_template_errors_are_marked_unsupported():
     with pytest.raises(ModelfileError) as info:
         modelfile.parse("FROM x\nADAPTER a.gguf\n")
     assert info.value.unsupported
+
+
+def test_quote_round_trips_random_values():
+    import random
+
+    rng = random.Random(7)
+    alphabet = ['"', '"', " ", "\n", "\t", "a", "#", "{", "é"]
+    refused = 0
+    for _ in range(3000):
+        value = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        try:
+            text = modelfile.quote(value)
+        except BadRequest:
+            refused += 1
+            # only when some inner line ends with """ (then no quoting can hold it)
+            assert any(line.rstrip().endswith('"""') for line in ('"""' + value).split("\n")[:-1]), value
+            continue
+        assert modelfile.parse(f"FROM x\nSYSTEM {text}\n").system == value, (value, text)
+    assert refused < 300
