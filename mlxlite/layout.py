@@ -14,7 +14,9 @@ manifest is committed last (byte for byte, so the digest is kept), all under
 `store.writing()`. A bad package (flipped byte, truncated tar, missing blob, unsafe
 member) raises a typed error and no model appears; blobs verified before the failure may
 stay, unreferenced, until `prune`. Nothing is ever extracted: tar members are only read
-into the store's blob writer, so no member name can write outside the store.
+into the store's blob writer, so no member name can write outside the store. A layout
+directory on the store's file system costs no copy: each blob is hashed, then hardlinked
+(so the package and the store share those files, as with the other importers).
 The writing side is `layout_pack.py`; the format and the safe readers `layout_format.py`.
 Never imports mlx.
 """
@@ -212,6 +214,8 @@ def import_layout_result(store: Store, path: str | Path, name: str | ModelName |
     source: DirSource | TarSource = DirSource(path) if path.is_dir() else TarSource(path)
     try:
         progress({"status": "pulling manifest"})
+        if source.size(LAYOUT_FILE) is None:
+            raise BadRequest(f"{path} is not an OCI image layout: it has no oci-layout file")
         layout = read_small(source, LAYOUT_FILE, "the oci-layout file")
         try:
             version = json.loads(layout).get("imageLayoutVersion")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import stat
 import tarfile
 from collections.abc import Callable
@@ -179,7 +180,7 @@ class TarSource:
 
     def _check(self, member: tarfile.TarInfo) -> None:
         name = member.name
-        if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        if name.startswith("/") or re.match(r"[A-Za-z]:[/\\]", name):  # POSIX or drive-letter absolute
             raise self._refuse(member, "absolute path")
         if ".." in name.split("/") or "\\" in name:
             raise self._refuse(member, "path leads outside the layout")

@@ -265,6 +265,7 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, size: int = 0, link: str =
     (_member("../x", size=4), "outside the layout"),
     (_member("blobs/../../x", size=4), "outside the layout"),
     (_member("/tmp/mlxlite-layout-abs-x", size=4), "absolute path"),
+    (_member("C:/x", size=4), "absolute path"),
     (_member("blobs/evil", tarfile.SYMTYPE, link="/etc/passwd"), "points outside"),
     (_member("blobs/evil", tarfile.SYMTYPE, link="../../x"), "points outside"),
     (_member("evil", tarfile.LNKTYPE, link="../x"), "outside the layout"),
@@ -338,6 +339,10 @@ def test_cli_pack_and_import(store, tmp_path, run_cli):
     code, out, err = run_cli("import", str(tmp_path / "m.tar"))
     assert code == 0, err
     assert "imported tiny:latest" in out and store.resolve("tiny").digest == digest
+    with tarfile.open(tmp_path / "plain.tar", "w") as tar:  # a tar, but no layout in it
+        tar.add(tmp_path / "m.tar", "model.bin")
+    code, out, err = run_cli("import", str(tmp_path / "plain.tar"))
+    assert code == 1 and "not an OCI image layout: it has no oci-layout file" in err
     (tmp_path / "junk.tar").write_bytes(b"\0" * 100)
     code, out, err = run_cli("import", str(tmp_path / "junk.tar"))
     assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
