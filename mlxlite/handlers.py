@@ -266,7 +266,7 @@ def show_model(store: Any, entry: Any, verbose: bool = False) -> dict:
         meta = _gguf_meta(store, entry)
         for key, value in meta.items():
             if isinstance(value, list) and not verbose:
-                value = None if key.startswith("tokenizer.ggml.") else value
+                value = [] if key.startswith("tokenizer.ggml.") else value
             model_info[key] = value
         template = template or meta.get("tokenizer.chat_template")
         license_ = license_ or meta.get("general.license")
