@@ -7,7 +7,8 @@
   - `POST /api/create`: `{model, from | files {name: digest}, template, system,
     parameters, messages, license, stream}` -> NDJSON `{"status": ...}` lines ending in
     `{"status": "success"}` (or the last line alone when `stream` is false). Bad fields
-    are a 400 before any line is sent.
+    are a 400 before any line is sent. The older shape `{name, modelfile}` works too
+    (FROM must then name a model: the server reads no client paths).
 Never imports mlx; the work is `create.create`.
 """
 
@@ -98,6 +99,17 @@ def spec_from_request(body: Any) -> tuple[names.ModelName, cr.CreateSpec, bool]:
         raise Unsupported("quantize is not supported by mlxlite's create")
     if body.get("adapters"):
         raise Unsupported("adapters (LoRA) are not supported by mlxlite")
+    text = body.get("modelfile")
+    if text is not None:  # the older request shape: a whole Modelfile in one field
+        if not isinstance(text, str):
+            raise BadRequest("invalid 'modelfile': expected a string")
+        mf = modelfile.parse(text)
+        if not names.is_name(mf.from_.source):
+            raise BadRequest(f"Modelfile:{mf.from_.line}:{mf.from_.column}: FROM over the API must name "
+                             "a model (upload files with POST /api/blobs and use 'files')")
+        body = {**{k: v for k, v in body.items() if k != "modelfile"}, "from": mf.from_.source,
+                "template": mf.template, "system": mf.system, "parameters": mf.parameters or None,
+                "messages": mf.messages or None, "license": mf.licenses or None, "requires": mf.requires}
     source = body.get("from")
     if source is not None and (not isinstance(source, str) or not names.is_name(source)):
         raise BadRequest(f"invalid 'from': {source!r} is not a model name")
@@ -130,11 +142,15 @@ def spec_from_request(body: Any) -> tuple[names.ModelName, cr.CreateSpec, bool]:
         if not isinstance(lic, list) or not all(isinstance(x, str) for x in lic):
             raise BadRequest("invalid 'license': expected a string or a list of strings")
         lic = tuple(lic)
+    requires = body.get("requires")
+    if requires is not None and (not isinstance(requires, str) or not modelfile.is_semver(requires)):
+        raise BadRequest(f"invalid 'requires': {requires!r} is not a semantic version like 0.14.0")
     stream = body.get("stream", True)
     if not isinstance(stream, bool):
         raise BadRequest("invalid 'stream': expected true or false")
     spec = cr.CreateSpec(from_=source, files=tuple(sorted(files.items())), template=template, system=system,
-                         parameters=params, messages=messages, licenses=lic)
+                         parameters=params, messages=messages, licenses=lic,
+                         requires=requires.removeprefix("v") if requires else None)
     if not spec.from_ and not spec.files:
         raise BadRequest("neither 'from' nor 'files' was given")
     return name, spec, stream

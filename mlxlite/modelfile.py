@@ -186,6 +186,10 @@ def _families() -> list[tuple[str, tuple[str, ...], str]]:
     ]
 
 
+def is_semver(text: str) -> bool:
+    return bool(_SEMVER.match(text))
+
+
 def is_go_template(text: str) -> bool:
     return "{%" not in text and bool(_GO_ACTION.search(text))
 

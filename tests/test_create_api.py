@@ -139,3 +139,18 @@ def test_create_from_uploaded_safetensors_files(server, store, tiny_safetensors_
     entry = store.resolve("tiny-up")
     assert {name: layer.digest for name, layer in entry.manifest.files().items()} == files
     assert cr.settings_of(store, entry).system == "be brief"
+
+
+def test_older_request_shape_with_a_whole_modelfile(server, store, default_model):
+    body = {"name": "mf", "modelfile": f"FROM {default_model}\nSYSTEM hi\nPARAMETER top_k 7\nREQUIRES 0.14.0\n",
+            "stream": False}
+    status, raw = _req(server, "POST", "/api/create", json.dumps(body).encode())
+    assert status == 200 and json.loads(raw) == {"status": "success"}
+    settings = cr.settings_of(store, store.resolve("mf"))
+    assert (settings.system, settings.parameters, settings.requires) == ("hi", {"top_k": 7}, "0.14.0")
+    bad = {"name": "mf2", "modelfile": "FROM x\nPARAMETER top_k many\n"}
+    status, raw = _req(server, "POST", "/api/create", json.dumps(bad).encode())
+    assert status == 400 and json.loads(raw)["error"].startswith("Modelfile:2:17: ")
+    local = {"name": "mf3", "modelfile": "FROM /etc/passwd\n"}
+    status, raw = _req(server, "POST", "/api/create", json.dumps(local).encode())
+    assert status == 400 and "must name a model" in json.loads(raw)["error"]
