@@ -70,9 +70,20 @@ def test_dir_pack_rm_import_round_trip_keeps_digest_and_hardlinks(store, tmp_pat
     store.prune()
     assert stored_blobs(store) == set()
 
-    entry = layout.import_layout(store, tmp_path / "pkg")
-    assert entry.name.display == "tiny:latest" and entry.digest == digest
+    result = layout.import_layout_result(store, tmp_path / "pkg")
+    assert result.entry.name.display == "tiny:latest" and result.entry.digest == digest
+    assert result.methods == {"hardlink": 5} and result.copied_bytes == 0  # hashed, then linked
     assert store.verify() == []
+
+
+def test_gzipped_tar_imports_too(store, tmp_path):
+    import gzip
+
+    digest = make_model(store)
+    layout.pack(store, "tiny", tmp_path / "m.tar")
+    (tmp_path / "m.tar.gz").write_bytes(gzip.compress((tmp_path / "m.tar").read_bytes()))
+    store.remove("tiny")
+    assert layout.import_layout(store, tmp_path / "m.tar.gz").digest == digest
 
 
 def test_tar_pack_rm_import_round_trip_keeps_digest_and_is_reproducible(store, tmp_path):
