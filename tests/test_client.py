@@ -4,7 +4,7 @@ streaming as it arrives, and the fast "is a daemon running?" check."""
 import pytest
 
 from mlxlite import client as cl
-from mlxlite.errors import Busy, ModelNotFound, MlxliteError, Unauthorized
+from mlxlite.errors import Busy, MlxliteError, ModelNotFound, Unauthorized
 from tests.fake_engine import FakeEngine, RunningServer, add_fake_model
 
 
