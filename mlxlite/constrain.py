@@ -28,6 +28,8 @@ answer.
 
 from __future__ import annotations
 
+import bisect
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -37,9 +39,42 @@ import numpy as np
 
 from mlxlite import constrain_json as cj
 from mlxlite import constrain_schema as cs
-from mlxlite.constrain_json import F_KEY, F_STR, INF, U8_NEED, U8_NEXT
+from mlxlite.constrain_json import BYTE, F_KEY, F_STR, INF, U8_NEED, U8_NEXT
 from mlxlite.constrain_schema import compile_spec, validate  # noqa: F401  (validate re-exported)
 from mlxlite.errors import BadRequest
+
+
+class _Trie:
+    """A byte trie over sorted token strings, expanded lazily: a node's children are made
+    the first time a walk reaches it, so the ~300k nodes of a 49k vocabulary are never all
+    built (structural states prune after a byte or two; strings use the plain tables).
+    A node is [children or None, ids ending here, lo, hi, depth] over `keys[lo:hi]`."""
+
+    def __init__(self, items: list[tuple[bytes, int]]) -> None:
+        items.sort()
+        self.keys = [k for k, _ in items]
+        self.ids = [i for _, i in items]
+        self.root: list = [None, (), 0, len(items), 0]
+
+    def expand(self, node: list) -> dict:
+        keys, ids = self.keys, self.ids
+        lo, hi, d = node[2], node[3], node[4]
+        children: dict[int, list] = {}
+        i = lo
+        while i < hi:
+            c = keys[i][d]
+            j = hi if c == 255 else bisect.bisect_left(keys, keys[i][:d] + BYTE[c + 1], i, hi)
+            k = i
+            while k < j and len(keys[k]) == d + 1:
+                k += 1
+            children[c] = [None if k < j else {}, tuple(ids[i:k]), k, j, d + 1]
+            i = j
+        node[0] = children  # a race builds the same dict twice: harmless
+        return children
+
+
+_SPECIAL = re.compile(rb'["\\\x00-\x1f]')
+_CONT = bytes(range(0x80, 0xC0))
 
 
 class _Vocab:
@@ -49,20 +84,18 @@ class _Vocab:
         self.tokens = list(token_bytes)
         n = self.n = len(self.tokens)
         self.eos = np.array(sorted(i for i in eos if 0 <= i < n), dtype=np.int64)
-        self.full: tuple[dict, list] = ({}, [])
-        self.special: tuple[dict, list] = ({}, [])  # tokens with a quote, backslash or control byte
         self.plain_ok = np.zeros((8, n), dtype=bool)  # plain token valid from UTF-8 state u
-        self.chars = np.zeros(n, dtype=np.int64)
-        cont = bytes(range(0x80, 0xC0))
+        self.chars = np.zeros(n, dtype=np.int64)  # characters a plain token adds to a string
+        full, special = [], []
         for i, t in enumerate(self.tokens):
             if not t or i in eos:
                 continue
-            self._insert(self.full, t, i)
-            if any(c < 0x20 or c in (0x22, 0x5C) for c in t):
-                self._insert(self.special, t, i)
+            full.append((t, i))
+            if _SPECIAL.search(t):  # a quote, backslash or control byte: walked, never shortcut
+                special.append((t, i))
                 continue
-            self.chars[i] = len(t.translate(None, cont))
-            lead = len(t) - len(t.lstrip(cont))
+            self.chars[i] = len(t.translate(None, _CONT))
+            lead = len(t) - len(t.lstrip(_CONT))
             rest_ok = _utf8_prefix_ok(t[lead:])
             self.plain_ok[0, i] = lead == 0 and rest_ok
             if lead:
@@ -70,18 +103,10 @@ class _Vocab:
                     need = U8_NEED[u]
                     self.plain_ok[u, i] = lo <= t[0] <= hi and (
                         (lead == len(t) and lead <= need) or (lead == need and rest_ok))
+        self.full = _Trie(full)
+        self.special = _Trie(special)
         self.lock = threading.Lock()
         self.grammars: OrderedDict[str, _Grammar] = OrderedDict()
-
-    @staticmethod
-    def _insert(trie: tuple[dict, list], t: bytes, i: int) -> None:
-        node = trie
-        for c in t:
-            nxt = node[0].get(c)
-            if nxt is None:
-                nxt = node[0][c] = ({}, [])
-            node = nxt
-        node[1].append(i)
 
 
 def _utf8_prefix_ok(b: bytes) -> bool:
@@ -92,19 +117,22 @@ def _utf8_prefix_ok(b: bytes) -> bool:
     return True
 
 
-def _walk(trie: tuple[dict, list], state: tuple) -> list[int]:
+def _walk(trie: _Trie, state: tuple) -> list[int]:
     """Token ids of `trie` whose bytes the recognizer accepts from `state`."""
     found: list[int] = []
-    todo = [(trie[0], state)]
+    todo = [(trie.root, state)]
     while todo:
-        children, st = todo.pop()
-        for b, (ch, ids) in children.items():
+        node, st = todo.pop()
+        children = node[0]
+        if children is None:
+            children = trie.expand(node)
+        for b, child in children.items():
             nxt = cj.advance(st, b)
             if nxt:
-                if ids:
-                    found.extend(ids)
-                if ch:
-                    todo.append((ch, nxt))
+                if child[1]:
+                    found.extend(child[1])
+                if child[2] < child[3]:
+                    todo.append((child, nxt))
     return found
 
 
