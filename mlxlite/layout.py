@@ -177,7 +177,11 @@ def _model_name(ref_name: str | None, path: Path) -> ModelName:
     is the tag of a model named after the layout; none -> the layout's name."""
     from mlxlite.importers import default_name
 
-    stem = path.name[:-4] if path.name.lower().endswith(".tar") else path.name
+    stem = path.name
+    for suffix in (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
     base = default_name(path.with_name(stem or "model"))
     if ref_name:
         with contextlib.suppress(MlxliteError):
@@ -298,12 +302,12 @@ def _copy_blobs(store: Store, source: DirSource | TarSource, blobs: Iterable[Lay
                 raise IntegrityError(f"{source.label}: blob {layer.digest} is truncated: {exc}") from None
             if writer.size != layer.size:
                 raise IntegrityError(f"{source.label}: blob {layer.digest} has {writer.size} bytes, "
-                                     f"expected {layer.size}; nothing was imported")
+                                     f"expected {layer.size}; no model was written")
             try:
                 writer.commit(layer.digest)
             except IntegrityError:
                 raise IntegrityError(f"{source.label}: blob {layer.digest} is corrupt (its content hashes "
-                                     "differently); nothing was imported") from None
+                                     "differently); no model was written") from None
         methods["copy"] += 1
         copied += layer.size
     return methods, copied
@@ -314,7 +318,7 @@ def _expect(layer: Layer, actual: str, size: int, label: str) -> None:
         raise IntegrityError(f"{label}: blob {layer.digest} has {size} bytes, expected {layer.size}")
     if actual != layer.digest:
         raise IntegrityError(f"{label}: blob {layer.digest} is corrupt (its content hashes to {actual}); "
-                             "nothing was imported")
+                             "no model was written")
 
 
 def pull(store: Store, source: str, name: str | ModelName | None = None,
