@@ -100,10 +100,12 @@ class LocalBackend:
             stats.load = self.load_seconds
         loaded = self.loaded
         options = loaded.defaults.merged(overrides)
-        full = list(loaded.messages or [])
-        if loaded.system and not any(m.get("role") == "system" for m in messages):
-            full.append({"role": "system", "content": loaded.system})
-        full.extend(messages)
+        from mlxlite.templates import with_system
+
+        # Ollama's order: system prompt, then the model's example messages, then the chat.
+        system = next((m["content"] for m in messages if m.get("role") == "system"), None) or loaded.system
+        chat_turns = [m for m in messages if m.get("role") != "system"]
+        full = with_system([*(loaded.messages or []), *chat_turns], system)
         prompt = loaded.template.render(full, add_generation_prompt=True)
         tokens = runner.tokenize(loaded, prompt, add_special=False)
         constraint = None
