@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import http.client
 import json
+import mmap
 import os
 import queue
 import threading
@@ -304,10 +305,16 @@ class _Download:
             units: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
             part = self.tuning.parts(self.size)
             count = 0
-            for start, end in self.ranges.gaps(self.size):
-                for s in range(start, end, part):
-                    units.put((s, min(end, s + part)))
+            for i, (start, end) in enumerate(self.ranges.gaps(self.size)):
+                # The first ranges start small and double, so the hasher (which follows
+                # the contiguous prefix) starts at once instead of idling for a whole part.
+                step = min(part, 4 * self.tuning.chunk) if i == 0 else part
+                s = start
+                while s < end:
+                    units.put((s, min(end, s + step)))
                     count += 1
+                    s += step
+                    step = min(part, step * 2)
             hasher = threading.Thread(target=self._hash, name="mlxlite-hash", daemon=True)
             hasher.start()
             workers = [threading.Thread(target=self._work, args=(units,), daemon=True,
@@ -419,10 +426,13 @@ class _Download:
             count -= n
 
     def _hash(self) -> None:
-        """Hash the file in order, following the contiguous downloaded prefix."""
+        """Hash the file in order, following the contiguous downloaded prefix.
+
+        Reads through short-lived mmap windows: sha256 reads the page cache directly
+        (no copy), and unmapping each window keeps the process's RSS flat.
+        """
         digest = hashlib.sha256()
-        buf = bytearray(8 << 20)
-        view = memoryview(buf)
+        window = 16 << 20
         pos = 0
         while pos < self.size:
             with self.cond:
@@ -432,12 +442,16 @@ class _Download:
                     return
                 limit = self.ranges.frontier()
             while pos < limit:
-                n = os.preadv(self.fd, [view[:min(len(view), limit - pos)]], pos)
-                if n <= 0:
-                    self.error = IntegrityError(f"partial file of {self.digest} shrank while hashing")
-                    return
-                digest.update(view[:n])
-                pos += n
+                base = pos - pos % mmap.ALLOCATIONGRANULARITY
+                end = min(limit, base + window)
+                with mmap.mmap(self.fd, end - base, offset=base, access=mmap.ACCESS_READ) as mm, \
+                        memoryview(mm) as view:
+                    part = view[pos - base:]
+                    try:
+                        digest.update(part)
+                    finally:
+                        part.release()
+                pos = end
         self.actual = "sha256:" + digest.hexdigest()
 
 
