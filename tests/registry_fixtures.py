@@ -211,6 +211,8 @@ class RegistryProxy:
         self.corrupt = False       # flip one byte in every blob body
         self.stall_once = 0.0      # stall this many seconds once, mid-body, then close
         self.stalls = 0
+        self.fail_next = 0         # answer this many blob GETs with 503
+        self.failed = 0
         self.lock = threading.Lock()
         proxy = self
 
@@ -243,6 +245,19 @@ class RegistryProxy:
         if body and "/blobs/uploads/" in handler.path:
             with self.lock:
                 self.upload_bytes += len(body)
+        if handler.command == "GET" and "/blobs/sha256:" in handler.path:
+            with self.lock:
+                fail = self.fail_next > 0
+                if fail:
+                    self.fail_next -= 1
+                    self.failed += 1
+            if fail:
+                handler.send_response(503)
+                handler.send_header("Content-Length", "0")
+                handler.send_header("Connection", "close")
+                handler.end_headers()
+                handler.close_connection = True
+                return
         conn = http.client.HTTPConnection(self.target, timeout=60)
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "connection")}
         conn.request(handler.command, handler.path, body=body, headers=headers)
