@@ -156,7 +156,7 @@ class _Grammar:
                 return hit
         frame = stack[0]
         fast = None
-        if frame[0] == F_STR and not frame[4]:
+        if frame[0] == F_STR and not frame[4] and frame[5] is None:
             node = frame[1]
             fast = (frame[3], node.max - frame[2] if node.max < INF else INF)
         elif frame[0] == F_KEY and not frame[4] and frame[1].additional is not None:

@@ -11,7 +11,8 @@ vocabulary that can spell any byte.
 Output shape: no whitespace before the value except one space or newline; between
 tokens either nothing, one space, or a newline and at most 20 spaces/tabs (llama.cpp's
 JSON grammar rule), so a model cannot loop on whitespace; nothing after the value.
-Numbers: at most 16 integer digits, 16 fraction digits, 2 exponent digits. Strings: any
+Numbers: at most 16 integer digits, 16 fraction digits, 2 exponent digits. Containers
+nest at most 64 deep. Strings: any
 valid UTF-8 (no raw control bytes) and escapes, except \\u surrogates (raw UTF-8 says
 it better); keys of objects that mix listed and extra properties take no \\u or \\/
 escapes, so equal keys are equal bytes.
@@ -28,6 +29,7 @@ F_ROOT, F_OBJ, F_KEY, F_ARR, F_STR, F_NUM, F_LIT = range(7)
 O_OPEN, O_KEY, O_COLON, O_VALUE, O_AFTER, O_COMMA = range(6)
 A_OPEN, A_AFTER, A_COMMA = range(3)
 MAX_INDENT = 20
+MAX_DEPTH = 64
 MAX_INT, MAX_FRAC, MAX_EXP = 16, 16, 2
 BYTE = [bytes((i,)) for i in range(256)]
 WS_BYTES = frozenset(b" \t\n")
@@ -121,15 +123,29 @@ def _start(node: cs.Node, parent: tuple, b: int) -> list:
             return []
         k = node.kind
     if k == "object":
-        return [((F_OBJ, node, O_OPEN, 0, frozenset(), None), parent)] if b == 0x7B else []
+        if b != 0x7B or _too_deep(parent):
+            return []
+        return [((F_OBJ, node, O_OPEN, 0, frozenset(), None), parent)]
     if k == "array":
-        return [((F_ARR, node, A_OPEN, 0, 0), parent)] if b == 0x5B else []
+        if b != 0x5B or _too_deep(parent):
+            return []
+        return [((F_ARR, node, A_OPEN, 0, 0), parent)]
     if k == "string":
-        return [((F_STR, node, 0, 0, 0), parent)] if b == 0x22 else []
+        aux = None if node.regex is None else (0, node.regex.start)
+        return [((F_STR, node, 0, 0, 0, aux), parent)] if b == 0x22 else []
     if k == "number":
         nf = _num_step((F_NUM, node, 0, b""), b)
         return [(nf, parent)] if nf else []
     return _step(((F_LIT, node.cands, 0), parent), b)
+
+
+def _too_deep(stack: tuple | None) -> bool:
+    """Containers nest at most MAX_DEPTH deep (parsers recurse; a model may not)."""
+    depth = 0
+    while stack is not None:
+        depth += 1
+        stack = stack[1]
+    return depth > MAX_DEPTH
 
 
 _ANY_BY_BYTE = {0x7B: cs.ANY_OBJECT, 0x5B: cs.ANY_ARRAY, 0x22: cs.ANY_STRING, 0x2D: cs.ANY_NUMBER,
@@ -141,7 +157,9 @@ def _step(stack: tuple, b: int) -> list:
     frame, parent = stack
     tag = frame[0]
     if tag == F_STR:
-        _, node, n, u8, esc = frame
+        _, node, n, u8, esc, aux = frame
+        if aux is not None:
+            return _pattern_step(frame, parent, b)
         if b == 0x22 and not u8 and not esc:
             return [parent] if n >= node.min else []
         r = _str_byte(u8, esc, b, False)
@@ -153,7 +171,7 @@ def _step(stack: tuple, b: int) -> list:
             n += 1
             if node.max >= INF and n > node.min:  # past minLength the count no longer matters
                 n = node.min
-        return [((F_STR, node, n, r[0], r[1]), parent)]
+        return [((F_STR, node, n, r[0], r[1], None), parent)]
     if tag == F_OBJ:
         _, node, ph, ws, used, val = frame
         if b in WS_BYTES:
@@ -235,6 +253,68 @@ def _step(stack: tuple, b: int) -> list:
     if b in (0x20, 0x0A):
         return [((F_ROOT, node, 0, 1), None)] if ws == 0 else []
     return _start(node, ((F_ROOT, node, 1, 0), None), b)
+
+
+_ESCAPED = {0x22: 0x22, 0x5C: 0x5C, 0x2F: 0x2F, 0x62: 8, 0x66: 12, 0x6E: 10, 0x72: 13, 0x74: 9}
+_HEX_SEEN = {3: 1, 6: 1, 4: 2, 5: 3}  # esc state -> \u hex digits seen
+
+
+def _pattern_step(frame: tuple, parent: tuple, b: int) -> list:
+    """A string byte under a `pattern`: the regex steps per decoded character; while a
+    character is half-written (UTF-8 lead byte, \\u digits) the code points it can still
+    become must include one the regex takes next. aux = (partial code point, regex states)."""
+    _, node, n, u8, esc, (part, states) = frame
+    rx = node.regex
+    if b == 0x22 and not u8 and not esc:
+        return [parent] if n >= node.min and rx.accepts(states) else []
+    r = _str_byte(u8, esc, b, False)
+    if r is None:
+        return []
+    nu8, nesc, add = r
+    if add:
+        if n >= node.max:
+            return []
+        n += 1
+    cp = lo = hi = -1
+    if esc == 0 and u8 == 0:
+        if b == 0x5C:
+            lo, hi = 0, 0xFFFF  # an escape can still write any BMP character
+        elif b < 0x80:
+            cp = b
+        else:
+            k = U8_NEED[nu8]
+            part = b & (0x1F, 0x0F, 0x07)[k - 1]
+            # the floor: E0 and F0 leads allow no overlong (short-codable) characters
+            lo, hi = max(part << 6 * k, (0x80, 0x800, 0x10000)[k - 1]), ((part + 1) << 6 * k) - 1
+    elif esc == 0:
+        part = (part << 6) | (b & 0x3F)
+        if nu8 == 0:
+            cp = part
+        else:
+            k = U8_NEED[nu8]
+            lo, hi = part << 6 * k, ((part + 1) << 6 * k) - 1
+    elif esc == 1:
+        if b == 0x75:
+            part, lo, hi = 0, 0, 0xFFFF
+        else:
+            cp = _ESCAPED[b]
+    else:
+        part = part * 16 + int(chr(b), 16)
+        if nesc == 0:
+            cp = part
+        else:
+            k = 4 - _HEX_SEEN[nesc]
+            lo, hi = part << 4 * k, ((part + 1) << 4 * k) - 1
+    if cp >= 0:
+        states = rx.step(states, cp)
+        if not states or n + rx.min_left(states) > node.max:
+            return []
+        part = 0
+    elif n - 1 + rx.min_through(states, lo, hi) > node.max:  # INF: no such character fits
+        return []
+    if node.max >= INF and n > node.min:
+        n = node.min
+    return [((F_STR, node, n, nu8, nesc, (part, states)), parent)]
 
 
 def _num_step(frame: tuple, b: int) -> tuple | None:

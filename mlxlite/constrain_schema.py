@@ -8,10 +8,11 @@ value against the same subset (a final check, and the test oracle's twin).
 Supported keywords: type (string or list), properties, required, additionalProperties,
 enum, const, items (schema, bool, or a draft-4 list), prefixItems, minItems, maxItems,
 anyOf, oneOf, allOf with one member, $ref to local pointers (#/$defs/..., #/definitions/...,
-recursion allowed), minLength, maxLength, minimum, maximum, exclusiveMinimum,
+recursion allowed), minLength, maxLength, pattern (the subset of `constrain_regex.py`),
+format (date, time, date-time, uuid: as patterns), minimum, maximum, exclusiveMinimum,
 exclusiveMaximum (number or draft-4 bool). Annotations (title, description, default,
 examples, $schema, $id, $comment, deprecated, readOnly, writeOnly) are ignored because
-they constrain nothing. Every other keyword (pattern, format, multipleOf, uniqueItems,
+they constrain nothing. Every other keyword (other formats, multipleOf, uniqueItems,
 not, if/then/else, patternProperties, ...) is refused with `errors.Unsupported` naming
 it: a constraint we cannot enforce is never silently dropped.
 
@@ -21,7 +22,11 @@ Deliberate choices, each one a narrowing of what the schema accepts, never a wid
 - oneOf is decoded as anyOf (overlapping alternatives are the schema author's problem);
 - enum/const values must be written in their compact form (json.dumps with
   separators (",", ":"), ensure_ascii=False), e.g. 1.0 is not accepted for enum [1];
-- numbers with bounds are written without an exponent.
+- numbers with bounds are written without an exponent;
+- format date/time/date-time use upper-case T and Z, a time needs an offset, no leap
+  second (`constrain_regex.FORMATS`).
+Known gap: a pattern whose matches are all shorter than minLength can dead-end (the mask
+comes back empty and the runner ends the answer); maxLength with a pattern is exact.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from __future__ import annotations
 import json
 import math
 from fractions import Fraction
+from functools import lru_cache
 from typing import Any
 
+from mlxlite.constrain_regex import FORMATS, Regex
 from mlxlite.errors import BadRequest, Unsupported
 
 ANNOTATIONS = frozenset(
@@ -39,7 +46,7 @@ ANNOTATIONS = frozenset(
 )
 OBJECT_KW = frozenset({"properties", "required", "additionalProperties"})
 ARRAY_KW = frozenset({"items", "prefixItems", "minItems", "maxItems"})
-STRING_KW = frozenset({"minLength", "maxLength"})
+STRING_KW = frozenset({"minLength", "maxLength", "pattern", "format"})
 NUMBER_KW = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
 COMBINE_KW = frozenset({"anyOf", "oneOf", "allOf", "$ref", "enum", "const"})
 SUPPORTED = OBJECT_KW | ARRAY_KW | STRING_KW | NUMBER_KW | COMBINE_KW | {"type"}
@@ -51,7 +58,7 @@ class Node:
     """One grammar node. `kind` picks which attributes matter (see `constrain.py`)."""
 
     __slots__ = ("kind", "props", "names", "required", "additional", "track", "prefix", "items",
-                 "min", "max", "integer", "lo", "hi", "lo_x", "hi_x", "cands", "alts", "target")
+                 "min", "max", "integer", "lo", "hi", "lo_x", "hi_x", "cands", "alts", "target", "regex")
 
     def __init__(self, kind: str | None, **kw: Any) -> None:
         self.kind = kind
@@ -193,7 +200,8 @@ class _Compiler:
             lo, hi = _count(s, "minLength", 0, where), _count(s, "maxLength", INF, where)
             if lo > hi:
                 raise BadRequest(f"minLength > maxLength at {where}")
-            return ANY_STRING if (lo, hi) == (0, INF) else Node("string", min=lo, max=hi)
+            regex = _regex(s, where)
+            return ANY_STRING if (lo, hi, regex) == (0, INF, None) else Node("string", min=lo, max=hi, regex=regex)
         if t in ("number", "integer"):
             return self.number(t == "integer", s, where)
         return BOOLEAN if t == "boolean" else NULL
@@ -248,6 +256,21 @@ class _Compiler:
             if lo is not None and hi is not None and lo > hi:
                 raise BadRequest(f"no integer satisfies the bounds at {where}")
         return Node("number", integer=integer, lo=lo, hi=hi, lo_x=lo_x, hi_x=hi_x)
+
+
+def _regex(s: dict, where: str) -> Regex | None:
+    if "pattern" in s and "format" in s:
+        raise Unsupported(f"pattern together with format (at {where})")
+    if "format" in s:
+        if s["format"] not in FORMATS:
+            raise Unsupported(f"format {s['format']!r} (at {where}); supported: {', '.join(FORMATS)}")
+        return _compiled_regex(FORMATS[s["format"]])
+    return _compiled_regex(s["pattern"]) if "pattern" in s else None
+
+
+@lru_cache(maxsize=256)
+def _compiled_regex(pattern: str) -> Regex:
+    return Regex(pattern)
 
 
 def _key(name: str) -> bytes:
@@ -351,6 +374,15 @@ def validate_subset(x: Any, s: Any, root: Any) -> bool:
     elif isinstance(x, str):
         if not s.get("minLength", 0) <= len(x) <= s.get("maxLength", INF):
             return False
+        regex = _regex(s, "#")
+        if regex is not None:
+            states = regex.start
+            for ch in x:
+                states = regex.step(states, ord(ch))
+                if not states:
+                    return False
+            if not regex.accepts(states):
+                return False
     elif isinstance(x, (int, float)) and not isinstance(x, bool):
         lo, hi, lo_x, hi_x = _bounds(s, "#")
         v = Fraction(x)

@@ -6,8 +6,11 @@ random-weight model (and, marked e2e, on the default model)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import random
+import re
+import uuid
 
 import jsonschema
 import numpy as np
@@ -73,6 +76,10 @@ SCHEMAS = {
     "oneof": {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
                         {"type": "object", "properties": {"b": {"type": "string", "maxLength": 4}}, "required": ["b"]}]},
     "map": {"type": "object", "additionalProperties": {"type": "integer"}},
+    "pattern": {"type": "object", "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3}$"}, "when": {"type": "string", "format": "date-time"},
+        "id": {"type": "string", "format": "uuid"}, "day": {"type": "string", "format": "date"},
+        "note": {"type": "string", "pattern": "ok", "maxLength": 6}}, "required": ["code", "when", "id", "day", "note"]},
     "required_only": {"type": "object", "required": ["q"]},
 }
 
@@ -177,6 +184,21 @@ TABLE = [
     ("map", b'{"x":"1"', "reject"),
     ("required_only", b'{"q":[1,{}]}', "complete"),
     ("required_only", b"{}", "reject"),
+    ("pattern", b'{"code":"AB-123","when":"2024-02-29T23:59:59.5+01:00","id":"123e4567-e89b-12d3-a456-426614174000",'
+                b'"day":"2000-02-29","note":"\\u006fk!"}', "complete"),
+    ("pattern", b'{"code":"Ab', "reject"),
+    ("pattern", b'{"code":"AB-12"', "reject"),
+    ("pattern", b'{"code":"AB-1234', "reject"),
+    ("pattern", b'{"when":"2024-02-29T24', "reject"),
+    ("pattern", b'{"when":"2024-02-29T23:59:59"', "reject"),  # an offset is required
+    ("pattern", b'{"day":"2023-02-29', "reject"),  # not a leap year
+    ("pattern", b'{"day":"2023-04-31', "reject"),
+    ("pattern", b'{"day":"1900-02-2', "prefix"),
+    ("pattern", b'{"day":"1900-02-29', "reject"),
+    ("pattern", b'{"id":"123e4567-e89b-12d3-a456-42661417400g', "reject"),
+    ("pattern", b'{"note":"xyzab', "reject"),  # "ok" no longer fits in maxLength 6
+    ("pattern", b'{"note":"xyzok"', "prefix"),
+    ("pattern", '{"note":"é'.encode(), "prefix"),  # unanchored: anything before "ok"
 ]
 
 
@@ -202,8 +224,13 @@ def test_number_at_top_level_and_ambiguous_enum():
 
 # ---- schema refusals -------------------------------------------------------------------------
 @pytest.mark.parametrize(("schema", "word"), [
-    ({"type": "string", "pattern": "^a+$"}, "pattern"),
-    ({"type": "string", "format": "date-time"}, "format"),
+    ({"type": "string", "pattern": "^(?=a)"}, "lookaround"),
+    ({"type": "string", "pattern": "(a)\\1"}, "escape"),
+    ({"type": "string", "pattern": "\\p{L}"}, "escape"),
+    ({"type": "string", "pattern": "a^b"}, "'\\^'"),
+    ({"type": "string", "pattern": "\\bword"}, "escape"),
+    ({"type": "string", "format": "email"}, "format"),
+    ({"type": "string", "format": "date", "pattern": "^2"}, "pattern together with format"),
     ({"type": "number", "multipleOf": 2}, "multipleOf"),
     ({"type": "array", "uniqueItems": True}, "uniqueItems"),
     ({"not": {"type": "string"}}, "not"),
@@ -359,6 +386,10 @@ def check_output(c: TokenConstraint, spec) -> None:
     else:
         jsonschema.validate(value, spec)
     validate(value, spec)
+    if spec is SCHEMAS["pattern"]:  # the formats hold by Python's own parsers too
+        datetime.date.fromisoformat(value["day"])
+        datetime.datetime.fromisoformat(value["when"])
+        uuid.UUID(value["id"])
 
 
 @pytest.mark.parametrize("name", list(SCHEMAS))
@@ -385,7 +416,7 @@ def smol_vocab(default_gguf) -> tuple[list[bytes], int]:
     return runner_text.token_table(spec.tokenizer, spec.special_ids), eos
 
 
-@pytest.mark.parametrize("name", ["json", "person", "pydantic", "tree", "enum", "bounds", "oneof", "map"])
+@pytest.mark.parametrize("name", ["json", "person", "pydantic", "tree", "enum", "bounds", "oneof", "map", "pattern"])
 def test_real_vocab_walks(smol_vocab, name):
     tokens, eos = smol_vocab
     spec = SCHEMAS[name]
@@ -398,6 +429,30 @@ def test_real_vocab_walks(smol_vocab, name):
             check_output(c, spec)
             done += 1
     assert done >= 3, f"only {done}/6 walks finished"
+
+
+# ---- the pattern engine against Python's re ----------------------------------------------------
+PATTERNS = ["^a+$", "ab", "^(ab|c)*d?$", "^[a-c]{2,3}$", "[^a]b", "^a.c$", "^\\d{2}-\\w+$", "^(?:x|yz){1,}$",
+            "^a{2}b{0,1}$", "\\s", "^[\\-a]+$", "^[\\d_]*$", "b$", "^$", "^a*?b+?$", "^[^b-y]+$", "{", "a{2,x}"]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_regex_matches_like_python(pattern):
+    from mlxlite.constrain_regex import Regex
+
+    rx = Regex(pattern)
+    oracle = pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern  # ECMA's $ is Python's \Z
+    rng = random.Random(pattern)
+    alphabet = "abcdxyz01-_ .\n{},"
+    for _ in range(400):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(7)))
+        states = rx.start
+        for ch in text:
+            states = rx.step(states, ord(ch))
+            if not states:
+                break
+        ours = bool(states) and rx.accepts(states)
+        assert ours == bool(re.search(oracle, text)), (pattern, text)
 
 
 # ---- the TokenConstraint interface -----------------------------------------------------------
