@@ -1,0 +1,244 @@
+"""Server overhead: decode tok/s and time to first token through the daemon vs the raw engine.
+
+In one child process (OpenBLAS preloaded when installed, as `mlxlite serve` does) the
+daemon runs on 127.0.0.1:0 with the real runner; once it has loaded the model, the same
+model object is driven three ways, alternating rounds so machine noise hits all alike:
+  - raw `mlx_lm.stream_generate` (the reference engine),
+  - `runner.generate` (our engine, no HTTP),
+  - `POST /api/generate` streaming (raw prompt: the server tokenizes it to exactly the
+    same ids; greedy; EOS disabled so all make N tokens).
+TTFT is measured by the caller (request sent -> first text line received for HTTP).
+Goals (issue 4): server decode tok/s / mlx_lm >= 0.98; server TTFT <= raw + 10 ms.
+For reference, `mlx_lm.server` serves the same float32 weights (saved to a temp model
+dir) and is measured through `/v1/completions` streaming, like our `/v1/completions`.
+
+    python bench/server.py [--gguf PATH] [--tokens 64] [--prompt-tokens 128] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+WORDS = ("The history of the city begins with a small settlement on the river, where traders "
+         "met to exchange grain, salt and cloth. Over the centuries it grew into a market town, ")
+
+
+def _stamps(make) -> tuple[float, float, int]:
+    """(seconds to first item, items/s after the first, items) for one run of `make()`."""
+    t0 = time.perf_counter()
+    stamps = [time.perf_counter() for _ in make()]
+    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    return stamps[0] - t0, decode, len(stamps)
+
+
+def _http_stream(host: str, port: int, path: str, body: dict, sse: bool) -> tuple[float, float, int]:
+    """Client-side TTFT and decode tok/s of one streamed request (token count from the
+    final chunk/usage; rate measured between the first and the last text line)."""
+    conn = http.client.HTTPConnection(host, port, timeout=600)
+    t0 = time.perf_counter()
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    first = last = None
+    count = 0
+    for raw in resp:
+        line = raw.strip()
+        if not line or line.startswith(b":"):   # blank lines and SSE comments (keep-alives)
+            continue
+        if sse:
+            if not line.startswith(b"data: "):
+                raise RuntimeError(f"{path} on port {port} answered {resp.status}: {line[:300]!r}")
+            if line == b"data: [DONE]":
+                break
+            item = json.loads(line[6:])
+            if item.get("usage"):
+                count = item["usage"]["completion_tokens"]
+            text = item["choices"][0].get("text") if item.get("choices") else None
+        else:
+            item = json.loads(line)
+            if item.get("done"):
+                count = item["eval_count"]
+                continue
+            text = item.get("response")
+        if text:
+            now = time.perf_counter()
+            first = first or now
+            last = now
+    conn.close()
+    decode = (count - 1) / (last - first) if first and last and last > first else 0.0
+    return (first or time.perf_counter()) - t0, decode, count
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_mlx_lm_server(loaded, gguf: Path, tmp: Path) -> tuple[subprocess.Popen, int] | None:
+    """mlx_lm.server on the same (float32) weights, saved as an mlx-lm model dir."""
+    try:
+        from mlx_lm.utils import save_config, save_model
+
+        from mlxlite import gguf as gg
+
+        model_dir = tmp / "mlx_lm_model"
+        model_dir.mkdir()
+        save_model(model_dir, loaded.model)
+        cfg = dict(gg.model_config(gg.read_gguf(gguf)))
+        cfg.pop("quantization", None)
+        save_config(cfg, model_dir / "config.json")
+        loaded.tokenizer._tokenizer.save_pretrained(str(model_dir))
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--port",
+                                 str(port), "--max-tokens", "100000"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                print("mlx_lm.server exited:", proc.stderr.read()[-1500:])
+                return None
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return proc, port
+            except OSError:
+                time.sleep(0.5)
+        proc.kill()
+    except Exception as exc:  # a reference only: report and go on
+        print(f"mlx_lm.server: not measured ({type(exc).__name__}: {exc})")
+    return None
+
+
+def child(args: argparse.Namespace) -> dict:
+    import mlx_lm
+
+    from mlxlite import blas, options, runner
+    from mlxlite.importers import import_path
+    from mlxlite.server import make_server
+    from mlxlite.store import Store
+
+    tmp = Path(tempfile.mkdtemp(prefix="mlxlite-bench-server-"))
+    os.environ["MLXLITE_HOME"] = str(tmp / "home")
+    store = Store()
+    import_path(store, args.gguf, "bench")
+    entry = store.resolve("bench")
+    server = make_server("127.0.0.1:0", store=store, log_stream=open(os.devnull, "w"))  # noqa: SIM115
+    import threading
+
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    # Load through the server (on its MLX thread), then share the very same model object.
+    warm = http.client.HTTPConnection(host, port, timeout=600)
+    warm.request("POST", "/api/generate", json.dumps({"model": "bench", "keep_alive": -1, "stream": False}))
+    assert warm.getresponse().status == 200
+    loaded = server.app.scheduler._models[entry.digest].loaded
+    loaded.eos_token_ids = frozenset()          # every engine makes exactly N tokens
+    loaded.tokenizer.eos_token_ids = set()
+    text = WORDS * (1 + args.prompt_tokens // 20)
+    prompt_text = runner.detokenize(loaded, runner.tokenize(loaded, text, add_special=False)[: args.prompt_tokens])
+    ids = runner.tokenize(loaded, prompt_text)     # exactly what a raw request tokenizes to
+    opts = options.parse({"temperature": 0, "num_predict": args.tokens, "num_ctx": 4096})
+    body = {"model": "bench", "prompt": prompt_text, "raw": True, "stream": True,
+            "options": {"temperature": 0, "num_predict": args.tokens, "num_ctx": 4096}}
+    completions = {"model": "bench", "prompt": prompt_text, "max_tokens": args.tokens, "temperature": 0,
+                   "stream": True, "stream_options": {"include_usage": True}}
+
+    def raw_mlx_lm():
+        return mlx_lm.stream_generate(loaded.model, loaded.tokenizer, ids, max_tokens=args.tokens,
+                                      prefill_step_size=opts.num_batch)
+
+    def raw_runner():
+        return (p for p in runner.generate(loaded, ids, opts) if isinstance(p, runner.Piece))
+
+    ways = {
+        "mlx_lm": lambda: _stamps(raw_mlx_lm),
+        "runner": lambda: _stamps(raw_runner),
+        "server": lambda: _http_stream(host, port, "/api/generate", body, sse=False),
+        "server_v1": lambda: _http_stream(host, port, "/v1/completions", completions, sse=True),
+    }
+    ref = _start_mlx_lm_server(loaded, args.gguf, tmp) if args.mlx_lm_server else None
+    if ref is not None:
+        ways["mlx_lm.server"] = lambda: _http_stream("127.0.0.1", ref[1], "/v1/completions",
+                                                     {**completions, "model": "default_model"}, sse=True)
+    results: dict[str, list] = {name: [] for name in ways}
+    try:
+        for fn in ways.values():    # warm-up
+            fn()
+        for _ in range(args.rounds):
+            for name, fn in ways.items():
+                results[name].append(fn())
+    finally:
+        if ref is not None:
+            ref[0].kill()
+        server.close()
+    row = {"openblas": blas.active(), "weights": loaded.info.get("weights"), "prompt_tokens": len(ids),
+           "tokens": args.tokens}
+    for name, runs in results.items():
+        row[name] = {"ttft_ms": statistics.median(r[0] for r in runs) * 1e3,
+                     "decode_tps": statistics.median(r[1] for r in runs),
+                     "tokens": runs[0][2]}
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", type=Path)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-mlx-lm-server", dest="mlx_lm_server", action="store_false")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.gguf is None:
+        from mlxlite import catalog
+
+        args.gguf = catalog.fetch(catalog.CATALOG[catalog.DEFAULT_MODEL])
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    from mlxlite import blas
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.GUARD)}
+    env[blas.GUARD] = "1"
+    lib = blas.find_openblas()
+    if lib:
+        env["LD_PRELOAD"] = lib
+    cmd = [sys.executable, __file__, "--child", "--gguf", str(args.gguf), "--tokens", str(args.tokens),
+           "--prompt-tokens", str(args.prompt_tokens), "--rounds", str(args.rounds)]
+    if not args.mlx_lm_server:
+        cmd.append("--no-mlx-lm-server")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(out.stdout[-2000:], out.stderr[-3000:])
+        return 1
+    for line in out.stdout.strip().splitlines()[:-1]:
+        print(line)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"model {args.gguf.name}: weights={row['weights']} openblas={row['openblas']} "
+          f"prompt={row['prompt_tokens']} tokens, generate {row['tokens']} (greedy, EOS off), "
+          f"median of {args.rounds} alternating rounds")
+    base = row["mlx_lm"]
+    for name in ("mlx_lm", "runner", "server", "server_v1", "mlx_lm.server"):
+        if name not in row:
+            continue
+        r = row[name]
+        print(f"  {name:14} TTFT {r['ttft_ms']:8.1f} ms ({r['ttft_ms'] - base['ttft_ms']:+7.1f} ms vs mlx_lm)   "
+              f"decode {r['decode_tps']:7.2f} tok/s (x{r['decode_tps'] / base['decode_tps']:.3f} of mlx_lm)  "
+              f"tokens {r['tokens']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
