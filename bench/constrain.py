@@ -107,7 +107,7 @@ def main() -> None:
     t0 = time.perf_counter()
     constrain.TokenConstraint(SCHEMAS["pydantic"], tokens, [eos])
     print(f"a cached vocabulary + compiling the pydantic-style schema: {(time.perf_counter() - t0) * 1e3:.1f} ms")
-    for name in ["json", "person", "pydantic", "tree", "bounds", "map"]:
+    for name in ["json", "person", "pydantic", "tree", "bounds", "map", "pattern"]:
         spec = SCHEMAS[name]
         rng = random.Random(name)
         cold: list[float] = []

@@ -307,11 +307,11 @@ def _pattern_step(frame: tuple, parent: tuple, b: int) -> list:
             lo, hi = part << 4 * k, ((part + 1) << 4 * k) - 1
     if cp >= 0:
         states = rx.step(states, cp)
-        if not states or n + rx.min_left(states) > node.max:
+        if not states or n + rx.min_left(states) > node.max or n + rx.max_left(states) < node.min:
             return []
         part = 0
-    elif n - 1 + rx.min_through(states, lo, hi) > node.max:  # INF: no such character fits
-        return []
+    elif n - 1 + rx.min_through(states, lo, hi) > node.max or n - 1 + rx.max_through(states, lo, hi) < node.min:
+        return []  # no character in [lo, hi] fits (min_through is INF) or fits the length bounds
     if node.max >= INF and n > node.min:
         n = node.min
     return [((F_STR, node, n, nu8, nesc, (part, states)), parent)]

@@ -4,8 +4,9 @@ stepped one character at a time by the constrained decoder. Pure Python.
 `Regex(pattern)` compiles the subset below to a Thompson NFA whose states are small
 ints; a match state is a frozenset of them (hashable, so masks cache on it). `start`,
 `step(states, cp)`, `accepts(states)`, `min_left(states)` (fewest characters to a match:
-maxLength feasibility) and `min_through(states, lo, hi)` (the same when the next character
-is some code point in [lo, hi]: used while it is still half-written in UTF-8 or \\uXXXX).
+maxLength feasibility), `max_left(states)` (most: minLength feasibility, INF when a loop
+lies on the way) and `min_through`/`max_through(states, lo, hi)` (the same when the next
+character is some code point in [lo, hi]: used while it is half-written in UTF-8 or \\uXXXX).
 
 Subset (ECMA-262 syntax, as JSON Schema specifies): literals, `.`, classes `[a-z_]` and
 `[^...]`, escapes \\d \\w \\s \\D \\W \\S and escaped punctuation, \\t \\n \\r \\f \\v, \\uXXXX,
@@ -238,6 +239,7 @@ class Regex:
         self.closure = [self._eclose(i) for i in range(len(self.edges))]
         self.start = self.closure[s]
         self.dist = self._distances()
+        self.longest = self._longest()
         self._step = lru_cache(maxsize=65536)(self._step_uncached)
 
     def _new(self) -> int:
@@ -313,6 +315,62 @@ class Regex:
                         changed = True
         return dist
 
+    def _longest(self) -> list[float]:
+        """Most characters from each state to the final state (INF: unbounded, -INF: none):
+        strongly connected components (Tarjan, iterative), longest paths over their DAG."""
+        n = len(self.edges)
+        useful = [d < INF for d in self.dist]
+        index, low, on, stack, comp = [-1] * n, [0] * n, [False] * n, [], [-1] * n
+        comps: list[list[int]] = []
+        counter = 0
+        for root in range(n):
+            if index[root] >= 0 or not useful[root]:
+                continue
+            work = [(root, 0)]
+            while work:
+                v, k = work.pop()
+                if k == 0:
+                    index[v] = low[v] = counter
+                    counter += 1
+                    stack.append(v)
+                    on[v] = True
+                out = [t for _, t in self.edges[v] if useful[t]]
+                if k < len(out):
+                    work.append((v, k + 1))
+                    t = out[k]
+                    if index[t] < 0:
+                        work.append((t, 0))
+                    elif on[t]:
+                        low[v] = min(low[v], index[t])
+                    continue
+                for t in out:  # children done: fold their lows in
+                    if on[t]:
+                        low[v] = min(low[v], low[t])
+                if low[v] == index[v]:
+                    members = []
+                    while True:
+                        w = stack.pop()
+                        on[w] = False
+                        comp[w] = len(comps)
+                        members.append(w)
+                        if w == v:
+                            break
+                    comps.append(members)
+        best = [-INF] * len(comps)
+        for c, members in enumerate(comps):  # Tarjan emits sinks first
+            val = 0 if self.final in members else -INF
+            for v in members:
+                for r, t in self.edges[v]:
+                    if not useful[t]:
+                        continue
+                    if comp[t] == c:
+                        if r is not None:
+                            val = INF  # a character loop on the way to a match
+                    else:
+                        val = max(val, best[comp[t]] + (0 if r is None else 1))
+            best[c] = val
+        return [best[comp[i]] if comp[i] >= 0 else -INF for i in range(n)]
+
     def _step_uncached(self, states: frozenset[int], cp: int) -> frozenset[int]:
         out: set[int] = set()
         for i in states:
@@ -339,3 +397,15 @@ class Regex:
 
     def min_left(self, states: frozenset[int]) -> float:
         return min(self.dist[i] for i in states)
+
+    def max_left(self, states: frozenset[int]) -> float:
+        return max(self.longest[i] for i in states)
+
+    def max_through(self, states: frozenset[int], lo: int, hi: int) -> float:
+        """Most characters to a match when the next one is in [lo, hi] (counting it)."""
+        best = -INF
+        for i in states:
+            for r, t in self.edges[i]:
+                if r is not None and self.longest[t] + 1 > best and any(a <= hi and lo <= b for a, b in r):
+                    best = self.longest[t] + 1
+        return best

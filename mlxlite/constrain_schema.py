@@ -25,8 +25,6 @@ Deliberate choices, each one a narrowing of what the schema accepts, never a wid
 - numbers with bounds are written without an exponent;
 - format date/time/date-time use upper-case T and Z, a time needs an offset, no leap
   second (`constrain_regex.FORMATS`).
-Known gap: a pattern whose matches are all shorter than minLength can dead-end (the mask
-comes back empty and the runner ends the answer); maxLength with a pattern is exact.
 """
 
 from __future__ import annotations
@@ -201,6 +199,8 @@ class _Compiler:
             if lo > hi:
                 raise BadRequest(f"minLength > maxLength at {where}")
             regex = _regex(s, where)
+            if regex is not None and (regex.min_left(regex.start) > hi or regex.max_left(regex.start) < lo):
+                raise BadRequest(f"no string matching pattern {regex.pattern!r} has a length in [{lo}, {hi}] at {where}")
             return ANY_STRING if (lo, hi, regex) == (0, INF, None) else Node("string", min=lo, max=hi, regex=regex)
         if t in ("number", "integer"):
             return self.number(t == "integer", s, where)

@@ -79,7 +79,9 @@ SCHEMAS = {
     "pattern": {"type": "object", "properties": {
         "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3}$"}, "when": {"type": "string", "format": "date-time"},
         "id": {"type": "string", "format": "uuid"}, "day": {"type": "string", "format": "date"},
-        "note": {"type": "string", "pattern": "ok", "maxLength": 6}}, "required": ["code", "when", "id", "day", "note"]},
+        "note": {"type": "string", "pattern": "ok", "maxLength": 6},
+        "pin": {"type": "string", "pattern": "^[0-9]+x?$", "minLength": 3, "maxLength": 5}},
+        "required": ["code", "when", "id", "day", "note", "pin"]},
     "required_only": {"type": "object", "required": ["q"]},
 }
 
@@ -185,7 +187,9 @@ TABLE = [
     ("required_only", b'{"q":[1,{}]}', "complete"),
     ("required_only", b"{}", "reject"),
     ("pattern", b'{"code":"AB-123","when":"2024-02-29T23:59:59.5+01:00","id":"123e4567-e89b-12d3-a456-426614174000",'
-                b'"day":"2000-02-29","note":"\\u006fk!"}', "complete"),
+                b'"day":"2000-02-29","note":"\\u006fk!","pin":"12x"}', "complete"),
+    ("pattern", b'{"pin":"1x', "reject"),
+    ("pattern", b'{"pin":"123456', "reject"),
     ("pattern", b'{"code":"Ab', "reject"),
     ("pattern", b'{"code":"AB-12"', "reject"),
     ("pattern", b'{"code":"AB-1234', "reject"),
@@ -210,6 +214,17 @@ def test_recognizer_table(name, data, expected):
         if name != "json":
             jsonschema.validate(value, SCHEMAS[name])
         validate(value, SCHEMAS[name])
+
+
+def test_pattern_with_length_bounds_never_dead_ends():
+    spec = {"type": "string", "pattern": "^a{2,3}x?$", "minLength": 4}
+    assert recognize(spec, b'"aaax"') == "complete"
+    assert recognize(spec, b'"aax') == "reject"  # "aax" cannot grow to 4 characters
+    assert recognize(spec, b'"aaa"') == "reject"
+    spec = {"type": "string", "pattern": "^[\u00e0-\u00ff]b$", "maxLength": 2}
+    assert recognize(spec, '"éb"'.encode()) == "complete"
+    assert recognize(spec, b'"\xe0') == "reject"  # a 3-byte character can't be in \u00e0-\u00ff
+    assert recognize(spec, b'"\\u00') == "prefix" and recognize(spec, b'"\\u01') == "reject"
 
 
 def test_number_at_top_level_and_ambiguous_enum():
@@ -261,6 +276,9 @@ def test_unsupported_keywords_are_named(schema, word):
     {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
     {"type": "string", "maxLength": -1},
     {"anyOf": []},
+    {"type": "string", "pattern": "^a{1,2}$", "minLength": 3},
+    {"type": "string", "format": "date", "maxLength": 9},
+    {"type": "string", "pattern": "(ab"},
 ])
 def test_bad_specs_are_bad_requests(spec):
     with pytest.raises(BadRequest):
