@@ -254,7 +254,7 @@ class Scheduler:
             try:
                 item = self._queue.get(timeout=self._next_expiry_wait())
             except queue.Empty:
-                self._expire()
+                self._safe(self._expire)
                 continue
             if item is _STOP:
                 break
@@ -275,7 +275,7 @@ class Scheduler:
                 ticket.replies.put(Failed(MlxliteError(f"internal error: {type(exc).__name__}: {exc}")))
             finally:
                 self._active = None
-                self._expire()
+                self._safe(self._expire)
         # Shutting down: refuse what waits, release every model.
         while True:
             try:
@@ -285,7 +285,14 @@ class Scheduler:
             if isinstance(item, Ticket):
                 item.replies.put(Failed(Busy("server is shutting down")))
         for digest in list(self._models):
-            self._unload(digest)
+            self._safe(self._unload, digest)
+
+    def _safe(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Housekeeping must never kill the MLX thread (every waiting client would hang)."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("scheduler housekeeping failed")
 
     def _run(self, ticket: Ticket) -> None:
         self.counters["jobs"] += 1

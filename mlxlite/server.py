@@ -21,12 +21,9 @@ This module never imports mlx: the scheduler imports the runner on its own threa
 
 from __future__ import annotations
 
-import fnmatch
 import hmac
-import ipaddress
 import itertools
 import json
-import re
 import select
 import signal
 import socket
@@ -38,20 +35,22 @@ from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TextIO
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from mlxlite import __version__, config, create_api, handlers, openai_api, pull_api
 from mlxlite.api import Reply, Stream
 from mlxlite.errors import (
     BadRequest,
     Forbidden,
-    MethodNotAllowed,
     MlxliteError,
-    NotFound,
     PayloadTooLarge,
     Unauthorized,
 )
 from mlxlite.scheduler import ClientGone, Scheduler
+from mlxlite.server_util import host_allowed, is_loopback, match, origin_allowed, parse_host_port
+
+__all__ = ["ROUTES", "App", "MlxliteServer", "RequestContext", "error_body", "host_allowed", "make_server",
+           "match", "origin_allowed", "parse_host_port", "serve_forever"]
 
 Handler = Callable[["RequestContext"], "Reply | Stream"]
 
@@ -98,83 +97,6 @@ def error_body(exc: BaseException, openai: bool = False) -> tuple[int, dict]:
         kind = _OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
         return status, {"error": {"message": message, "type": kind, "param": None, "code": None}}
     return status, {"error": message}
-
-
-# ---- routing -----------------------------------------------------------------------------
-def _compile(pattern: str) -> re.Pattern:
-    out = []
-    for part in re.split(r"(\{[a-z_]+\*?\})", pattern):
-        if part.startswith("{"):
-            name = part[1:-1]
-            out.append(f"(?P<{name[:-1]}>.+)" if name.endswith("*") else f"(?P<{name}>[^/]+)")
-        else:
-            out.append(re.escape(part))
-    return re.compile("".join(out) + r"\Z")
-
-
-def match(routes: dict[tuple[str, str], Handler], method: str, path: str
-          ) -> tuple[Handler, str, dict[str, str]]:
-    """(handler, route pattern, params), or NotFound / MethodNotAllowed."""
-    handler = routes.get((method, path))
-    if handler is not None:
-        return handler, path, {}
-    methods = set()
-    for (m, pattern), h in routes.items():
-        if "{" in pattern:
-            found = _compile(pattern).match(path)
-            if found:
-                if m == method:
-                    return h, pattern, {k: unquote(v) for k, v in found.groupdict().items()}
-                methods.add(m)
-        elif pattern == path:
-            methods.add(m)
-    if methods:
-        raise MethodNotAllowed(f"method {method} not allowed for {path} (allowed: {', '.join(sorted(methods))})")
-    raise NotFound(f"no route for {method} {path}")
-
-
-# ---- security ------------------------------------------------------------------------------
-_LOCAL_ORIGIN = re.compile(r"https?://(localhost|127\.0\.0\.1|0\.0\.0\.0|\[::1\])(:\d+)?\Z", re.I)
-_APP_SCHEMES = ("app://", "file://", "tauri://", "vscode-webview://", "chrome-extension://",
-                "moz-extension://", "safari-web-extension://")
-
-
-def split_host(value: str) -> str:
-    value = value.strip()
-    if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def host_allowed(host_header: str | None) -> bool:
-    """DNS-rebinding guard for a loopback-bound server (Ollama's rule)."""
-    if not host_header:
-        return True
-    host = split_host(host_header).lower().rstrip(".")
-    if host in ("localhost", socket.gethostname().lower()):
-        return True
-    if host.endswith((".localhost", ".local", ".internal")):
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return ip.is_loopback or ip.is_private or ip.is_unspecified
-
-
-def origin_allowed(origin: str, extra: list[str]) -> bool:
-    if _LOCAL_ORIGIN.match(origin) or origin.startswith(_APP_SCHEMES):
-        return True
-    return any(o == "*" or o == origin or fnmatch.fnmatchcase(origin, o) for o in extra)
 
 
 # ---- the app (state shared by all requests) ---------------------------------------------
@@ -502,29 +424,6 @@ class MlxliteServer(ThreadingHTTPServer):
             super().serve_forever(poll_interval)
         finally:
             self._serving = False
-
-
-def parse_host_port(text: str | None, default_port: int = 11435) -> tuple[str, int]:
-    """'127.0.0.1:11435', ':8080', 'localhost', '[::1]:1', 'http://0.0.0.0:1' -> (host, port)."""
-    text = (text or config.get("host") or "").strip()
-    if "://" in text:
-        text = text.split("://", 1)[1]
-    text = text.rstrip("/")
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, ""
-    host = host or "127.0.0.1"
-    try:
-        port = int(port_text) if port_text else default_port
-    except ValueError:
-        raise BadRequest(f"invalid address {text!r}: bad port") from None
-    if not 0 <= port <= 65535:
-        raise BadRequest(f"invalid address {text!r}: port out of range")
-    return host, port
 
 
 def make_server(host_port: str | None = None, *, store: Any = None, scheduler: Scheduler | None = None,
