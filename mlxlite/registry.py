@@ -18,6 +18,7 @@ import http.client
 import json
 import re
 import ssl
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -154,6 +155,7 @@ class Registry:
         self.timeout = timeout
         self._auth: dict[str, str] = {}  # scope -> Authorization header value
         self._redirects: dict[str, str] = {}  # blob URL -> resolved (CDN) URL
+        self._resolving = threading.Lock()
         self._context = ssl.create_default_context()
 
     # ---- plumbing --------------------------------------------------------------------
@@ -320,34 +322,46 @@ class Registry:
     def _resolve_blob(self, repository: str, digest: str, timeout: float) -> str:
         """The URL that actually serves a blob (a registry's 307 to a CDN, once per blob)."""
         url = self.blob_url(repository, digest)
-        if url in self._redirects:
+        with self._resolving:  # parallel ranges of one blob resolve it once
+            if url not in self._redirects:
+                self._redirects[url] = self._locate(url, repository, timeout)
             return self._redirects[url]
+
+    def _locate(self, url: str, repository: str, timeout: float) -> str:
         resp = self.request("GET", url, scope=self.scope(repository), follow=False,
                             headers={"Range": "bytes=0-0"}, ok=(200, 206, 301, 302, 303, 307, 308),
                             timeout=timeout)
         with resp:
             location = resp.headers.get("Location") if resp.status in (301, 302, 303, 307, 308) else None
-        resolved = urllib.parse.urljoin(url, location) if location else url
-        self._redirects[url] = resolved
-        return resolved
+        return urllib.parse.urljoin(url, location) if location else url
 
     def open_blob(self, repository: str, digest: str, start: int = 0, end: int | None = None,
                   timeout: float | None = None) -> http.client.HTTPResponse:
         """A response streaming bytes [start, end] (inclusive) of a blob; status 200 or 206."""
         timeout = timeout or self.timeout
-        url = self._resolve_blob(repository, digest, timeout)
         headers = {}
         if start or end is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end}"
-        try:
-            return self.request("GET", url, scope=self.scope(repository), headers=headers,
-                                ok=(200, 206), timeout=timeout)
-        except Unauthorized:
-            # A signed CDN URL may have expired: resolve it again next time.
-            self._redirects.pop(self.blob_url(repository, digest), None)
-            raise
-        except NotFound:
-            raise NotFound(f"{self.host}: blob {digest} not found in {repository}") from None
+        for attempt in range(2):
+            url = self._resolve_blob(repository, digest, timeout)
+            try:
+                resp = self.request("GET", url, scope=self.scope(repository), headers=headers,
+                                    ok=(200, 206), timeout=timeout)
+            except Unauthorized:
+                # A signed CDN URL may have expired: resolve it again, once.
+                redirected = self._redirects.pop(self.blob_url(repository, digest), url) != self.blob_url(
+                    repository, digest)
+                if attempt or not redirected:
+                    raise
+                continue
+            except NotFound:
+                raise NotFound(f"{self.host}: blob {digest} not found in {repository}") from None
+            if resp.status == 206 and not (resp.headers.get("Content-Range") or "").startswith(f"bytes {start}-"):
+                resp.close()
+                raise HTTPStatusError(f"{self.host}: asked for bytes from {start} of {digest}, got "
+                                      f"{resp.headers.get('Content-Range')!r}", code=502)
+            return resp
+        raise AssertionError("unreachable")
 
     # ---- uploads -------------------------------------------------------------------
     def mount(self, repository: str, digest: str, source: str) -> str | None:

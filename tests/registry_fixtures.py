@@ -212,6 +212,8 @@ class RegistryProxy:
         self.stall_once = 0.0      # stall this many seconds once, mid-body, then close
         self.stalls = 0
         self.fail_next = 0         # answer this many blob GETs with 503
+        self.redirect_to = ""      # answer blob GETs with a 307 to this host (a "CDN")
+        self.redirects = 0
         self.failed = 0
         self.lock = threading.Lock()
         proxy = self
@@ -245,6 +247,14 @@ class RegistryProxy:
         if body and "/blobs/uploads/" in handler.path:
             with self.lock:
                 self.upload_bytes += len(body)
+        if handler.command == "GET" and "/blobs/sha256:" in handler.path and self.redirect_to:
+            with self.lock:
+                self.redirects += 1
+            handler.send_response(307)
+            handler.send_header("Location", f"http://{self.redirect_to}{handler.path}")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
         if handler.command == "GET" and "/blobs/sha256:" in handler.path:
             with self.lock:
                 fail = self.fail_next > 0

@@ -114,3 +114,15 @@ def test_catalog_names_resolve_before_registries(store, default_gguf):
     assert entry.name.display == "smollm2:135m"
     assert events[0] == {"status": "pulling manifest"} and events[-1] == {"status": "success"}
     assert store.verify() == []
+
+
+def test_blob_redirects_are_resolved_once_and_followed(store, registry, registry_proxy):
+    name, files = pushed_model(store, registry, "team/cdn:v1", weights=4 << 20)
+    proxy = registry_proxy(registry.host)
+    cdn = registry.host.replace("127.0.0.1", "localhost")  # another host name: credentials stay home
+    proxy.redirect_to = cdn
+    entry = pull(store, f"{proxy.host}/team/cdn:v1", insecure=True, tuning=FAST)
+    assert model_files(store, entry.name) == files
+    blobs = len(entry.manifest.blobs)
+    assert proxy.redirects == blobs  # one redirect per blob; the ranged GETs went straight to the CDN
+    assert proxy.blob_bytes == 0
