@@ -139,7 +139,7 @@ def _walk(trie: _Trie, state: tuple) -> list[int]:
 class _Grammar:
     """A compiled spec bound to one vocabulary, with its per-stack mask cache."""
 
-    MAX_CACHED = 4096
+    MAX_CACHED = 2048  # entries are at most vocab/8 bytes each (~6 KB for 49k tokens)
 
     def __init__(self, root: cs.Node, vocab: _Vocab) -> None:
         self.root = root
@@ -147,7 +147,8 @@ class _Grammar:
         self.cache: OrderedDict[tuple, tuple[tuple[int, int] | None, np.ndarray]] = OrderedDict()
 
     def stack_part(self, stack: tuple) -> tuple[tuple[int, int] | None, np.ndarray]:
-        """(plain-token shortcut (u8 state, chars left) or None, walked token ids) of one stack."""
+        """(plain-token shortcut (u8 state, chars left) or None, walked tokens: int32 ids, or
+        a packed uint8 bitmap when there are many) of one stack."""
         lock = self.vocab.lock
         with lock:
             hit = self.cache.get(stack)
@@ -162,7 +163,12 @@ class _Grammar:
         elif frame[0] == F_KEY and not frame[4] and frame[1].additional is not None:
             fast = (frame[3], INF)
         trie = self.vocab.special if fast else self.vocab.full
-        part = (fast, np.array(_walk(trie, (stack,)), dtype=np.int64))
+        ids = np.array(_walk(trie, (stack,)), dtype=np.int32)
+        if len(ids) * 32 > self.vocab.n:  # many tokens (a permissive pattern): keep a bitmap instead
+            bits = np.zeros(self.vocab.n, dtype=bool)
+            bits[ids] = True
+            ids = np.packbits(bits)
+        part = (fast, ids)
         with lock:
             self.cache[stack] = part
             if len(self.cache) > self.MAX_CACHED:
@@ -211,7 +217,7 @@ class TokenConstraint:
             g = _Grammar(compile_spec(spec), self._vocab)
             with self._vocab.lock:
                 self._vocab.grammars[key] = g
-                while len(self._vocab.grammars) > 32:
+                while len(self._vocab.grammars) > 16:
                     self._vocab.grammars.popitem(last=False)
         self._g = g
         self._eos = eos
@@ -229,7 +235,10 @@ class TokenConstraint:
                 if fast is not None:
                     u8, room = fast
                     mask |= v.plain_ok[u8] if room >= INF else v.plain_ok[u8] & (v.chars <= room)
-                mask[ids] = True
+                if ids.dtype == np.uint8:
+                    mask |= np.unpackbits(ids, count=v.n).view(bool)
+                else:
+                    mask[ids] = True
         if self._ended or self.is_complete():
             mask[v.eos] = True
         return mask
