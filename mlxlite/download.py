@@ -231,6 +231,10 @@ def _fetch_locked(store: Store, digest: str, size: int, open_range: OpenRange, r
                 report(size)
                 return
             _Download(store, digest, size, open_range, report, tuning, cancel).run()
+            # Safe to remove once the blob exists: any later holder of a stale lock
+            # checks for the blob first and finds it.
+            with contextlib.suppress(FileNotFoundError):
+                (directory / f"{hexd}.lock").unlink()
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 

@@ -62,6 +62,7 @@ def test_push_rm_pull_gives_identical_digests_and_verifies(store, registry, run_
     assert entry.digest == pushed
     assert model_files(store, name) == files
     assert store.verify() == []
+    assert list(download.partial_dir(store).iterdir()) == []  # no partial, journal or lock left
     statuses = [e["status"] for e in events]
     assert statuses[0] == "pulling manifest"
     assert statuses[-3:] == ["verifying sha256 digest", "writing manifest", "success"]
