@@ -147,3 +147,42 @@ def test_default_model_end_to_end(store, default_model):
         conn.close()
         wait_for(lambda: not srv.scheduler.busy(), 60, "generation to stop")
         wait_for(lambda: any(r["status"] == 499 for r in srv.log_lines()), 10, "499 log line")
+
+
+class _Recording:
+    """The real runner, with every Finish it yields recorded (to see how a job ended)."""
+
+    def __init__(self):
+        from mlxlite import runner
+
+        self.runner = runner
+        self.finishes = []
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def generate(self, *args, **kwargs):
+        for item in self.runner.generate(*args, **kwargs):
+            if isinstance(item, self.runner.Finish):
+                self.finishes.append(item)
+            yield item
+
+
+@pytest.mark.e2e
+def test_default_model_disconnect_during_prompt_processing_stops_prefill(store, default_model):
+    engine = _Recording()
+    with RunningServer(engine, store) as srv:
+        client = ollama.Client(host=srv.url)
+        client.generate(default_model, "", keep_alive=-1)          # load first
+        long_prompt = "The history of the city begins with a small settlement on the river. " * 200
+        conn = http.client.HTTPConnection(srv.host, srv.port, timeout=120)
+        conn.request("POST", "/api/generate", json.dumps({
+            "model": default_model, "prompt": long_prompt, "stream": False,
+            "options": {"num_batch": 32, "num_ctx": 8192, "num_predict": 4}}))
+        wait_for(srv.scheduler.busy, 30, "the job to start")
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        wait_for(lambda: len(engine.finishes) == 1, 120, "the job to end")
+        (finish,) = engine.finishes
+        assert finish.reason == "cancel" and finish.eval_tokens == 0
+        assert finish.prompt_tokens > 2000
