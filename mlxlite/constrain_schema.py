@@ -177,11 +177,15 @@ class _Compiler:
         return flat[0] if len(flat) == 1 else Node("union", alts=tuple(flat))
 
     def enum(self, s: dict, where: str) -> Node:
+        if "enum" in s and not isinstance(s["enum"], list):
+            raise BadRequest(f"enum at {where} must be a list")
         values = [s["const"]] if "const" in s else s["enum"]
         if "const" in s and "enum" in s:
-            values = [v for v in s["enum"] if v == s["const"]]
-        if not isinstance(values, list):
-            raise BadRequest(f"enum at {where} must be a list")
+            values = [v for v in s["enum"] if _same(v, s["const"])]
+        try:
+            json.dumps(values, allow_nan=False)
+        except (TypeError, ValueError):
+            raise BadRequest(f"enum/const at {where} holds a value JSON cannot write (NaN, Infinity)") from None
         rest = {k: v for k, v in s.items() if k not in ("enum", "const")}
         self.compile(rest, where)  # refuses unsupported siblings the same way
         cands = tuple(dict.fromkeys(literal(v) for v in values if validate_subset(v, rest, self.root)))
@@ -262,10 +266,16 @@ def _regex(s: dict, where: str) -> Regex | None:
     if "pattern" in s and "format" in s:
         raise Unsupported(f"pattern together with format (at {where})")
     if "format" in s:
+        if not isinstance(s["format"], str):
+            raise BadRequest(f"format at {where} must be a string")
         if s["format"] not in FORMATS:
             raise Unsupported(f"format {s['format']!r} (at {where}); supported: {', '.join(FORMATS)}")
         return _compiled_regex(FORMATS[s["format"]])
-    return _compiled_regex(s["pattern"]) if "pattern" in s else None
+    if "pattern" not in s:
+        return None
+    if not isinstance(s["pattern"], str):
+        raise BadRequest(f"pattern at {where} must be a string")
+    return _compiled_regex(s["pattern"])
 
 
 @lru_cache(maxsize=256)
@@ -384,6 +394,8 @@ def validate_subset(x: Any, s: Any, root: Any) -> bool:
             if not regex.accepts(states):
                 return False
     elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        if not math.isfinite(x):
+            return False
         lo, hi, lo_x, hi_x = _bounds(s, "#")
         v = Fraction(x)
         if lo is not None and (v < lo or (lo_x and v == lo)):

@@ -285,6 +285,41 @@ def test_bad_specs_are_bad_requests(spec):
         TokenConstraint(spec, [b"{", b"}", b""], [2])
 
 
+def test_random_junk_schemas_give_typed_errors():
+    """Nonsense in any keyword is a BadRequest/Unsupported, never another exception."""
+    from mlxlite.errors import MlxliteError
+
+    words = ["type", "properties", "required", "additionalProperties", "enum", "const", "items", "prefixItems",
+             "minItems", "maxItems", "anyOf", "oneOf", "allOf", "$ref", "minLength", "maxLength", "minimum",
+             "maximum", "exclusiveMinimum", "exclusiveMaximum", "pattern", "format", "$defs", "title"]
+    atoms = [None, True, False, 0, -1, 2, 1.5, "", "a", "object", "string", "#/$defs/a", "#", "date", "^a+$", "(",
+             float("nan"), 10**30, ["string", "null"]]
+    rng = random.Random(7)
+
+    def junk(depth: int):
+        r = rng.random()
+        if depth > 2 or r < 0.35:
+            return rng.choice(atoms)
+        if r < 0.55:
+            return [junk(depth + 1) for _ in range(rng.randrange(3))]
+        return {rng.choice(words + ["a", "b"]): junk(depth + 1) for _ in range(rng.randrange(4))}
+
+    compiled = 0
+    for _ in range(3000):
+        schema = {rng.choice(words): junk(0) for _ in range(rng.randrange(1, 4))}
+        try:
+            TokenConstraint(schema, [b"{", b"}", b'"', b"a", b"1", b""], [5])
+        except MlxliteError:
+            continue
+        compiled += 1
+        for value in [None, 1, "a", [], {}, {"a": 1}, [1, "x"], 2.5, float("inf")]:
+            try:
+                validate(value, schema)
+            except MlxliteError:
+                pass
+    assert compiled > 100
+
+
 def test_annotations_are_accepted_and_ignored():
     schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "T", "description": "d",
               "type": "object", "properties": {"a": {"type": "integer", "default": 1, "examples": [2],
