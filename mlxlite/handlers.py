@@ -48,6 +48,13 @@ def generation(ctx: Any, job: GenerateJob, summary: Summary, tool_names: list[st
     given and the output was tool calls). Fills `summary` as it goes. Errors before the
     first token (load, prompt too long) are raised before anything is yielded."""
     ticket = ctx.app.scheduler.submit(job)
+    try:
+        yield from _events(ctx, ticket, summary, tool_names)
+    finally:
+        ticket.cancel()     # closed early (client gone, write failed): stop the engine too
+
+
+def _events(ctx: Any, ticket: Any, summary: Summary, tool_names: list[str] | None) -> Iterator[Text | Calls]:
     parser = tools.ToolCallParser(tool_names) if tool_names is not None else None
     for event in ticket.events(gone=ctx.gone):
         if isinstance(event, Ready):

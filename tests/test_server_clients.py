@@ -143,6 +143,7 @@ def test_default_model_end_to_end(store, default_model):
                                                           "options": {"num_predict": -1, "num_ctx": 4096}}))
         resp = conn.getresponse()
         assert b'"done":false' in resp.readline()
+        assert srv.scheduler.busy()     # the first line came while the model was still generating
         conn.sock.shutdown(socket.SHUT_RDWR)
         conn.close()
         wait_for(lambda: not srv.scheduler.busy(), 60, "generation to stop")
