@@ -29,6 +29,7 @@ answer.
 from __future__ import annotations
 
 import bisect
+import json
 import re
 import threading
 from collections import OrderedDict
@@ -196,8 +197,6 @@ def _vocab_for(token_bytes: Sequence[bytes], eos: frozenset[int]) -> _Vocab:
 
 
 def _spec_key(spec: Any) -> str:
-    import json
-
     try:
         return spec if spec == "json" else json.dumps(spec, sort_keys=True)
     except (TypeError, ValueError) as e:
