@@ -398,3 +398,21 @@ def test_serve_forever_stops_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             time.sleep(0)
+
+
+def test_log_file_setting_receives_the_json_lines(store, tmp_path, monkeypatch):
+    from mlxlite.server import make_server
+
+    log = tmp_path / "requests.log"
+    monkeypatch.setenv("MLXLITE_LOG_FILE", str(log))
+    server = make_server("127.0.0.1:0", store=store, engine=FakeEngine())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with urllib.request.urlopen(server.url + "/api/version", timeout=10) as resp:
+            assert resp.status == 200
+        wait_for(lambda: log.exists() and log.read_text().strip(), what="log line")
+        record = json.loads(log.read_text().splitlines()[0])
+        assert record["path"] == "/api/version" and record["status"] == 200
+    finally:
+        server.close()
