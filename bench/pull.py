@@ -5,6 +5,9 @@ mlxlite's time includes everything a pull does: manifest, parallel ranged GETs, 
 into the store, sha256 verification, the manifest commit. curl only receives. Each
 contender runs `--rounds` times, alternating; the best round of each is compared.
 Peak RSS of the pulling process is VmHWM minus VmRSS after imports (goal: < 64 MB).
+sha256 of one stream runs on one core, so `sha256 alone` bounds any verified pull; the
+`curl | sha256sum` line is the like-for-like baseline (received *and* hashed).
+Set MLXLITE_REGISTRY_BIN to use a docker-registry binary that is not on PATH.
 
     python bench/pull.py [--size-mb 1024] [--rounds 3] [--streams 4]
 """

@@ -57,6 +57,7 @@ class Tuning:
     backoff: float = 1.0         # first retry delay in seconds, doubled each time
     chunk: int = 1 << 20         # read/write/journal granularity
     sync_every: int = 256 << 20  # fdatasync the data this often (bytes), so a reboot loses little
+    fast_stream: float = 64e6    # bytes/s per stream above which no further stream is added
 
     @classmethod
     def from_config(cls) -> Tuning:
@@ -321,12 +322,7 @@ class _Download:
                     step = min(part, step * 2)
             hasher = threading.Thread(target=self._hash, name="mlxlite-hash", daemon=True)
             hasher.start()
-            workers = [threading.Thread(target=self._work, args=(units,), daemon=True,
-                                        name=f"mlxlite-range-{i}")
-                       for i in range(min(self.tuning.streams, count))]
-            for worker in workers:
-                worker.start()
-            self._join(workers)
+            self._run_workers(units, count)
             if self.error is None and not self.failed.is_set():
                 self._join([hasher])
             else:
@@ -356,6 +352,40 @@ class _Download:
         with contextlib.suppress(FileNotFoundError):
             self.journal_path.unlink()
         self.report(self.size)
+
+    def _run_workers(self, units: queue.SimpleQueue, count: int) -> None:
+        """Start with two streams; add one (up to `streams`) while each is slow.
+
+        Parallel ranges pay on links where one connection is slow; on fast ones (LAN,
+        loopback) extra streams only take CPU from the hasher, which then becomes the limit.
+        """
+        workers: list[threading.Thread] = []
+
+        def add() -> None:
+            worker = threading.Thread(target=self._work, args=(units,), daemon=True,
+                                      name=f"mlxlite-range-{len(workers)}")
+            workers.append(worker)
+            worker.start()
+
+        limit = min(self.tuning.streams, count)
+        for _ in range(min(2, limit)):
+            add()
+        last_time, last_bytes = time.monotonic(), self.ranges.total
+        try:
+            while any(w.is_alive() for w in workers):
+                for worker in workers:
+                    worker.join(0.25)  # short joins keep Ctrl-C responsive
+                now, done = time.monotonic(), self.ranges.total
+                if now - last_time >= 0.5:
+                    per_stream = (done - last_bytes) / (now - last_time) / max(1, len(workers))
+                    if per_stream < self.tuning.fast_stream and len(workers) < limit and not self._halted():
+                        add()
+                    last_time, last_bytes = now, done
+        except BaseException:
+            self.stop.set()
+            with self.cond:
+                self.cond.notify_all()
+            raise
 
     def _join(self, threads: list[threading.Thread]) -> None:
         try:
