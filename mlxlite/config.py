@@ -119,7 +119,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("docker_config", "DOCKER_CONFIG", "", str,
             "directory of a docker-style config.json to read registry credentials from"),
     Setting("pull_streams", "MLXLITE_PULL_STREAMS", 4, int,
-            "parallel byte-range downloads per blob during a pull"),
+            "most parallel byte-range downloads per blob (two at first, more while each is slow)"),
     Setting("pull_part_bytes", "MLXLITE_PULL_PART_BYTES", 0, int,
             "bytes per parallel range of a pull (0: size/16, between 16 MiB and 1 GiB)"),
     Setting("pull_stall_timeout", "MLXLITE_PULL_STALL_TIMEOUT", 30.0, float,
