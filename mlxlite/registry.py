@@ -156,7 +156,6 @@ class Registry:
         self._auth: dict[str, str] = {}  # scope -> Authorization header value
         self._redirects: dict[str, str] = {}  # blob URL -> resolved (CDN) URL
         self._resolving = threading.Lock()
-        self._context = ssl.create_default_context()
 
     # ---- plumbing --------------------------------------------------------------------
     def url(self, path: str) -> str:
@@ -222,9 +221,7 @@ class Registry:
             data = body() if callable(body) else body
             req = urllib.request.Request(url, data=data, headers=hdrs, method=method)
             try:
-                resp = _OPENER.open(req, timeout=timeout or self.timeout,
-                                    context=self._context) if url.startswith("https") else \
-                    _OPENER.open(req, timeout=timeout or self.timeout)
+                resp = _OPENER.open(req, timeout=timeout or self.timeout)
             except urllib.error.HTTPError as exc:
                 if exc.code == 401 and same_host and not retried_auth:
                     retried_auth = True

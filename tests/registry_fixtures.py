@@ -188,6 +188,46 @@ def token_registry(tmp_path_factory):
     tokens.server.shutdown()
 
 
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A key and certificate for 127.0.0.1 / localhost (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_path, cert_path = tmp / "tls.key", tmp / "tls.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+@pytest.fixture
+def tls_registry(tmp_path_factory, monkeypatch):
+    """docker-registry over HTTPS with a self-signed certificate that SSL_CERT_FILE trusts."""
+    pytest.importorskip("cryptography", reason="the test certificate is made with `cryptography`")
+    tmp = tmp_path_factory.mktemp("tls_registry")
+    key_path, cert_path = _self_signed(tmp)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert_path))
+    reg = _start(tmp, f"  tls:\n    certificate: {cert_path}\n    key: {key_path}\n")
+    yield reg
+    reg.stop()
+
+
 @pytest.fixture
 def basic_registry(tmp_path_factory):
     bcrypt = pytest.importorskip("bcrypt", reason="htpasswd auth needs bcrypt hashes (pip install bcrypt)")

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from mlxlite import download
-from mlxlite.errors import IntegrityError, ModelNotFound, Unauthorized
+from mlxlite.errors import IntegrityError, ModelNotFound, RegistryError, Unauthorized
 from mlxlite.pull import pull, push
 from mlxlite.store import (
     DOCKER_CONFIG,
@@ -269,3 +269,17 @@ def test_oras_pulls_what_mlxlite_pushed(store, registry, tmp_path):
     client.pull(target=f"{registry.host}/team/oras:v1", outdir=str(out))
     got = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert got == files
+
+
+def test_https_registry_without_insecure(store, tls_registry):
+    name = tls_registry.name("team/tls:v1")
+    files = make_model(store, name)
+    digest = push(store, name)  # https, verified against SSL_CERT_FILE
+    store.remove(name)
+    assert pull(store, name, tuning=FAST).digest == digest
+    assert model_files(store, name) == files
+
+
+def test_plain_http_registry_needs_insecure(store, registry):
+    with pytest.raises(RegistryError, match="--insecure"):
+        pull(store, registry.name("team/any:v1"))
