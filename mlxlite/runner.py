@@ -386,27 +386,38 @@ def _check_prompt(loaded: Loaded, prompt: list[int], num_ctx: int, options: Opti
 
 # ---- generation ----------------------------------------------------------------------------
 def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel: threading.Event | None = None,
-             *, truncate: bool = False, constraint: object | None = None) -> Iterator[Piece | Finish]:
-    """Stream Pieces then one Finish (semantics in notes/runner_interface.md)."""
+             *, truncate: bool = False, constraint: object | None = None,
+             prompt_cache: list[Any] | None = None, cached_tokens: int = 0) -> Iterator[Piece | Finish]:
+    """Stream Pieces then one Finish (semantics in notes/runner_interface.md).
+
+    `prompt_cache` (from `new_cache`, updated in place) may already hold the KV of the first
+    `cached_tokens` prompt tokens (a prefix cache hit); only the rest is computed. Afterwards
+    it holds the prompt, the generated tokens and possibly one look-ahead token: its
+    `offset` says how many, `trim_prompt_cache` cuts it back.
+    """
     from mlx_lm.generate import generation_stream
 
     num_ctx = context_window(loaded, options)
-    prompt = _check_prompt(loaded, [int(t) for t in prompt_tokens], num_ctx, options, truncate)
+    given = [int(t) for t in prompt_tokens]
+    prompt = _check_prompt(loaded, given, num_ctx, options, truncate)
+    if prompt_cache is None or len(prompt) != len(given):  # truncation invalidates a prefix
+        prompt_cache, cached_tokens = None, 0
+    cached_tokens = max(0, min(cached_tokens, len(prompt) - 1))
     limit = num_ctx - len(prompt)
     if options.num_predict >= 0:
         limit = min(limit, options.num_predict)
     t0 = time.perf_counter()
     n_prompt = len(prompt)
     if limit <= 0:
-        yield Finish("length", n_prompt, 0, 0, 0.0, 0.0)
+        yield Finish("length", n_prompt, 0, 0, 0.0, 0.0)  # nothing computed
         return
     model, eos = loaded.model, loaded.eos_token_ids
     sampler = make_sampler(options)
     processors = make_processors(options, num_ctx)
     stops = StopMatcher(options.stop)
     text = TextStream(loaded.table)
-    cache = new_cache(loaded)
-    history = mx.array(prompt[:-1]) if processors else None
+    cache = prompt_cache if prompt_cache is not None else new_cache(loaded)
+    history = mx.array(prompt[:-1], dtype=mx.uint32) if processors else None
 
     def step(inp: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal history
@@ -425,21 +436,21 @@ def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel:
     def finish(reason: str, n_eval: int, t_first: float | None, tail: str = "") -> Finish:
         now = time.perf_counter()
         t_first = now if t_first is None else t_first
-        return Finish(reason, n_prompt, n_prompt, n_eval, t_first - t0, now - t_first, tail)
+        return Finish(reason, n_prompt, n_prompt - cached_tokens, n_eval, t_first - t0, now - t_first, tail)
 
     def flush_tail() -> str:
         out, hit = stops.feed(text.flush())
         return out if hit else out + stops.flush()
 
     with mx.stream(generation_stream):
-        done = prefill(loaded, prompt[:-1], cache, max(1, options.num_batch), cancel)
+        done = prefill(loaded, prompt[cached_tokens:-1], cache, max(1, options.num_batch), cancel)
     if not done or (cancel is not None and cancel.is_set()):
         yield finish("cancel", 0, None)
         return
     # Without a constraint the next step is queued before this token is handed out
     # (mlx-lm's one-token lookahead); a constraint must see each token first.
     lookahead = constraint is None
-    y, lp = step(mx.array(prompt[-1:]))
+    y, lp = step(mx.array(prompt[-1:], dtype=mx.uint32))
     mx.async_eval(y, lp)
     t_first: float | None = None
     n = 0

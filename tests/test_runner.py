@@ -106,6 +106,51 @@ def test_quantized_gguf_path_keeps_packed_weights_with_float32_scales(store, tin
         runner.unload(q)
 
 
+@pytest.fixture(scope="module")
+def quantized_st_dir(tiny_safetensors_dir, tmp_path_factory) -> Path:
+    """The tiny safetensors model quantized by mlx (4 bits, group 32), as mlx-community ships them."""
+    import shutil
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx_lm
+    from mlx.utils import tree_flatten
+
+    out = tmp_path_factory.mktemp("tiny_q4")
+    model, _ = mlx_lm.load(str(tiny_safetensors_dir))
+    nn.quantize(model, group_size=32, bits=4)
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    cfg = json.loads((tiny_safetensors_dir / "config.json").read_text())
+    cfg["quantization"] = {"group_size": 32, "bits": 4}
+    (out / "config.json").write_text(json.dumps(cfg))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_safetensors_dir / name, out / name)
+    return out
+
+
+@pytest.mark.parametrize("float32", ["1", "0"])
+def test_quantized_safetensors_model_on_cpu(store, quantized_st_dir, monkeypatch, float32):
+    import mlx.core as mx
+    import mlx_lm
+    from mlx.utils import tree_flatten
+
+    from mlxlite import runner
+    from mlxlite.importers import import_path
+
+    monkeypatch.setenv("MLXLITE_FLOAT32_ON_CPU", float32)
+    import_path(store, quantized_st_dir, "tiny-q4")
+    loaded = runner.load(store, store.resolve("tiny-q4"))
+    try:
+        assert loaded.info["weights"] == ("float32" if float32 == "1" else "quantized")
+        # float16 never reaches MLX's CPU kernels: weights float32 or packed, scales float32
+        assert {v.dtype for _, v in tree_flatten(loaded.model.parameters())} <= {mx.float32, mx.uint32}
+        ref, _ = mlx_lm.load(str(quantized_st_dir))
+        ids = runner.tokenize(loaded, "Hello world")
+        assert mx.abs(loaded.model(mx.array(ids)[None]) - ref(mx.array(ids)[None])).max().item() < 1e-3
+    finally:
+        runner.unload(loaded)
+
+
 def test_corrupted_blob_refuses_to_load(store, tiny_gguf_model):
     from mlxlite import runner
 
@@ -282,6 +327,30 @@ def test_penalties_change_greedy_output(tiny):
     penalized, _ = run(tiny, "Hello", num_predict=12, repeat_penalty=5.0, presence_penalty=2.0, **GREEDY)
     assert [p.token for p in plain] != [p.token for p in penalized]
     assert len({p.token for p in penalized}) > len({p.token for p in plain})
+
+
+def test_prefix_cache_reuse_gives_the_same_tokens(tiny):
+    from mlx_lm.models.cache import trim_prompt_cache
+
+    from mlxlite import runner
+
+    ids = runner.tokenize(tiny, "The quick brown fox jumps over the lazy dog")
+    full, _ = run(tiny, ids, num_predict=8, **GREEDY)
+    cache = runner.new_cache(tiny)
+    assert runner.prefill(tiny, ids[:6], cache, step=4)
+    items = list(runner.generate(tiny, ids, opts(num_predict=8, **GREEDY), prompt_cache=cache, cached_tokens=6))
+    assert [p.token for p in items[:-1]] == [p.token for p in full]
+    assert (items[-1].prompt_tokens, items[-1].prompt_eval_tokens) == (len(ids), len(ids) - 6)
+    assert cache[0].offset >= len(ids) + 7
+    trim_prompt_cache(cache, cache[0].offset - len(ids))  # back to the prompt: reusable again
+    again = list(runner.generate(tiny, ids + [full[0].token], opts(num_predict=7, **GREEDY),
+                                 prompt_cache=cache, cached_tokens=len(ids)))
+    assert [p.token for p in again[:-1]] == [p.token for p in full[1:]]
+
+
+def test_one_token_prompt_with_penalties(tiny):
+    pieces, finish = run(tiny, [5], num_predict=4, repeat_penalty=1.3, frequency_penalty=0.5, **GREEDY)
+    assert len(pieces) == 4 and finish.prompt_eval_tokens == 1
 
 
 # ---- tokens, embeddings --------------------------------------------------------------------

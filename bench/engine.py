@@ -1,0 +1,185 @@
+"""Engine speed: mlxlite's runner vs raw `mlx_lm.stream_generate`, side by side in one run.
+
+For each configuration (OpenBLAS preloaded or not x float32-on-CPU or quantized weights)
+a child process loads the model once through the store and alternates the two engines on
+the same prompt and options (greedy, EOS disabled so both produce exactly N tokens):
+decode tok/s (median of alternating runs, 16-token prompt), prompt tok/s (time to the first
+token of a longer prompt), and the ratios mlxlite / mlx_lm (goal >= 0.98).
+llama.cpp (llama-cpp-python) is measured on the same GGUF only when it is installed.
+
+    python bench/engine.py [--gguf PATH] [--tokens 40] [--prompt-tokens 128] [--rounds 7]
+                           [--configs blas-f32,noblas-f32,blas-q,noblas-q]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+WORDS = ("The history of the city begins with a small settlement on the river, where traders "
+         "met to exchange grain, salt and cloth. Over the centuries it grew into a market town, ")
+
+
+def _prompt(loaded, n_tokens: int) -> list[int]:
+    from mlxlite import runner
+
+    text = WORDS
+    while len(runner.tokenize(loaded, text)) < n_tokens:
+        text += WORDS
+    return runner.tokenize(loaded, text)[:n_tokens]
+
+
+def _time_stream(make) -> tuple[float, float, list[int]]:
+    """(seconds to first token, decode tok/s after the first, tokens) for one generation."""
+    t0 = time.perf_counter()
+    tokens, stamps = [], []
+    for tok in make():
+        stamps.append(time.perf_counter())
+        tokens.append(tok)
+    first = stamps[0] - t0
+    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
+    return first, decode, tokens
+
+
+def child(args: argparse.Namespace) -> dict:
+    import mlx_lm
+
+    from mlxlite import blas, options, runner
+    from mlxlite.importers import import_path
+    from mlxlite.store import Store
+
+    os.environ["MLXLITE_HOME"] = tempfile.mkdtemp(prefix="mlxlite-bench-")
+    store = Store()
+    import_path(store, args.gguf, "bench")
+    t = time.perf_counter()
+    loaded = runner.load(store, store.resolve("bench"))
+    load_s = time.perf_counter() - t
+    long_ids = _prompt(loaded, args.prompt_tokens)
+    short_ids = _prompt(loaded, 16)
+    # Both engines must run exactly N tokens: no early EOS on either side.
+    loaded.eos_token_ids = frozenset()
+    loaded.tokenizer.eos_token_ids = set()
+
+    def ours(ids, n):
+        opts = options.parse({"temperature": 0, "num_predict": n, "num_ctx": 4096})
+        return lambda: (p.token for p in runner.generate(loaded, ids, opts) if isinstance(p, runner.Piece))
+
+    def theirs(ids, n):
+        return lambda: (r.token for r in mlx_lm.stream_generate(loaded.model, loaded.tokenizer, ids, max_tokens=n,
+                                                                prefill_step_size=512))
+
+    engines = (("mlxlite", ours), ("mlx_lm", theirs))
+    for _, make in engines:  # warm-up
+        list(make(short_ids, 4)())
+    decode: dict[str, list] = {"mlxlite": [], "mlx_lm": []}
+    prompt: dict[str, list] = {"mlxlite": [], "mlx_lm": []}
+    for _ in range(args.rounds):  # alternate, so drift in machine load hits both alike
+        for name, make in engines:
+            decode[name].append(_time_stream(make(short_ids, args.tokens)))
+    for _ in range(args.prompt_rounds):
+        for name, make in engines:
+            prompt[name].append(_time_stream(make(long_ids, 1)))
+    row = {"openblas": blas.active(), "weights": loaded.info["weights"], "load_s": round(load_s, 2),
+           "same_tokens": decode["mlxlite"][0][2] == decode["mlx_lm"][0][2]}
+    for name in decode:
+        rates = [r[1] for r in decode[name]]
+        row[f"{name}_decode_tps"] = statistics.median(rates)
+        row[f"{name}_decode_spread"] = (min(rates), max(rates))
+        row[f"{name}_prompt_tps"] = statistics.median(len(long_ids) / r[0] for r in prompt[name])
+    row["decode_ratio"] = row["mlxlite_decode_tps"] / row["mlx_lm_decode_tps"]
+    row["prompt_ratio"] = row["mlxlite_prompt_tps"] / row["mlx_lm_prompt_tps"]
+    return row
+
+
+def llama_cpp(args: argparse.Namespace) -> dict | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(args.gguf), n_ctx=4096, verbose=False)
+    ids = llm.tokenize(b" ".join([WORDS.encode()] * 20))[: args.prompt_tokens]
+    t0 = time.perf_counter()
+    stamps = []
+    for _tok in llm.generate(ids, temp=0.0):
+        stamps.append(time.perf_counter())
+        if len(stamps) >= args.tokens:
+            break
+    return {"prompt_tps": len(ids) / (stamps[0] - t0),
+            "decode_tps": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", type=Path)
+    ap.add_argument("--tokens", type=int, default=40, help="decoded tokens per run (16-token prompt)")
+    ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for prompt tok/s")
+    ap.add_argument("--rounds", type=int, default=7, help="decode runs per engine (alternating)")
+    ap.add_argument("--prompt-rounds", type=int, default=2, help="prompt runs per engine")
+    ap.add_argument("--configs", default="blas-f32,noblas-f32,blas-q,noblas-q")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.gguf is None:
+        from mlxlite import catalog
+
+        args.gguf = catalog.fetch(catalog.CATALOG[catalog.DEFAULT_MODEL])
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    from mlxlite import blas
+
+    lib = blas.find_openblas()
+    rows = []
+    for cfg in args.configs.split(","):
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.GUARD)}
+        env[blas.GUARD] = "1"  # never re-exec inside the child: we choose the preload here
+        if cfg.startswith("blas"):
+            if lib is None:
+                print(f"{cfg}: skipped (libopenblas0-pthread not installed)")
+                continue
+            env["LD_PRELOAD"] = lib
+        env["MLXLITE_FLOAT32_ON_CPU"] = "1" if cfg.endswith("f32") else "0"
+        cmd = [sys.executable, __file__, "--child", "--gguf", str(args.gguf), "--tokens", str(args.tokens),
+               "--prompt-tokens", str(args.prompt_tokens), "--rounds", str(args.rounds),
+               "--prompt-rounds", str(args.prompt_rounds)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{cfg}: failed\n{out.stderr[-2000:]}")
+            continue
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row["config"] = cfg
+        rows.append(row)
+        print(f"{cfg:12} weights={row['weights']:9} openblas={row['openblas']!s:5} load {row['load_s']:5.2f}s | "
+              f"prompt tok/s mlxlite {row['mlxlite_prompt_tps']:7.1f} mlx_lm {row['mlx_lm_prompt_tps']:7.1f} "
+              f"(x{row['prompt_ratio']:.3f}) | decode tok/s mlxlite {row['mlxlite_decode_tps']:6.2f} "
+              f"mlx_lm {row['mlx_lm_decode_tps']:6.2f} (x{row['decode_ratio']:.3f}) same tokens: {row['same_tokens']} "
+              f"[decode range mlxlite {row['mlxlite_decode_spread'][0]:.2f}-{row['mlxlite_decode_spread'][1]:.2f}, "
+              f"mlx_lm {row['mlx_lm_decode_spread'][0]:.2f}-{row['mlx_lm_decode_spread'][1]:.2f}]",
+              flush=True)
+    by = {r["config"]: r for r in rows}
+    for kind in ("f32", "q"):
+        on, off = by.get(f"blas-{kind}"), by.get(f"noblas-{kind}")
+        if on and off:
+            print(f"OpenBLAS effect ({on['weights']}): prompt x{on['mlxlite_prompt_tps'] / off['mlxlite_prompt_tps']:.2f}, "
+                  f"decode x{on['mlxlite_decode_tps'] / off['mlxlite_decode_tps']:.2f}")
+    ref = llama_cpp(args)
+    if ref is None:
+        print("llama.cpp: llama-cpp-python is not installed (optional); not measured")
+    else:
+        best = max(rows, key=lambda r: r["mlxlite_decode_tps"], default=None)
+        print(f"llama.cpp: prompt {ref['prompt_tps']:.1f} tok/s, decode {ref['decode_tps']:.2f} tok/s"
+              + (f"; mlxlite best decode is x{best['mlxlite_decode_tps'] / ref['decode_tps']:.2f} of it" if best else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
