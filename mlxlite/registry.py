@@ -316,21 +316,27 @@ class Registry:
             length = resp.headers.get("Content-Length")
         return int(length) if length and length.isdigit() else 0
 
-    def _resolve_blob(self, repository: str, digest: str, timeout: float) -> str:
-        """The URL that actually serves a blob (a registry's 307 to a CDN, once per blob)."""
-        url = self.blob_url(repository, digest)
-        with self._resolving:  # parallel ranges of one blob resolve it once
-            if url not in self._redirects:
-                self._redirects[url] = self._locate(url, repository, timeout)
-            return self._redirects[url]
+    def _first_get(self, url: str, repository: str, headers: dict, timeout: float
+                   ) -> http.client.HTTPResponse:
+        """The first GET of a blob: learns (once) whether it redirects, e.g. to a CDN.
 
-    def _locate(self, url: str, repository: str, timeout: float) -> str:
-        resp = self.request("GET", url, scope=self.scope(repository), follow=False,
-                            headers={"Range": "bytes=0-0"}, ok=(200, 206, 301, 302, 303, 307, 308),
-                            timeout=timeout)
-        with resp:
-            location = resp.headers.get("Location") if resp.status in (301, 302, 303, 307, 308) else None
-        return urllib.parse.urljoin(url, location) if location else url
+        A redirect's target is remembered and requested directly, so later ranges skip
+        the registry and no credentials travel to another host.
+        """
+        redirects = (301, 302, 303, 307, 308)
+        with self._resolving:  # parallel ranges of one blob resolve it once
+            target = self._redirects.get(url)
+            if target is None:
+                resp = self.request("GET", url, scope=self.scope(repository), headers=headers,
+                                    follow=False, ok=(200, 206, *redirects), timeout=timeout)
+                if resp.status not in redirects:
+                    self._redirects[url] = url
+                    return resp
+                with resp:
+                    target = urllib.parse.urljoin(url, resp.headers.get("Location") or url)
+                self._redirects[url] = target
+        return self.request("GET", target, scope=self.scope(repository), headers=headers,
+                            ok=(200, 206), timeout=timeout)
 
     def open_blob(self, repository: str, digest: str, start: int = 0, end: int | None = None,
                   timeout: float | None = None) -> http.client.HTTPResponse:
@@ -339,15 +345,13 @@ class Registry:
         headers = {}
         if start or end is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end}"
+        url = self.blob_url(repository, digest)
         for attempt in range(2):
-            url = self._resolve_blob(repository, digest, timeout)
             try:
-                resp = self.request("GET", url, scope=self.scope(repository), headers=headers,
-                                    ok=(200, 206), timeout=timeout)
+                resp = self._first_get(url, repository, headers, timeout)
             except Unauthorized:
                 # A signed CDN URL may have expired: resolve it again, once.
-                redirected = self._redirects.pop(self.blob_url(repository, digest), url) != self.blob_url(
-                    repository, digest)
+                redirected = self._redirects.pop(url, url) != url
                 if attempt or not redirected:
                     raise
                 continue

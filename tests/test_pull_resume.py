@@ -126,3 +126,28 @@ def test_blob_redirects_are_resolved_once_and_followed(store, registry, registry
     blobs = len(entry.manifest.blobs)
     assert proxy.redirects == blobs  # one redirect per blob; the ranged GETs went straight to the CDN
     assert proxy.blob_bytes == 0
+
+
+def test_delta_pull_fetches_only_missing_blobs(store, registry, registry_proxy):
+    name_a, files = pushed_model(store, registry, "team/base:v1", weights=2 << 20)
+    pull(store, name_a, insecure=True, tuning=FAST)
+    entry_a = store.resolve(name_a)
+    # v2 shares the weights and tokenizer, changes config.json
+    from mlxlite.store import MEDIA_FILE, TITLE, Layer, build_manifest
+
+    new_config = b'{"model_type": "llama", "rope_theta": 10000}'
+    layers = [lay if lay.title != "config.json" else
+              Layer(MEDIA_FILE, store.put_bytes(new_config), len(new_config), {TITLE: "config.json"})
+              for lay in entry_a.manifest.layers]
+    name_b = registry.name("team/base:v2")
+    store.write_manifest(name_b, build_manifest(store.put_json({"format": "safetensors", "v": 2}), layers))
+    push(store, name_b, insecure=True)
+    store.remove(name_b)
+    proxy = registry_proxy(registry.host)
+    events: list[dict] = []
+    pull(store, f"{proxy.host}/team/base:v2", insecure=True, progress=events.append, tuning=FAST)
+    entry_b = store.resolve(f"{proxy.host}/team/base:v2")
+    new = sum(lay.size for lay in entry_b.manifest.blobs if lay.digest not in
+              {x.digest for x in entry_a.manifest.blobs})
+    assert proxy.blob_bytes == new  # the shared weights were not downloaded again
+    assert store.verify() == []
