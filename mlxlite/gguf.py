@@ -34,6 +34,10 @@ GGML_TYPES = {
     23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
     30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
 }
+# (elements per block, bytes per block) of the types whose size we can check.
+BLOCKS = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 36),
+          10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+          24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 30: (1, 2)}
 # mx.load (mlx 0.32): Q4_0/Q4_1/Q8_0 arrive quantized (group 32); F32/F16/I* are copied;
 # Q2_K/Q4_K/Q6_K are dequantized to float16 by gguflib; everything else fails.
 QUANTIZED_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
@@ -167,8 +171,17 @@ def read_gguf(path: str | Path) -> Header:
             tensors.append(TensorInfo(tname, shape, r.unpack("<I"), r.unpack("<Q")))
         align = int(meta.get("general.alignment") or 32)
         data_start = (r.pos + align - 1) // align * align
-        if tensors and data_start > len(buf):
-            raise BadRequest(f"{name}: truncated GGUF file (no tensor data)")
+        end = data_start
+        for t in tensors:
+            if t.type in BLOCKS:
+                per, size = BLOCKS[t.type]
+                count = 1
+                for d in t.shape:
+                    count *= d
+                end = max(end, data_start + t.offset + -(-count // per) * size)
+        if tensors and end > len(buf):
+            # mx.load would read past the end of the file: refuse it here with a clear message.
+            raise BadRequest(f"{name}: truncated GGUF file (tensor data needs {end} bytes, file has {len(buf)})")
         return Header(name, version, meta, tuple(tensors), data_start)
     finally:
         if isinstance(buf, mmap.mmap):

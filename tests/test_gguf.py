@@ -34,6 +34,13 @@ def test_truncated_gguf_is_a_bad_request(tiny_gguf_path, tmp_path, cut):
         gguf.read_metadata(bad)
 
 
+def test_truncated_tensor_data_is_refused_before_mlx_reads_it(tiny_gguf_path, tmp_path):
+    bad = tmp_path / "short.gguf"
+    bad.write_bytes(tiny_gguf_path.read_bytes()[:-100])
+    with pytest.raises(BadRequest, match="truncated GGUF file \\(tensor data"):
+        gguf.read_gguf(bad)
+
+
 def test_non_gguf_files_are_refused(tmp_path):
     for content in (b"", b"PK\x03\x04 a zip", json.dumps({"a": 1}).encode()):
         f = tmp_path / "x.gguf"
