@@ -45,7 +45,7 @@ def assert_nothing_corrupt_visible(store: Store) -> None:
 
 def test_pull_resumes_after_kill_at_random_points(store, registry, registry_proxy, tmp_path):
     source = registry.name("team/killme:v1")
-    make_model(store, source, weights=40 << 20)
+    make_model(store, source, weights=64 << 20)
     digest = push(store, source, insecure=True)
     total = store.resolve(source).size
     proxy = registry_proxy(registry.host)
@@ -61,7 +61,7 @@ def test_pull_resumes_after_kill_at_random_points(store, registry, registry_prox
         proxy.blob_bytes = 0
         proc = subprocess.Popen([sys.executable, "-c", SCRIPT, name], env=env, cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(0.2, 1.8))
+        time.sleep(rng.uniform(0.2, 2.5))
         proc.kill()
         proc.wait()
         killed_store = Store(home / "models")
