@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 
+from mlxlite.pull import push as push_model
 from tests.fake_engine import FakeEngine, RunningServer
 from tests.test_registry import make_model
 
@@ -88,3 +89,34 @@ def test_ollama_client_pulls_and_pushes(srv, store, registry):
     assert any(p.total and p.completed == p.total and p.digest for p in progress)
     assert client.pull(name, insecure=True).status == "success"
     assert store.exists(name)
+
+
+def test_client_that_goes_away_cancels_the_pull_and_keeps_the_partial(srv, store, registry, registry_proxy):
+    import http.client
+    import time
+
+    from mlxlite import download
+
+    name = registry.name("team/gone:v1")
+    make_model(store, name, weights=16 << 20)
+    push_model(store, name, insecure=True)
+    big = max(store.resolve(name).manifest.layers, key=lambda lay: lay.size)
+    store.remove(name)
+    proxy = registry_proxy(registry.host)
+    proxy.rate = 2 << 20  # slow: the pull is still running when the client leaves
+    conn = http.client.HTTPConnection(srv.url.split("//")[1], timeout=30)
+    conn.request("POST", "/api/pull", body=json.dumps({"model": f"{proxy.host}/team/gone:v1", "insecure": True}))
+    resp = conn.getresponse()
+    assert json.loads(resp.readline()) == {"status": "pulling manifest"}
+    deadline = time.monotonic() + 20
+    while download.partial_bytes(store, big.digest, big.size) < 1 << 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    conn.close()  # the client goes away mid-download
+    time.sleep(1.0)
+    settled = download.partial_bytes(store, big.digest, big.size)
+    time.sleep(1.5)
+    assert download.partial_bytes(store, big.digest, big.size) == settled < big.size  # stopped, kept
+    assert not store.exists(f"{proxy.host}/team/gone:v1")
+    proxy.rate = 0
+    assert post(srv, "/api/pull", {"model": f"{proxy.host}/team/gone:v1", "insecure": True, "stream": False}) \
+        == (200, {"status": "success"})
