@@ -23,6 +23,9 @@ from mlxlite.errors import MlxliteError
 from mlxlite.scheduler import Done, Embedded, EmbedJob, GenerateJob, LoadJob, Ready, is_finish
 
 
+FOREVER = 10987200000.0       # 2318-03-04, the expires_at of a model kept loaded forever
+
+
 # ---- generation shared by native and OpenAI routes -------------------------------------
 @dataclass(frozen=True)
 class Text:
@@ -355,11 +358,13 @@ def handle_delete(ctx: Any) -> Reply:
 def handle_ps(ctx: Any) -> Reply:
     models = []
     for r in ctx.app.scheduler.ps():
-        expires = r.expires_at if r.expires_at is not None else time.time() + 100 * 365 * 86400
+        # "Forever" as Ollama shows it: a date in 2318 (Go's time.Now() + max duration).
+        expires = r.expires_at if r.expires_at is not None else FOREVER
+        on_gpu = r.info.get("device", "gpu") != "cpu"
         models.append({
             "name": r.name, "model": r.name, "size": r.size, "digest": st.digest_hex(r.digest),
-            "details": api.details(r.info), "expires_at": api.rfc3339(expires), "size_vram": r.size,
-            "context_length": r.context_length,
+            "details": api.details(r.info), "expires_at": api.rfc3339(expires),
+            "size_vram": r.size if on_gpu else 0, "context_length": r.context_length,
         })
     return Reply({"models": models})
 

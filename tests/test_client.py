@@ -76,3 +76,20 @@ def test_busy_maps_to_busy(store):
     with RunningServer(engine, store, scheduler=Scheduler(store, engine, max_queue=0)) as srv:
         with pytest.raises(Busy):
             cl.Client(srv.url).generate("fake", "hi", stream=False)
+
+
+def test_cli_verbs_go_through_the_daemon_when_it_answers(srv, run_cli, monkeypatch):
+    monkeypatch.setenv("MLXLITE_HOST", f"127.0.0.1:{srv.port}")
+    code, out, _ = run_cli("list")
+    assert code == 0 and "fake:latest" in out
+    assert run_cli("cp", "fake", "copy")[0] == 0
+    assert "copy:latest" in run_cli("list")[1]
+    assert run_cli("rm", "copy")[0] == 0
+    assert "copy:latest" not in run_cli("list")[1]
+    cl.Client(srv.url).load("fake", keep_alive=-1)
+    code, out, _ = run_cli("ps")
+    assert code == 0 and "fake:latest" in out and "Forever" in out
+    assert run_cli("stop", "fake")[0] == 0
+    assert "fake:latest" not in run_cli("ps")[1]
+    paths = [r["path"] for r in srv.log_lines()]
+    assert "/api/tags" in paths and "/api/copy" in paths and "/api/delete" in paths and "/api/ps" in paths
