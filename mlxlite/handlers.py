@@ -22,7 +22,6 @@ from mlxlite.api import Reply, Stream, Summary
 from mlxlite.errors import MlxliteError
 from mlxlite.scheduler import Done, Embedded, EmbedJob, GenerateJob, LoadJob, Ready, is_finish
 
-
 FOREVER = 10987200000.0       # 2318-03-04, the expires_at of a model kept loaded forever
 
 
