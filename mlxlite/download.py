@@ -524,3 +524,34 @@ def fetch_unknown(store: Store, size: int, open_range: OpenRange, *, progress: P
                     raise RegistryError(f"download failed after {tuning.retries} retries: {exc}") from None
                 time.sleep(tuning.backoff * 2 ** (attempt - 1))
         return writer.commit()
+
+
+def prune_partials(store: Store, older_than: float = 0.0) -> tuple[int, int]:
+    """Delete interrupted downloads untouched for `older_than` seconds whose lock nobody
+    holds: (files removed, bytes freed). Partial state is otherwise kept indefinitely."""
+    directory = partial_dir(store)
+    removed = freed = 0
+    if not directory.is_dir():
+        return 0, 0
+    now = time.time()
+    for lock_path in directory.glob("*.lock"):
+        hexd = lock_path.name[:-5]
+        paths = [directory / hexd, directory / f"{hexd}.json", directory / f"{hexd}.json.tmp"]
+        with open(lock_path, "a+b") as lock:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a pull is using it
+            try:
+                newest = max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
+                if now - newest < older_than:
+                    continue
+                for path in [*paths, lock_path]:
+                    with contextlib.suppress(FileNotFoundError):
+                        size = path.stat().st_size
+                        path.unlink()
+                        removed += 1
+                        freed += size
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return removed, freed

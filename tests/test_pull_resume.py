@@ -151,3 +151,27 @@ def test_delta_pull_fetches_only_missing_blobs(store, registry, registry_proxy):
               {x.digest for x in entry_a.manifest.blobs})
     assert proxy.blob_bytes == new  # the shared weights were not downloaded again
     assert store.verify() == []
+
+
+def test_prune_partials_removes_only_idle_ones(store, registry):
+    name, _ = pushed_model(store, registry, "team/prune:v1", weights=4 << 20)
+    reg = Registry(registry.host, insecure=True)
+    raw, _ = reg.get_manifest("team/prune", "v1")
+    big = max(Manifest.parse(raw).layers, key=lambda lay: lay.size)
+    cancel = threading.Event()
+
+    def opener(start, end, timeout):
+        return reg.open_blob("team/prune", big.digest, start, end - 1, timeout)
+
+    def progress(done: int) -> None:
+        if done > big.size // 4:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        download.fetch(store, big.digest, big.size, opener, progress=progress, cancel=cancel,
+                       tuning=download.Tuning(streams=1, chunk=64 << 10))
+    assert download.partial_bytes(store, big.digest, big.size) > 0
+    assert download.prune_partials(store, older_than=3600) == (0, 0)  # recent: kept
+    removed, freed = download.prune_partials(store)
+    assert removed == 3 and freed >= big.size  # sparse data file, journal, lock
+    assert list(download.partial_dir(store).iterdir()) == []
