@@ -387,7 +387,9 @@ def handle_health(ctx: Any) -> Reply:
 def handle_metrics(ctx: Any) -> Reply:
     sched, app = ctx.app.scheduler, ctx.app
     lines = ["# TYPE mlxlite_requests_total counter"]
-    for (route, status), count in sorted(app.request_counts.items()):
+    with app.log_lock:
+        counts = sorted(app.request_counts.items())
+    for (route, status), count in counts:
         lines.append(f'mlxlite_requests_total{{route="{route}",status="{status}"}} {count}')
     resident = sched.ps()
     c = sched.counters

@@ -275,7 +275,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         finally:
             if getattr(ctx, "body_pending", False):
                 self.close_connection = True    # unread body bytes would poison keep-alive
-            app.request_counts[(route or "unmatched", status)] += 1
+            with app.log_lock:      # `+=` on a Counter is not atomic across threads
+                app.request_counts[(route or "unmatched", status)] += 1
             record = {"time": round(time.time(), 3), "id": getattr(ctx, "id", "-"), "method": self.command,
                       "path": ctx.path.split("?")[0], "status": status,
                       "duration_ms": round((time.perf_counter() - start) * 1e3, 2),
