@@ -269,7 +269,11 @@ class RequestHandler(BaseHTTPRequestHandler):
             error = str(body["error"]["message"] if ctx.openai else body["error"])
             if not self._sent:
                 extra = [("WWW-Authenticate", "Bearer")] if status == 401 else []
-                self._write_whole(status, json.dumps(body).encode(), "application/json; charset=utf-8", extra)
+                try:
+                    self._write_whole(status, json.dumps(body).encode(), "application/json; charset=utf-8",
+                                      extra)
+                except OSError:         # the client left before its error could be sent
+                    self.close_connection = True
             else:
                 self.close_connection = True
         finally:
@@ -404,6 +408,15 @@ class MlxliteServer(ThreadingHTTPServer):
         self.address_family = family
         self.app = app
         super().__init__(address, RequestHandler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that breaks outside a request is routine; anything else is logged
+        as one JSON line (never printed as a bare traceback)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return
+        self.app.log({"time": round(time.time(), 3), "client": client_address[0] if client_address else "",
+                      "error": f"unhandled {type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
 
     @property
     def url(self) -> str:
