@@ -1,13 +1,9 @@
 """Resumable, parallel, verified blob downloads into the store.
 
 `fetch(store, digest, size, open_range)` makes blob `digest` present in the store or
-raises. Partial state is durable and lives beside the blobs, where `prune` never looks:
-  models/blobs/partial/<hex>        the blob's bytes at their offsets (sparse until done)
-  models/blobs/partial/<hex>.json   journal: a header line {"digest","size"}, then one
-                                    `[start, end]` line per chunk written (kill-safe:
-                                    a line is appended only after its bytes are written)
-  models/blobs/partial/<hex>.lock   flock-held by the one process downloading the blob
-An interrupted download (error, Ctrl-C, kill -9) resumes from the journal; what a killed
+raises. Partial state is durable (layout in `partial.py`): the blob's bytes at their
+offsets in a sparse file, and a journal line per chunk appended only after its bytes
+are written (kill-safe), with a flock held by the one process downloading. An interrupted download (error, Ctrl-C, kill -9) resumes from the journal; what a killed
 process had written but not yet journaled (at most one chunk per stream) is fetched again.
 Large blobs are fetched as parallel byte ranges; a hasher thread reads the file back in
 order behind the contiguous frontier, so verification overlaps the download. A digest
@@ -34,11 +30,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mlxlite import config, names
 from mlxlite.errors import Cancelled, IntegrityError, MlxliteError, RegistryError
+from mlxlite.partial import Ranges, partial_bytes, partial_dir, prune_partials, read_journal
 from mlxlite.store import Store, digest_hex
 
 # (start, end_exclusive, timeout) -> an open HTTP response (status 200 or 206).
@@ -81,74 +77,6 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (http.client.HTTPException, _ShortRead)):
         return True
     return bool(getattr(exc, "transient", False))
-
-
-class _Ranges:
-    """Sorted, merged [start, end) intervals of bytes already on disk."""
-
-    def __init__(self) -> None:
-        self.spans: list[list[int]] = []
-
-    def add(self, start: int, end: int) -> None:
-        spans = self.spans
-        i = 0
-        while i < len(spans) and spans[i][1] < start:
-            i += 1
-        j = i
-        while j < len(spans) and spans[j][0] <= end:
-            start, end = min(start, spans[j][0]), max(end, spans[j][1])
-            j += 1
-        spans[i:j] = [[start, end]]
-
-    @property
-    def total(self) -> int:
-        return sum(e - s for s, e in self.spans)
-
-    def frontier(self) -> int:
-        return self.spans[0][1] if self.spans and self.spans[0][0] == 0 else 0
-
-    def gaps(self, size: int) -> list[tuple[int, int]]:
-        out, pos = [], 0
-        for s, e in self.spans:
-            if s > pos:
-                out.append((pos, s))
-            pos = max(pos, e)
-        if pos < size:
-            out.append((pos, size))
-        return out
-
-
-def _read_journal(path: Path, digest: str, size: int) -> _Ranges | None:
-    """The ranges a journal records, or None if it is absent or belongs to other bytes."""
-    ranges = _Ranges()
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError):
-        return None
-    try:
-        header = json.loads(lines[0])
-        if header.get("digest") != digest or header.get("size") != size:
-            return None
-    except (ValueError, IndexError, AttributeError):
-        return None
-    for line in lines[1:]:
-        try:
-            start, end = json.loads(line)
-        except (ValueError, TypeError):
-            continue  # a torn last line from a kill: its chunk is simply fetched again
-        if isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= size:
-            ranges.add(start, end)
-    return ranges
-
-
-def partial_dir(store: Store) -> Path:
-    return store.root / "blobs" / "partial"
-
-
-def partial_bytes(store: Store, digest: str, size: int) -> int:
-    """Bytes of `digest` already downloaded by an interrupted or running pull."""
-    ranges = _read_journal(partial_dir(store) / f"{digest_hex(digest)}.json", digest, size)
-    return ranges.total if ranges else 0
 
 
 class _Shared:
@@ -248,7 +176,7 @@ class _Download:
         hexd = digest_hex(digest)
         self.data_path = partial_dir(store) / hexd
         self.journal_path = partial_dir(store) / f"{hexd}.json"
-        self.ranges = _Ranges()
+        self.ranges = Ranges()
         self.cond = threading.Condition()
         self.failed = cancel or threading.Event()
         self.stop = threading.Event()
@@ -258,13 +186,13 @@ class _Download:
 
     # ---- state on disk --------------------------------------------------------------
     def _open_state(self) -> None:
-        ranges = _read_journal(self.journal_path, self.digest, self.size)
+        ranges = read_journal(self.journal_path, self.digest, self.size)
         try:
             ok = ranges is not None and self.data_path.stat().st_size == self.size
         except FileNotFoundError:
             ok = False
         if not ok:
-            ranges = _Ranges()
+            ranges = Ranges()
             with open(self.data_path, "wb") as fh:
                 fh.truncate(self.size)  # sparse: ranges land at their offsets
         self.ranges = ranges
@@ -526,32 +454,6 @@ def fetch_unknown(store: Store, size: int, open_range: OpenRange, *, progress: P
         return writer.commit()
 
 
-def prune_partials(store: Store, older_than: float = 0.0) -> tuple[int, int]:
-    """Delete interrupted downloads untouched for `older_than` seconds whose lock nobody
-    holds: (files removed, bytes freed). Partial state is otherwise kept indefinitely."""
-    directory = partial_dir(store)
-    removed = freed = 0
-    if not directory.is_dir():
-        return 0, 0
-    now = time.time()
-    for lock_path in directory.glob("*.lock"):
-        hexd = lock_path.name[:-5]
-        paths = [directory / hexd, directory / f"{hexd}.json", directory / f"{hexd}.json.tmp"]
-        with open(lock_path, "a+b") as lock:
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a pull is using it
-            try:
-                newest = max((p.stat().st_mtime for p in paths if p.exists()), default=0.0)
-                if now - newest < older_than:
-                    continue
-                for path in [*paths, lock_path]:
-                    with contextlib.suppress(FileNotFoundError):
-                        size = path.stat().st_size
-                        path.unlink()
-                        removed += 1
-                        freed += size
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-    return removed, freed
+# Partial-state helpers are re-exported: callers think of them as part of downloading.
+__all__ = ["Tuning", "fetch", "fetch_unknown", "is_transient", "partial_bytes", "partial_dir",
+           "prune_partials", "OpenRange", "Progress"]
