@@ -5,6 +5,7 @@ import base64
 import http.client
 import json
 import socket
+import urllib.request
 
 import jsonschema
 import ollama
@@ -187,3 +188,20 @@ def test_default_model_disconnect_during_prompt_processing_stops_prefill(store, 
         (finish,) = engine.finishes
         assert finish.reason == "cancel" and finish.eval_tokens == 0
         assert finish.prompt_tokens > 2000
+
+
+def test_created_model_shows_its_layers_and_uses_its_system_prompt(real, tiny_gguf_model):
+    client = ollama.Client(host=real.url)
+    list(client.create(model="pirate", from_="tiny-gguf", system="You are a pirate.",
+                       parameters={"temperature": 0, "num_predict": 3, "stop": ["<|im_end|>"]}, stream=True))
+    shown = client.show("pirate")
+    raw = json.loads(urllib.request.urlopen(urllib.request.Request(
+        real.url + "/api/show", data=b'{"model": "pirate"}'), timeout=30).read())
+    assert raw["system"] == "You are a pirate."       # (the ollama package drops this field)
+    assert "temperature" in shown.parameters and "num_predict" in shown.parameters
+    assert 'SYSTEM """You are a pirate."""' in shown.modelfile
+    msgs = [{"role": "user", "content": "hi"}]
+    plain = client.chat("tiny-gguf", msgs, options={"temperature": 0, "num_predict": 3})
+    pirate = client.chat("pirate", msgs)
+    # The model's own system prompt and parameters apply when the request gives none.
+    assert pirate.prompt_eval_count > plain.prompt_eval_count and pirate.eval_count <= 3
