@@ -196,6 +196,34 @@ def child(args: argparse.Namespace) -> dict:
     return row
 
 
+def overhead(tokens: int = 2000, requests: int = 50) -> None:
+    """The HTTP path alone, with the fake engine (no model, so no noise from compute):
+    per-token cost of streaming NDJSON and per-request time to the first line."""
+    from mlxlite.options import Options
+    from tests.fake_engine import FakeEngine, FakeLoaded, RunningServer, add_fake_model
+
+    os.environ["MLXLITE_HOME"] = tempfile.mkdtemp(prefix="mlxlite-bench-overhead-")
+    engine = FakeEngine(reply="x" * tokens)
+    with RunningServer(engine) as srv:
+        add_fake_model(srv.store)
+        body = {"model": "fake", "prompt": "hi", "raw": True}
+        _http_stream(srv.host, srv.port, "/api/generate", body, sse=False)          # load + warm-up
+        t = time.perf_counter()
+        for _ in engine.generate(FakeLoaded("fake", "sha256:0"), [1], Options()):
+            pass
+        direct = time.perf_counter() - t
+        t = time.perf_counter()
+        _, _, count = _http_stream(srv.host, srv.port, "/api/generate", body, sse=False)
+        served = time.perf_counter() - t
+        one = {**body, "options": {"num_predict": 1}}
+        firsts = [_http_stream(srv.host, srv.port, "/api/generate", one, sse=False)[0] for _ in range(requests)]
+    per_token_us = (served - direct) / count * 1e6
+    print(f"HTTP path alone (fake engine): {count} tokens streamed in {served * 1e3:.1f} ms vs {direct * 1e3:.1f} ms "
+          f"direct -> {per_token_us:.1f} us per token ({count / served:,.0f} tokens/s through the server); "
+          f"time to first line {statistics.median(firsts) * 1e3:.2f} ms median, {min(firsts) * 1e3:.2f} ms best "
+          f"over {requests} requests")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", type=Path)
@@ -223,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
            "--prompt-tokens", str(args.prompt_tokens), "--rounds", str(args.rounds)]
     if not args.mlx_lm_server:
         cmd.append("--no-mlx-lm-server")
+    overhead()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         print(out.stdout[-2000:], out.stderr[-3000:])
