@@ -204,8 +204,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    removed, freed = _store().prune()
+    from mlxlite import partial
+
+    store = _store()
+    removed, freed = store.prune()
+    if args.partials:
+        more, more_bytes = partial.prune_partials(store)
+        removed, freed = removed + more, freed + more_bytes
     print(f"removed {removed} files, {human_bytes(freed)} freed")
+    kept = [p for p in partial.partial_dir(store).glob("*") if p.suffix == ""] if not args.partials else []
+    if kept:
+        size = sum(p.stat().st_blocks * 512 for p in kept)
+        print(f"kept {len(kept)} interrupted downloads ({human_bytes(size)} on disk): the next pull resumes "
+              "them; `mlxlite prune --partials` deletes them")
     return 0
 
 
@@ -406,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("destination")
     p = verb("verify", cmd_verify, "re-hash every blob of the given models (default: all)")
     p.add_argument("models", nargs="*", metavar="MODEL")
-    verb("prune", cmd_prune, "delete blobs no model uses and leftovers of interrupted writes")
+    p = verb("prune", cmd_prune, "delete blobs no model uses and leftovers of interrupted writes")
+    p.add_argument("--partials", action="store_true", help="also delete interrupted downloads (resumable otherwise)")
     p = verb("pack", cmd_pack, "pack models into an OCI image layout (a directory, or PATH.tar)")
     p.add_argument("models", nargs="+", metavar="MODEL")
     p.add_argument("-o", "--output", required=True, metavar="PATH",
