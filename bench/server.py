@@ -21,6 +21,7 @@ import argparse
 import http.client
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -176,9 +177,11 @@ def child(args: argparse.Namespace) -> dict:
     try:
         for fn in ways.values():    # warm-up
             fn()
-        for _ in range(args.rounds):
-            for name, fn in ways.items():
-                results[name].append(fn())
+        order = list(ways)
+        for i in range(args.rounds):
+            random.Random(i).shuffle(order)      # no path always runs right after another
+            for name in order:
+                results[name].append(ways[name]())
     finally:
         if ref is not None:
             ref[0].kill()
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     row = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"model {args.gguf.name}: weights={row['weights']} openblas={row['openblas']} "
           f"prompt={row['prompt_tokens']} tokens, generate {row['tokens']} (greedy, EOS off), "
-          f"median of {args.rounds} alternating rounds")
+          f"median of {args.rounds} rounds, each in a shuffled order")
     base = row["mlx_lm"]
     for name in ("mlx_lm", "runner", "server", "server_v1", "mlx_lm.server"):
         if name not in row:
