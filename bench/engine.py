@@ -3,11 +3,12 @@
 For each configuration (OpenBLAS preloaded or not x float32-on-CPU or quantized weights)
 a child process loads the model once through the store and alternates the two engines on
 the same prompt and options (greedy, EOS disabled so both produce exactly N tokens):
-decode tok/s (median of alternating runs, 16-token prompt), prompt tok/s (time to the first
-token of a longer prompt), and the ratios mlxlite / mlx_lm (goal >= 0.98).
+decode tok/s (medians; the ratio is the median of per-pair ratios of back-to-back runs,
+order flipped every pair), prompt tok/s (time to the first token of a longer prompt), and
+the ratios mlxlite / mlx_lm (goal >= 0.98).
 llama.cpp (llama-cpp-python) is measured on the same GGUF only when it is installed.
 
-    python bench/engine.py [--gguf PATH] [--tokens 40] [--prompt-tokens 128] [--rounds 7]
+    python bench/engine.py [--gguf PATH] [--tokens 24] [--prompt-tokens 96] [--rounds 15]
                            [--configs blas-f32,noblas-f32,blas-q,noblas-q]
 """
 
@@ -83,11 +84,15 @@ def child(args: argparse.Namespace) -> dict:
         list(make(short_ids, 4)())
     decode: dict[str, list] = {"mlxlite": [], "mlx_lm": []}
     prompt: dict[str, list] = {"mlxlite": [], "mlx_lm": []}
-    for _ in range(args.rounds):  # alternate, so drift in machine load hits both alike
-        for name, make in engines:
+    # Paired runs, order flipped every round: on a shared machine the load drifts, and the
+    # two runs of one pair see nearly the same load, so the per-pair ratio is what we trust.
+    pair_ratios = []
+    for i in range(args.rounds):
+        for name, make in (engines if i % 2 == 0 else engines[::-1]):
             decode[name].append(_time_stream(make(short_ids, args.tokens)))
-    for _ in range(args.prompt_rounds):
-        for name, make in engines:
+        pair_ratios.append(decode["mlxlite"][-1][1] / decode["mlx_lm"][-1][1])
+    for i in range(args.prompt_rounds):
+        for name, make in (engines if i % 2 == 0 else engines[::-1]):
             prompt[name].append(_time_stream(make(long_ids, 1)))
     row = {"openblas": blas.active(), "weights": loaded.info["weights"], "load_s": round(load_s, 2),
            "same_tokens": decode["mlxlite"][0][2] == decode["mlx_lm"][0][2]}
@@ -96,7 +101,9 @@ def child(args: argparse.Namespace) -> dict:
         row[f"{name}_decode_tps"] = statistics.median(rates)
         row[f"{name}_decode_spread"] = (min(rates), max(rates))
         row[f"{name}_prompt_tps"] = statistics.median(len(long_ids) / r[0] for r in prompt[name])
-    row["decode_ratio"] = row["mlxlite_decode_tps"] / row["mlx_lm_decode_tps"]
+    row["decode_ratio"] = statistics.median(pair_ratios)
+    q = statistics.quantiles(pair_ratios, n=4) if len(pair_ratios) >= 2 else [pair_ratios[0]] * 3
+    row["decode_ratio_iqr"] = (q[0], q[2])
     row["prompt_ratio"] = row["mlxlite_prompt_tps"] / row["mlx_lm_prompt_tps"]
     return row
 
@@ -121,9 +128,9 @@ def llama_cpp(args: argparse.Namespace) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", type=Path)
-    ap.add_argument("--tokens", type=int, default=40, help="decoded tokens per run (16-token prompt)")
-    ap.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for prompt tok/s")
-    ap.add_argument("--rounds", type=int, default=7, help="decode runs per engine (alternating)")
+    ap.add_argument("--tokens", type=int, default=24, help="decoded tokens per run (16-token prompt)")
+    ap.add_argument("--prompt-tokens", type=int, default=96, help="prompt length for prompt tok/s")
+    ap.add_argument("--rounds", type=int, default=15, help="decode run pairs (order alternating)")
     ap.add_argument("--prompt-rounds", type=int, default=2, help="prompt runs per engine")
     ap.add_argument("--configs", default="blas-f32,noblas-f32,blas-q,noblas-q")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -161,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{cfg:12} weights={row['weights']:9} openblas={row['openblas']!s:5} load {row['load_s']:5.2f}s | "
               f"prompt tok/s mlxlite {row['mlxlite_prompt_tps']:7.1f} mlx_lm {row['mlx_lm_prompt_tps']:7.1f} "
               f"(x{row['prompt_ratio']:.3f}) | decode tok/s mlxlite {row['mlxlite_decode_tps']:6.2f} "
-              f"mlx_lm {row['mlx_lm_decode_tps']:6.2f} (x{row['decode_ratio']:.3f}) same tokens: {row['same_tokens']} "
+              f"mlx_lm {row['mlx_lm_decode_tps']:6.2f} (paired x{row['decode_ratio']:.3f}, IQR "
+              f"{row['decode_ratio_iqr'][0]:.3f}-{row['decode_ratio_iqr'][1]:.3f}) same tokens: {row['same_tokens']} "
               f"[decode range mlxlite {row['mlxlite_decode_spread'][0]:.2f}-{row['mlxlite_decode_spread'][1]:.2f}, "
               f"mlx_lm {row['mlx_lm_decode_spread'][0]:.2f}-{row['mlx_lm_decode_spread'][1]:.2f}]",
               flush=True)
