@@ -296,6 +296,24 @@ def test_cancel_takes_effect_within_one_token(tiny):
     assert pieces == [] and finish.reason == "cancel"
 
 
+def test_cancel_is_checked_between_prefill_chunks(tiny):
+    from mlxlite import runner
+
+    class SetAfterFirstChunk(threading.Event):
+        calls = 0
+
+        def is_set(self):
+            self.calls += 1
+            return self.calls > 1
+
+    cache = runner.new_cache(tiny)
+    ids = runner.tokenize(tiny, "The quick brown fox jumps over the lazy dog")
+    assert not runner.prefill(tiny, ids, cache, step=3, cancel=SetAfterFirstChunk())
+    assert cache[0].offset == 3  # one chunk ran, then the cancel stopped it
+    pieces, finish = run(tiny, ids, cancel=SetAfterFirstChunk(), num_batch=3)
+    assert pieces == [] and finish.reason == "cancel"
+
+
 def test_constraint_hook_masks_tokens_and_ends_with_eos(tiny):
     from mlxlite import runner
 
