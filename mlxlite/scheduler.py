@@ -125,14 +125,21 @@ class Ticket:
         """Events until the job ends. `gone()` is polled while waiting; when it says the
         client left, the job is cancelled and `ClientGone` raised. `Failed` is raised as
         its error. Closing the iterator early also cancels the job."""
+        checked = time.monotonic()
         try:
             while True:
                 try:
                     event = self.replies.get(timeout=poll)
                 except queue.Empty:
-                    if gone is not None and gone():
+                    event = None
+                # Also while events flow fast (a GPU makes a token every few ms): look at
+                # the client at least every `poll` seconds, not only when the queue is idle.
+                if gone is not None and (event is None or time.monotonic() - checked >= poll):
+                    checked = time.monotonic()
+                    if gone():
                         self.cancel()
                         raise ClientGone() from None
+                if event is None:
                     continue
                 if isinstance(event, Failed):
                     raise event.error

@@ -416,3 +416,20 @@ def test_log_file_setting_receives_the_json_lines(store, tmp_path, monkeypatch):
         assert record["path"] == "/api/version" and record["status"] == 200
     finally:
         server.close()
+
+
+def test_disconnect_is_noticed_while_tokens_flow_fast_and_nothing_is_written(store):
+    # stream:false writes nothing until the end, and tokens arrive faster than the poll
+    # interval: the client must still be checked, so the job stops early.
+    engine = FakeEngine(reply="z" * 200000, step_delay=0.0002)
+    add_fake_model(store)
+    with RunningServer(engine, store) as srv:
+        conn = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
+        conn.request("POST", "/api/generate", json.dumps({"model": "fake", "prompt": "p", "stream": False}))
+        wait_for(lambda: engine.active == 1, what="generation to start")
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        wait_for(lambda: engine.active == 0, 60, "generation to stop")
+        assert engine.finished == ["cancel"]
+        wait_for(lambda: srv.log_lines(), what="log")
+        assert srv.log_lines()[0]["status"] == 499
