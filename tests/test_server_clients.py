@@ -205,3 +205,34 @@ def test_created_model_shows_its_layers_and_uses_its_system_prompt(real, tiny_gg
     pirate = client.chat("pirate", msgs)
     # The model's own system prompt and parameters apply when the request gives none.
     assert pirate.prompt_eval_count > plain.prompt_eval_count and pirate.eval_count <= 3
+
+
+@pytest.mark.e2e
+def test_default_model_twenty_clients_leaving_mid_stream_all_stop(store, default_model):
+    import threading
+
+    engine = _Recording()
+    with RunningServer(engine, store) as srv:
+        ollama.Client(host=srv.url).generate(default_model, "", keep_alive=-1)
+
+        def client(i):
+            conn = http.client.HTTPConnection(srv.host, srv.port, timeout=300)
+            conn.request("POST", "/api/generate", json.dumps({
+                "model": default_model, "prompt": f"Once upon a time {i}", "raw": True,   # short prefill
+                "options": {"num_predict": -1, "num_ctx": 4096}}))
+            resp = conn.getresponse()
+            assert b'"done":false' in resp.readline() and b'"done":false' in resp.readline()
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        wait_for(lambda: len(engine.finishes) == 20, 120, "all twenty generations to end")
+        assert [f.reason for f in engine.finishes] == ["cancel"] * 20
+        assert all(f.eval_tokens < 200 for f in engine.finishes)
+        assert not srv.scheduler.busy() and srv.scheduler.depth() == 0
+        wait_for(lambda: sum(r.get("path") == "/api/generate" for r in srv.log_lines()) == 21, 30, "logs")
+        assert sorted(r["status"] for r in srv.log_lines() if r.get("path") == "/api/generate") == [200] + [499] * 20
