@@ -216,16 +216,13 @@ class PromptSpec:
         if self.template is not None:
             text = render_go_template(self.template, system or "", self.prompt or "")
             return context + engine.tokenize(loaded, text, add_special=not context)
-        messages = list(loaded.messages or [])
-        if self.messages is not None:
-            chat = list(self.messages)
-            if system and not any(m.get("role") == "system" for m in chat):
-                messages.append({"role": "system", "content": system})
-            messages.extend(chat)
-        else:
-            if system:
-                messages.append({"role": "system", "content": system})
-            messages.append({"role": "user", "content": self.prompt or ""})
+        # System prompt first, then the model's MESSAGE history, then the request's turns.
+        chat = list(self.messages) if self.messages is not None else [{"role": "user", "content": self.prompt or ""}]
+        messages = []
+        if system and not any(m.get("role") == "system" for m in chat):
+            messages.append({"role": "system", "content": system})
+        messages.extend(loaded.messages or [])
+        messages.extend(chat)
         text = loaded.template.render(messages, tools=list(self.tools) if self.tools else None,
                                       add_generation_prompt=True)
         return context + engine.tokenize(loaded, text, add_special=False)

@@ -55,9 +55,11 @@ def test_prompt_spec_uses_model_system_messages_and_template():
     loaded.messages = [{"role": "user", "content": "earlier"}]
     spec = api.PromptSpec("m", messages=({"role": "user", "content": "now"},))
     text = engine.detokenize(loaded, spec.to_tokens(loaded, engine))
-    assert text == "<|user|>earlier\n<|system|>model system\n<|user|>now\n<|assistant|>"
+    assert text == "<|system|>model system\n<|user|>earlier\n<|user|>now\n<|assistant|>"
     own = api.PromptSpec("m", prompt="q", system="mine")
-    assert engine.detokenize(loaded, own.to_tokens(loaded, engine)).startswith("<|user|>earlier\n<|system|>mine")
+    assert engine.detokenize(loaded, own.to_tokens(loaded, engine)).startswith("<|system|>mine\n<|user|>earlier")
+    given = api.PromptSpec("m", messages=({"role": "system", "content": "req"}, {"role": "user", "content": "x"}))
+    assert engine.detokenize(loaded, given.to_tokens(loaded, engine)).startswith("<|user|>earlier\n<|system|>req")
     with pytest.raises(BadRequest, match="does not support insert"):
         api.PromptSpec("m", prompt="a", suffix="b").to_tokens(loaded, engine)
     loaded.template.supports_tools = False
