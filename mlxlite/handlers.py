@@ -39,6 +39,7 @@ class Calls:
 
 
 def resolve(ctx: Any, name: Any) -> Any:
+    ctx.log["model"] = getattr(name, "display", str(name))     # logged even when it is not found
     entry = ctx.app.store.resolve(name)
     ctx.log["model"] = entry.name.display
     return entry

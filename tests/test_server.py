@@ -347,7 +347,7 @@ def test_one_json_log_line_per_request(srv):
     assert gen["status"] == 200 and gen["model"] == "fake:latest" and gen["eval_tokens"] == len(srv.engine.reply)
     for key in ("id", "method", "path", "duration_ms", "client", "prompt_tokens", "load_ms", "eval_ms"):
         assert key in gen, key
-    assert missing["status"] == 404 and "not found" in missing["error"]
+    assert missing["status"] == 404 and "not found" in missing["error"] and missing["model"] == "nope:latest"
     assert nowhere["status"] == 404 and nowhere["path"] == "/nowhere"
 
 
