@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -379,13 +380,15 @@ def test_server_module_does_not_import_mlx():
     code = ("import sys; import mlxlite.server, mlxlite.client; "
             "bad = [m for m in sys.modules if m == 'mlx' or m.startswith(('mlx.', 'mlx_lm'))]; "
             "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60,
+                   cwd=str(Path(__file__).resolve().parent.parent))
 
 
 def test_serve_forever_stops_on_sigterm(tmp_path):
     code = ("import sys; sys.path.insert(0, '.'); from tests.fake_engine import FakeEngine; "
             "from mlxlite.server import serve_forever; sys.exit(serve_forever('127.0.0.1:0', engine=FakeEngine()))")
-    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    root = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, cwd=root)
     try:
         line = proc.stderr.readline()
         assert "listening on http://127.0.0.1:" in line
