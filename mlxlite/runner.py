@@ -48,7 +48,7 @@ from mlxlite.store import (
 __all__ = [
     "Loaded", "Piece", "Finish", "load", "unload", "tokenize", "detokenize", "token_bytes", "generate",
     "embed", "context_window", "make_sampler", "make_processors", "allowed_logits", "new_cache", "prefill",
-    "TextStream", "StopMatcher", "on_cpu", "memory_budget",
+    "TextStream", "StopMatcher", "on_cpu", "memory_budget", "decoder", "cache_nbytes", "cache_prefix",
 ]
 
 
@@ -448,3 +448,23 @@ def embed(loaded: Loaded, texts: list[str], truncate: bool = True) -> list[list[
         pooled = pooled / mx.maximum(mx.linalg.norm(pooled), 1e-12)
         out.append(pooled.tolist())
     return out
+
+
+# ---- continuous batching and prefix-cache pieces (runner_batch.py) --------------------------
+def decoder(loaded: Loaded, max_batch: int, keep_caches: bool = False) -> Any:
+    """A `runner_batch.Decoder`: many sequences of this model decoded together."""
+    from mlxlite.runner_batch import Decoder
+
+    return Decoder(loaded, max_batch, keep_caches=keep_caches)
+
+
+def cache_nbytes(cache: list[Any]) -> int:
+    from mlxlite.runner_batch import cache_nbytes as nbytes
+
+    return nbytes(cache)
+
+
+def cache_prefix(cache: list[Any], n: int) -> list[Any] | None:
+    from mlxlite.runner_batch import cache_prefix as prefix
+
+    return prefix(cache, n)

@@ -1,0 +1,329 @@
+"""Continuous batching on MLX: one `Decoder` per loaded model decodes many sequences together.
+
+Imported only by `runner.py` (exposed as `runner.decoder(loaded, max_batch)`); the
+scheduler drives it through that engine function and never imports mlx.
+
+Contract:
+  - `Decoder.add(key, prompt_tokens, options, truncate=, constraint=, prompt_cache=,
+    cached_tokens=)` queues a sequence; prompt checks (empty, longer than num_ctx) raise
+    `BadRequest` at once, exactly as `runner.generate` does.
+  - `Decoder.step(is_cancelled)` does one unit of work and returns `[(key, Piece|Finish)]`:
+    cancelled sequences leave (Finish "cancel"); waiting sequences join while the batch has
+    room (at most one prefill chunk of `num_batch` tokens per step, so a long prompt never
+    stalls the others for more than one chunk); then one decode step for every member.
+    Each member keeps its own sampler, penalties, stop strings, limit and constraint.
+  - Fairness when full: a member that has decoded `time_slice` tokens while others wait is
+    parked (its KV cache taken out of the batch) and rejoins at the back of the queue.
+  - A batch of one decodes on the plain per-sequence `KVCache`, the same graph as
+    `runner.generate`, so a request alone produces what `generate` produces.
+  - With `keep_caches`, a finished sequence's KV cache is kept for `take_cache(key) ->
+    (tokens, cache)` (the exact tokens it holds), for the prefix cache.
+Never called from more than one thread (the scheduler's MLX thread).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+
+from mlxlite.options import Options
+from mlxlite.runner_sampling import allowed_logits, make_processors, make_sampler
+from mlxlite.runner_text import StopMatcher, TextStream
+
+
+class _Seq:
+    __slots__ = ("key", "prompt", "cached", "limit", "sampler", "greedy", "processors", "stops", "text",
+                 "constraint", "cache", "pos", "fed", "next_input", "history", "n", "t0", "t_first",
+                 "step", "slice_used")
+
+    def __init__(self, key: Any, prompt: list[int], cached: int, limit: int, options: Options,
+                 num_ctx: int, table: list[bytes], constraint: Any, cache: list[Any] | None) -> None:
+        self.key = key
+        self.prompt = prompt
+        self.cached = cached
+        self.limit = limit
+        self.sampler = make_sampler(options)
+        self.greedy = options.temperature <= 0
+        self.processors = make_processors(options, num_ctx)
+        self.stops = StopMatcher(options.stop)
+        self.text = TextStream(table)
+        self.constraint = constraint
+        self.cache = cache                  # own per-layer caches while outside the batch
+        self.pos = cached                   # prompt tokens already in the cache
+        self.fed = list(prompt[:cached])    # exactly the tokens the cache holds
+        self.next_input = prompt[-1]
+        self.history = mx.array(prompt[:-1], dtype=mx.uint32) if self.processors else None
+        self.n = 0
+        self.t0: float | None = None
+        self.t_first: float | None = None
+        self.step = max(1, options.num_batch)
+        self.slice_used = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.cache is not None and self.pos >= len(self.prompt) - 1
+
+
+class Decoder:
+    """Batched decoding for one loaded model (see module doc)."""
+
+    time_slice = 128                        # tokens a member may decode while others wait
+
+    def __init__(self, loaded: Any, max_batch: int, *, keep_caches: bool = False) -> None:
+        self.loaded = loaded
+        self.max_batch = max(1, int(max_batch))
+        self.keep_caches = keep_caches
+        self._waiting: deque[_Seq] = deque()
+        self._batch: list[_Seq] = []
+        self._cache: list[Any] | None = None  # plain caches when one member, batch caches when more
+        self._done: list[tuple[Any, Any]] = []  # finishes decided at add() (nothing to compute)
+        self._kept: dict[Any, tuple[list[int], list[Any]]] = {}
+        self._steps = 0
+        self._mergeable: bool | None = None
+
+    # ---- queries --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._waiting) + len(self._batch) + len(self._done)
+
+    @property
+    def active(self) -> int:
+        return len(self._batch)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def take_cache(self, key: Any) -> tuple[list[int], list[Any]] | None:
+        return self._kept.pop(key, None)
+
+    # ---- adding ---------------------------------------------------------------------------
+    def add(self, key: Any, prompt_tokens: list[int], options: Options, *, truncate: bool = False,
+            constraint: Any = None, prompt_cache: list[Any] | None = None, cached_tokens: int = 0) -> int:
+        """Queue a sequence; returns its prompt length (after truncation)."""
+        from mlxlite import runner
+
+        loaded = self.loaded
+        num_ctx = runner.context_window(loaded, options)
+        given = [int(t) for t in prompt_tokens]
+        prompt = runner._check_prompt(loaded, given, num_ctx, options, truncate)
+        if prompt_cache is None or len(prompt) != len(given):
+            prompt_cache, cached_tokens = None, 0
+        cached_tokens = max(0, min(cached_tokens, len(prompt) - 1)) if prompt_cache is not None else 0
+        limit = num_ctx - len(prompt)
+        if options.num_predict >= 0:
+            limit = min(limit, options.num_predict)
+        if limit <= 0:
+            self._done.append((key, runner.Finish("length", len(prompt), 0, 0, 0.0, 0.0)))
+            return len(prompt)
+        seq = _Seq(key, prompt, cached_tokens, limit, options, num_ctx, loaded.table, constraint, prompt_cache)
+        self._waiting.append(seq)
+        return len(prompt)
+
+    # ---- one unit of work -----------------------------------------------------------------
+    def step(self, is_cancelled: Callable[[Any], bool]) -> list[tuple[Any, Any]]:
+        out, self._done = self._done, []
+        self._drop_cancelled(is_cancelled, out)
+        self._admit(is_cancelled, out)
+        if self._batch:
+            self._decode(out)
+        return out
+
+    def _finish(self, seq: _Seq, reason: str, tail: str = "") -> Any:
+        from mlxlite import runner
+
+        now = time.perf_counter()
+        t0 = seq.t0 if seq.t0 is not None else now
+        t_first = seq.t_first if seq.t_first is not None else now
+        return runner.Finish(reason, len(seq.prompt), len(seq.prompt) - seq.cached, seq.n,
+                             max(0.0, t_first - t0), now - t_first, tail)
+
+    def _tail(self, seq: _Seq) -> str:
+        out, hit = seq.stops.feed(seq.text.flush())
+        return out if hit else out + seq.stops.flush()
+
+    def _drop_cancelled(self, is_cancelled: Callable[[Any], bool], out: list) -> None:
+        for seq in [s for s in self._waiting if is_cancelled(s.key)]:
+            self._waiting.remove(seq)
+            seq.cache = None
+            out.append((seq.key, self._finish(seq, "cancel", self._tail(seq) if seq.n else "")))
+        gone = [i for i, s in enumerate(self._batch) if is_cancelled(s.key)]
+        if gone:
+            for i in gone:
+                seq = self._batch[i]
+                out.append((seq.key, self._finish(seq, "cancel", self._tail(seq))))
+            self._leave(gone, keep_caches=False)
+
+    def _can_merge(self) -> bool:
+        if self._mergeable is None:
+            from mlxlite import runner
+
+            probe = runner.new_cache(self.loaded)
+            self._mergeable = all(hasattr(type(c), "merge") for c in probe)
+        return self._mergeable
+
+    def _admit(self, is_cancelled: Callable[[Any], bool], out: list) -> None:
+        from mlx_lm.generate import generation_stream
+
+        from mlxlite import runner
+
+        room = self.max_batch if self._can_merge() else 1
+        if len(self._batch) >= room and self._waiting:
+            self._park_one()
+        prefilled = False
+        for seq in list(self._waiting):
+            if len(self._batch) >= room:
+                break
+            if not seq.ready:
+                if prefilled:      # one prefill chunk per step keeps decode moving
+                    break
+                if seq.cache is None:
+                    seq.cache = runner.new_cache(self.loaded)
+                if seq.t0 is None:
+                    seq.t0 = time.perf_counter()
+                end = min(len(seq.prompt) - 1, seq.pos + seq.step)
+                with mx.stream(generation_stream):
+                    runner.prefill(self.loaded, seq.prompt[seq.pos:end], seq.cache, seq.step)
+                seq.fed.extend(seq.prompt[seq.pos:end])
+                seq.pos = end
+                prefilled = True
+                if not seq.ready:
+                    break
+            self._waiting.remove(seq)
+            self._join(seq)
+
+    def _join(self, seq: _Seq) -> None:
+        from mlx_lm.models.cache import BatchKVCache
+
+        if seq.t0 is None:
+            seq.t0 = time.perf_counter()
+        own, seq.cache = seq.cache, None
+        seq.slice_used = 0
+        if not self._batch:
+            self._cache = own
+        elif len(self._batch) == 1:
+            self._cache = [BatchKVCache.merge([a, b]) for a, b in zip(self._cache, own, strict=True)]
+        else:
+            for c, o in zip(self._cache, own, strict=True):
+                c.extend(BatchKVCache.merge([o]))
+        self._batch.append(seq)
+
+    def _extract(self, i: int) -> list[Any]:
+        if len(self._batch) == 1:
+            return self._cache
+        return [c.extract(i) for c in self._cache]
+
+    def _leave(self, indices: list[int], keep_caches: bool) -> None:
+        """Members at `indices` leave; their caches are kept (for the prefix cache) if asked."""
+        if keep_caches and self.keep_caches:
+            for i in indices:
+                seq = self._batch[i]
+                self._kept[seq.key] = (list(seq.fed), self._extract(i))
+        gone = set(indices)
+        keep = [i for i in range(len(self._batch)) if i not in gone]
+        if not keep:
+            self._cache = None
+        elif len(self._batch) > 1:
+            if len(keep) == 1:
+                self._cache = [c.extract(keep[0]) for c in self._cache]
+            else:
+                for c in self._cache:
+                    c.filter(keep)
+        self._batch = [self._batch[i] for i in keep]
+
+    def _park_one(self) -> None:
+        """Full batch and someone waits: the member that has run longest steps out."""
+        i = max(range(len(self._batch)), key=lambda j: self._batch[j].slice_used)
+        seq = self._batch[i]
+        if seq.slice_used < self.time_slice:
+            return
+        seq.cache = self._extract(i)
+        self._leave([i], keep_caches=False)
+        self._waiting.append(seq)
+
+    def _decode(self, out: list) -> None:
+        from mlx_lm.generate import generation_stream
+
+        from mlxlite.runner import Piece
+
+        batch, eos = self._batch, self.loaded.eos_token_ids
+        inputs = mx.array([s.next_input for s in batch], dtype=mx.uint32)
+        with mx.stream(generation_stream):
+            logits = self.loaded.model(inputs[:, None], cache=self._cache)[:, -1, :]
+            if any(s.processors or s.constraint is not None for s in batch):
+                rows = []
+                for i, s in enumerate(batch):
+                    row = logits[i:i + 1]
+                    if s.processors:
+                        s.history = mx.concatenate([s.history, inputs[i:i + 1]])
+                        for proc in s.processors:
+                            row = proc(s.history, row)
+                    if s.constraint is not None:
+                        row = allowed_logits(row, s.constraint, eos)
+                    rows.append(row)
+                logits = mx.concatenate(rows, axis=0)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            if all(s.greedy for s in batch):
+                toks = mx.argmax(logprobs, axis=-1)
+            else:
+                toks = mx.concatenate([s.sampler(logprobs[i:i + 1]).reshape(1) for i, s in enumerate(batch)])
+            lps = mx.take_along_axis(logprobs, toks[:, None], axis=-1)[:, 0]
+        mx.eval(toks, lps)
+        now = time.perf_counter()
+        leaving: list[int] = []
+        for i, (s, token, lp) in enumerate(zip(batch, toks.tolist(), lps.tolist(), strict=True)):
+            s.fed.append(s.next_input)
+            s.next_input = token
+            s.slice_used += 1
+            if s.t_first is None:
+                s.t_first = now
+            if token in eos:
+                out.append((s.key, self._finish(s, "stop", self._tail(s))))
+                leaving.append(i)
+                continue
+            if s.constraint is not None:
+                s.constraint.advance(token)
+            s.n += 1
+            emit, hit = s.stops.feed(s.text.add(token))
+            out.append((s.key, Piece(token, emit, float(lp))))
+            if hit:
+                out.append((s.key, self._finish(s, "stop")))
+                leaving.append(i)
+            elif s.n >= s.limit:
+                out.append((s.key, self._finish(s, "length", self._tail(s))))
+                leaving.append(i)
+        if leaving:
+            self._leave(leaving, keep_caches=True)
+        self._steps += 1
+        if self._steps % 256 == 0:
+            mx.clear_cache()
+
+    def close(self) -> None:
+        self._waiting.clear()
+        self._batch.clear()
+        self._cache = None
+        self._kept.clear()
+
+
+# ---- KV caches as the prefix cache sees them (opaque objects with a size) ---------------------
+def cache_nbytes(cache: list[Any]) -> int:
+    return sum(int(getattr(c, "nbytes", 0) or 0) for c in cache)
+
+
+def cache_prefix(cache: list[Any], n: int) -> list[Any] | None:
+    """New caches holding the first `n` tokens of `cache` (which stays untouched: the slices
+    are new arrays, and the first update of a sliced cache reallocates); None if the cache
+    kind can't be cut."""
+    from mlx_lm.models.cache import KVCache
+
+    out = []
+    for c in cache:
+        if type(c) is not KVCache or c.keys is None or c.offset < n:
+            return None
+        k = KVCache()
+        k.keys, k.values, k.offset = c.keys[..., :n, :], c.values[..., :n, :], n
+        out.append(k)
+    return out
