@@ -164,6 +164,13 @@ def _openai_calls(calls: list) -> list[dict]:
             for i, c in enumerate(calls)]
 
 
+def _logprob(item: Any) -> list[dict]:
+    """OpenAI's per-token logprob entry (no alternatives: top_logprobs come back empty)."""
+    if getattr(item, "logprob", None) is None:
+        return []
+    return [{"token": item.text, "logprob": item.logprob, "bytes": list(item.text.encode()), "top_logprobs": []}]
+
+
 def _include_usage(body: dict) -> bool:
     so = body.get("stream_options")
     if so is None:
@@ -184,6 +191,9 @@ def handle_chat_completions(ctx: Any) -> Reply | Stream:
     fmt = _response_format(body)
     stream = api.get(body, "stream", bool, False)
     usage = _include_usage(body)
+    want_logprobs = api.get(body, "logprobs", bool, False)
+    if not 0 <= api.get(body, "top_logprobs", int, 0) <= 20:
+        raise BadRequest("invalid top_logprobs: must be between 0 and 20")
     entry = resolve(ctx, name)
     spec = api.PromptSpec(name.display, messages=messages, tools=tools)
     job = GenerateJob(entry, spec, overrides, api.keep_alive(body), fmt)
@@ -192,26 +202,29 @@ def handle_chat_completions(ctx: Any) -> Reply | Stream:
     summary = Summary()
     items = generation(ctx, job, summary, tool_names)
     if not stream:
-        texts, calls = [], []
+        texts, calls, logprobs = [], [], []
         for item in items:
             if isinstance(item, Calls):
                 calls.extend(item.calls)
             else:
                 texts.append(item.text)
+                logprobs.extend(_logprob(item))
         message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
         if calls:
             message["tool_calls"] = _openai_calls(calls)
         return Reply({"id": cid, "object": "chat.completion", "created": created, "model": model,
                       "system_fingerprint": FINGERPRINT,
-                      "choices": [{"index": 0, "message": message, "logprobs": None,
+                      "choices": [{"index": 0, "message": message,
+                                   "logprobs": {"content": logprobs} if want_logprobs else None,
                                    "finish_reason": _finish_reason(summary, bool(calls))}],
                       "usage": _usage(summary)})
 
     def chunks() -> Iterator[dict]:
-        def chunk(delta: dict, finish: str | None = None) -> dict:
+        def chunk(delta: dict, finish: str | None = None, lp: list | None = None) -> dict:
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                     "system_fingerprint": FINGERPRINT,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"index": 0, "delta": delta, "logprobs": {"content": lp} if lp else None,
+                                 "finish_reason": finish}]}
         first, any_calls = True, False
         for item in items:
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
@@ -222,7 +235,7 @@ def handle_chat_completions(ctx: Any) -> Reply | Stream:
                 delta.setdefault("content", None)
             else:
                 delta["content"] = item.text
-            yield chunk(delta)
+            yield chunk(delta, lp=_logprob(item) if want_logprobs and not isinstance(item, Calls) else None)
         yield chunk({"role": "assistant", "content": ""} if first else {},
                     _finish_reason(summary, any_calls))
         if usage:

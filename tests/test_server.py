@@ -436,3 +436,16 @@ def test_disconnect_is_noticed_while_tokens_flow_fast_and_nothing_is_written(sto
         assert engine.finished == ["cancel"]
         wait_for(lambda: srv.log_lines(), what="log")
         assert srv.log_lines()[0]["status"] == 499
+
+
+def test_logprobs_native_and_openai(srv):
+    _, body = call(srv, "POST", "/api/generate", {"model": "fake", "prompt": "hi", "stream": False,
+                                                  "logprobs": True, "options": {"num_predict": 3}})
+    assert [lp["token"] for lp in body["logprobs"]] == ["H", "e", "l"]
+    assert all(lp["logprob"] == -0.1 for lp in body["logprobs"])
+    _, oa = call(srv, "POST", "/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "x"}],
+                                                        "max_tokens": 2, "logprobs": True, "top_logprobs": 2})
+    assert [lp["token"] for lp in oa["choices"][0]["logprobs"]["content"]] == ["H", "e"]
+    _, plain = call(srv, "POST", "/v1/chat/completions", {"model": "fake", "max_tokens": 2,
+                                                           "messages": [{"role": "user", "content": "x"}]})
+    assert plain["choices"][0]["logprobs"] is None
