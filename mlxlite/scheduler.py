@@ -195,6 +195,7 @@ class Scheduler:
                                    else config.parse_duration(config.get("keep_alive")))
         self.max_loaded = max(1, max_loaded_models if max_loaded_models is not None
                               else int(config.get("max_loaded_models")))
+        self.num_ctx = int(config.get("num_ctx"))    # read once: config.get reads config.json
         self._queue: queue.Queue = queue.Queue()
         self._pending = 0                       # queued, not yet taken by the MLX thread
         self._lock = threading.Lock()
@@ -351,7 +352,7 @@ class Scheduler:
         if ticket.cancelled:
             raise Cancelled("request canceled")
         start = time.perf_counter()
-        limit = min(loaded.context_length, int(job.options.get("num_ctx") or config.get("num_ctx")))
+        limit = min(loaded.context_length, int(job.options.get("num_ctx") or self.num_ctx))
         texts = list(job.texts)
         counts = [len(engine.tokenize(loaded, text)) for text in texts]
         for i, count in enumerate(counts):
@@ -428,7 +429,7 @@ class Scheduler:
     def _publish(self) -> None:
         active = self._active.job.entry.digest if self._active is not None else None
         snap = []
-        num_ctx = int(config.get("num_ctx"))
+        num_ctx = self.num_ctx
         for digest, r in reversed(self._models.items()):
             loaded = r.loaded
             snap.append(ResidentInfo(
