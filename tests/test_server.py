@@ -449,3 +449,10 @@ def test_logprobs_native_and_openai(srv):
     _, plain = call(srv, "POST", "/v1/chat/completions", {"model": "fake", "max_tokens": 2,
                                                            "messages": [{"role": "user", "content": "x"}]})
     assert plain["choices"][0]["logprobs"] is None
+
+
+def test_embed_truncate_false_refuses_overlong_input(srv):
+    status, body = call(srv, "POST", "/api/embed", {"model": "fake", "input": "x" * 3000, "truncate": False})
+    assert status == 400 and "truncate" in body["error"]
+    _, ok = call(srv, "POST", "/api/embed", {"model": "fake", "input": "x" * 3000})
+    assert ok["prompt_eval_count"] == 2048

@@ -236,3 +236,10 @@ def test_default_model_twenty_clients_leaving_mid_stream_all_stop(store, default
         assert not srv.scheduler.busy() and srv.scheduler.depth() == 0
         wait_for(lambda: sum(r.get("path") == "/api/generate" for r in srv.log_lines()) == 21, 30, "logs")
         assert sorted(r["status"] for r in srv.log_lines() if r.get("path") == "/api/generate") == [200] + [499] * 20
+
+
+def test_a_schema_the_constraint_cannot_follow_is_a_400_before_any_output(real, tiny_gguf_model):
+    client = ollama.Client(host=real.url)
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat("tiny-gguf", [{"role": "user", "content": "x"}], format={"type": "no-such-type"})
+    assert err.value.status_code == 400
