@@ -243,3 +243,36 @@ def test_a_schema_the_constraint_cannot_follow_is_a_400_before_any_output(real, 
     with pytest.raises(ollama.ResponseError) as err:
         client.chat("tiny-gguf", [{"role": "user", "content": "x"}], format={"type": "no-such-type"})
     assert err.value.status_code == 400
+
+
+def test_tool_calls_from_a_real_model_with_a_tools_template(real, tiny_gguf_model):
+    # A tools-aware chat template on the tiny model; the schema constraint makes its
+    # (random) weights write a call, which the server returns as tool_calls.
+    template = ("{% if tools %}<|im_start|>system\n{{ tools | length }} tools<|im_end|>\n{% endif %}"
+                "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+                " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                "{% endif %}")
+    client = ollama.Client(host=real.url)
+    list(client.create(model="tooly", from_="tiny-gguf", template=template, stream=True))
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    call_schema = {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                   "properties": {"name": {"enum": ["get_weather"]},
+                                  "arguments": {"type": "object", "additionalProperties": False,
+                                                "required": ["city"],
+                                                "properties": {"city": {"type": "string", "maxLength": 3}}}}}
+    msgs = [{"role": "user", "content": "Paris?"}]       # short: the tiny model's context is 256
+    out = client.chat("tooly", msgs, tools=tools, format=call_schema, options={"seed": 1, "num_predict": 200})
+    (call,) = out.message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(call.function.arguments["city"], str)
+    oa = openai.OpenAI(base_url=real.url + "/v1", api_key="unused", max_retries=0)
+    resp = oa.chat.completions.create(model="tooly", messages=msgs, tools=tools, seed=1, max_tokens=200,
+                                      response_format={"type": "json_schema",
+                                                       "json_schema": {"name": "call", "schema": call_schema}})
+    assert resp.choices[0].finish_reason == "tool_calls"
+    assert resp.choices[0].message.tool_calls[0].function.name == "get_weather"
+    # The default template of the tiny model has no tools: asking for them is a 400.
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat("tiny-gguf", msgs, tools=tools)
+    assert err.value.status_code == 400 and "does not support tools" in err.value.error
