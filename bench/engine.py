@@ -133,8 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=15, help="decode run pairs (order alternating)")
     ap.add_argument("--prompt-rounds", type=int, default=2, help="prompt runs per engine")
     ap.add_argument("--configs", default="blas-f32,noblas-f32,blas-q,noblas-q")
+    ap.add_argument("--tiny", action="store_true",
+                    help="also time the tiny test model: per-token loop overhead dominates there, "
+                         "so it is the strictest test of the ratio")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.tiny and not args.child:
+        from tests.tiny_models import make_models
+
+        tiny = make_models(Path(tempfile.mkdtemp(prefix="mlxlite-bench-tiny-")))["gguf"]
+        cmd = [sys.executable, __file__, "--child", "--gguf", str(tiny), "--tokens", "200",
+               "--prompt-tokens", "64", "--rounds", "21", "--prompt-rounds", "5"]
+        row = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        print(f"tiny model   decode tok/s mlxlite {row['mlxlite_decode_tps']:7.1f} mlx_lm {row['mlx_lm_decode_tps']:7.1f} "
+              f"(paired x{row['decode_ratio']:.3f}, IQR {row['decode_ratio_iqr'][0]:.3f}-{row['decode_ratio_iqr'][1]:.3f}) "
+              f"same tokens: {row['same_tokens']}", flush=True)
     if args.gguf is None:
         from mlxlite import catalog
 
@@ -146,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lib = blas.find_openblas()
     rows = []
-    for cfg in args.configs.split(","):
+    for cfg in filter(None, args.configs.split(",")):
         env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.GUARD)}
         env[blas.GUARD] = "1"  # never re-exec inside the child: we choose the preload here
         if cfg.startswith("blas"):
