@@ -8,7 +8,7 @@ Contract:
     cached_tokens=)` queues a sequence; prompt checks (empty, longer than num_ctx) raise
     `BadRequest` at once, exactly as `runner.generate` does.
   - `Decoder.step(is_cancelled)` does one unit of work and returns `[(key, Piece|Finish)]`:
-    cancelled sequences leave (Finish "cancel"); waiting sequences join while the batch has
+    cancelled sequences leave (Finish "cancel"; `(key, None)` if none of its work ran); waiting sequences join while the batch has
     room (at most one prefill chunk of `num_batch` tokens per step, so a long prompt never
     stalls the others for more than one chunk); then one decode step for every member.
     Each member keeps its own sampler, penalties, stop strings, limit and constraint.
@@ -149,7 +149,10 @@ class Decoder:
         for seq in [s for s in self._waiting if is_cancelled(s.key)]:
             self._waiting.remove(seq)
             seq.cache = None
-            out.append((seq.key, self._finish(seq, "cancel", self._tail(seq) if seq.n else "")))
+            if seq.t0 is None:      # nothing of it ran: dropped like a cancelled queued request
+                out.append((seq.key, None))
+            else:
+                out.append((seq.key, self._finish(seq, "cancel", self._tail(seq) if seq.n else "")))
         gone = [i for i, s in enumerate(self._batch) if is_cancelled(s.key)]
         if gone:
             for i in gone:

@@ -13,10 +13,15 @@ Residency: a loaded model stays for its keep-alive (request value, else the
 `keep_alive` setting; 0 unloads after the request, negative keeps it forever), at most
 `max_loaded_models` at once, the least recently used idle one evicted first.
 
-Seam for batching (issue 5): `_run_generate` is the single place that turns an admitted
-job into engine output; a batched decoder replaces it by admitting several jobs into one
-step loop, leaving `submit`, `Ticket` and the event types unchanged.
-This module never imports mlx itself.
+Batching (`sched_batch.Batches`): a generate job is admitted into its model's decoder
+(prompt rendered, longest cached prefix looked up, `Ready` sent); the loop then steps every
+decoder with work (round-robin across models) between taking new jobs, so requests join a
+running batch at the next step and leave when done or cancelled; `num_parallel` caps a
+batch. A model is busy while its decoder holds sequences: only idle models are evicted
+(LRU) or expire; a job for a model that can't be loaded yet (all slots busy, or over
+`memory_budget_bytes` until a busy model goes idle) waits; one that could never fit gets
+`OutOfMemory`. Load/embed jobs run between steps. `max_queue` bounds the jobs queued plus
+those admitted but not yet decoding. This module never imports mlx itself.
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ class LoadJob:
 class Ready:
     load_seconds: float
     prompt_tokens: tuple[int, ...] = ()
+    queue_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,10 @@ class Failed:
 
 
 _ENDS = (Embedded, Done, Failed)
+
+
+class _Wait(Exception):
+    """The job can't start yet (its model can't load until a busy one goes idle)."""
 
 
 class ClientGone(Exception):
@@ -187,7 +197,11 @@ class Scheduler:
     """Owns the MLX thread. `engine` defaults to `mlxlite.runner`, imported on that thread."""
 
     def __init__(self, store: Any = None, engine: Any = None, *, max_queue: int | None = None,
-                 keep_alive: float | None = None, max_loaded_models: int | None = None) -> None:
+                 keep_alive: float | None = None, max_loaded_models: int | None = None,
+                 num_parallel: int | None = None, prefix_cache_bytes: int | None = None,
+                 memory_budget: int | None = None) -> None:
+        from mlxlite import sched_batch
+
         self.store = store
         self._engine = engine
         self.max_queue = max_queue if max_queue is not None else int(config.get("max_queue"))
@@ -205,7 +219,15 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.counters = {"jobs": 0, "cancelled_in_queue": 0, "loads": 0, "unloads": 0,
-                         "prompt_tokens": 0, "eval_tokens": 0}
+                         "prompt_tokens": 0, "eval_tokens": 0, "cached_tokens": 0}
+        self.memory_budget = sched_batch.memory_budget(memory_budget)
+        self.batches = sched_batch.Batches(
+            self, num_parallel if num_parallel is not None else int(config.get("num_parallel")),
+            prefix_cache_bytes if prefix_cache_bytes is not None else int(config.get("prefix_cache_bytes")))
+        self.metrics = self.batches.metrics
+        self._deferred: list[Ticket] = []       # jobs waiting for a model slot or memory
+        self._doomed: set[str] = set()          # digests to unload once their batch drains
+        self._waiting_in_batches = 0            # admitted, not yet decoding (counts toward max_queue)
 
     # ---- called from any thread -------------------------------------------------------
     def start(self) -> Scheduler:
@@ -220,7 +242,7 @@ class Scheduler:
             raise Busy("server is shutting down")
         ticket = Ticket(job)
         with self._lock:
-            if self._pending >= self.max_queue:
+            if self._pending + self._waiting_in_batches >= self.max_queue:
                 raise Busy(f"server busy, please try again: maximum pending requests exceeded "
                            f"({self.max_queue})")
             self._pending += 1
@@ -229,12 +251,12 @@ class Scheduler:
         return ticket
 
     def depth(self) -> int:
-        """Jobs waiting, not counting the one running."""
+        """Jobs waiting, not counting those running (decoding)."""
         with self._lock:
-            return self._pending
+            return self._pending + self._waiting_in_batches
 
     def busy(self) -> bool:
-        return self._active is not None
+        return self._active is not None or self.batches.has_work()
 
     def ps(self) -> list[ResidentInfo]:
         with self._lock:
@@ -259,32 +281,32 @@ class Scheduler:
 
     def _loop(self) -> None:
         while True:
-            try:
-                item = self._queue.get(timeout=self._next_expiry_wait())
+            items: list[Any] = []
+            busy = self.batches.has_work()
+            try:    # block only when nothing is decoding; else take what is there and step
+                items.append(self._queue.get_nowait() if busy else
+                             self._queue.get(timeout=self._next_expiry_wait(bool(self._deferred))))
+                while True:
+                    items.append(self._queue.get_nowait())
             except queue.Empty:
-                self._safe(self._expire)
-                continue
-            if item is _STOP:
+                pass
+            if _STOP in items:
                 break
+            deferred, self._deferred = self._deferred, []
+            for ticket in deferred + items:
+                if ticket in items:
+                    self.counters["jobs"] += 1
+                    with self._lock:
+                        self._pending -= 1
+                self._take(ticket)
+            self._safe(self.batches.step)
             with self._lock:
-                self._pending -= 1
-            ticket: Ticket = item
-            if ticket.cancelled:
-                self.counters["cancelled_in_queue"] += 1
-                ticket.replies.put(Failed(Cancelled("request canceled")))
-                continue
-            self._active = ticket
-            try:
-                self._run(ticket)
-            except MlxliteError as exc:
-                ticket.replies.put(Failed(exc))
-            except Exception as exc:  # never let one request kill the MLX thread
-                log.exception("job %d failed", ticket.id)
-                ticket.replies.put(Failed(MlxliteError(f"internal error: {type(exc).__name__}: {exc}")))
-            finally:
-                self._active = None
-                self._safe(self._expire)
+                self._waiting_in_batches = self.batches.waiting() + len(self._deferred)
+            self._safe(self._expire)
         # Shutting down: refuse what waits, release every model.
+        for ticket in self._deferred:
+            ticket.replies.put(Failed(Busy("server is shutting down")))
+        self.batches.close()
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -295,6 +317,25 @@ class Scheduler:
         for digest in list(self._models):
             self._safe(self._unload, digest)
 
+    def _take(self, ticket: Ticket) -> None:
+        """Run (or admit) one job; errors go to its ticket, never up."""
+        if ticket.cancelled:
+            self.counters["cancelled_in_queue"] += 1
+            ticket.replies.put(Failed(Cancelled("request canceled")))
+            return
+        self._active = ticket
+        try:
+            self._run(ticket)
+        except _Wait:
+            self._deferred.append(ticket)
+        except MlxliteError as exc:
+            ticket.replies.put(Failed(exc))
+        except Exception as exc:  # never let one request kill the MLX thread
+            log.exception("job %d failed", ticket.id)
+            ticket.replies.put(Failed(MlxliteError(f"internal error: {type(exc).__name__}: {exc}")))
+        finally:
+            self._active = None
+
     def _safe(self, fn: Callable[..., Any], *args: Any) -> None:
         """Housekeeping must never kill the MLX thread (every waiting client would hang)."""
         try:
@@ -303,12 +344,14 @@ class Scheduler:
             log.exception("scheduler housekeeping failed")
 
     def _run(self, ticket: Ticket) -> None:
-        self.counters["jobs"] += 1
         job = ticket.job
         if isinstance(job, LoadJob):
             keep = self._keep(job.keep_alive)
             if keep == 0:
-                self._unload(job.entry.digest)
+                if job.entry.digest in self.batches.busy_digests():
+                    self._doomed.add(job.entry.digest)   # unloads when its batch drains
+                else:
+                    self._unload(job.entry.digest)
                 ticket.replies.put(Done("unload"))
                 return
             _, load_seconds = self._acquire(job.entry, ticket)
@@ -316,36 +359,19 @@ class Scheduler:
             ticket.replies.put(Done("load", load_seconds))
             return
         resident, load_seconds = self._acquire(job.entry, ticket)
+        admitted = False
         try:
             if isinstance(job, EmbedJob):
                 self._run_embed(ticket, job, resident, load_seconds)
             elif isinstance(job, GenerateJob):
-                self._run_generate(ticket, job, resident, load_seconds)
+                # Decoded by the batch loop; released when the model's batch drains.
+                self.batches.admit(ticket, job, resident, load_seconds)
+                admitted = True
             else:
                 raise MlxliteError(f"unknown job type {type(job).__name__}")
         finally:
-            self._release(job.entry.digest, self._keep(job.keep_alive))
-
-    def _run_generate(self, ticket: Ticket, job: GenerateJob, resident: Resident,
-                      load_seconds: float) -> None:
-        engine, loaded = self.engine, resident.loaded
-        tokens = list(job.prompt.to_tokens(loaded, engine))
-        options = loaded.defaults.merged(job.options)
-        constraint = None
-        if job.format is not None:
-            from mlxlite import constrain  # lazy: only structured-output requests pay for it
-
-            if resident.token_bytes is None:
-                resident.token_bytes = engine.token_bytes(loaded)
-            constraint = constrain.TokenConstraint(job.format, resident.token_bytes,
-                                                   loaded.eos_token_ids)
-        ticket.replies.put(Ready(load_seconds, tuple(tokens)))
-        for item in engine.generate(loaded, tokens, options, ticket.cancel_event,
-                                    truncate=job.truncate, constraint=constraint):
-            ticket.replies.put(item)
-            if is_finish(item):
-                self.counters["prompt_tokens"] += item.prompt_eval_tokens
-                self.counters["eval_tokens"] += item.eval_tokens
+            if not admitted and job.entry.digest not in self.batches.busy_digests():
+                self._release(job.entry.digest, self._keep(job.keep_alive))
 
     def _run_embed(self, ticket: Ticket, job: EmbedJob, resident: Resident, load_seconds: float) -> None:
         engine, loaded = self.engine, resident.loaded
@@ -379,10 +405,10 @@ class Scheduler:
             self._models.move_to_end(entry.digest)
             resident.expires_at = None      # in use: never expires while running
             resident.entry = entry
+            self._doomed.discard(entry.digest)
             self._publish()
             return resident, 0.0
-        while len(self._models) >= self.max_loaded:
-            self._unload(next(iter(self._models)))     # least recently used first
+        self._make_room(entry)
         if ticket.cancelled:
             raise Cancelled("request canceled")
         start = time.perf_counter()
@@ -393,11 +419,32 @@ class Scheduler:
         self._publish()
         return resident, time.perf_counter() - start
 
+    def _make_room(self, entry: Any) -> None:
+        """Evict idle models (least recently used first) until `entry` may load: a free slot
+        under `max_loaded_models` and its bytes within the memory budget. Busy models are
+        never evicted: then the job waits (`_Wait`); past the budget on its own, OutOfMemory."""
+        from mlxlite.errors import OutOfMemory
+
+        need = int(getattr(entry, "size", 0) or 0)
+        if need > self.memory_budget:
+            raise OutOfMemory(f"model '{entry.name.display}' needs {need} bytes, more than the memory budget "
+                              f"of {self.memory_budget} bytes (memory_budget_bytes)")
+        busy = self.batches.busy_digests()
+        while (len(self._models) >= self.max_loaded
+               or sum(int(getattr(r.loaded, "size_bytes", 0)) for r in self._models.values()) + need > self.memory_budget):
+            idle = [d for d in self._models if d not in busy]
+            if not idle:
+                raise _Wait()
+            self._unload(idle[0])
+
     def _release(self, digest: str, keep: float) -> None:
         resident = self._models.get(digest)
         if resident is None:
             return
         resident.last_used = time.time()
+        if digest in self._doomed:
+            keep = 0
+            self._doomed.discard(digest)
         if keep == 0:
             self._unload(digest)
             return
@@ -406,6 +453,7 @@ class Scheduler:
 
     def _unload(self, digest: str) -> None:
         resident = self._models.pop(digest, None)
+        self.batches.drop(digest)
         if resident is None:
             return
         try:
@@ -420,14 +468,18 @@ class Scheduler:
             if resident.expires_at is not None and resident.expires_at <= now:
                 self._unload(digest)
 
-    def _next_expiry_wait(self) -> float | None:
+    def _next_expiry_wait(self, deferred: bool = False) -> float | None:
         times = [r.expires_at for r in self._models.values() if r.expires_at is not None]
+        if deferred:    # retry waiting jobs soon (a model may have gone idle)
+            times.append(time.time() + 0.05)
         if not times:
             return None
         return max(0.0, min(times) - time.time()) + 0.001
 
     def _publish(self) -> None:
-        active = self._active.job.entry.digest if self._active is not None else None
+        active = self.batches.busy_digests()
+        if self._active is not None:
+            active.add(self._active.job.entry.digest)
         snap = []
         num_ctx = self.num_ctx
         for digest, r in reversed(self._models.items()):
@@ -435,6 +487,6 @@ class Scheduler:
             snap.append(ResidentInfo(
                 name=r.entry.name.display, digest=digest, size=int(getattr(loaded, "size_bytes", 0)),
                 context_length=min(int(getattr(loaded, "context_length", 0)), num_ctx), expires_at=r.expires_at,
-                info=dict(getattr(loaded, "info", {}) or {}), active=digest == active))
+                info=dict(getattr(loaded, "info", {}) or {}), active=digest in active))
         with self._lock:
             self._snapshot = snap

@@ -169,6 +169,18 @@ class _Recording:
                 self.finishes.append(item)
             yield item
 
+    def decoder(self, *args, **kwargs):     # the batched path (the scheduler's usual one)
+        dec = self.runner.decoder(*args, **kwargs)
+        step = dec.step
+
+        def recording_step(is_cancelled):
+            out = step(is_cancelled)
+            self.finishes.extend(item for _, item in out if isinstance(item, self.runner.Finish))
+            return out
+
+        dec.step = recording_step
+        return dec
+
 
 @pytest.mark.e2e
 def test_default_model_disconnect_during_prompt_processing_stops_prefill(store, default_model):
