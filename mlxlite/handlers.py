@@ -63,6 +63,7 @@ def _events(ctx: Any, ticket: Any, summary: Summary, tool_names: list[str] | Non
         if isinstance(event, Ready):
             summary.load_seconds = event.load_seconds
             summary.tokens = list(event.prompt_tokens)
+            ctx.log["queue_ms"] = round(getattr(event, "queue_seconds", 0.0) * 1e3, 2)
             continue
         if is_finish(event):
             summary.reason = event.reason
@@ -74,7 +75,9 @@ def _events(ctx: Any, ticket: Any, summary: Summary, tool_names: list[str] | Non
             ctx.log.update(prompt_tokens=event.prompt_tokens, prompt_eval_tokens=event.prompt_eval_tokens,
                            eval_tokens=event.eval_tokens, load_ms=round(summary.load_seconds * 1e3, 2),
                            prompt_ms=round(event.prompt_seconds * 1e3, 2),
-                           eval_ms=round(event.eval_seconds * 1e3, 2), done_reason=event.reason)
+                           eval_ms=round(event.eval_seconds * 1e3, 2), done_reason=event.reason,
+                           cached_tokens=event.prompt_tokens - event.prompt_eval_tokens,
+                           eval_tps=round(event.eval_tokens / event.eval_seconds, 2) if event.eval_seconds > 0 else 0)
             tail = event.text_tail
             if parser is not None:
                 tail = parser.feed(tail)
@@ -386,25 +389,15 @@ def handle_health(ctx: Any) -> Reply:
 
 
 def handle_metrics(ctx: Any) -> Reply:
+    """Prometheus text: requests by route and status (the server's), then the scheduler's
+    registry (queue, batch size, tokens, tok/s, prefix cache, loaded models)."""
     sched, app = ctx.app.scheduler, ctx.app
-    lines = ["# TYPE mlxlite_requests_total counter"]
+    lines = ["# HELP mlxlite_requests_total HTTP requests by route and status",
+             "# TYPE mlxlite_requests_total counter"]
     with app.log_lock:
         counts = sorted(app.request_counts.items())
     for (route, status), count in counts:
         lines.append(f'mlxlite_requests_total{{route="{route}",status="{status}"}} {count}')
-    resident = sched.ps()
-    c = sched.counters
-    lines += [
-        "# TYPE mlxlite_queue_depth gauge", f"mlxlite_queue_depth {sched.depth()}",
-        "# TYPE mlxlite_active_requests gauge", f"mlxlite_active_requests {int(sched.busy())}",
-        "# TYPE mlxlite_loaded_models gauge", f"mlxlite_loaded_models {len(resident)}",
-        "# TYPE mlxlite_loaded_bytes gauge", f"mlxlite_loaded_bytes {sum(r.size for r in resident)}",
-        "# TYPE mlxlite_prompt_tokens_total counter", f"mlxlite_prompt_tokens_total {c['prompt_tokens']}",
-        "# TYPE mlxlite_eval_tokens_total counter", f"mlxlite_eval_tokens_total {c['eval_tokens']}",
-        "# TYPE mlxlite_model_loads_total counter", f"mlxlite_model_loads_total {c['loads']}",
-        "# TYPE mlxlite_model_unloads_total counter", f"mlxlite_model_unloads_total {c['unloads']}",
-        "# TYPE mlxlite_cancelled_in_queue_total counter",
-        f"mlxlite_cancelled_in_queue_total {c['cancelled_in_queue']}",
-    ]
-    return Reply("\n".join(lines) + "\n", content_type="text/plain; version=0.0.4")
-
+    registry = getattr(sched, "metrics", None)
+    text = "\n".join(lines) + "\n" + (registry.render() if registry is not None else "")
+    return Reply(text, content_type="text/plain; version=0.0.4")
