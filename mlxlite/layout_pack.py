@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from mlxlite.blobio import reflink
 from mlxlite.errors import BadRequest, IntegrityError
 from mlxlite.layout_format import (
     INDEX_FILE,
@@ -37,7 +38,7 @@ from mlxlite.layout_format import (
     layout_bytes,
 )
 from mlxlite.names import ModelName
-from mlxlite.store import CHUNK, ModelEntry, Store, _reflink, digest_hex
+from mlxlite.store import CHUNK, ModelEntry, Store, digest_hex
 
 
 def _quiet(_: dict) -> None:
@@ -165,7 +166,7 @@ def _place(src: Path, dst: Path) -> str:
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
                 raise
-            if _reflink(src, tmp):
+            if reflink(src, tmp):
                 method = "reflink"
             else:
                 shutil.copyfile(src, tmp)  # sendfile on Linux, fcopyfile on macOS: bounded memory

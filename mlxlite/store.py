@@ -24,143 +24,38 @@ import json
 import os
 import secrets
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from mlxlite import config, names
+from mlxlite.blobio import CHUNK, TMP_PREFIX, BlobWriter, fsync_dir, hash_file, reflink  # noqa: F401
 from mlxlite.errors import BadRequest, Busy, IntegrityError, ModelNotFound
+from mlxlite.manifest import (  # noqa: F401  (re-exported: the store's vocabulary)
+    CONFIG_MEDIA_TYPE,
+    DOCKER_CONFIG,
+    DOCKER_MANIFEST,
+    MEDIA_ADAPTER,
+    MEDIA_FILE,
+    MEDIA_GGUF,
+    MEDIA_LICENSE,
+    MEDIA_MESSAGES,
+    MEDIA_OLLAMA_TEMPLATE,
+    MEDIA_PARAMS,
+    MEDIA_PROJECTOR,
+    MEDIA_SYSTEM,
+    MEDIA_TEMPLATE,
+    OCI_MANIFEST,
+    TITLE,
+    Layer,
+    Manifest,
+    build_manifest,
+    check_title,
+    digest_hex,
+)
 from mlxlite.names import ModelName
-
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-CONFIG_MEDIA_TYPE = "application/vnd.mlxlite.model.config.v1+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-TITLE = "org.opencontainers.image.title"
-
-# Layer media types. Files keep Ollama's type for GGUF weights so Ollama's own
-# manifests and ours read the same way; every file layer also carries its title.
-MEDIA_GGUF = "application/vnd.ollama.image.model"
-MEDIA_FILE = "application/vnd.mlxlite.file.v1"
-MEDIA_TEMPLATE = "application/vnd.mlxlite.image.template.jinja"
-MEDIA_OLLAMA_TEMPLATE = "application/vnd.ollama.image.template"
-MEDIA_SYSTEM = "application/vnd.ollama.image.system"
-MEDIA_PARAMS = "application/vnd.ollama.image.params"
-MEDIA_MESSAGES = "application/vnd.ollama.image.messages"
-MEDIA_LICENSE = "application/vnd.ollama.image.license"
-MEDIA_ADAPTER = "application/vnd.ollama.image.adapter"
-MEDIA_PROJECTOR = "application/vnd.ollama.image.projector"
-
-CHUNK = 1 << 20
-TMP_PREFIX = ".tmp-"
-
-
-def digest_hex(digest: str) -> str:
-    return names.parse_digest(digest).split(":", 1)[1]
-
-
-def check_title(title: str) -> str:
-    """A layer title is a relative file path with safe parts; nothing that escapes."""
-    if not isinstance(title, str) or not title or len(title) > 512 or "\x00" in title:
-        raise BadRequest(f"invalid file name {title!r} in manifest")
-    parts = title.split("/")
-    if title.startswith("/") or "\\" in title or any(p in ("", ".", "..") for p in parts):
-        raise BadRequest(f"invalid file name {title!r} in manifest")
-    return title
-
-
-@dataclass(frozen=True)
-class Layer:
-    media_type: str
-    digest: str
-    size: int
-    annotations: dict = field(default_factory=dict, compare=False, hash=False)
-
-    @property
-    def title(self) -> str | None:
-        return self.annotations.get(TITLE)
-
-    def to_json(self) -> dict:
-        out = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
-        if self.annotations:
-            out["annotations"] = dict(self.annotations)
-        return out
-
-    @classmethod
-    def from_json(cls, data: dict) -> Layer:
-        if not isinstance(data, dict):
-            raise IntegrityError("manifest layer is not an object")
-        size = data.get("size")
-        media = data.get("mediaType")
-        if not isinstance(size, int) or size < 0 or not isinstance(media, str):
-            raise IntegrityError("manifest layer lacks a valid size or mediaType")
-        annotations = data.get("annotations") or {}
-        if not isinstance(annotations, dict):
-            raise IntegrityError("manifest layer annotations are not an object")
-        if TITLE in annotations:
-            check_title(annotations[TITLE])
-        return cls(media, names.parse_digest(data.get("digest", "")), size, dict(annotations))
-
-
-@dataclass(frozen=True)
-class Manifest:
-    raw: bytes
-    digest: str
-    config: Layer
-    layers: tuple[Layer, ...]
-
-    @classmethod
-    def parse(cls, raw: bytes) -> Manifest:
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise IntegrityError(f"manifest is not JSON: {exc}") from None
-        if not isinstance(data, dict) or data.get("schemaVersion") != 2:
-            raise IntegrityError("manifest is not a schemaVersion 2 image manifest")
-        layers = data.get("layers")
-        if not isinstance(layers, list):
-            raise IntegrityError("manifest has no layer list")
-        return cls(
-            raw,
-            "sha256:" + hashlib.sha256(raw).hexdigest(),
-            Layer.from_json(data.get("config")),
-            tuple(Layer.from_json(layer) for layer in layers),
-        )
-
-    @property
-    def blobs(self) -> tuple[Layer, ...]:
-        return (self.config, *self.layers)
-
-    @property
-    def size(self) -> int:
-        return sum(layer.size for layer in self.blobs)
-
-    def files(self) -> dict[str, Layer]:
-        """Layers that are files: titled ones, plus Ollama's untitled GGUF weights."""
-        out: dict[str, Layer] = {}
-        for layer in self.layers:
-            if layer.title:
-                out[layer.title] = layer
-            elif layer.media_type == MEDIA_GGUF and "model.gguf" not in out:
-                out["model.gguf"] = layer
-        return out
-
-    def layers_of(self, media_type: str) -> list[Layer]:
-        return [layer for layer in self.layers if layer.media_type == media_type]
-
-
-def build_manifest(config_layer: Layer, layers: list[Layer]) -> bytes:
-    """Canonical OCI manifest bytes (sorted keys, so the same model -> same digest)."""
-    data = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "config": config_layer.to_json(),
-        "layers": [layer.to_json() for layer in layers],
-    }
-    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -183,103 +78,6 @@ class BadBlob:
     digest: str
     reason: str
     models: tuple[str, ...]
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
-    """sha256 and size of a file, read in large chunks (what `verify` and importers use)."""
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb", buffering=0) as fh:
-        buf = bytearray(8 * CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = fh.readinto(buf)
-            if not n:
-                break
-            digest.update(view[:n])
-            size += n
-            if progress:
-                progress(n)
-    return "sha256:" + digest.hexdigest(), size
-
-
-def _reflink(src: Path, dst: Path) -> bool:
-    """Copy-on-write clone: FICLONE on Linux, clonefile on macOS. False if unsupported."""
-    if sys.platform == "darwin":
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.clonefile(os.fsencode(src), os.fsencode(dst), 0) == 0
-    ficlone = 0x40049409
-    try:
-        with open(src, "rb") as s, open(dst, "wb") as d:
-            fcntl.ioctl(d.fileno(), ficlone, s.fileno())
-        return True
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(dst)
-        return False
-
-
-class BlobWriter:
-    """Streams bytes into a temp file in the store, hashing as it goes.
-
-    `commit(expected)` fsyncs, checks the digest (and discards the temp on mismatch),
-    and renames into place. The temp file is flock-held so `prune` skips live writers.
-    """
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        store.blob_dir.mkdir(parents=True, exist_ok=True)
-        self.path = store.blob_dir / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-        self._fh = open(self.path, "xb")
-        fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._hash = hashlib.sha256()
-        self.size = 0
-        self.done = False
-
-    def write(self, data: bytes | memoryview) -> None:
-        self._fh.write(data)
-        self._hash.update(data)
-        self.size += len(data)
-
-    def commit(self, expected: str | None = None) -> str:
-        digest = "sha256:" + self._hash.hexdigest()
-        if expected is not None and names.parse_digest(expected) != digest:
-            self.abort()
-            raise IntegrityError(
-                f"digest mismatch: expected {expected}, got {digest}; the data was discarded"
-            )
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        os.replace(self.path, self.store.blob_path(digest))
-        _fsync_dir(self.store.blob_dir)
-        self.done = True
-        return digest
-
-    def abort(self) -> None:
-        if not self.done:
-            with contextlib.suppress(OSError):
-                self._fh.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-            self.done = True
-
-    def __enter__(self) -> BlobWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.abort()
 
 
 class Store:
@@ -375,7 +173,7 @@ class Store:
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
                 raise
-            method = "reflink" if _reflink(src, tmp) else "copy"
+            method = "reflink" if reflink(src, tmp) else "copy"
         if method == "copy":
             with open(src, "rb") as fh:
                 self.put_stream(fh, expected=digest)
@@ -384,7 +182,7 @@ class Store:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, final)
-        _fsync_dir(self.blob_dir)
+        fsync_dir(self.blob_dir)
         return digest, size, method
 
     def put_json(self, obj: object) -> Layer:
@@ -423,7 +221,7 @@ class Store:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return manifest.digest
 
     def resolve(self, name: ModelName | str) -> ModelEntry:
