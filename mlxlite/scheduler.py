@@ -293,14 +293,12 @@ class Scheduler:
             if _STOP in items:
                 break
             deferred, self._deferred = self._deferred, []
+            self.counters["jobs"] += len(items)
             for ticket in deferred + items:
-                if ticket in items:
-                    self.counters["jobs"] += 1
-                    with self._lock:
-                        self._pending -= 1
                 self._take(ticket)
             self._safe(self.batches.step)
-            with self._lock:
+            with self._lock:    # one update, so a job is always counted once toward max_queue
+                self._pending -= len(items)
                 self._waiting_in_batches = self.batches.waiting() + len(self._deferred)
             self._safe(self._expire)
         # Shutting down: refuse what waits, release every model.
