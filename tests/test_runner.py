@@ -151,6 +151,24 @@ def test_quantized_safetensors_model_on_cpu(store, quantized_st_dir, monkeypatch
         runner.unload(loaded)
 
 
+def test_qwen2_gguf_matches_its_safetensors_reference(store, tiny_qwen2_files):
+    import mlx.core as mx
+    import mlx_lm
+
+    from mlxlite import runner
+    from mlxlite.importers import import_path
+
+    import_path(store, tiny_qwen2_files["gguf"], "tiny-qwen2")
+    loaded = runner.load(store, store.resolve("tiny-qwen2"))
+    try:
+        assert loaded.info["architecture"] == "qwen2"
+        ref, _ = mlx_lm.load(str(tiny_qwen2_files["safetensors"]))
+        ids = runner.tokenize(loaded, "What is the capital of France? 12345")
+        assert mx.abs(loaded.model(mx.array(ids)[None]) - ref(mx.array(ids)[None])).max().item() < 1e-4
+    finally:
+        runner.unload(loaded)
+
+
 def test_corrupted_blob_refuses_to_load(store, tiny_gguf_model):
     from mlxlite import runner
 

@@ -10,6 +10,8 @@
   llama.cpp's Q/K row permutation, no `output.weight` (tied embeddings), and the
   tokenizer as `tokenizer.ggml.*` metadata (gpt2-style vocabulary).
 - `tiny_gguf_bad_arch`: a GGUF whose architecture is "mamba" (unsupported).
+- `tiny_qwen2_files`: {"gguf", "safetensors"}: a tiny qwen2 GGUF (q/k/v biases, no Q/K
+  permutation) and the same network as an mlx-lm directory.
 - `tiny_gguf_model` / `tiny_safetensors_model`: the files imported into the test's store.
 """
 
@@ -253,6 +255,53 @@ def make_models(root: Path) -> dict[str, Path]:
     return {"gguf": gguf_path, "bad": bad, "safetensors": st}
 
 
+def make_qwen2(root: Path) -> dict[str, Path]:
+    """A tiny qwen2 GGUF (q/k/v biases, no Q/K permutation) and its safetensors reference."""
+    import mlx.core as mx
+
+    from mlxlite.gguf import map_name
+
+    tok = build_tokenizer()
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    c = CONFIG
+    rng = np.random.default_rng(1)
+    tensors, ref = [], {}
+    for name, (w, kind) in _tensors(vocab, seed=1).items():
+        if kind.startswith("Q"):
+            data, deq = quantize_rows(w, kind)
+        elif kind == "F16":
+            data, deq = w.astype(np.float16).tobytes(), w
+        else:
+            data, deq = w.tobytes(), w
+        tensors.append((name, w.shape, kind, data))
+        ref[map_name(name)] = deq.astype(np.float32)
+        if name.endswith(("attn_q.weight", "attn_k.weight", "attn_v.weight")):
+            bias = (rng.standard_normal(w.shape[0]) * 0.1).astype(np.float32)
+            bname = name.replace(".weight", ".bias")
+            tensors.append((bname, bias.shape, "F32", bias.tobytes()))
+            ref[map_name(bname)] = bias
+    meta = {
+        "general.architecture": "qwen2", "general.name": "tiny-qwen2", "general.file_type": 3,
+        "qwen2.context_length": c["max_position_embeddings"], "qwen2.embedding_length": c["hidden_size"],
+        "qwen2.block_count": c["num_hidden_layers"], "qwen2.feed_forward_length": c["intermediate_size"],
+        "qwen2.attention.head_count": c["num_attention_heads"],
+        "qwen2.attention.head_count_kv": c["num_key_value_heads"],
+        "qwen2.attention.layer_norm_rms_epsilon": c["rms_norm_eps"], "qwen2.rope.freq_base": 1000000.0,
+        **gguf_tokenizer_metadata(tok),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "tiny-qwen2.gguf"
+    write_gguf(path, meta, tensors)
+    st = root / "tiny-qwen2-st"
+    st.mkdir(exist_ok=True)
+    mx.save_safetensors(str(st / "model.safetensors"), {k: mx.array(v) for k, v in ref.items()})
+    cfg = {k: v for k, v in c.items() if k != "head_dim"}
+    (st / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2", "rope_theta": 1000000.0,
+                                                "vocab_size": vocab}))
+    tok.save(str(st / "tokenizer.json"))
+    return {"gguf": path, "safetensors": st}
+
+
 def permute_qk_inverse(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -260,6 +309,11 @@ def permute_qk_inverse(w: np.ndarray, heads: int) -> np.ndarray:
 @pytest.fixture(scope="session")
 def tiny_files(tmp_path_factory) -> dict[str, Path]:
     return make_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_files(tmp_path_factory) -> dict[str, Path]:
+    return make_qwen2(tmp_path_factory.mktemp("tiny_qwen2"))
 
 
 @pytest.fixture(scope="session")
