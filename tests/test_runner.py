@@ -510,9 +510,11 @@ def test_default_model_matches_an_independent_dequantization_and_answers_paris(d
         ids = runner.tokenize(ours, prompt)
         a = ours.model(mx.array(ids)[None])[0, -1]
         b = ref(mx.array(ids)[None])[0, -1]
-        # Same float32 values on both sides (mx.load's Q4_1/Q8_0 decoding vs numpy over the raw
-        # blocks); only matmul summation order differs: far below 1e-2 on logits of size ~20.
-        assert mx.abs(a - b).max().item() < 1e-2
+        # Same float32 weight values on both sides (mx.load's Q4_1/Q8_0 decoding vs numpy over the
+        # raw blocks): measured 0.0 here, 2e-4 on the packed path (quantized_matmul sums in
+        # another order). 1e-3 on logits up to ~40 allows summation order and nothing else:
+        # one wrong nibble order, scale or un-permute moves logits by whole units.
+        assert mx.abs(a - b).max().item() < 1e-3
         assert mx.argmax(a).item() == mx.argmax(b).item()
     finally:
         runner.unload(ours)
