@@ -159,3 +159,21 @@ def test_kept_cache_serves_a_longer_prompt(tiny):
     assert [p.token for p in got[0]] == [p.token for p in want[0]]
     assert (got[1].prompt_tokens, got[1].prompt_eval_tokens) == (len(follow), len(follow) - n)
     assert cache[0].offset == n       # the stored cache was not touched
+
+
+def test_a_constrained_member_matches_its_solo_output(tiny):
+    from mlxlite import constrain, runner
+
+    ids = runner.tokenize(tiny, PROMPTS[3])
+
+    def con():
+        return constrain.TokenConstraint("json", runner.token_bytes(tiny), tiny.eos_token_ids)
+
+    items = list(runner.generate(tiny, ids, opts(num_predict=30, **GREEDY), constraint=con()))
+    want = text(items[:-1], items[-1])
+    dec = runner.decoder(tiny, 8)
+    dec.add("json", ids, opts(num_predict=30, **GREEDY), constraint=con())
+    for k, p in enumerate(PROMPTS[:3]):
+        dec.add(k, runner.tokenize(tiny, p), opts(num_predict=30, **GREEDY))
+    got = drive(dec)
+    assert text(*got["json"]) == want and want.strip()[:1] in "{[\"-0123456789tfn"
