@@ -8,6 +8,7 @@ model object is driven three ways, alternating rounds so machine noise hits all 
   - `POST /api/generate` streaming (raw prompt: the server tokenizes it to exactly the
     same ids; greedy; EOS disabled so all make N tokens).
 TTFT is measured by the caller (request sent -> first text line received for HTTP).
+Every call gets a fresh prompt of the same length, so no path is helped by a prefix cache.
 Goals (issue 4): server decode tok/s / mlx_lm >= 0.98; server TTFT <= raw + 10 ms.
 For reference, `mlx_lm.server` serves the same float32 weights (saved to a temp model
 dir) and is measured through `/v1/completions` streaming, like our `/v1/completions`.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import os
 import random
@@ -148,31 +150,44 @@ def child(args: argparse.Namespace) -> dict:
     loaded.eos_token_ids = frozenset()          # every engine makes exactly N tokens
     loaded.tokenizer.eos_token_ids = set()
     text = WORDS * (1 + args.prompt_tokens // 20)
-    prompt_text = runner.detokenize(loaded, runner.tokenize(loaded, text, add_special=False)[: args.prompt_tokens])
-    ids = runner.tokenize(loaded, prompt_text)     # exactly what a raw request tokenizes to
     opts = options.parse({"temperature": 0, "num_predict": args.tokens, "num_ctx": 4096})
-    body = {"model": "bench", "prompt": prompt_text, "raw": True, "stream": True,
-            "options": {"temperature": 0, "num_predict": args.tokens, "num_ctx": 4096}}
-    completions = {"model": "bench", "prompt": prompt_text, "max_tokens": args.tokens, "temperature": 0,
-                   "stream": True, "stream_options": {"include_usage": True}}
+    counter = itertools.count()
+
+    def fresh() -> tuple[str, list[int]]:
+        """A new prompt of the same length for every call, different from its first token,
+        so no path is served from a prompt-prefix cache (this measures overhead, not caching)."""
+        unique = f"{next(counter) * 7919 % 100000}. {text}"
+        prompt = runner.detokenize(loaded, runner.tokenize(loaded, unique, add_special=False)[: args.prompt_tokens])
+        return prompt, runner.tokenize(loaded, prompt)     # exactly what a raw request tokenizes to
+
+    def native(prompt: str) -> dict:
+        return {"model": "bench", "prompt": prompt, "raw": True, "stream": True,
+                "options": {"temperature": 0, "num_predict": args.tokens, "num_ctx": 4096}}
+
+    def completions(prompt: str, model: str = "bench") -> dict:
+        return {"model": model, "prompt": prompt, "max_tokens": args.tokens, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}}
 
     def raw_mlx_lm():
-        return mlx_lm.stream_generate(loaded.model, loaded.tokenizer, ids, max_tokens=args.tokens,
-                                      prefill_step_size=opts.num_batch)
+        ids = fresh()[1]
+        return _stamps(lambda: mlx_lm.stream_generate(loaded.model, loaded.tokenizer, ids, max_tokens=args.tokens,
+                                                      prefill_step_size=opts.num_batch))
 
     def raw_runner():
-        return (p for p in runner.generate(loaded, ids, opts) if isinstance(p, runner.Piece))
+        ids = fresh()[1]
+        return _stamps(lambda: (p for p in runner.generate(loaded, ids, opts) if isinstance(p, runner.Piece)))
 
     ways = {
-        "mlx_lm": lambda: _stamps(raw_mlx_lm),
-        "runner": lambda: _stamps(raw_runner),
-        "server": lambda: _http_stream(host, port, "/api/generate", body, sse=False),
-        "server_v1": lambda: _http_stream(host, port, "/v1/completions", completions, sse=True),
+        "mlx_lm": raw_mlx_lm,
+        "runner": raw_runner,
+        "server": lambda: _http_stream(host, port, "/api/generate", native(fresh()[0]), sse=False),
+        "server_v1": lambda: _http_stream(host, port, "/v1/completions", completions(fresh()[0]), sse=True),
     }
+    ids = fresh()[1]
     ref = _start_mlx_lm_server(loaded, args.gguf, tmp) if args.mlx_lm_server else None
     if ref is not None:
         ways["mlx_lm.server"] = lambda: _http_stream("127.0.0.1", ref[1], "/v1/completions",
-                                                     {**completions, "model": "default_model"}, sse=True)
+                                                     completions(fresh()[0], "default_model"), sse=True)
     results: dict[str, list] = {name: [] for name in ways}
     try:
         for fn in ways.values():    # warm-up
