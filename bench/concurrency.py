@@ -169,10 +169,14 @@ def memory(args: argparse.Namespace) -> None:
                 n = done
             _stream(host, port, "tiny", _prompt(i % 50) + " " + "x" * (i % 7), 16)
             i += 4
-            if n in (100, args.requests):
+            if n in (100, 500, args.requests):
                 gc.collect()
                 with lock:
                     marks[n] = _rss()
+                    import mlx.core as mx
+                    print(f"  after {n}: rss {marks[n] / 2**20:.1f} MiB, mlx active "
+                          f"{mx.get_active_memory() / 2**20:.1f} MiB, mlx cache {mx.get_cache_memory() / 2**20:.1f} MiB, "
+                          f"prefix {server.app.scheduler.batches.prefix.stats()}", flush=True)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
     for t in threads:

@@ -224,7 +224,10 @@ class Decoder:
         if keep_caches and self.keep_caches:
             for i in indices:
                 seq = self._batch[i]
-                self._kept[seq.key] = (list(seq.fed), self._extract(i))
+                kept = self._extract(i)
+                # Evaluate now: a lazy extract would pin the whole batch buffer it slices.
+                mx.eval([a for c in kept for a in (c.keys, c.values) if a is not None])
+                self._kept[seq.key] = (list(seq.fed), kept)
         gone = set(indices)
         keep = [i for i in range(len(self._batch)) if i not in gone]
         if not keep:
@@ -232,6 +235,7 @@ class Decoder:
         elif len(self._batch) > 1:
             if len(keep) == 1:
                 self._cache = [c.extract(keep[0]) for c in self._cache]
+                mx.eval([a for c in self._cache for a in (c.keys, c.values)])
             else:
                 for c in self._cache:
                     c.filter(keep)
@@ -244,6 +248,7 @@ class Decoder:
         if seq.slice_used < self.time_slice:
             return
         seq.cache = self._extract(i)
+        mx.eval([a for c in seq.cache for a in (c.keys, c.values) if a is not None])
         self._leave([i], keep_caches=False)
         self._waiting.append(seq)
 
