@@ -177,3 +177,19 @@ def test_a_constrained_member_matches_its_solo_output(tiny):
         dec.add(k, runner.tokenize(tiny, p), opts(num_predict=30, **GREEDY))
     got = drive(dec)
     assert text(*got["json"]) == want and want.strip()[:1] in "{[\"-0123456789tfn"
+
+
+@pytest.mark.parametrize("kw", [dict(num_predict=20), dict(num_predict=20, repeat_penalty=1.3, repeat_last_n=8),
+                                dict(num_predict=30, stop=["e"]), dict(num_predict=12, temperature=0.8, seed=3)])
+def test_a_request_alone_in_the_batch_path_is_exactly_generate(tiny, kw):
+    from mlxlite import runner
+
+    kw = {**GREEDY, **kw}
+    ids = runner.tokenize(tiny, PROMPTS[2])
+    pieces, finish = alone(tiny, ids, **kw)
+    dec = runner.decoder(tiny, 8)
+    dec.add("x", ids, opts(**kw))
+    got_pieces, got_finish = drive(dec)["x"]
+    assert [(p.token, p.text, p.logprob) for p in got_pieces] == [(p.token, p.text, p.logprob) for p in pieces]
+    assert (got_finish.reason, got_finish.eval_tokens, got_finish.text_tail) == \
+        (finish.reason, finish.eval_tokens, finish.text_tail)
