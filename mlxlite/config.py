@@ -98,6 +98,8 @@ SETTINGS: tuple[Setting, ...] = (
             "most models resident at once; the least recently used idle one is evicted"),
     Setting("prefix_cache_bytes", "MLXLITE_PREFIX_CACHE_BYTES", 1 << 30, int,
             "memory budget of the prompt-prefix KV cache, in bytes"),
+    Setting("prefix_cache_disk_bytes", "MLXLITE_PREFIX_CACHE_DISK_BYTES", 256 << 20, int,
+            "prefix caches saved under MLXLITE_HOME when a model unloads, reused after a restart (0: off)"),
     Setting("memory_budget_bytes", "MLXLITE_MEMORY_BUDGET_BYTES", 0, int,
             "refuse to load models past this many bytes (0: 75% of physical memory)"),
     Setting("max_body_bytes", "MLXLITE_MAX_BODY_BYTES", 32 << 20, int,

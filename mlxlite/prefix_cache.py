@@ -10,8 +10,8 @@ Contract:
     Entries whose tokens are a prefix of the new ones are dropped (the new one serves them
     too); then least recently used entries go until the total fits `max_bytes`. An entry
     larger than the whole budget is not kept.
-  - `drop_model(model)` (on unload), `clear()`, `stats()` (hits, misses, tokens saved,
-    entries, bytes) for metrics.
+  - `drop_model(model)` (on unload), `entries(model)` (for persisting), `clear()`,
+    `stats()` (hits, misses, tokens saved, entries, bytes) for metrics.
 The caches are opaque here (sizes come from the engine), so this module has no mlx and is
 exact to test. Thread-safe (one lock), though only the MLX thread inserts and looks up.
 """
@@ -100,6 +100,11 @@ class PrefixCache:
     def _drop(self, eid: int) -> None:
         e = self._entries.pop(eid)
         self._bytes -= e.nbytes
+
+    def entries(self, model: str) -> list[tuple[tuple[int, ...], Any, int]]:
+        """(tokens, cache, nbytes) of one model's entries, most recently used first."""
+        with self._lock:
+            return [(e.tokens, e.cache, e.nbytes) for e in reversed(self._entries.values()) if e.model == model]
 
     def drop_model(self, model: str) -> None:
         with self._lock:

@@ -49,6 +49,7 @@ __all__ = [
     "Loaded", "Piece", "Finish", "load", "unload", "tokenize", "detokenize", "token_bytes", "generate",
     "embed", "context_window", "make_sampler", "make_processors", "allowed_logits", "new_cache", "prefill",
     "TextStream", "StopMatcher", "on_cpu", "memory_budget", "decoder", "cache_nbytes", "cache_prefix",
+    "save_cache", "load_cache",
 ]
 
 
@@ -468,3 +469,15 @@ def cache_prefix(cache: list[Any], n: int) -> list[Any] | None:
     from mlxlite.runner_batch import cache_prefix as prefix
 
     return prefix(cache, n)
+
+
+def save_cache(path: str, cache: list[Any], tokens: list[int]) -> None:
+    from mlxlite.runner_batch import save_cache as save
+
+    save(path, cache, tokens)
+
+
+def load_cache(path: str) -> tuple[list[Any], list[int]]:
+    from mlxlite.runner_batch import load_cache as load_
+
+    return load_(path)

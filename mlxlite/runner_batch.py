@@ -335,3 +335,34 @@ def cache_prefix(cache: list[Any], n: int) -> list[Any] | None:
         k.keys, k.values, k.offset = c.keys[..., :n, :], c.values[..., :n, :], n
         out.append(k)
     return out
+
+
+def save_cache(path: str, cache: list[Any], tokens: list[int]) -> None:
+    """Write a plain KV cache (the tokens it holds in the metadata) as safetensors."""
+    import json
+
+    arrays = {}
+    for i, c in enumerate(cache):
+        arrays[f"{i}.keys"] = c.keys[..., :c.offset, :]
+        arrays[f"{i}.values"] = c.values[..., :c.offset, :]
+    mx.save_safetensors(path, arrays, metadata={"tokens": json.dumps([int(t) for t in tokens]),
+                                                "layers": str(len(cache))})
+
+
+def load_cache(path: str) -> tuple[list[Any], list[int]]:
+    """Read what `save_cache` wrote: (caches, tokens). ValueError if it doesn't add up."""
+    import json
+
+    from mlx_lm.models.cache import KVCache
+
+    arrays, meta = mx.load(path, return_metadata=True)
+    tokens = json.loads(meta["tokens"])
+    cache = []
+    for i in range(int(meta["layers"])):
+        c = KVCache()
+        c.keys, c.values = arrays[f"{i}.keys"], arrays[f"{i}.values"]
+        c.offset = c.keys.shape[2]
+        if c.offset != len(tokens):
+            raise ValueError("cache length does not match its tokens")
+        cache.append(c)
+    return cache, tokens

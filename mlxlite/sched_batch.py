@@ -11,6 +11,9 @@ Contract (used by `scheduler.Scheduler` on its MLX thread only; no mlx import):
     sequence's KV cache goes into the prefix cache; a model whose decoder empties is
     released (its keep-alive starts). A sequence dropped before it ran gets `Failed(Cancelled)`.
   - `has_work()`, `busy_digests()`, `active()`, `waiting()`, `drop(digest)` (on unload).
+  - Persistence: when a model unloads, its prefix-cache entries (most recent first, up to
+    `prefix_cache_disk_bytes`) are written under `$MLXLITE_HOME/cache/prefix/<digest>/`
+    (engine `save_cache`); when it loads again (a restart too) they are read back.
 Decoder protocol: `add(key, tokens, options, truncate=, constraint=, prompt_cache=,
 cached_tokens=) -> prompt length`; `step(is_cancelled) -> [(key, Piece | Finish | None)]`
 (None: cancelled before any work ran); `len()`, `.active`, `.waiting`, `take_cache(key)`,
@@ -127,6 +130,7 @@ class Batches:
         self._members: dict[int, _Member] = {}    # ticket id -> member
         self._rr = 0
         self._keep_of: dict[str, float | None] = {}   # digest -> keep_alive of its last finished job
+        self._restored: set[str] = set()               # models whose saved prefix caches were read
         self._recent: deque = deque()                  # (monotonic time, tokens) of the last seconds
         self._recent_lock = threading.Lock()
         self.metrics = m = Registry()
@@ -196,7 +200,56 @@ class Batches:
             else:
                 dec = SerialDecoder(engine, resident.loaded, self._cancel_event)
             self._decoders[digest] = dec
+            self._restore(digest)
         return dec
+
+    # ---- persistence of prefix caches -------------------------------------------------------
+    def _disk_dir(self, digest: str) -> Any:
+        return config.home() / "cache" / "prefix" / digest.replace(":", "-")
+
+    def _disk_budget(self) -> int:
+        engine = self.sched.engine
+        if not self.prefix.enabled or not hasattr(engine, "save_cache"):
+            return 0
+        return int(config.get("prefix_cache_disk_bytes") or 0)
+
+    def _persist(self, digest: str) -> None:
+        budget = self._disk_budget()
+        if budget <= 0:
+            return
+        import hashlib
+        import shutil
+
+        folder = self._disk_dir(digest)
+        shutil.rmtree(folder, ignore_errors=True)
+        used = 0
+        for tokens, cache, nbytes in self.prefix.entries(digest):
+            if used + nbytes > budget:
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            name = hashlib.sha256(repr(tokens).encode()).hexdigest()[:24]
+            tmp = folder / f".{name}.safetensors"
+            self.sched.engine.save_cache(str(tmp), cache, list(tokens))
+            os.replace(tmp, folder / f"{name}.safetensors")
+            used += nbytes
+
+    def _restore(self, digest: str) -> None:
+        if self._disk_budget() <= 0:
+            return
+        self._restored.add(digest)
+        folder = self._disk_dir(digest)
+        if not folder.is_dir():
+            return
+        engine = self.sched.engine
+        # Written most recently used first: insert in reverse so that order survives.
+        files = sorted(folder.glob("*.safetensors"), key=lambda f: f.stat().st_mtime, reverse=True)
+        for f in files:
+            try:
+                cache, tokens = engine.load_cache(str(f))
+                self.prefix.insert(digest, tokens, cache, int(engine.cache_nbytes(cache)))
+            except Exception as exc:  # a damaged file is only a lost cache
+                log.warning("dropping unreadable prefix cache %s: %s", f, exc)
+                f.unlink(missing_ok=True)
 
     def _cancel_event(self, key: int) -> Any:
         member = self._members.get(key)
@@ -319,6 +372,12 @@ class Batches:
                     self._members.pop(key, None)
                     member.ticket.replies.put(Failed(Cancelled("the model was unloaded")))
             dec.close()
+        try:
+            if digest in self._restored:    # else this residency never read its files: keep them
+                self._restored.discard(digest)
+                self._persist(digest)
+        except Exception:
+            log.exception("saving prefix caches failed")
         self.prefix.drop_model(digest)
 
     def close(self) -> None:

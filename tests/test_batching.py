@@ -237,3 +237,15 @@ def test_metrics_page_has_the_batching_figures(store, tiny_gguf_model):
             assert name in text, name
         (line,) = [r for r in srv.log_lines() if r.get("path") == "/api/generate"]
         assert {"queue_ms", "cached_tokens", "eval_tps", "prompt_eval_tokens"} <= set(line)
+
+
+def test_prefix_cache_survives_a_restart(store, tiny_gguf_model):
+    body = {"model": tiny_gguf_model, "prompt": "The quick brown fox jumps", "stream": False,
+            "options": {"temperature": 0, "num_predict": 6}}
+    with RunningServer(None, store) as srv:
+        status, one = post(srv, "/api/generate", body)
+        assert status == 200 and "prompt_cached_count" not in one
+    # Closing the server unloaded the model, which wrote its prefix caches to disk.
+    with RunningServer(None, store) as srv:
+        status, two = post(srv, "/api/generate", {**body, "context": one["context"], "prompt": " over"})
+        assert status == 200 and two["prompt_cached_count"] == len(one["context"]) - 1
