@@ -291,6 +291,9 @@ class Scheduler:
             except queue.Empty:
                 pass
             if _STOP in items:
+                for ticket in items:
+                    if ticket is not _STOP:
+                        ticket.replies.put(Failed(Busy("server is shutting down")))
                 break
             deferred, self._deferred = self._deferred, []
             self.counters["jobs"] += len(items)
