@@ -64,6 +64,7 @@ def _events(ctx: Any, ticket: Any, summary: Summary, tool_names: list[str] | Non
             summary.load_seconds = event.load_seconds
             summary.tokens = list(event.prompt_tokens)
             ctx.log["queue_ms"] = round(getattr(event, "queue_seconds", 0.0) * 1e3, 2)
+            ctx.log["batch_size"] = getattr(event, "batch_size", 0)
             continue
         if is_finish(event):
             summary.reason = event.reason

@@ -281,7 +281,7 @@ class Batches:
         member = _Member(ticket, job, digest)
         self._members[ticket.id] = member
         queue_s = time.monotonic() - ticket.submitted
-        ticket.replies.put(Ready(load_seconds, tuple(tokens), queue_seconds=queue_s))
+        ticket.replies.put(Ready(load_seconds, tuple(tokens), queue_seconds=queue_s, batch_size=len(dec)))
         self.queue_seconds.observe(queue_s)
 
     # ---- stepping ---------------------------------------------------------------------------

@@ -80,6 +80,7 @@ class Ready:
     load_seconds: float
     prompt_tokens: tuple[int, ...] = ()
     queue_seconds: float = 0.0
+    batch_size: int = 0             # sequences of this model decoding or waiting, this one included
 
 
 @dataclass(frozen=True)

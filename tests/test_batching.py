@@ -236,7 +236,8 @@ def test_metrics_page_has_the_batching_figures(store, tiny_gguf_model):
                      "mlxlite_prefix_cache_tokens_saved_total", "mlxlite_loaded_models 1", "mlxlite_loaded_bytes"):
             assert name in text, name
         (line,) = [r for r in srv.log_lines() if r.get("path") == "/api/generate"]
-        assert {"queue_ms", "cached_tokens", "eval_tps", "prompt_eval_tokens"} <= set(line)
+        assert {"queue_ms", "cached_tokens", "eval_tps", "prompt_eval_tokens", "batch_size"} <= set(line)
+        assert line["batch_size"] == 1
 
 
 def test_prefix_cache_survives_a_restart(store, tiny_gguf_model):
