@@ -84,6 +84,7 @@ class Decoder:
         self._kept: dict[Any, tuple[list[int], list[Any]]] = {}
         self._steps = 0
         self._mergeable: bool | None = None
+        self._probe: list[Any] = []
 
     # ---- queries --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -164,8 +165,8 @@ class Decoder:
         if self._mergeable is None:
             from mlxlite import runner
 
-            probe = runner.new_cache(self.loaded)
-            self._mergeable = all(hasattr(type(c), "merge") for c in probe)
+            self._probe = runner.new_cache(self.loaded)
+            self._mergeable = all(hasattr(type(c), "merge") for c in self._probe)
         return self._mergeable
 
     def _admit(self, is_cancelled: Callable[[Any], bool], out: list) -> None:
@@ -176,7 +177,7 @@ class Decoder:
         room = self.max_batch if self._can_merge() else 1
         if len(self._batch) >= room and self._waiting:
             self._park_one()
-        prefilled = False
+        prefilled = self._prefill_group(room)
         for seq in list(self._waiting):
             if len(self._batch) >= room:
                 break
@@ -197,6 +198,52 @@ class Decoder:
                     break
             self._waiting.remove(seq)
             self._join(seq)
+
+    def _prefill_group(self, room: int) -> bool:
+        """New short prompts at the head of the queue (each within one chunk) are prefilled
+        together in one left-padded forward pass and join at once: concurrent arrivals cost
+        one batched pass instead of one pass each. False if there was no such group."""
+        from mlx_lm.generate import generation_stream
+        from mlx_lm.models.cache import BatchKVCache
+
+        group: list[_Seq] = []
+        for seq in self._waiting:
+            if len(self._batch) + len(group) >= room:
+                break
+            if seq.cache is not None or seq.pos != 0 or len(seq.prompt) - 1 > seq.step:
+                break
+            group.append(seq)
+        lens = [len(s.prompt) - 1 for s in group]
+        if len(group) < 2 or max(lens) == 0 or not self._plain_kv():
+            return False
+        width = max(lens)
+        pads = [width - n for n in lens]
+        layers = len(self._probe)
+        caches = [BatchKVCache(pads) for _ in range(layers)]
+        rows = mx.array([[0] * p + s.prompt[:n] for s, p, n in zip(group, pads, lens, strict=True)], dtype=mx.uint32)
+        t0 = time.perf_counter()
+        with mx.stream(generation_stream):
+            self.loaded.model(rows, cache=caches)
+            mx.eval([a for c in caches for a in (c.keys, c.values)])
+        for s, n in zip(group, lens, strict=True):
+            s.t0, s.pos = t0, n
+            s.fed.extend(s.prompt[:n])
+            s.slice_used = 0
+            self._waiting.remove(s)
+        if not self._batch:
+            self._cache = caches
+        else:
+            if len(self._batch) == 1:
+                self._cache = [BatchKVCache.merge([c]) for c in self._cache]
+            for c, g in zip(self._cache, caches, strict=True):
+                c.extend(g)
+        self._batch.extend(group)
+        return True
+
+    def _plain_kv(self) -> bool:
+        from mlx_lm.models.cache import KVCache
+
+        return self._can_merge() and all(type(c) is KVCache for c in self._probe)
 
     def _join(self, seq: _Seq) -> None:
         from mlx_lm.models.cache import BatchKVCache
