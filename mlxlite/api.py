@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from mlxlite import config, names, options
+from mlxlite import config, names, options, templates
 from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.names import ModelName
 
@@ -107,6 +107,9 @@ def format_spec(value: Any, key: str = "format") -> str | dict | None:
     if value == "json":
         return "json"
     if isinstance(value, dict):
+        from mlxlite.constrain_schema import compile_spec
+
+        compile_spec(value)  # a bad or unsupported schema is a 400 now, before any model loads
         return value
     raise BadRequest(f'invalid {key}: expected "json" or a JSON schema object')
 
@@ -216,13 +219,8 @@ class PromptSpec:
         if self.template is not None:
             text = render_go_template(self.template, system or "", self.prompt or "")
             return context + engine.tokenize(loaded, text, add_special=not context)
-        # System prompt first, then the model's MESSAGE history, then the request's turns.
         chat = list(self.messages) if self.messages is not None else [{"role": "user", "content": self.prompt or ""}]
-        messages = []
-        if system and not any(m.get("role") == "system" for m in chat):
-            messages.append({"role": "system", "content": system})
-        messages.extend(loaded.messages or [])
-        messages.extend(chat)
+        messages = templates.assemble(chat, system, loaded.messages)
         text = loaded.template.render(messages, tools=list(self.tools) if self.tools else None,
                                       add_generation_prompt=True)
         return context + engine.tokenize(loaded, text, add_special=False)

@@ -100,12 +100,9 @@ class LocalBackend:
             stats.load = self.load_seconds
         loaded = self.loaded
         options = loaded.defaults.merged(overrides)
-        from mlxlite.templates import with_system
+        from mlxlite.templates import assemble
 
-        # Ollama's order: system prompt, then the model's example messages, then the chat.
-        system = next((m["content"] for m in messages if m.get("role") == "system"), None) or loaded.system
-        chat_turns = [m for m in messages if m.get("role") != "system"]
-        full = with_system([*(loaded.messages or []), *chat_turns], system)
+        full = assemble(messages, loaded.system, loaded.messages)
         prompt = loaded.template.render(full, add_generation_prompt=True)
         tokens = runner.tokenize(loaded, prompt, add_special=False)
         constraint = None

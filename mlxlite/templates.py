@@ -149,3 +149,11 @@ def with_system(messages: list[dict], system: str | None) -> list[dict]:
     if not system or any(m.get("role") == "system" for m in messages):
         return list(messages)
     return [{"role": "system", "content": system}, *messages]
+
+
+def assemble(chat: list[dict], system: str | None, model_messages: list[dict] | None) -> list[dict]:
+    """Ollama's order: the system prompt (the chat's own, else the model's), then the
+    model's example MESSAGEs, then the chat's turns."""
+    own = next((m.get("content") for m in chat if m.get("role") == "system"), None)
+    turns = [m for m in chat if m.get("role") != "system"]
+    return with_system([*(model_messages or []), *turns], own if own is not None else system)

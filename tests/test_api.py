@@ -59,7 +59,9 @@ def test_prompt_spec_uses_model_system_messages_and_template():
     own = api.PromptSpec("m", prompt="q", system="mine")
     assert engine.detokenize(loaded, own.to_tokens(loaded, engine)).startswith("<|system|>mine\n<|user|>earlier")
     given = api.PromptSpec("m", messages=({"role": "system", "content": "req"}, {"role": "user", "content": "x"}))
-    assert engine.detokenize(loaded, given.to_tokens(loaded, engine)).startswith("<|user|>earlier\n<|system|>req")
+    # A request's own system prompt also goes first (Ollama would put it after the model's
+    # MESSAGEs, which makes templates like SmolLM2's inject their default system prompt).
+    assert engine.detokenize(loaded, given.to_tokens(loaded, engine)).startswith("<|system|>req\n<|user|>earlier")
     with pytest.raises(BadRequest, match="does not support insert"):
         api.PromptSpec("m", prompt="a", suffix="b").to_tokens(loaded, engine)
     loaded.template.supports_tools = False
