@@ -25,6 +25,10 @@ def _fields(ctx: Any) -> tuple[str, bool, bool]:
     model = body.get("model") or body.get("name")
     if not isinstance(model, str) or not model:
         raise BadRequest("missing 'model'")
+    if model.lower().startswith("oci-layout:"):
+        # A layout is a path on the server's disk: not something a remote client may name.
+        raise BadRequest("oci-layout: sources are local paths; run `mlxlite pull oci-layout:PATH` "
+                         "or `mlxlite import PATH` on the server's machine")
     if not model.startswith(("http://", "https://")):
         names.parse(model)  # a bad name is a 400 now, not an error line later
     flags = []

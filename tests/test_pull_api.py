@@ -74,6 +74,8 @@ def test_pull_without_stream_and_errors(srv, store, registry):
     assert post(srv, "/api/pull", {})[0] == 400
     assert post(srv, "/api/pull", {"model": "bad name!"})[0] == 400
     assert post(srv, "/api/push", {"model": "nothing-here:v1"})[0] == 404
+    status, body = post(srv, "/api/pull", {"model": "oci-layout:packages"})  # a server-side path
+    assert status == 400 and "local paths" in body["error"]
 
 
 def test_ollama_client_pulls_and_pushes(srv, store, registry):
