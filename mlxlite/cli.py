@@ -442,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("mlx", "mlx_lm", "tokenizers", "jinja2", "numpy"):
+            raise
+        _say(f"error: the Python package {exc.name!r} is missing; install mlxlite's dependencies "
+             "(pip install -e ., or pip install 'mlx[cpu]' mlx-lm tokenizers on Linux)")
+        return 1
     except (OSError, ValueError) as exc:
         if os.environ.get("MLXLITE_DEBUG"):
             raise

@@ -91,3 +91,12 @@ def test_help_and_list_do_not_import_mlx(tmp_path):
         proc = subprocess.run([sys.executable, "-c", probe, *argv], cwd=ROOT, capture_output=True, text=True,
                               env={"MLXLITE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
         assert "OK 0" in proc.stdout, proc.stderr
+
+
+def test_pyproject_version_matches_the_package():
+    import re
+
+    from mlxlite import __version__
+
+    text = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == __version__
