@@ -20,7 +20,9 @@ running batch at the next step and leave when done or cancelled; `num_parallel` 
 batch. A model is busy while its decoder holds sequences: only idle models are evicted
 (LRU) or expire; a job for a model that can't be loaded yet (all slots busy, or over
 `memory_budget_bytes` until a busy model goes idle) waits; one that could never fit gets
-`OutOfMemory`. Load/embed jobs run between steps. `max_queue` bounds the jobs queued plus
+`OutOfMemory`. Load/embed jobs run between steps. Models interleave step by step when
+they are loaded together (`max_loaded_models` >= 2, default 3); at 1, a job for another
+model waits until the running model's batch drains (its members are not preempted). `max_queue` bounds the jobs queued plus
 those admitted but not yet decoding. This module never imports mlx itself.
 """
 
