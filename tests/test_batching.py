@@ -250,3 +250,20 @@ def test_prefix_cache_survives_a_restart(store, tiny_gguf_model):
     with RunningServer(None, store) as srv:
         status, two = post(srv, "/api/generate", {**body, "context": one["context"], "prompt": " over"})
         assert status == 200 and two["prompt_cached_count"] == len(one["context"]) - 1
+
+
+def test_stop_on_a_busy_model_unloads_it_once_its_batch_drains(store, tiny_gguf_model):
+    sched = Scheduler(store, Slow(0.01), keep_alive=300)
+    with RunningServer(None, store, scheduler=sched) as srv:
+        started = threading.Event()
+        result: list = []
+        body = {"model": tiny_gguf_model, "prompt": "hi", "options": {"temperature": 0, "num_predict": 40}}
+        t = threading.Thread(target=lambda: result.append(stream(srv, body, started=started)))
+        t.start()
+        started.wait(60)
+        status, out = post(srv, "/api/generate", {"model": tiny_gguf_model, "keep_alive": 0, "stream": False})
+        assert status == 200 and out["done_reason"] == "unload"
+        assert [r.name for r in sched.ps()] == ["tiny-gguf:latest"]     # still serving its stream
+        t.join(60)
+        assert result[0][1]["done"] and result[0][1]["eval_count"] == 40
+        wait_for(lambda: sched.ps() == [], 30, "the unload after the stream")
