@@ -72,6 +72,7 @@ class Decoder:
     """Batched decoding for one loaded model (see module doc)."""
 
     time_slice = 128                        # tokens a member may decode while others wait
+    lookahead = True                        # queue step t+1 before handing out step t's tokens
 
     def __init__(self, loaded: Any, max_batch: int, *, keep_caches: bool = False) -> None:
         self.loaded = loaded
@@ -85,6 +86,7 @@ class Decoder:
         self._steps = 0
         self._mergeable: bool | None = None
         self._probe: list[Any] = []
+        self._inflight: tuple[Any, Any] | None = None   # a queued look-ahead step (tokens, logprobs)
 
     # ---- queries --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -127,10 +129,11 @@ class Decoder:
     # ---- one unit of work -----------------------------------------------------------------
     def step(self, is_cancelled: Callable[[Any], bool]) -> list[tuple[Any, Any]]:
         out, self._done = self._done, []
-        self._drop_cancelled(is_cancelled, out)
-        self._admit(is_cancelled, out)
+        if self._inflight is None:     # membership changes only between computed steps
+            self._drop_cancelled(is_cancelled, out)
+            self._admit(is_cancelled, out)
         if self._batch:
-            self._decode(out)
+            self._decode(out, is_cancelled)
         return out
 
     def _finish(self, seq: _Seq, reason: str, tail: str = "") -> Any:
@@ -266,12 +269,15 @@ class Decoder:
             return self._cache
         return [c.extract(i) for c in self._cache]
 
-    def _leave(self, indices: list[int], keep_caches: bool) -> None:
-        """Members at `indices` leave; their caches are kept (for the prefix cache) if asked."""
+    def _leave(self, indices: list[int], keep_caches: bool, ahead: bool = False) -> None:
+        """Members at `indices` leave; their caches are kept (for the prefix cache) if asked.
+        `ahead`: a look-ahead step already fed each member's last token: cut it off."""
         if keep_caches and self.keep_caches:
             for i in indices:
                 seq = self._batch[i]
                 kept = self._extract(i)
+                if ahead:
+                    kept = [_trimmed(c) for c in kept]
                 # Evaluate now: a lazy extract would pin the whole batch buffer it slices.
                 mx.eval([a for c in kept for a in (c.keys, c.values) if a is not None])
                 self._kept[seq.key] = (list(seq.fed), kept)
@@ -299,13 +305,11 @@ class Decoder:
         self._leave([i], keep_caches=False)
         self._waiting.append(seq)
 
-    def _decode(self, out: list) -> None:
+    def _forward(self, inputs: mx.array) -> tuple[mx.array, mx.array]:
+        """One decode step's graph for the whole batch: sampled tokens [B] and their logprobs."""
         from mlx_lm.generate import generation_stream
 
-        from mlxlite.runner import Piece
-
         batch, eos = self._batch, self.loaded.eos_token_ids
-        inputs = mx.array([s.next_input for s in batch], dtype=mx.uint32)
         with mx.stream(generation_stream):
             logits = self.loaded.model(inputs[:, None], cache=self._cache)[:, -1, :]
             if any(s.processors or s.constraint is not None for s in batch):
@@ -326,10 +330,33 @@ class Decoder:
             else:
                 toks = mx.concatenate([s.sampler(logprobs[i:i + 1]).reshape(1) for i, s in enumerate(batch)])
             lps = mx.take_along_axis(logprobs, toks[:, None], axis=-1)[:, 0]
+        return toks, lps
+
+    def _decode(self, out: list, is_cancelled: Callable[[Any], bool]) -> None:
+        from mlxlite.runner import Piece
+
+        batch, eos = self._batch, self.loaded.eos_token_ids
+        if self._inflight is not None:
+            toks, lps = self._inflight
+            self._inflight = None
+        else:
+            toks, lps = self._forward(mx.array([s.next_input for s in batch], dtype=mx.uint32))
+        # Look ahead (as mlx-lm does): queue the next step before handing these tokens out, so
+        # the engine computes while Python routes text. Not when the batch is about to change
+        # (someone waits or was cancelled) or a constraint must see each token first.
+        ahead = None
+        if (self.lookahead and not self._waiting and all(s.constraint is None for s in batch)
+                and not any(is_cancelled(s.key) for s in batch)):
+            ahead = self._forward(toks)
+            mx.async_eval(*ahead)
         mx.eval(toks, lps)
         now = time.perf_counter()
         leaving: list[int] = []
         for i, (s, token, lp) in enumerate(zip(batch, toks.tolist(), lps.tolist(), strict=True)):
+            if is_cancelled(s.key):     # cancelled while this step ran: nothing more goes out
+                out.append((s.key, self._finish(s, "cancel", self._tail(s))))
+                leaving.append(i)
+                continue
             s.fed.append(s.next_input)
             s.next_input = token
             s.slice_used += 1
@@ -351,16 +378,32 @@ class Decoder:
                 out.append((s.key, self._finish(s, "length", self._tail(s))))
                 leaving.append(i)
         if leaving:
-            self._leave(leaving, keep_caches=True)
+            self._leave(leaving, keep_caches=True, ahead=ahead is not None)
+        if ahead is not None and self._batch:
+            if leaving:
+                keep = mx.array([i for i in range(len(batch)) if i not in set(leaving)])
+                ahead = (ahead[0][keep], ahead[1][keep])
+            self._inflight = ahead
         self._steps += 1
         if self._steps % 256 == 0:
             mx.clear_cache()
 
     def close(self) -> None:
+        self._inflight = None
         self._waiting.clear()
         self._batch.clear()
         self._cache = None
         self._kept.clear()
+
+
+def _trimmed(c: Any) -> Any:
+    """A copy-free view of a plain KVCache without its last token."""
+    from mlx_lm.models.cache import KVCache
+
+    k = KVCache()
+    n = c.offset - 1
+    k.keys, k.values, k.offset = c.keys[..., :n, :], c.values[..., :n, :], n
+    return k
 
 
 # ---- KV caches as the prefix cache sees them (opaque objects with a size) ---------------------
