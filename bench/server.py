@@ -102,6 +102,13 @@ def _start_mlx_lm_server(loaded, gguf: Path, tmp: Path) -> tuple[subprocess.Pope
         save_model(model_dir, loaded.model)
         cfg = dict(gg.model_config(gg.read_gguf(gguf)))
         cfg.pop("quantization", None)
+        # On a GPU the weights stay quantized, with bits per module (the GGUF mixes 4 and 8):
+        # describe each quantized module so mlx_lm loads the same arrays.
+        quantized = {path: {"group_size": m.group_size, "bits": m.bits}
+                     for path, m in loaded.model.named_modules() if hasattr(m, "bits") and hasattr(m, "group_size")}
+        if quantized:
+            first = next(iter(quantized.values()))
+            cfg["quantization"] = {**first, **quantized}
         save_config(cfg, model_dir / "config.json")
         loaded.tokenizer._tokenizer.save_pretrained(str(model_dir))
         port = _free_port()
