@@ -187,3 +187,14 @@ def describe() -> str:
     for s in SETTINGS:
         lines.append(f"  {s.env:<28} {s.help} (default: {s.default!r})")
     return "\n".join(lines)
+
+
+def memory_budget(value: int | None = None) -> int:
+    """Bytes of models allowed resident: `value`, else the setting, else 75% of RAM."""
+    budget = int(value if value is not None else get("memory_budget_bytes") or 0)
+    if budget > 0:
+        return budget
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 // 4)
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30

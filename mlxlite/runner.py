@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from mlxlite import config, templates
 from mlxlite import options as options_mod
 from mlxlite.errors import BadRequest, IntegrityError, MlxliteError, Unsupported
 from mlxlite.options import Options
+from mlxlite.results import Finish, Piece
 from mlxlite.runner_sampling import allowed_logits, make_processors, make_sampler
 from mlxlite.runner_text import StopMatcher, TextStream, token_table
 from mlxlite.store import (
@@ -71,38 +71,13 @@ class Loaded:
     bos_token: str | None = None
 
 
-@dataclass(frozen=True)
-class Piece:
-    token: int
-    text: str
-    logprob: float
-
-
-@dataclass(frozen=True)
-class Finish:
-    reason: str
-    prompt_tokens: int
-    prompt_eval_tokens: int
-    eval_tokens: int
-    prompt_seconds: float
-    eval_seconds: float
-    text_tail: str = ""
-
-
 # ---- device and memory -----------------------------------------------------------------
 def on_cpu() -> bool:
     return mx.default_device().type == mx.DeviceType.cpu
 
 
 def memory_budget() -> int:
-    """Bytes of weights we allow resident: the setting, else 75% of physical memory."""
-    budget = int(config.get("memory_budget_bytes") or 0)
-    if budget > 0:
-        return budget
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 // 4)
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
+    return config.memory_budget()
 
 
 def _nbytes(model: Any) -> int:

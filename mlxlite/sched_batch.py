@@ -38,17 +38,6 @@ from mlxlite.prefix_cache import PrefixCache
 log = logging.getLogger("mlxlite.scheduler")
 
 
-def memory_budget(value: int | None = None) -> int:
-    """Bytes of models allowed resident: the argument, else the setting, else 75% of RAM."""
-    budget = int(value if value is not None else config.get("memory_budget_bytes") or 0)
-    if budget > 0:
-        return budget
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 // 4)
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
-
-
 class SerialDecoder:
     """The decoder protocol over `engine.generate`: one sequence at a time (engines that
     can't batch, e.g. the test fake). Each step advances the running generator by one item."""

@@ -223,7 +223,7 @@ class Scheduler:
         self._closed = False
         self.counters = {"jobs": 0, "cancelled_in_queue": 0, "loads": 0, "unloads": 0,
                          "prompt_tokens": 0, "eval_tokens": 0, "cached_tokens": 0}
-        self.memory_budget = sched_batch.memory_budget(memory_budget)
+        self.memory_budget = config.memory_budget(memory_budget)
         self.batches = sched_batch.Batches(
             self, num_parallel if num_parallel is not None else int(config.get("num_parallel")),
             prefix_cache_bytes if prefix_cache_bytes is not None else int(config.get("prefix_cache_bytes")))

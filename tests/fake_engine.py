@@ -22,26 +22,9 @@ from typing import Any
 
 from mlxlite.errors import BadRequest, MlxliteError
 from mlxlite.options import Options
+from mlxlite.results import Finish, Piece
 
 BOS, EOS = 256, 257
-
-
-@dataclass(frozen=True)
-class Piece:
-    token: int
-    text: str
-    logprob: float
-
-
-@dataclass(frozen=True)
-class Finish:
-    reason: str
-    prompt_tokens: int
-    prompt_eval_tokens: int
-    eval_tokens: int
-    prompt_seconds: float
-    eval_seconds: float
-    text_tail: str = ""
 
 
 class FakeTemplate:

@@ -1,0 +1,28 @@
+"""What a generation yields, shared by the engine and everything that consumes it.
+
+`Piece` is one generated token with the text it made final; `Finish` always comes last
+and carries the counts and timings. Pure: the scheduler, server, CLI and test fakes use
+these without importing mlx (semantics in `runner.generate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Piece:
+    token: int
+    text: str  # "" while held back (partial UTF-8, a possible stop string)
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str  # "stop", "length" or "cancel"
+    prompt_tokens: int
+    prompt_eval_tokens: int  # computed, not served from the prefix cache
+    eval_tokens: int
+    prompt_seconds: float
+    eval_seconds: float
+    text_tail: str = ""  # held-back text flushed at the end
