@@ -94,3 +94,21 @@ def test_through_a_running_daemon_the_answer_is_the_same(run_cli, store, tiny_gg
         assert code == 1 and "is not loaded" in err
     code, _, err = run_cli("ps")
     assert code == 1 and "no mlxlite daemon" in err
+
+
+@pytest.mark.e2e
+def test_readme_command_answers_paris(tmp_path, default_gguf):
+    """The README's first command, as a user runs it: a fresh home, the catalog fetch, OpenBLAS."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXLITE_")}
+    env.update(MLXLITE_HOME=str(tmp_path / "home"), MLXLITE_HOST="127.0.0.1:9")
+    proc = subprocess.run([sys.executable, "mlxlite.py", "run", "smollm2:135m", "What is the capital of France?",
+                           "--temperature", "0"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+    assert "pulling smollm2:135m" in proc.stderr  # fetched from the catalog on first use
