@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import child_env, default_gguf, start_daemon  # noqa: E402
+
 TOPICS = ["the river", "the old mill", "a mountain village", "the harbour", "the winter market",
           "the library", "a long journey", "the last train", "the lighthouse", "the city walls"]
 
@@ -83,23 +85,11 @@ def _load(host: str, port: int, model: str, streams: int, tokens: int, offset: i
 def child(args: argparse.Namespace) -> dict:
     from bench.server import _start_mlx_lm_server
     from mlxlite import blas
-    from mlxlite.importers import import_path
-    from mlxlite.server import make_server
-    from mlxlite.store import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="mlxlite-bench-conc-"))
     os.environ["MLXLITE_HOME"] = str(tmp / "home")
     os.environ["MLXLITE_NUM_PARALLEL"] = str(max(args.streams, 1))
-    store = Store()
-    import_path(store, args.gguf, "bench")
-    entry = store.resolve("bench")
-    server = make_server("127.0.0.1:0", store=store, log_stream=open(os.devnull, "w"))  # noqa: SIM115
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    host, port = server.server_address[:2]
-    warm = http.client.HTTPConnection(host, port, timeout=600)
-    warm.request("POST", "/api/generate", json.dumps({"model": "bench", "keep_alive": -1, "stream": False}))
-    assert warm.getresponse().status == 200
-    loaded = server.app.scheduler._models[entry.digest].loaded
+    server, host, port, loaded = start_daemon(args.gguf)
     loaded.eos_token_ids = frozenset()      # every stream makes exactly N tokens
     ref = _start_mlx_lm_server(loaded, args.gguf, tmp) if args.mlx_lm_server else None
     ways = {"mlxlite x1": lambda k: _load(host, port, "bench", 1, args.tokens, k),
@@ -206,20 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory:
         memory(args)
         os._exit(0)
-    if args.gguf is None:
-        from mlxlite import catalog
-
-        args.gguf = catalog.fetch(catalog.CATALOG[catalog.DEFAULT_MODEL])
+    args.gguf = default_gguf(args.gguf)
     if args.child:
         print(json.dumps(child(args)), flush=True)
         os._exit(0)     # skip interpreter teardown: MLX's threads can abort it after the server stops
-    from mlxlite import blas
-
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.GUARD)}
-    env[blas.GUARD] = "1"
-    lib = blas.find_openblas()
-    if lib:
-        env["LD_PRELOAD"] = lib
+    env = child_env()
     cmd = [sys.executable, __file__, "--child", "--gguf", str(args.gguf), "--streams", str(args.streams),
            "--tokens", str(args.tokens), "--rounds", str(args.rounds)]
     if not args.mlx_lm_server:

@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import child_env, default_gguf  # noqa: E402
+
 WORDS = ("The history of the city begins with a small settlement on the river, where traders "
          "met to exchange grain, salt and cloth. Over the centuries it grew into a market town, ")
 
@@ -148,10 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tiny model   decode tok/s mlxlite {row['mlxlite_decode_tps']:7.1f} mlx_lm {row['mlx_lm_decode_tps']:7.1f} "
               f"(paired x{row['decode_ratio']:.3f}, IQR {row['decode_ratio_iqr'][0]:.3f}-{row['decode_ratio_iqr'][1]:.3f}) "
               f"same tokens: {row['same_tokens']}", flush=True)
-    if args.gguf is None:
-        from mlxlite import catalog
-
-        args.gguf = catalog.fetch(catalog.CATALOG[catalog.DEFAULT_MODEL])
+    args.gguf = default_gguf(args.gguf)
     if args.child:
         print(json.dumps(child(args)))
         return 0
@@ -160,13 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     lib = blas.find_openblas()
     rows = []
     for cfg in filter(None, args.configs.split(",")):
-        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.GUARD)}
-        env[blas.GUARD] = "1"  # never re-exec inside the child: we choose the preload here
-        if cfg.startswith("blas"):
-            if lib is None:
-                print(f"{cfg}: skipped (libopenblas0-pthread not installed)")
-                continue
-            env["LD_PRELOAD"] = lib
+        if cfg.startswith("blas") and lib is None:
+            print(f"{cfg}: skipped (libopenblas0-pthread not installed)")
+            continue
+        env = child_env(openblas=cfg.startswith("blas"))
         env["MLXLITE_FLOAT32_ON_CPU"] = "1" if cfg.endswith("f32") else "0"
         cmd = [sys.executable, __file__, "--child", "--gguf", str(args.gguf), "--tokens", str(args.tokens),
                "--prompt-tokens", str(args.prompt_tokens), "--rounds", str(args.rounds),

@@ -22,12 +22,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import child_env, default_gguf, start_daemon  # noqa: E402
 
 WORDS = ("The history of the city begins with a small settlement on the river, where traders "
          "met to exchange grain, salt and cloth. Over the centuries it grew into a market town, ")
@@ -55,20 +56,10 @@ def _chat(host: str, port: int, messages: list[dict], tokens: int) -> tuple[floa
 
 def child(args: argparse.Namespace) -> dict:
     from mlxlite import blas
-    from mlxlite.importers import import_path
-    from mlxlite.server import make_server
-    from mlxlite.store import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="mlxlite-bench-prefix-"))
     os.environ["MLXLITE_HOME"] = str(tmp / "home")
-    store = Store()
-    import_path(store, args.gguf, "bench")
-    server = make_server("127.0.0.1:0", store=store, log_stream=open(os.devnull, "w"))  # noqa: SIM115
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    host, port = server.server_address[:2]
-    warm = http.client.HTTPConnection(host, port, timeout=600)
-    warm.request("POST", "/api/generate", json.dumps({"model": "bench", "keep_alive": -1, "stream": False}))
-    assert warm.getresponse().status == 200
+    server, host, port, _ = start_daemon(args.gguf)
     body = WORDS * (1 + args.system_tokens // 28)
     rows = []
     try:
@@ -97,20 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.gguf is None:
-        from mlxlite import catalog
-
-        args.gguf = catalog.fetch(catalog.CATALOG[catalog.DEFAULT_MODEL])
+    args.gguf = default_gguf(args.gguf)
     if args.child:
         print(json.dumps(child(args)), flush=True)
         os._exit(0)
-    from mlxlite import blas
-
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.GUARD)}
-    env[blas.GUARD] = "1"
-    lib = blas.find_openblas()
-    if lib:
-        env["LD_PRELOAD"] = lib
+    env = child_env()
     print(f"load before: {os.getloadavg()}")
     out = subprocess.run([sys.executable, __file__, "--child", "--gguf", str(args.gguf), "--system-tokens",
                           str(args.system_tokens), "--tokens", str(args.tokens), "--rounds", str(args.rounds)],

@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import child_env, default_gguf, start_daemon  # noqa: E402
+
 WORDS = ("The history of the city begins with a small settlement on the river, where traders "
          "met to exchange grain, salt and cloth. Over the centuries it grew into a market town, ")
 
@@ -135,25 +137,11 @@ def child(args: argparse.Namespace) -> dict:
     import mlx_lm
 
     from mlxlite import blas, options, runner
-    from mlxlite.importers import import_path
-    from mlxlite.server import make_server
-    from mlxlite.store import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="mlxlite-bench-server-"))
     os.environ["MLXLITE_HOME"] = str(tmp / "home")
-    store = Store()
-    import_path(store, args.gguf, "bench")
-    entry = store.resolve("bench")
-    server = make_server("127.0.0.1:0", store=store, log_stream=open(os.devnull, "w"))  # noqa: SIM115
-    import threading
-
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    host, port = server.server_address[:2]
     # Load through the server (on its MLX thread), then share the very same model object.
-    warm = http.client.HTTPConnection(host, port, timeout=600)
-    warm.request("POST", "/api/generate", json.dumps({"model": "bench", "keep_alive": -1, "stream": False}))
-    assert warm.getresponse().status == 200
-    loaded = server.app.scheduler._models[entry.digest].loaded
+    server, host, port, loaded = start_daemon(args.gguf)
     loaded.eos_token_ids = frozenset()          # every engine makes exactly N tokens
     loaded.tokenizer.eos_token_ids = set()
     text = WORDS * (1 + args.prompt_tokens // 20)
@@ -258,20 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-mlx-lm-server", dest="mlx_lm_server", action="store_false")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.gguf is None:
-        from mlxlite import catalog
-
-        args.gguf = catalog.fetch(catalog.CATALOG[catalog.DEFAULT_MODEL])
+    args.gguf = default_gguf(args.gguf)
     if args.child:
         print(json.dumps(child(args)), flush=True)
         os._exit(0)     # skip interpreter teardown: MLX's threads can abort it after the server stops
-    from mlxlite import blas
-
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.GUARD)}
-    env[blas.GUARD] = "1"
-    lib = blas.find_openblas()
-    if lib:
-        env["LD_PRELOAD"] = lib
+    env = child_env()
     cmd = [sys.executable, __file__, "--child", "--gguf", str(args.gguf), "--tokens", str(args.tokens),
            "--prompt-tokens", str(args.prompt_tokens), "--rounds", str(args.rounds)]
     if not args.mlx_lm_server:
