@@ -308,6 +308,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_create(args: argparse.Namespace) -> int:
+    from mlxlite import create  # lazily: the Modelfile machinery is not for --help or list
+
+    return create.cmd_create(args)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from mlxlite import create
+
+    return create.cmd_validate(args)
+
+
 def _require_daemon():
     client = _daemon_client()
     if client is None:
@@ -403,8 +415,6 @@ def build_parser() -> argparse.ArgumentParser:
                        ("template", "its chat template"), ("system", "its system prompt"),
                        ("license", "its license")):
         p.add_argument("--" + flag, action="store_true", help="print " + what)
-    from mlxlite.create import cmd_create, cmd_validate
-
     p = verb("create", cmd_create, "create a model from a Modelfile")
     p.add_argument("name")
     p.add_argument("-f", "--file", default="Modelfile", help="path to the Modelfile (default: ./Modelfile)")

@@ -11,8 +11,8 @@ from the environment are ignored (the daemon is local). Never imports mlx.
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
+import socket
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -62,10 +62,15 @@ class Client:
         self.url = base_url(host)
         self.api_key = config.get("api_key") if api_key is None else api_key
         self.timeout = timeout
+        import urllib.request  # here, not at import: `list` with no daemon never needs it
+
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def _open(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
+        import urllib.error
+        import urllib.request
+
         req = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
             req.add_header("Content-Type", "application/json")
@@ -166,7 +171,10 @@ def is_running(host: str | None = None) -> bool:
 def connect_if_running(host: str | None = None) -> Client | None:
     """A client when a daemon answers on MLXLITE_HOST, else None (fast: 0.5 s at most)."""
     try:
+        url = urllib.parse.urlsplit(base_url(host))
+        # A refused connect answers "no daemon" in microseconds, before any HTTP machinery loads.
+        socket.create_connection((url.hostname, url.port or 80), timeout=0.5).close()
         client = Client(host)
-    except MlxliteError:
+    except (MlxliteError, OSError, ValueError):
         return None
     return client if client.is_running() else None
