@@ -355,13 +355,12 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    client = _require_daemon()
-    if not any(m["name"] == args.model or m["model"] == args.model for m in client.ps()):
-        from mlxlite import names
+    from mlxlite import names
 
-        wanted = names.parse(args.model).display
-        if not any(names.parse(m["name"]).display == wanted for m in client.ps()):
-            raise MlxliteError(f"model '{args.model}' is not loaded")
+    client = _require_daemon()
+    wanted = names.parse(args.model).key
+    if not any(names.parse(m["name"]).key == wanted for m in client.ps()):
+        raise MlxliteError(f"model '{args.model}' is not loaded")
     client.stop(args.model)
     return 0
 
