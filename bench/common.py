@@ -16,14 +16,14 @@ def default_gguf(path: Path | None) -> Path:
     """`path`, or the catalog's default model file (fetched once into the machine cache)."""
     if path is not None:
         return path
-    from mlxlite import catalog
+    from mlxlite.remote import catalog
 
     return catalog.fetch(catalog.CATALOG[catalog.DEFAULT_MODEL])
 
 
 def child_env(openblas: bool = True) -> dict[str, str]:
     """os.environ for a child: OpenBLAS preloaded when asked for and installed, no re-exec."""
-    from mlxlite import blas
+    from mlxlite.engine import blas
 
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.GUARD)}
     env[blas.GUARD] = "1"
@@ -36,9 +36,9 @@ def child_env(openblas: bool = True) -> dict[str, str]:
 def start_daemon(model_path: Path, name: str = "bench") -> tuple[Any, str, int, Any]:
     """(server, host, port, loaded model) of a daemon serving `model_path` as `name`,
     loaded through the server's own MLX thread and kept resident."""
-    from mlxlite.importers import import_path
     from mlxlite.server import make_server
     from mlxlite.store import Store
+    from mlxlite.store.importers import import_path
 
     store = Store()
     import_path(store, model_path, name)

@@ -84,7 +84,7 @@ def _load(host: str, port: int, model: str, streams: int, tokens: int, offset: i
 
 def child(args: argparse.Namespace) -> dict:
     from bench.server import _start_mlx_lm_server
-    from mlxlite import blas
+    from mlxlite.engine import blas
 
     tmp = Path(tempfile.mkdtemp(prefix="mlxlite-bench-conc-"))
     os.environ["MLXLITE_HOME"] = str(tmp / "home")
@@ -132,9 +132,9 @@ def memory(args: argparse.Namespace) -> None:
     after `requests` generate requests on the tiny test model, prompts cycling over 50."""
     import gc
 
-    from mlxlite.importers import import_path
     from mlxlite.server import make_server
     from mlxlite.store import Store
+    from mlxlite.store.importers import import_path
     from tests.tiny_models import make_models
 
     tmp = Path(tempfile.mkdtemp(prefix="mlxlite-bench-mem-"))

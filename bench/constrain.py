@@ -23,21 +23,26 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mlxlite import catalog, constrain, gguf, runner_text  # noqa: E402
-from mlxlite import constrain_json as cj  # noqa: E402
-from tests.test_constrain import SCHEMAS, _distance  # noqa: E402
+from tests.constrain.test_constrain import SCHEMAS, _distance  # noqa: E402
+
+from mlxlite.constrain import TokenConstraint  # noqa: E402
+from mlxlite.constrain import recognizer as cj  # noqa: E402
+from mlxlite.constrain.tokens import _VOCABS  # noqa: E402
+from mlxlite.engine.text import token_table  # noqa: E402
+from mlxlite.formats import gguf  # noqa: E402
+from mlxlite.remote import catalog  # noqa: E402
 
 
 def vocab() -> tuple[list[bytes], int]:
     path = catalog.fetch(catalog.CATALOG[catalog.DEFAULT_MODEL])
     spec = gguf.build_tokenizer(gguf.read_metadata(path))
     (eos,) = spec.eos_token_ids
-    return runner_text.token_table(spec.tokenizer, spec.special_ids), eos
+    return token_table(spec.tokenizer, spec.special_ids), eos
 
 
 def walk(spec, tokens: list[bytes], eos: int, rng: random.Random, steps: int) -> tuple[list[int], list[float]]:
     """A random walk; returns the tokens taken and the seconds of each mask."""
-    c = constrain.TokenConstraint(spec, tokens, [eos])
+    c = TokenConstraint(spec, tokens, [eos])
     taken, times = [], []
     for step in range(steps):
         t0 = time.perf_counter()
@@ -54,7 +59,7 @@ def walk(spec, tokens: list[bytes], eos: int, rng: random.Random, steps: int) ->
 
 
 def replay(spec, tokens: list[bytes], eos: int, taken: list[int]) -> list[float]:
-    c = constrain.TokenConstraint(spec, tokens, [eos])
+    c = TokenConstraint(spec, tokens, [eos])
     times = []
     for tok in taken + [None]:
         t0 = time.perf_counter()
@@ -67,7 +72,7 @@ def replay(spec, tokens: list[bytes], eos: int, taken: list[int]) -> list[float]
 
 def brute(spec, tokens: list[bytes], eos: int, taken: list[int], n: int) -> list[float]:
     """Masks computed token by token (no trie, no cache) for the first n states of a walk."""
-    c = constrain.TokenConstraint(spec, tokens, [eos])
+    c = TokenConstraint(spec, tokens, [eos])
     times = []
     for tok in taken[:n]:
         t0 = time.perf_counter()
@@ -101,11 +106,11 @@ def main() -> None:
     args = ap.parse_args()
     tokens, eos = vocab()
     t0 = time.perf_counter()
-    constrain.TokenConstraint("json", tokens, [eos])
+    TokenConstraint("json", tokens, [eos])
     print(f"vocabulary: {len(tokens)} tokens; index (tries + plain-token tables) built in "
           f"{(time.perf_counter() - t0) * 1e3:.0f} ms (once per vocabulary)")
     t0 = time.perf_counter()
-    constrain.TokenConstraint(SCHEMAS["pydantic"], tokens, [eos])
+    TokenConstraint(SCHEMAS["pydantic"], tokens, [eos])
     print(f"a cached vocabulary + compiling the pydantic-style schema: {(time.perf_counter() - t0) * 1e3:.1f} ms")
     for name in ["json", "person", "pydantic", "tree", "bounds", "map", "pattern"]:
         spec = SCHEMAS[name]
@@ -115,7 +120,7 @@ def main() -> None:
         slow: list[float] = []
         fast: list[float] = []
         for w in range(args.walks):
-            for v in constrain._VOCABS.values():
+            for v in _VOCABS.values():
                 v.grammars.clear()  # cold: no mask cached for this schema
             taken, times = walk(spec, tokens, eos, rng, args.steps)
             cold += times

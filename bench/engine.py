@@ -34,7 +34,7 @@ WORDS = ("The history of the city begins with a small settlement on the river, w
 
 
 def _prompt(loaded, n_tokens: int) -> list[int]:
-    from mlxlite import runner
+    from mlxlite.engine import runner
 
     text = WORDS
     while len(runner.tokenize(loaded, text)) < n_tokens:
@@ -57,9 +57,10 @@ def _time_stream(make) -> tuple[float, float, list[int]]:
 def child(args: argparse.Namespace) -> dict:
     import mlx_lm
 
-    from mlxlite import blas, options, runner
-    from mlxlite.importers import import_path
+    from mlxlite import options
+    from mlxlite.engine import blas, runner
     from mlxlite.store import Store
+    from mlxlite.store.importers import import_path
 
     os.environ["MLXLITE_HOME"] = tempfile.mkdtemp(prefix="mlxlite-bench-")
     store = Store()
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(args)))
         return 0
-    from mlxlite import blas
+    from mlxlite.engine import blas
 
     lib = blas.find_openblas()
     rows = []

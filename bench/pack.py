@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
-from mlxlite import layout
+from mlxlite.store import layout
 from mlxlite.store import Store
 def peak_kb():
     # VmHWM: this process's own peak (ru_maxrss on Linux carries the parent's over exec)

@@ -55,7 +55,7 @@ def _chat(host: str, port: int, messages: list[dict], tokens: int) -> tuple[floa
 
 
 def child(args: argparse.Namespace) -> dict:
-    from mlxlite import blas
+    from mlxlite.engine import blas
 
     tmp = Path(tempfile.mkdtemp(prefix="mlxlite-bench-prefix-"))
     os.environ["MLXLITE_HOME"] = str(tmp / "home")

@@ -33,8 +33,8 @@ def rss(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
-from mlxlite import download
-from mlxlite.pull import pull
+from mlxlite.remote import download
+from mlxlite.remote import pull
 from mlxlite.store import Store
 start_rss = rss("VmRSS:")
 tuning = download.Tuning(streams=int(sys.argv[2]))
@@ -126,7 +126,7 @@ def main() -> int:
     if not shutil.which("curl"):
         print("curl is not installed", file=sys.stderr)
         return 1
-    from mlxlite.pull import push
+    from mlxlite.remote import push
     from mlxlite.store import MEDIA_FILE, TITLE, Layer, Store, build_manifest
 
     work = Path(tempfile.mkdtemp(prefix="mlxlite-bench-pull-"))

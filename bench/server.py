@@ -97,7 +97,7 @@ def _start_mlx_lm_server(loaded, gguf: Path, tmp: Path) -> tuple[subprocess.Pope
     try:
         from mlx_lm.utils import save_config, save_model
 
-        from mlxlite import gguf as gg
+        from mlxlite.formats import gguf as gg
 
         model_dir = tmp / "mlx_lm_model"
         model_dir.mkdir()
@@ -136,7 +136,8 @@ def _start_mlx_lm_server(loaded, gguf: Path, tmp: Path) -> tuple[subprocess.Pope
 def child(args: argparse.Namespace) -> dict:
     import mlx_lm
 
-    from mlxlite import blas, options, runner
+    from mlxlite import options
+    from mlxlite.engine import blas, runner
 
     tmp = Path(tempfile.mkdtemp(prefix="mlxlite-bench-server-"))
     os.environ["MLXLITE_HOME"] = str(tmp / "home")

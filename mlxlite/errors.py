@@ -1,7 +1,7 @@
 """One exception hierarchy for everything a user or client can get wrong.
 
-Each error carries the HTTP status it maps to; `server.py` turns it into a JSON body
-and `cli.py` into one `error: ...` line. Nothing here imports anything heavy.
+Each error carries the HTTP status it maps to; `server/daemon.py` turns it into a JSON
+body and `cli/verbs.py` into one `error: ...` line. Nothing here imports anything heavy.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
-    from mlxlite import catalog
+    from mlxlite.remote import catalog
 
     return catalog.fetch(catalog.CATALOG[catalog.DEFAULT_MODEL])
 
@@ -19,8 +19,9 @@ def default_gguf() -> Path:
 @pytest.fixture
 def default_model(store, default_gguf) -> str:
     """The default model imported into this test's store; returns its name."""
-    from mlxlite import catalog, names
-    from mlxlite.importers import import_gguf
+    from mlxlite import names
+    from mlxlite.remote import catalog
+    from mlxlite.store.importers import import_gguf
 
     import_gguf(store, default_gguf, names.parse(catalog.DEFAULT_MODEL))
     return catalog.DEFAULT_MODEL

@@ -57,7 +57,7 @@ class FakeLoaded:
 
 
 class FakeEngine:
-    """Drop-in for `mlxlite.runner` (pass as `Scheduler(engine=FakeEngine())`)."""
+    """Drop-in for `mlxlite.engine.runner` (pass as `Scheduler(engine=FakeEngine())`)."""
 
     Piece = Piece
     Finish = Finish

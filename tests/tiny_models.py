@@ -199,7 +199,7 @@ def gguf_tokenizer_metadata(tok) -> dict:
 def make_models(root: Path) -> dict[str, Path]:
     import mlx.core as mx
 
-    from mlxlite.gguf import map_name
+    from mlxlite.formats.gguf import map_name
 
     tok = build_tokenizer()
     vocab = tok.get_vocab_size(with_added_tokens=True)
@@ -259,7 +259,7 @@ def make_qwen2(root: Path) -> dict[str, Path]:
     """A tiny qwen2 GGUF (q/k/v biases, no Q/K permutation) and its safetensors reference."""
     import mlx.core as mx
 
-    from mlxlite.gguf import map_name
+    from mlxlite.formats.gguf import map_name
 
     tok = build_tokenizer()
     vocab = tok.get_vocab_size(with_added_tokens=True)
@@ -334,7 +334,7 @@ def tiny_safetensors_dir(tiny_files) -> Path:
 @pytest.fixture
 def tiny_gguf_model(store, tiny_gguf_path) -> str:
     """The tiny GGUF imported into this test's store; returns its name."""
-    from mlxlite.importers import import_path
+    from mlxlite.store.importers import import_path
 
     import_path(store, tiny_gguf_path, "tiny-gguf")
     return "tiny-gguf"
@@ -342,7 +342,7 @@ def tiny_gguf_model(store, tiny_gguf_path) -> str:
 
 @pytest.fixture
 def tiny_safetensors_model(store, tiny_safetensors_dir) -> str:
-    from mlxlite.importers import import_path
+    from mlxlite.store.importers import import_path
 
     import_path(store, tiny_safetensors_dir, "tiny-st")
     return "tiny-st"

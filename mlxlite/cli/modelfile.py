@@ -1,0 +1,88 @@
+"""The Modelfile verbs of the command line: `create`, `validate`, and `show`'s sections.
+
+Imported by `cli/verbs.py` only when one of these verbs runs (the Modelfile machinery is
+not for `--help` or `list`). Errors found at create time are pointed at the FROM line.
+Never imports mlx.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mlxlite.errors import BadRequest, MlxliteError
+from mlxlite.modelfile import (
+    Modelfile,
+    Template,
+    check,
+    create,
+    parse,
+    read_params,
+    spec_from_modelfile,
+    to_modelfile,
+)
+from mlxlite.store import ModelEntry, Store
+
+SHOW_FLAGS = ("modelfile", "parameters", "template", "system", "license")
+
+
+def _read_modelfile(path_text: str | None) -> tuple[Modelfile, Path]:
+    path = Path(path_text or "Modelfile").expanduser()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadRequest(f"cannot read {path}: {exc.strerror or exc}") from None
+    return parse(data, source=str(path)), path.resolve().parent
+
+
+def _notes(mf: Modelfile, source: str) -> None:
+    for t in mf.instructions:
+        if isinstance(t, Template) and t.family:
+            print(f"note: {source}:{t.line}:{t.column}: Go template mapped to the {t.family} jinja template",
+                  flush=True)
+
+
+def _located(mf: Modelfile, source: str, exc: MlxliteError) -> MlxliteError:
+    """A FROM problem found at create time, pointed at the FROM line."""
+    if not str(exc).startswith("FROM "):
+        return exc
+    at = mf.from_
+    return type(exc)(f"{source}:{at.line}:{at.column}: {exc}")
+
+
+def cmd_create(args: Any) -> int:
+    mf, base_dir = _read_modelfile(args.file)
+    _notes(mf, args.file)
+    try:
+        create(Store(), args.name, spec_from_modelfile(mf), base_dir=base_dir,
+               say=lambda line: print(line, flush=True))
+    except MlxliteError as exc:
+        raise _located(mf, args.file, exc) from None
+    return 0
+
+
+def cmd_validate(args: Any) -> int:
+    mf, base_dir = _read_modelfile(args.file)
+    _notes(mf, args.file)
+    try:
+        summary = check(Store(), spec_from_modelfile(mf), base_dir)
+    except MlxliteError as exc:
+        raise _located(mf, args.file, exc) from None
+    kinds = sorted({type(i).__name__.upper() for i in mf.instructions})
+    print(f"ok: {len(mf.instructions)} instructions ({', '.join(kinds)}); {summary}")
+    return 0
+
+
+def show_text(store: Store, entry: ModelEntry, section: str, summary: dict) -> str:
+    """`show --modelfile/--parameters/--template/--system/--license` output."""
+    if section == "modelfile":
+        return to_modelfile(store, entry)
+    if section == "parameters":
+        out = []
+        for key, value in (read_params(store, entry) or {}).items():
+            for item in value if isinstance(value, list) else [value]:
+                out.append(f"{key:<30} {json.dumps(item) if isinstance(item, str) else item}\n")
+        return "".join(out)
+    text = summary.get(section) or ""
+    return text if text.endswith("\n") or not text else text + "\n"

@@ -1,0 +1,450 @@
+"""Continuous batching on MLX: one `Decoder` per loaded model decodes many sequences together.
+
+Exposed as `runner.decoder(loaded, max_batch)`; the scheduler drives it through that
+engine function and never imports mlx.
+
+Contract:
+  - `Decoder.add(key, prompt_tokens, options, truncate=, constraint=, prompt_cache=,
+    cached_tokens=)` queues a sequence; prompt checks (empty, longer than num_ctx) raise
+    `BadRequest` at once, exactly as `runner.generate` does.
+  - `Decoder.step(is_cancelled)` does one unit of work and returns `[(key, Piece|Finish)]`:
+    cancelled sequences leave (Finish "cancel"; `(key, None)` if none of its work ran); waiting sequences join while the batch has
+    room (at most one prefill chunk of `num_batch` tokens per step, so a long prompt never
+    stalls the others for more than one chunk); then one decode step for every member.
+    Each member keeps its own sampler, penalties, stop strings, limit and constraint.
+  - Fairness when full: a member that has decoded `time_slice` tokens while others wait is
+    parked (its KV cache taken out of the batch) and rejoins at the back of the queue.
+  - A batch of one decodes on the plain per-sequence `KVCache`, the same graph as
+    `runner.generate`, so a request alone produces what `generate` produces.
+  - With `keep_caches`, a finished sequence's KV cache is kept for `take_cache(key) ->
+    (tokens, cache)` (the exact tokens it holds), for the prefix cache.
+Never called from more than one thread (the scheduler's MLX thread).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+
+from mlxlite.engine.model import check_prompt, context_window, new_cache, prefill
+from mlxlite.engine.sampling import allowed_logits, make_processors, make_sampler
+from mlxlite.engine.text import StopMatcher, TextStream
+from mlxlite.options import Options
+from mlxlite.results import Finish, Piece
+
+
+class _Seq:
+    __slots__ = ("key", "prompt", "cached", "limit", "sampler", "greedy", "processors", "stops", "text",
+                 "constraint", "cache", "pos", "fed", "next_input", "history", "n", "t0", "t_first",
+                 "step", "slice_used")
+
+    def __init__(self, key: Any, prompt: list[int], cached: int, limit: int, options: Options,
+                 num_ctx: int, table: list[bytes], constraint: Any, cache: list[Any] | None) -> None:
+        self.key = key
+        self.prompt = prompt
+        self.cached = cached
+        self.limit = limit
+        self.sampler = make_sampler(options)
+        self.greedy = options.temperature <= 0
+        self.processors = make_processors(options, num_ctx)
+        self.stops = StopMatcher(options.stop)
+        self.text = TextStream(table)
+        self.constraint = constraint
+        self.cache = cache                  # own per-layer caches while outside the batch
+        self.pos = cached                   # prompt tokens already in the cache
+        self.fed = list(prompt[:cached])    # exactly the tokens the cache holds
+        self.next_input = prompt[-1]
+        self.history = mx.array(prompt[:-1], dtype=mx.uint32) if self.processors else None
+        self.n = 0
+        self.t0: float | None = None
+        self.t_first: float | None = None
+        self.step = max(1, options.num_batch)
+        self.slice_used = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.cache is not None and self.pos >= len(self.prompt) - 1
+
+
+class Decoder:
+    """Batched decoding for one loaded model (see module doc)."""
+
+    time_slice = 128                        # tokens a member may decode while others wait
+    lookahead = True                        # queue step t+1 before handing out step t's tokens
+
+    def __init__(self, loaded: Any, max_batch: int, *, keep_caches: bool = False) -> None:
+        self.loaded = loaded
+        self.max_batch = max(1, int(max_batch))
+        self.keep_caches = keep_caches
+        self._waiting: deque[_Seq] = deque()
+        self._batch: list[_Seq] = []
+        self._cache: list[Any] | None = None  # plain caches when one member, batch caches when more
+        self._done: list[tuple[Any, Any]] = []  # finishes decided at add() (nothing to compute)
+        self._kept: dict[Any, tuple[list[int], list[Any]]] = {}
+        self._steps = 0
+        self._mergeable: bool | None = None
+        self._probe: list[Any] = []
+        self._inflight: tuple[Any, Any] | None = None   # a queued look-ahead step (tokens, logprobs)
+
+    # ---- queries --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._waiting) + len(self._batch) + len(self._done)
+
+    @property
+    def active(self) -> int:
+        return len(self._batch)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def take_cache(self, key: Any) -> tuple[list[int], list[Any]] | None:
+        return self._kept.pop(key, None)
+
+    # ---- adding ---------------------------------------------------------------------------
+    def add(self, key: Any, prompt_tokens: list[int], options: Options, *, truncate: bool = False,
+            constraint: Any = None, prompt_cache: list[Any] | None = None, cached_tokens: int = 0) -> int:
+        """Queue a sequence; returns its prompt length (after truncation)."""
+        loaded = self.loaded
+        num_ctx = context_window(loaded, options)
+        given = [int(t) for t in prompt_tokens]
+        prompt = check_prompt(loaded, given, num_ctx, options, truncate)
+        if prompt_cache is None or len(prompt) != len(given):
+            prompt_cache, cached_tokens = None, 0
+        cached_tokens = max(0, min(cached_tokens, len(prompt) - 1)) if prompt_cache is not None else 0
+        limit = num_ctx - len(prompt)
+        if options.num_predict >= 0:
+            limit = min(limit, options.num_predict)
+        if limit <= 0:
+            self._done.append((key, Finish("length", len(prompt), 0, 0, 0.0, 0.0)))
+            return len(prompt)
+        seq = _Seq(key, prompt, cached_tokens, limit, options, num_ctx, loaded.table, constraint, prompt_cache)
+        self._waiting.append(seq)
+        return len(prompt)
+
+    # ---- one unit of work -----------------------------------------------------------------
+    def step(self, is_cancelled: Callable[[Any], bool]) -> list[tuple[Any, Any]]:
+        out, self._done = self._done, []
+        if self._inflight is None:     # membership changes only between computed steps
+            self._drop_cancelled(is_cancelled, out)
+            self._admit(is_cancelled, out)
+        if self._batch:
+            self._decode(out, is_cancelled)
+        return out
+
+    def _finish(self, seq: _Seq, reason: str, tail: str = "") -> Any:
+        now = time.perf_counter()
+        t0 = seq.t0 if seq.t0 is not None else now
+        t_first = seq.t_first if seq.t_first is not None else now
+        return Finish(reason, len(seq.prompt), len(seq.prompt) - seq.cached, seq.n,
+                             max(0.0, t_first - t0), now - t_first, tail)
+
+    def _tail(self, seq: _Seq) -> str:
+        out, hit = seq.stops.feed(seq.text.flush())
+        return out if hit else out + seq.stops.flush()
+
+    def _drop_cancelled(self, is_cancelled: Callable[[Any], bool], out: list) -> None:
+        for seq in [s for s in self._waiting if is_cancelled(s.key)]:
+            self._waiting.remove(seq)
+            seq.cache = None
+            if seq.t0 is None:      # nothing of it ran: dropped like a cancelled queued request
+                out.append((seq.key, None))
+            else:
+                out.append((seq.key, self._finish(seq, "cancel", self._tail(seq) if seq.n else "")))
+        gone = [i for i, s in enumerate(self._batch) if is_cancelled(s.key)]
+        if gone:
+            for i in gone:
+                seq = self._batch[i]
+                out.append((seq.key, self._finish(seq, "cancel", self._tail(seq))))
+            self._leave(gone, keep_caches=False)
+
+    def _can_merge(self) -> bool:
+        if self._mergeable is None:
+            self._probe = new_cache(self.loaded)
+            self._mergeable = all(hasattr(type(c), "merge") for c in self._probe)
+        return self._mergeable
+
+    def _admit(self, is_cancelled: Callable[[Any], bool], out: list) -> None:
+        from mlx_lm.generate import generation_stream
+
+        room = self.max_batch if self._can_merge() else 1
+        if len(self._batch) >= room and self._waiting:
+            self._park_one()
+        prefilled = self._prefill_group(room)
+        for seq in list(self._waiting):
+            if len(self._batch) >= room:
+                break
+            if not seq.ready:
+                if prefilled:      # one prefill chunk per step keeps decode moving
+                    break
+                if seq.cache is None:
+                    seq.cache = new_cache(self.loaded)
+                if seq.t0 is None:
+                    seq.t0 = time.perf_counter()
+                end = min(len(seq.prompt) - 1, seq.pos + seq.step)
+                with mx.stream(generation_stream):
+                    prefill(self.loaded, seq.prompt[seq.pos:end], seq.cache, seq.step)
+                seq.fed.extend(seq.prompt[seq.pos:end])
+                seq.pos = end
+                prefilled = True
+                if not seq.ready:
+                    break
+            self._waiting.remove(seq)
+            self._join(seq)
+
+    def _prefill_group(self, room: int) -> bool:
+        """New short prompts at the head of the queue (each within one chunk) are prefilled
+        together in one left-padded forward pass and join at once: concurrent arrivals cost
+        one batched pass instead of one pass each. False if there was no such group."""
+        from mlx_lm.generate import generation_stream
+        from mlx_lm.models.cache import BatchKVCache
+
+        group: list[_Seq] = []
+        for seq in self._waiting:
+            if len(self._batch) + len(group) >= room:
+                break
+            if seq.cache is not None or seq.pos != 0 or len(seq.prompt) - 1 > seq.step:
+                break
+            group.append(seq)
+        lens = [len(s.prompt) - 1 for s in group]
+        if len(group) < 2 or max(lens) == 0 or not self._plain_kv():
+            return False
+        width = max(lens)
+        pads = [width - n for n in lens]
+        layers = len(self._probe)
+        caches = [BatchKVCache(pads) for _ in range(layers)]
+        rows = mx.array([[0] * p + s.prompt[:n] for s, p, n in zip(group, pads, lens, strict=True)], dtype=mx.uint32)
+        t0 = time.perf_counter()
+        with mx.stream(generation_stream):
+            self.loaded.model(rows, cache=caches)
+            mx.eval([a for c in caches for a in (c.keys, c.values)])
+        for s, n in zip(group, lens, strict=True):
+            s.t0, s.pos = t0, n
+            s.fed.extend(s.prompt[:n])
+            s.slice_used = 0
+            self._waiting.remove(s)
+        if not self._batch:
+            self._cache = caches
+        else:
+            if len(self._batch) == 1:
+                self._cache = [BatchKVCache.merge([c]) for c in self._cache]
+            for c, g in zip(self._cache, caches, strict=True):
+                c.extend(g)
+        self._batch.extend(group)
+        return True
+
+    def _plain_kv(self) -> bool:
+        from mlx_lm.models.cache import KVCache
+
+        return self._can_merge() and all(type(c) is KVCache for c in self._probe)
+
+    def _join(self, seq: _Seq) -> None:
+        from mlx_lm.models.cache import BatchKVCache
+
+        if seq.t0 is None:
+            seq.t0 = time.perf_counter()
+        own, seq.cache = seq.cache, None
+        seq.slice_used = 0
+        if not self._batch:
+            self._cache = own
+        elif len(self._batch) == 1:
+            self._cache = [BatchKVCache.merge([a, b]) for a, b in zip(self._cache, own, strict=True)]
+        else:
+            for c, o in zip(self._cache, own, strict=True):
+                c.extend(BatchKVCache.merge([o]))
+        self._batch.append(seq)
+
+    def _extract(self, i: int) -> list[Any]:
+        if len(self._batch) == 1:
+            return self._cache
+        return [c.extract(i) for c in self._cache]
+
+    def _leave(self, indices: list[int], keep_caches: bool, ahead: bool = False) -> None:
+        """Members at `indices` leave; their caches are kept (for the prefix cache) if asked.
+        `ahead`: a look-ahead step already fed each member's last token: cut it off."""
+        if keep_caches and self.keep_caches:
+            for i in indices:
+                seq = self._batch[i]
+                kept = self._extract(i)
+                if ahead:
+                    kept = [_trimmed(c) for c in kept]
+                # Evaluate now: a lazy extract would pin the whole batch buffer it slices.
+                mx.eval([a for c in kept for a in (c.keys, c.values) if a is not None])
+                self._kept[seq.key] = (list(seq.fed), kept)
+        gone = set(indices)
+        keep = [i for i in range(len(self._batch)) if i not in gone]
+        if not keep:
+            self._cache = None
+        elif len(self._batch) > 1:
+            if len(keep) == 1:
+                self._cache = [c.extract(keep[0]) for c in self._cache]
+                mx.eval([a for c in self._cache for a in (c.keys, c.values)])
+            else:
+                for c in self._cache:
+                    c.filter(keep)
+        self._batch = [self._batch[i] for i in keep]
+
+    def _park_one(self) -> None:
+        """Full batch and someone waits: the member that has run longest steps out."""
+        i = max(range(len(self._batch)), key=lambda j: self._batch[j].slice_used)
+        seq = self._batch[i]
+        if seq.slice_used < self.time_slice:
+            return
+        seq.cache = self._extract(i)
+        mx.eval([a for c in seq.cache for a in (c.keys, c.values) if a is not None])
+        self._leave([i], keep_caches=False)
+        self._waiting.append(seq)
+
+    def _forward(self, inputs: mx.array) -> tuple[mx.array, mx.array]:
+        """One decode step's graph for the whole batch: sampled tokens [B] and their logprobs."""
+        from mlx_lm.generate import generation_stream
+
+        batch, eos = self._batch, self.loaded.eos_token_ids
+        with mx.stream(generation_stream):
+            logits = self.loaded.model(inputs[:, None], cache=self._cache)[:, -1, :]
+            if any(s.processors or s.constraint is not None for s in batch):
+                rows = []
+                for i, s in enumerate(batch):
+                    row = logits[i:i + 1]
+                    if s.processors:
+                        s.history = mx.concatenate([s.history, inputs[i:i + 1]])
+                        for proc in s.processors:
+                            row = proc(s.history, row)
+                    if s.constraint is not None:
+                        row = allowed_logits(row, s.constraint, eos)
+                    rows.append(row)
+                logits = mx.concatenate(rows, axis=0)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            if all(s.greedy for s in batch):
+                toks = mx.argmax(logprobs, axis=-1)
+            else:
+                toks = mx.concatenate([s.sampler(logprobs[i:i + 1]).reshape(1) for i, s in enumerate(batch)])
+            lps = mx.take_along_axis(logprobs, toks[:, None], axis=-1)[:, 0]
+        return toks, lps
+
+    def _decode(self, out: list, is_cancelled: Callable[[Any], bool]) -> None:
+        batch, eos = self._batch, self.loaded.eos_token_ids
+        if self._inflight is not None:
+            toks, lps = self._inflight
+            self._inflight = None
+        else:
+            toks, lps = self._forward(mx.array([s.next_input for s in batch], dtype=mx.uint32))
+        # Look ahead (as mlx-lm does): queue the next step before handing these tokens out, so
+        # the engine computes while Python routes text. Not when the batch is about to change
+        # (someone waits or was cancelled) or a constraint must see each token first.
+        ahead = None
+        if (self.lookahead and not self._waiting and all(s.constraint is None for s in batch)
+                and not any(is_cancelled(s.key) for s in batch)):
+            ahead = self._forward(toks)
+            mx.async_eval(*ahead)
+        mx.eval(toks, lps)
+        now = time.perf_counter()
+        leaving: list[int] = []
+        for i, (s, token, lp) in enumerate(zip(batch, toks.tolist(), lps.tolist(), strict=True)):
+            if is_cancelled(s.key):     # cancelled while this step ran: nothing more goes out
+                out.append((s.key, self._finish(s, "cancel", self._tail(s))))
+                leaving.append(i)
+                continue
+            s.fed.append(s.next_input)
+            s.next_input = token
+            s.slice_used += 1
+            if s.t_first is None:
+                s.t_first = now
+            if token in eos:
+                out.append((s.key, self._finish(s, "stop", self._tail(s))))
+                leaving.append(i)
+                continue
+            if s.constraint is not None:
+                s.constraint.advance(token)
+            s.n += 1
+            emit, hit = s.stops.feed(s.text.add(token))
+            out.append((s.key, Piece(token, emit, float(lp))))
+            if hit:
+                out.append((s.key, self._finish(s, "stop")))
+                leaving.append(i)
+            elif s.n >= s.limit:
+                out.append((s.key, self._finish(s, "length", self._tail(s))))
+                leaving.append(i)
+        if leaving:
+            self._leave(leaving, keep_caches=True, ahead=ahead is not None)
+        if ahead is not None and self._batch:
+            if leaving:
+                keep = mx.array([i for i in range(len(batch)) if i not in set(leaving)])
+                ahead = (ahead[0][keep], ahead[1][keep])
+            self._inflight = ahead
+        self._steps += 1
+        if self._steps % 256 == 0:
+            mx.clear_cache()
+
+    def close(self) -> None:
+        self._inflight = None
+        self._waiting.clear()
+        self._batch.clear()
+        self._cache = None
+        self._kept.clear()
+
+
+def _trimmed(c: Any) -> Any:
+    """A copy-free view of a plain KVCache without its last token."""
+    from mlx_lm.models.cache import KVCache
+
+    k = KVCache()
+    n = c.offset - 1
+    k.keys, k.values, k.offset = c.keys[..., :n, :], c.values[..., :n, :], n
+    return k
+
+
+# ---- KV caches as the prefix cache sees them (opaque objects with a size) ---------------------
+def cache_nbytes(cache: list[Any]) -> int:
+    return sum(int(getattr(c, "nbytes", 0) or 0) for c in cache)
+
+
+def cache_prefix(cache: list[Any], n: int) -> list[Any] | None:
+    """New caches holding the first `n` tokens of `cache` (which stays untouched: the slices
+    are new arrays, and the first update of a sliced cache reallocates); None if the cache
+    kind can't be cut."""
+    from mlx_lm.models.cache import KVCache
+
+    out = []
+    for c in cache:
+        if type(c) is not KVCache or c.keys is None or c.offset < n:
+            return None
+        k = KVCache()
+        k.keys, k.values, k.offset = c.keys[..., :n, :], c.values[..., :n, :], n
+        out.append(k)
+    return out
+
+
+def save_cache(path: str, cache: list[Any], tokens: list[int]) -> None:
+    """Write a plain KV cache (the tokens it holds in the metadata) as safetensors."""
+    import json
+
+    arrays = {}
+    for i, c in enumerate(cache):
+        arrays[f"{i}.keys"] = c.keys[..., :c.offset, :]
+        arrays[f"{i}.values"] = c.values[..., :c.offset, :]
+    mx.save_safetensors(path, arrays, metadata={"tokens": json.dumps([int(t) for t in tokens]),
+                                                "layers": str(len(cache))})
+
+
+def load_cache(path: str) -> tuple[list[Any], list[int]]:
+    """Read what `save_cache` wrote: (caches, tokens). ValueError if it doesn't add up."""
+    import json
+
+    from mlx_lm.models.cache import KVCache
+
+    arrays, meta = mx.load(path, return_metadata=True)
+    tokens = json.loads(meta["tokens"])
+    cache = []
+    for i in range(int(meta["layers"])):
+        c = KVCache()
+        c.keys, c.values = arrays[f"{i}.keys"], arrays[f"{i}.values"]
+        c.offset = c.keys.shape[2]
+        if c.offset != len(tokens):
+            raise ValueError("cache length does not match its tokens")
+        cache.append(c)
+    return cache, tokens

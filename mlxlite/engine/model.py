@@ -1,0 +1,287 @@
+"""A loaded model and its primitives on MLX: load and unload, tokens, the KV cache, prefill.
+
+Contract:
+  - `load(store, entry) -> Loaded`: integrity first (`store.check_integrity`), then GGUF
+    (`engine/gguf.py`) or safetensors through mlx-lm from `store.view(entry)`; the Modelfile
+    layers (params -> `defaults`, system, messages, jinja template override) are read.
+    On the CPU device quantized weights become float32 when that fits the memory budget
+    (`float32_on_cpu`); activations, scales and norms are float32 on CPU.
+  - `unload`, `tokenize`, `detokenize`, `token_bytes`.
+  - Per-sequence building blocks shared by `runner.generate` and `batch.Decoder`:
+    `context_window`, `new_cache`, `prefill` (chunked, cancellable between chunks) and
+    `check_prompt` (empty or too long for num_ctx is a `BadRequest`, unless truncating).
+Called on the scheduler's MLX thread only.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from mlxlite import config
+from mlxlite import options as options_mod
+from mlxlite.engine import blas
+from mlxlite.engine.gguf import load_gguf
+from mlxlite.engine.text import token_table
+from mlxlite.errors import BadRequest, IntegrityError, MlxliteError, Unsupported
+from mlxlite.formats import templates
+from mlxlite.options import Options
+from mlxlite.store import (
+    MEDIA_GGUF,
+    MEDIA_MESSAGES,
+    MEDIA_PARAMS,
+    MEDIA_SYSTEM,
+    MEDIA_TEMPLATE,
+    ModelEntry,
+    Store,
+)
+
+
+@dataclass
+class Loaded:
+    name: str
+    digest: str
+    model: Any
+    tokenizer: Any
+    template: templates.ChatTemplate
+    eos_token_ids: frozenset[int]
+    context_length: int
+    size_bytes: int
+    info: dict
+    defaults: Options
+    system: str | None
+    messages: list[dict]
+    table: list[bytes] = field(default_factory=list, repr=False)  # token id -> raw bytes
+    bos_token: str | None = None
+
+
+# ---- device and memory -----------------------------------------------------------------
+def on_cpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.cpu
+
+
+def memory_budget() -> int:
+    return config.memory_budget()
+
+
+def _nbytes(model: Any) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+# ---- loading ----------------------------------------------------------------------------
+def _layer_text(store: Store, entry: ModelEntry, media: str) -> str | None:
+    layers = entry.manifest.layers_of(media)
+    if not layers:
+        return None
+    return store.read_blob(layers[-1].digest).decode("utf-8", errors="replace")
+
+
+def _modelfile_layers(store: Store, entry: ModelEntry) -> tuple[Options, str | None, list[dict], str | None]:
+    display = entry.name.display
+    defaults = Options()
+    params = _layer_text(store, entry, MEDIA_PARAMS)
+    if params is not None:
+        try:
+            values = json.loads(params)
+        except ValueError:
+            raise IntegrityError(f"model '{display}' has a params layer that is not JSON") from None
+        try:
+            defaults = options_mod.parse(values)
+        except BadRequest as exc:
+            raise BadRequest(f"model '{display}' has invalid parameters: {exc}") from None
+    system = _layer_text(store, entry, MEDIA_SYSTEM)
+    messages: list[dict] = []
+    raw = _layer_text(store, entry, MEDIA_MESSAGES)
+    if raw is not None:
+        try:
+            messages = json.loads(raw)
+        except ValueError:
+            raise IntegrityError(f"model '{display}' has a messages layer that is not JSON") from None
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise IntegrityError(f"model '{display}' has a messages layer that is not a list of messages")
+    return defaults, system, messages, _layer_text(store, entry, MEDIA_TEMPLATE)
+
+
+def _gguf_layer(entry: ModelEntry) -> Any:
+    for title, layer in entry.manifest.files().items():
+        if title.lower().endswith(".gguf"):
+            return layer
+    layers = entry.manifest.layers_of(MEDIA_GGUF)
+    return layers[0] if layers else None
+
+
+def _hf_specials(tokenizer: Any) -> frozenset[int]:
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    ids = set(getattr(hf, "all_special_ids", []) or [])
+    return frozenset(ids)
+
+
+def _load_safetensors(store: Store, entry: ModelEntry, f32: bool) -> tuple[Any, Any, dict, bool, Path]:
+    from mlx_lm.utils import dequantize_model
+    from mlx_lm.utils import load as mlx_load
+
+    view = store.view(entry)
+    if not (view / "config.json").is_file():
+        raise BadRequest(f"model '{entry.name.display}' has neither a GGUF file nor config.json + safetensors")
+    try:
+        model_cfg = json.loads((view / "config.json").read_text())
+    except ValueError:
+        raise BadRequest(f"model '{entry.name.display}': config.json is not valid JSON") from None
+    try:
+        model, tokenizer = mlx_load(str(view))
+    except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
+        raise Unsupported(f"model '{entry.name.display}' cannot be loaded by mlx-lm: {exc}") from None
+    dequantized = False
+    if on_cpu():
+        quantized = "quantization" in model_cfg or "quantization_config" in model_cfg
+        if quantized and f32 and _float32_estimate(model) <= memory_budget():
+            model = dequantize_model(model)
+            dequantized = True
+        model.set_dtype(mx.float32)  # float16 on MLX's CPU backend is far slower
+        mx.eval(model.parameters())
+    return model, tokenizer, model_cfg, dequantized, view
+
+
+def _float32_estimate(model: Any) -> int:
+    import mlx.nn as nn
+
+    total = 0
+    for _, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            total += m.weight.shape[0] * m.scales.shape[-1] * m.group_size * 4
+    return total + _nbytes(model)
+
+
+def load(store: Store, entry: ModelEntry) -> Loaded:
+    """Load a stored model into MLX (see module doc). Errors are MlxliteErrors."""
+    store.check_integrity(entry)
+    info = dict(store.read_config(entry))
+    defaults, system, messages, template_override = _modelfile_layers(store, entry)
+    f32 = bool(config.get("float32_on_cpu")) and on_cpu()
+    layer = _gguf_layer(entry)
+    try:
+        if layer is not None:
+            path = store.blob_path(layer.digest)
+            model, tokenizer, spec, header, cfg = load_gguf(
+                path, on_cpu=on_cpu(), float32=f32, budget=memory_budget())
+            dequantized = cfg.pop("_dequantized")
+            context_length = int(cfg.get("max_position_embeddings") or 4096)
+            source = template_override or templates.find_template(None, header.metadata)
+            specials = spec.special_ids
+            bos, eos = spec.bos_token, spec.eos_token
+            eos_ids = frozenset(spec.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
+            info.setdefault("format", "gguf")
+            info["architecture"] = header.architecture
+        else:
+            model, tokenizer, cfg, dequantized, view = _load_safetensors(store, entry, f32)
+            text_cfg = cfg.get("text_config") or {}
+            context_length = int(cfg.get("max_position_embeddings") or text_cfg.get("max_position_embeddings")
+                                 or info.get("context_length") or 4096)
+            source = template_override or templates.find_template(view)
+            specials = _hf_specials(tokenizer)
+            bos, eos = tokenizer.bos_token, tokenizer.eos_token
+            eos_ids = frozenset(tokenizer.eos_token_ids)
+            info.setdefault("format", "safetensors")
+            info.setdefault("architecture", cfg.get("model_type", ""))
+    except MlxliteError:
+        raise
+    except (RuntimeError, ValueError) as exc:  # mlx's own errors on a malformed file
+        raise BadRequest(f"model '{entry.name.display}' failed to load: {exc}") from None
+    backend = getattr(tokenizer, "_tokenizer", tokenizer)
+    backend = getattr(backend, "backend_tokenizer", backend)
+    vocab_size = int(cfg.get("vocab_size") or 0)
+    table = token_table(backend, specials, vocab_size)
+    if source is None:
+        fallback = templates.fallback(backend.get_vocab(with_added_tokens=True))
+        template = templates.ChatTemplate(templates.FALLBACKS[fallback], bos_token=bos, eos_token=eos, name=fallback)
+    else:
+        template = templates.ChatTemplate(source, bos_token=bos, eos_token=eos,
+                                          name="modelfile" if template_override else "model")
+    info.update({
+        "context_length": context_length,
+        "device": "cpu" if on_cpu() else "gpu",
+        "weights": "float32" if dequantized else ("quantized" if _is_quantized(model) else "float"),
+        "openblas": blas.active(),
+        "template": template.name,
+    })
+    return Loaded(entry.name.display, entry.digest, model, tokenizer, template, eos_ids, context_length,
+                  _nbytes(model), info, defaults, system, messages, table, bos)
+
+
+def _is_quantized(model: Any) -> bool:
+    import mlx.nn as nn
+
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+def unload(loaded: Loaded) -> None:
+    """Drop the model's arrays and give their memory back."""
+    loaded.model = None
+    loaded.tokenizer = None
+    loaded.table = []
+    gc.collect()
+    mx.clear_cache()
+
+
+# ---- tokens -------------------------------------------------------------------------------
+def tokenize(loaded: Loaded, text: str, add_special: bool = True) -> list[int]:
+    # A template that already wrote the BOS token must not get a second one.
+    if add_special and loaded.bos_token and text.startswith(loaded.bos_token):
+        add_special = False
+    return list(loaded.tokenizer.encode(text, add_special_tokens=add_special))
+
+
+def detokenize(loaded: Loaded, tokens: list[int]) -> str:
+    return loaded.tokenizer.decode(list(tokens))
+
+
+def token_bytes(loaded: Loaded) -> list[bytes]:
+    """Raw bytes of every token id; special tokens (EOS, control) are b"" (never text)."""
+    return loaded.table
+
+
+# ---- sampling building blocks (one per sequence; the scheduler reuses them) ---------------
+def context_window(loaded: Loaded, options: Options) -> int:
+    """Effective num_ctx: the request's, else the setting, capped by the model."""
+    n = options.num_ctx or int(config.get("num_ctx"))
+    return max(4, min(n, loaded.context_length))
+
+
+def new_cache(loaded: Loaded) -> list[Any]:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(loaded.model)
+
+
+def prefill(loaded: Loaded, tokens: list[int], cache: list[Any], step: int,
+            cancel: threading.Event | None = None) -> bool:
+    """Run `tokens` through the model into `cache` in chunks; False if cancelled between chunks."""
+    model = loaded.model
+    for start in range(0, len(tokens), step):
+        if cancel is not None and cancel.is_set():
+            return False
+        model(mx.array(tokens[start:start + step])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        mx.clear_cache()
+    return True
+
+
+def check_prompt(loaded: Loaded, prompt: list[int], num_ctx: int, options: Options, truncate: bool) -> list[int]:
+    if not prompt:
+        raise BadRequest("the prompt is empty")
+    if len(prompt) < num_ctx:
+        return prompt
+    if not truncate:
+        raise BadRequest(f"prompt is {len(prompt)} tokens, longer than the context window num_ctx={num_ctx}; "
+                         "shorten it, raise num_ctx, or ask for truncation")
+    room = options.num_predict if options.num_predict > 0 else num_ctx // 2
+    keep = max(1, num_ctx - max(1, min(room, num_ctx // 2)))
+    return prompt[-keep:]

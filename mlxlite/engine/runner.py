@@ -1,0 +1,186 @@
+"""The engine's protocol: what the scheduler (and `mlxlite run`) calls to run a model on MLX.
+
+Contract:
+  - `load(store, entry) -> Loaded`, `unload`, `tokenize`, `detokenize`, `token_bytes`,
+    `context_window`, `new_cache`, `prefill` (from `model.py`).
+  - `generate(loaded, prompt_tokens, options, cancel, truncate=, constraint=, prompt_cache=,
+    cached_tokens=)` yields `Piece`s then one `Finish` (`results.py`): stop strings are cut
+    exactly, the cancel event is checked between prefill chunks and decode steps, a
+    constraint masks the logits before sampling. A prompt that is empty, or longer than
+    num_ctx without `truncate`, is a `BadRequest` before any work.
+  - `embed(loaded, texts, truncate)` -> one normalized vector per text.
+  - `decoder(loaded, max_batch, keep_caches)`: continuous batching (`batch.Decoder`), whose
+    sequences produce what `generate` would alone; `cache_nbytes`, `cache_prefix`,
+    `save_cache`, `load_cache` for the scheduler's prefix cache.
+  - Samplers and text streaming per sequence: `make_sampler`, `make_processors`,
+    `allowed_logits`, `TextStream`, `StopMatcher`.
+Never called from more than one thread at a time (the scheduler owns the MLX thread).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import mlx.core as mx
+
+from mlxlite.engine.batch import Decoder, cache_nbytes, cache_prefix, load_cache, save_cache
+from mlxlite.engine.model import (
+    Loaded,
+    check_prompt,
+    context_window,
+    detokenize,
+    load,
+    memory_budget,
+    new_cache,
+    on_cpu,
+    prefill,
+    token_bytes,
+    tokenize,
+    unload,
+)
+from mlxlite.engine.sampling import allowed_logits, make_processors, make_sampler
+from mlxlite.engine.text import StopMatcher, TextStream
+from mlxlite.errors import BadRequest, Unsupported
+from mlxlite.options import Options
+from mlxlite.results import Finish, Piece
+
+__all__ = [
+    "Loaded", "Piece", "Finish", "load", "unload", "tokenize", "detokenize", "token_bytes", "generate",
+    "embed", "context_window", "make_sampler", "make_processors", "allowed_logits", "new_cache", "prefill",
+    "TextStream", "StopMatcher", "on_cpu", "memory_budget", "decoder", "cache_nbytes", "cache_prefix",
+    "save_cache", "load_cache",
+]
+
+
+# ---- generation ----------------------------------------------------------------------------
+def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel: threading.Event | None = None,
+             *, truncate: bool = False, constraint: object | None = None,
+             prompt_cache: list[Any] | None = None, cached_tokens: int = 0) -> Iterator[Piece | Finish]:
+    """Stream Pieces then one Finish (the contract is in this module's docstring).
+
+    `prompt_cache` (from `new_cache`, updated in place) may already hold the KV of the first
+    `cached_tokens` prompt tokens (a prefix cache hit); only the rest is computed. Afterwards
+    it holds the prompt, the generated tokens and possibly one look-ahead token: its
+    `offset` says how many, `trim_prompt_cache` cuts it back.
+    """
+    from mlx_lm.generate import generation_stream
+
+    num_ctx = context_window(loaded, options)
+    given = [int(t) for t in prompt_tokens]
+    prompt = check_prompt(loaded, given, num_ctx, options, truncate)
+    if prompt_cache is None or len(prompt) != len(given):  # truncation invalidates a prefix
+        prompt_cache, cached_tokens = None, 0
+    cached_tokens = max(0, min(cached_tokens, len(prompt) - 1))
+    limit = num_ctx - len(prompt)
+    if options.num_predict >= 0:
+        limit = min(limit, options.num_predict)
+    t0 = time.perf_counter()
+    n_prompt = len(prompt)
+    if limit <= 0:
+        yield Finish("length", n_prompt, 0, 0, 0.0, 0.0)  # nothing computed
+        return
+    model, eos = loaded.model, loaded.eos_token_ids
+    sampler = make_sampler(options)
+    processors = make_processors(options, num_ctx)
+    stops = StopMatcher(options.stop)
+    text = TextStream(loaded.table)
+    cache = prompt_cache if prompt_cache is not None else new_cache(loaded)
+    history = mx.array(prompt[:-1], dtype=mx.uint32) if processors else None
+
+    def step(inp: mx.array) -> tuple[mx.array, mx.array]:
+        nonlocal history
+        with mx.stream(generation_stream):
+            logits = model(inp[None], cache=cache)[:, -1, :]
+            if processors:
+                history = mx.concatenate([history, inp])
+                for proc in processors:
+                    logits = proc(history, logits)
+            if constraint is not None:
+                logits = allowed_logits(logits, constraint, eos)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            tok = sampler(logprobs)
+            return tok, mx.take_along_axis(logprobs, tok[:, None], axis=-1)
+
+    def finish(reason: str, n_eval: int, t_first: float | None, tail: str = "") -> Finish:
+        now = time.perf_counter()
+        t_first = now if t_first is None else t_first
+        return Finish(reason, n_prompt, n_prompt - cached_tokens, n_eval, t_first - t0, now - t_first, tail)
+
+    def flush_tail() -> str:
+        out, hit = stops.feed(text.flush())
+        return out if hit else out + stops.flush()
+
+    with mx.stream(generation_stream):
+        done = prefill(loaded, prompt[cached_tokens:-1], cache, max(1, options.num_batch), cancel)
+    if not done or (cancel is not None and cancel.is_set()):
+        yield finish("cancel", 0, None)
+        return
+    # Without a constraint the next step is queued before this token is handed out
+    # (mlx-lm's one-token lookahead); a constraint must see each token first.
+    lookahead = constraint is None
+    y, lp = step(mx.array(prompt[-1:], dtype=mx.uint32))
+    mx.async_eval(y, lp)
+    t_first: float | None = None
+    n = 0
+    while True:
+        nxt = None
+        if lookahead and n + 1 < limit:
+            nxt = step(y)
+            mx.async_eval(*nxt)
+        token = int(y.item())
+        if t_first is None:
+            t_first = time.perf_counter()
+        if token in eos:
+            yield finish("stop", n, t_first, flush_tail())
+            return
+        if constraint is not None:
+            constraint.advance(token)
+        n += 1
+        emit, hit = stops.feed(text.add(token))
+        yield Piece(token, emit, float(lp.item()))
+        if hit:
+            yield finish("stop", n, t_first)
+            return
+        if n >= limit:
+            yield finish("length", n, t_first, flush_tail())
+            return
+        if cancel is not None and cancel.is_set():
+            yield finish("cancel", n, t_first, flush_tail())
+            return
+        if nxt is None:
+            nxt = step(y)
+            mx.async_eval(*nxt)
+        y, lp = nxt
+        if n % 256 == 0:
+            mx.clear_cache()
+
+
+# ---- embeddings ---------------------------------------------------------------------------
+def embed(loaded: Loaded, texts: list[str], truncate: bool = True) -> list[list[float]]:
+    """Mean-pooled, L2-normalized final hidden states (after the final norm, before lm_head)."""
+    inner = getattr(loaded.model, "model", None)
+    if inner is None or not callable(inner):
+        raise Unsupported(f"model '{loaded.name}' does not expose hidden states for embeddings")
+    out = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise BadRequest("input must be a string or a list of strings")
+        ids = tokenize(loaded, text) or [0]
+        if len(ids) > loaded.context_length:
+            if not truncate:
+                raise BadRequest(f"input is {len(ids)} tokens, longer than the context length {loaded.context_length}")
+            ids = ids[: loaded.context_length]
+        hidden = inner(mx.array(ids)[None]).astype(mx.float32)
+        pooled = hidden[0].mean(axis=0)
+        pooled = pooled / mx.maximum(mx.linalg.norm(pooled), 1e-12)
+        out.append(pooled.tolist())
+    return out
+
+
+# ---- continuous batching (batch.py) ---------------------------------------------------------
+def decoder(loaded: Loaded, max_batch: int, keep_caches: bool = False) -> Decoder:
+    """A `batch.Decoder`: many sequences of this model decoded together."""
+    return Decoder(loaded, max_batch, keep_caches=keep_caches)

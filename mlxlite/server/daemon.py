@@ -1,0 +1,496 @@
+"""The daemon: HTTP on `http.server.ThreadingHTTPServer`, routes as data, errors in one place.
+
+Contract:
+  - `ROUTES = {(method, path): handler}`; a path segment `{name}` matches one segment and
+    `{name*}` the rest (slashes included), exposed as `ctx.params[name]`. Other modules
+    add routes by adding entries (e.g. `("POST", "/api/pull"): pull.handle_pull`).
+  - A handler gets a `RequestContext` and returns `api.Reply` or `api.Stream`; streams are
+    NDJSON or SSE, chunked, flushed per item, so lines reach the client as generated.
+  - `error_body(exc, openai)` is the one place an exception becomes a status and JSON:
+    before the first byte a real status; after it a final `{"error": ...}` line/event.
+    Never a traceback on the wire (it goes to the log).
+  - Security: Host-header check against DNS rebinding when bound to loopback; CORS for
+    localhost origins plus `origins`; bearer `api_key` on every request when set (and
+    required to bind a non-loopback address); bodies over `max_body_bytes` -> 413.
+  - One JSON log line per request (id, method, path, model, status, tokens, durations,
+    client) to stderr or `log_file`.
+  - A client that disconnects (seen by polling its socket while waiting, or by a failed
+    write) cancels its job. Entry points: `make_server(host_port)` and `serve_forever`.
+This module never imports mlx: the scheduler imports the runner on its own thread.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import json
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, TextIO
+from urllib.parse import parse_qs, urlsplit
+
+from mlxlite import __version__, config
+from mlxlite.errors import (
+    BadRequest,
+    Forbidden,
+    MlxliteError,
+    PayloadTooLarge,
+    Unauthorized,
+)
+from mlxlite.sched import ClientGone, Scheduler
+from mlxlite.server import create as create_api
+from mlxlite.server import native
+from mlxlite.server import openai as openai_api
+from mlxlite.server import pull as pull_api
+from mlxlite.server.rules import host_allowed, is_loopback, match, origin_allowed, parse_host_port
+from mlxlite.server.wire import Reply, Stream
+from mlxlite.store import Store
+
+__all__ = ["ROUTES", "App", "MlxliteServer", "RequestContext", "error_body", "host_allowed", "make_server",
+           "match", "origin_allowed", "parse_host_port", "serve_forever"]
+
+Handler = Callable[["RequestContext"], "Reply | Stream"]
+
+ROUTES: dict[tuple[str, str], Handler] = {
+    ("GET", "/"): native.handle_root,
+    ("HEAD", "/"): native.handle_root,
+    ("GET", "/api/version"): native.handle_version,
+    ("HEAD", "/api/version"): native.handle_version,
+    ("GET", "/api/health"): native.handle_health,
+    ("GET", "/metrics"): native.handle_metrics,
+    ("POST", "/api/generate"): native.handle_generate,
+    ("POST", "/api/chat"): native.handle_chat,
+    ("POST", "/api/embed"): native.handle_embed,
+    ("POST", "/api/embeddings"): native.handle_embeddings,
+    ("GET", "/api/tags"): native.handle_tags,
+    ("HEAD", "/api/tags"): native.handle_tags,
+    ("POST", "/api/show"): native.handle_show,
+    ("GET", "/api/ps"): native.handle_ps,
+    ("POST", "/api/copy"): native.handle_copy,
+    ("DELETE", "/api/delete"): native.handle_delete,
+    ("POST", "/v1/chat/completions"): openai_api.handle_chat_completions,
+    ("POST", "/v1/completions"): openai_api.handle_completions,
+    ("POST", "/v1/embeddings"): openai_api.handle_embeddings,
+    ("GET", "/v1/models"): openai_api.handle_models,
+    ("GET", "/v1/models/{model*}"): openai_api.handle_model,
+    **create_api.ROUTES,  # /api/create, /api/blobs/:digest
+    **pull_api.ROUTES,  # /api/pull, /api/push
+}
+
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                 499: "invalid_request_error", 503: "api_error"}
+
+
+def error_body(exc: BaseException, openai: bool = False) -> tuple[int, dict]:
+    """THE mapping of an exception to (status, JSON body)."""
+    if isinstance(exc, MlxliteError):
+        status, message = exc.status, exc.message
+    elif isinstance(exc, ClientGone):
+        status, message = 499, "request canceled"
+    else:
+        status, message = 500, f"internal error: {type(exc).__name__}"
+    if openai:
+        kind = _OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+        return status, {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return status, {"error": message}
+
+
+# ---- the app (state shared by all requests) ---------------------------------------------
+class App:
+    def __init__(self, store: Any, scheduler: Scheduler, *, api_key: str = "", origins: list[str] | None = None,
+                 max_body: int = 32 << 20, check_host: bool = True, log_stream: TextIO | None = None,
+                 routes: dict | None = None) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.api_key = api_key
+        self.origins = list(origins or [])
+        self.max_body = max_body
+        self.check_host = check_host
+        self.routes = routes if routes is not None else ROUTES
+        self.log_stream = log_stream
+        self.log_lock = threading.Lock()
+        self.request_counts: Counter = Counter()
+        self.started = time.time()
+        self.ids = itertools.count(1)
+
+    def log(self, record: dict) -> None:
+        line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
+        with self.log_lock:
+            stream = self.log_stream or sys.stderr
+            try:
+                stream.write(line)
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+class RequestContext:
+    """What a handler sees of one request."""
+
+    def __init__(self, handler: RequestHandler, app: App, rid: str) -> None:
+        self.handler = handler
+        self.app = app
+        self.id = rid
+        self.method = handler.command
+        url = urlsplit(handler.path)
+        self.path = url.path
+        self.query = parse_qs(url.query)
+        self.headers = handler.headers
+        self.params: dict[str, str] = {}
+        self.log: dict[str, Any] = {}
+        self.openai = self.path.startswith("/v1/")
+        self.body_pending = self._length() > 0 or "Transfer-Encoding" in self.headers
+        self._body: Any = None
+        self._read = False
+
+    def _length(self) -> int:
+        value = self.headers.get("Content-Length")
+        if value is None:
+            return 0
+        try:
+            n = int(value.strip())
+        except ValueError:
+            n = -1
+        if n < 0 or not value.strip().isdigit():
+            self.handler.close_connection = True
+            raise BadRequest("invalid Content-Length header")
+        return n
+
+    def body(self) -> bytes:
+        """The raw body (at most `max_body_bytes`)."""
+        if self._read:
+            return self._body
+        if "Transfer-Encoding" in self.headers:
+            self.handler.close_connection = True
+            raise BadRequest("chunked request bodies are not supported: send Content-Length")
+        n = self._length()
+        if n > self.app.max_body:
+            self.handler.close_connection = True
+            raise PayloadTooLarge(f"request body is {n} bytes, more than the limit of {self.app.max_body} "
+                                  "(MLXLITE_MAX_BODY_BYTES)")
+        data = self.handler.rfile.read(n) if n else b""
+        if len(data) != n:
+            self.handler.close_connection = True
+            raise ClientGone()
+        self._read, self._body, self.body_pending = True, data, False
+        return data
+
+    def json(self) -> Any:
+        """The body as JSON (None when empty); 400 on anything that isn't JSON."""
+        data = self.body()
+        if not data.strip():
+            return None
+        try:
+            return json.loads(data, parse_constant=_no_constant)
+        except RecursionError:
+            raise BadRequest("invalid JSON: nested too deeply") from None
+        except ValueError as exc:
+            raise BadRequest(f"invalid JSON: {exc}") from None
+
+    def gone(self) -> bool:
+        """True when the client has closed its connection (polled while we wait)."""
+        sock = self.handler.connection
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if not readable:
+                return False
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"mlxlite/{__version__}"
+    sys_version = ""
+    timeout = 600                      # an idle keep-alive connection frees its thread
+    server: MlxliteServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass                           # replaced by one JSON line per request
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors http.server finds itself (bad request line, headers): JSON too."""
+        self.close_connection = True
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"   # answer garbage with a real status line
+        body = json.dumps({"error": message or self.responses.get(code, ("error",))[0]}).encode()
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except OSError:
+            pass
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+    # ---- one request ------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        app = self.server.app
+        start = time.perf_counter()
+        ctx = RequestContext.__new__(RequestContext)
+        ctx.log, ctx.openai, ctx.path = {}, self.path.startswith("/v1/"), self.path
+        status, route, error = 500, None, None
+        self._cors: list[tuple[str, str]] = []
+        self._sent = False
+        self._rid = ""
+        try:
+            self._rid = f"{next(app.ids):x}"
+            ctx.__init__(self, app, self._rid)
+            self._guard(ctx)
+            if self.command == "OPTIONS":
+                status = self._preflight()
+                return
+            handler, route, ctx.params = match(app.routes, self.command, ctx.path)
+            result = handler(ctx)
+            status = self._send(ctx, result)
+        except ClientGone:
+            status, error = 499, "client disconnected"
+            self.close_connection = True
+        except Exception as exc:
+            status, body = error_body(exc, ctx.openai)
+            if not isinstance(exc, MlxliteError):
+                ctx.log["traceback"] = traceback.format_exc()
+            error = str(body["error"]["message"] if ctx.openai else body["error"])
+            if not self._sent:
+                extra = [("WWW-Authenticate", "Bearer")] if status == 401 else []
+                try:
+                    self._write_whole(status, json.dumps(body).encode(), "application/json; charset=utf-8",
+                                      extra)
+                except OSError:         # the client left before its error could be sent
+                    self.close_connection = True
+            else:
+                self.close_connection = True
+        finally:
+            if getattr(ctx, "body_pending", False):
+                self.close_connection = True    # unread body bytes would poison keep-alive
+            with app.log_lock:      # `+=` on a Counter is not atomic across threads
+                app.request_counts[(route or "unmatched", status)] += 1
+            record = {"time": round(time.time(), 3), "id": getattr(ctx, "id", "-"), "method": self.command,
+                      "path": ctx.path.split("?")[0], "status": status,
+                      "duration_ms": round((time.perf_counter() - start) * 1e3, 2),
+                      "client": self.client_address[0] if self.client_address else ""}
+            record.update(ctx.log)
+            if error:
+                record["error"] = error
+            app.log(record)
+
+    def _guard(self, ctx: RequestContext) -> None:
+        app = self.server.app
+        if app.check_host and not host_allowed(self.headers.get("Host")):
+            raise Forbidden(f"host {self.headers.get('Host')!r} is not allowed (DNS rebinding protection)")
+        origin = self.headers.get("Origin")
+        if origin:
+            if not origin_allowed(origin, app.origins):
+                raise Forbidden(f"origin {origin!r} is not allowed (set MLXLITE_ORIGINS)")
+            self._cors = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        if app.api_key and self.command != "OPTIONS":
+            auth = self.headers.get("Authorization") or ""
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), app.api_key.encode()):
+                raise Unauthorized("missing or wrong API key (Authorization: Bearer ...)")
+
+    def _preflight(self) -> int:
+        asked = self.headers.get("Access-Control-Request-Headers")
+        allow = asked or "Authorization, Content-Type, User-Agent, Accept, X-Requested-With"
+        extra = [("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS"),
+                 ("Access-Control-Allow-Headers", allow), ("Access-Control-Max-Age", "43200")]
+        self._write_whole(204, b"", None, extra)
+        return 204
+
+    def _write_whole(self, status: int, body: bytes, content_type: str | None,
+                     extra: list[tuple[str, str]] | tuple = ()) -> None:
+        self.send_response(status)
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in [*self._cors, *extra]:
+            self.send_header(key, value)
+        if getattr(self, "_rid", None):
+            self.send_header("X-Request-Id", self._rid)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self._sent = True
+        if self.command != "HEAD" and body:
+            self.wfile.write(body)
+
+    def _send(self, ctx: RequestContext, result: Reply | Stream) -> int:
+        if isinstance(result, Reply):
+            body, ctype = result.body, result.content_type
+            if body is None:
+                data = b""
+            elif isinstance(body, bytes):
+                data = body
+            elif isinstance(body, str):
+                data = body.encode()
+                ctype = ctype or "text/plain; charset=utf-8"
+            else:
+                data = json.dumps(body, separators=(",", ":")).encode()
+                ctype = ctype or "application/json; charset=utf-8"
+            self._write_whole(result.status, data, ctype, list(result.headers))
+            return result.status
+        return self._stream(ctx, result)
+
+    def _stream(self, ctx: RequestContext, stream: Stream) -> int:
+        items = stream.items
+        close = getattr(items, "close", None)
+        try:
+            # Pull the first item before any header: errors until then get a real status.
+            try:
+                first = next(items)
+            except StopIteration:
+                first = None
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream" if stream.sse else "application/x-ndjson")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("X-Request-Id", ctx.id)
+            for key, value in self._cors:
+                self.send_header(key, value)
+            self.end_headers()
+            self._sent = True
+            status = 200
+            try:
+                if first is not None:
+                    self._chunk(self._frame(first, stream.sse))
+                    for item in items:
+                        self._chunk(self._frame(item, stream.sse))
+            except (ClientGone, BrokenPipeError, ConnectionResetError):
+                raise ClientGone() from None
+            except Exception as exc:  # after the first byte: a final error line, status stays 200
+                status, body = error_body(exc, ctx.openai)
+                ctx.log["error"] = str(body["error"]["message"] if ctx.openai else body["error"])
+                if not isinstance(exc, MlxliteError):
+                    ctx.log["traceback"] = traceback.format_exc()
+                self._chunk(self._frame(body, stream.sse))
+            if stream.done_marker:
+                self._chunk(b"data: [DONE]\n\n")
+            self.wfile.write(b"0\r\n\r\n")
+            return status
+        except (BrokenPipeError, ConnectionResetError):
+            raise ClientGone() from None
+        finally:
+            if close is not None:
+                close()       # cancels the job if it is still running
+
+    @staticmethod
+    def _frame(item: Any, sse: bool) -> bytes:
+        data = json.dumps(item, separators=(",", ":")).encode()
+        return b"data: " + data + b"\n\n" if sse else data + b"\n"
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+class MlxliteServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], app: App, family: int = socket.AF_INET) -> None:
+        self.address_family = family
+        self.app = app
+        super().__init__(address, RequestHandler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that breaks outside a request is routine; anything else is logged
+        as one JSON line (never printed as a bare traceback)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return
+        self.app.log({"time": round(time.time(), 3), "client": client_address[0] if client_address else "",
+                      "error": f"unhandled {type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def close(self) -> None:
+        self.shutdown_safe()
+        self.app.scheduler.close()
+        self.server_close()
+
+    def shutdown_safe(self) -> None:
+        if getattr(self, "_serving", False):
+            self.shutdown()
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._serving = True
+        try:
+            super().serve_forever(poll_interval)
+        finally:
+            self._serving = False
+
+
+def make_server(host_port: str | None = None, *, store: Any = None, scheduler: Scheduler | None = None,
+                engine: Any = None, api_key: str | None = None, origins: list[str] | None = None,
+                max_body: int | None = None, log_stream: TextIO | None = None) -> MlxliteServer:
+    """A bound (not yet serving) server; `server.url` says where. Settings from config.py
+    unless given. Refuses a non-loopback address without an API key."""
+    host, port = parse_host_port(host_port)
+    api_key = config.get("api_key") if api_key is None else api_key
+    loopback = is_loopback(host)
+    if not loopback and not api_key:
+        raise BadRequest(f"refusing to listen on {host}: a non-loopback address needs an API key "
+                         "(set MLXLITE_API_KEY)")
+    store = store or Store()
+    scheduler = scheduler or Scheduler(store, engine)
+    log_stream = log_stream
+    if log_stream is None and config.get("log_file"):
+        log_stream = open(config.get("log_file"), "a", buffering=1)  # noqa: SIM115 (lives as long as the server)
+    app = App(store, scheduler, api_key=api_key,
+              origins=config.get("origins") if origins is None else origins,
+              max_body=int(config.get("max_body_bytes")) if max_body is None else max_body,
+              check_host=loopback, log_stream=log_stream)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        server = MlxliteServer((host, port), app, family)
+    except OSError as exc:
+        raise MlxliteError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    scheduler.start()
+    return server
+
+
+def serve_forever(host_port: str | None = None, **kwargs: Any) -> int:
+    """Run the daemon until SIGINT/SIGTERM; returns an exit status for the CLI."""
+    server = make_server(host_port, **kwargs)
+    print(f"mlxlite {__version__} listening on {server.url}", file=sys.stderr, flush=True)
+
+    def stop(signum: int, frame: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.app.scheduler.close()
+        server.server_close()
+    return 0

@@ -1,0 +1,397 @@
+"""Route handlers of the native (Ollama-compatible) API.
+
+Contract: each handler takes the server's request context (`ctx.json()`, `ctx.gone()`,
+`ctx.params`, `ctx.log`, `ctx.app.store`, `ctx.app.scheduler`) and returns an
+`wire.Reply` or `wire.Stream`; it raises `MlxliteError`s, which `daemon.py` maps to the
+wire. Store-only routes (tags, show, copy, delete) never load a model. Generation goes
+through `generation()`, shared with the OpenAI routes: it submits a job to the scheduler
+and yields text as it comes, so nothing waits for the end. Never imports mlx.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from mlxlite import __version__
+from mlxlite import store as st
+from mlxlite.errors import MlxliteError
+from mlxlite.formats import gguf, tools
+from mlxlite.modelfile import to_modelfile
+from mlxlite.sched import Done, Embedded, EmbedJob, GenerateJob, LoadJob, Ready, is_finish
+from mlxlite.server import wire
+from mlxlite.server.wire import Reply, Stream, Summary
+
+FOREVER = 10987200000.0       # 2318-03-04, the expires_at of a model kept loaded forever
+
+
+# ---- generation shared by native and OpenAI routes -------------------------------------
+@dataclass(frozen=True)
+class Text:
+    text: str
+    logprob: float | None = None
+    token: int | None = None
+
+
+@dataclass(frozen=True)
+class Calls:
+    calls: list
+
+
+def resolve(ctx: Any, name: Any) -> Any:
+    ctx.log["model"] = getattr(name, "display", str(name))     # logged even when it is not found
+    entry = ctx.app.store.resolve(name)
+    ctx.log["model"] = entry.name.display
+    return entry
+
+
+def generation(ctx: Any, job: GenerateJob, summary: Summary, tool_names: list[str] | None = None
+               ) -> Iterator[Text | Calls]:
+    """Submit `job`; yield `Text` as the engine produces it, then `Calls` (if tools were
+    given and the output was tool calls). Fills `summary` as it goes. Errors before the
+    first token (load, prompt too long) are raised before anything is yielded."""
+    ticket = ctx.app.scheduler.submit(job)
+    try:
+        yield from _events(ctx, ticket, summary, tool_names)
+    finally:
+        ticket.cancel()     # closed early (client gone, write failed): stop the engine too
+
+
+def _events(ctx: Any, ticket: Any, summary: Summary, tool_names: list[str] | None) -> Iterator[Text | Calls]:
+    parser = tools.ToolCallParser(tool_names) if tool_names is not None else None
+    for event in ticket.events(gone=ctx.gone):
+        if isinstance(event, Ready):
+            summary.load_seconds = event.load_seconds
+            summary.tokens = list(event.prompt_tokens)
+            ctx.log["queue_ms"] = round(getattr(event, "queue_seconds", 0.0) * 1e3, 2)
+            ctx.log["batch_size"] = getattr(event, "batch_size", 0)
+            continue
+        if is_finish(event):
+            summary.reason = event.reason
+            summary.prompt_tokens = event.prompt_tokens
+            summary.prompt_eval_tokens = event.prompt_eval_tokens
+            summary.eval_tokens = event.eval_tokens
+            summary.prompt_seconds = event.prompt_seconds
+            summary.eval_seconds = event.eval_seconds
+            ctx.log.update(prompt_tokens=event.prompt_tokens, prompt_eval_tokens=event.prompt_eval_tokens,
+                           eval_tokens=event.eval_tokens, load_ms=round(summary.load_seconds * 1e3, 2),
+                           prompt_ms=round(event.prompt_seconds * 1e3, 2),
+                           eval_ms=round(event.eval_seconds * 1e3, 2), done_reason=event.reason,
+                           cached_tokens=event.prompt_tokens - event.prompt_eval_tokens,
+                           eval_tps=round(event.eval_tokens / event.eval_seconds, 2) if event.eval_seconds > 0 else 0)
+            tail = event.text_tail
+            if parser is not None:
+                tail = parser.feed(tail)
+            if tail:
+                yield Text(tail)
+            if parser is not None:
+                text, calls = parser.finish()
+                if text:
+                    yield Text(text)
+                if calls:
+                    yield Calls(calls)
+            return
+        summary.tokens.append(event.token)
+        text = event.text if parser is None else parser.feed(event.text)
+        if text:
+            yield Text(text, event.logprob, event.token)
+
+
+def _load_or_unload(ctx: Any, entry: Any, req: wire.GenerateRequest, chat: bool) -> Reply | Stream:
+    ticket = ctx.app.scheduler.submit(LoadJob(entry, req.keep_alive))
+    reason, load_seconds = "load", 0.0
+    for event in ticket.events(gone=ctx.gone):
+        if isinstance(event, Done):
+            reason, load_seconds = event.reason, event.load_seconds
+    out = {"model": req.name.display, "created_at": wire.now_rfc3339()}
+    if chat:
+        out["message"] = {"role": "assistant", "content": ""}
+    else:
+        out["response"] = ""
+    out.update(done=True, done_reason=reason)
+    if reason == "load":
+        out["load_duration"] = wire.ns(load_seconds)
+    return Stream(iter([out])) if req.stream else Reply(out)
+
+
+def _native(ctx: Any, chat: bool) -> Reply | Stream:
+    req = wire.parse_chat(ctx.json()) if chat else wire.parse_generate(ctx.json())
+    entry = resolve(ctx, req.name)
+    if req.empty:
+        return _load_or_unload(ctx, entry, req, chat)
+    job = GenerateJob(entry, req.prompt, req.options, req.keep_alive, req.format, req.truncate)
+    tool_names = [t["function"]["name"] for t in req.prompt.tools] if req.prompt.tools else None
+    items = _native_chunks(ctx, req, job, chat, tool_names)
+    if req.stream:
+        return Stream(items)
+    return Reply(_join(items, chat))
+
+
+def _native_chunks(ctx: Any, req: wire.GenerateRequest, job: GenerateJob, chat: bool,
+                   tool_names: list[str] | None) -> Iterator[dict]:
+    model = req.name.display
+    summary = Summary()
+    for item in generation(ctx, job, summary, tool_names):
+        chunk: dict[str, Any] = {"model": model, "created_at": wire.now_rfc3339()}
+        if isinstance(item, Calls):
+            if chat:
+                chunk["message"] = {"role": "assistant", "content": "", "tool_calls": item.calls}
+            else:
+                chunk.update(response="", tool_calls=item.calls)
+        elif chat:
+            chunk["message"] = {"role": "assistant", "content": item.text}
+        else:
+            chunk["response"] = item.text
+        chunk["done"] = False
+        if req.logprobs and isinstance(item, Text) and item.logprob is not None:
+            chunk["logprobs"] = [{"token": item.text, "logprob": item.logprob,
+                                  "bytes": list(item.text.encode()), "top_logprobs": []}]
+        yield chunk
+    final: dict[str, Any] = {"model": model, "created_at": wire.now_rfc3339()}
+    if chat:
+        final["message"] = {"role": "assistant", "content": ""}
+    else:
+        final["response"] = ""
+    final.update(done=True, done_reason=summary.reason if summary.reason != "cancel" else "stop")
+    final.update(summary.metrics())
+    if not chat and not req.prompt.raw:
+        final["context"] = summary.tokens
+    yield final
+
+
+def _join(items: Iterator[dict], chat: bool) -> dict:
+    """A non-streamed response: the chunks' text joined onto the final chunk."""
+    texts: list[str] = []
+    calls: list = []
+    logprobs: list = []
+    final: dict = {}
+    for chunk in items:
+        if chunk.get("done"):
+            final = chunk
+            break
+        part = chunk["message"] if chat else chunk
+        texts.append(part.get("content" if chat else "response", ""))
+        calls.extend(part.get("tool_calls") or [])
+        logprobs.extend(chunk.get("logprobs") or [])
+    text = "".join(texts)
+    if chat:
+        final["message"] = {"role": "assistant", "content": text}
+        if calls:
+            final["message"]["tool_calls"] = calls
+    else:
+        final["response"] = text
+        if calls:
+            final["tool_calls"] = calls
+    if logprobs:
+        final["logprobs"] = logprobs
+    return final
+
+
+def handle_generate(ctx: Any) -> Reply | Stream:
+    return _native(ctx, chat=False)
+
+
+def handle_chat(ctx: Any) -> Reply | Stream:
+    return _native(ctx, chat=True)
+
+
+def embed_vectors(ctx: Any, entry: Any, inputs: tuple[str, ...], truncate: bool,
+                  keep_alive: float | None, options: dict) -> Embedded:
+    ticket = ctx.app.scheduler.submit(EmbedJob(entry, inputs, keep_alive, truncate, options))
+    for event in ticket.events(gone=ctx.gone):
+        if isinstance(event, Embedded):
+            ctx.log.update(prompt_tokens=event.prompt_tokens, load_ms=round(event.load_seconds * 1e3, 2))
+            return event
+    raise MlxliteError("embedding produced no result")
+
+
+def handle_embed(ctx: Any) -> Reply:
+    started = time.perf_counter()
+    req = wire.parse_embed(ctx.json())
+    entry = resolve(ctx, req.name)
+    result = embed_vectors(ctx, entry, req.inputs, req.truncate, req.keep_alive, req.options)
+    return Reply({
+        "model": req.name.display,
+        "embeddings": wire.resize(result.vectors, req.dimensions),
+        "total_duration": wire.ns(time.perf_counter() - started),
+        "load_duration": wire.ns(result.load_seconds),
+        "prompt_eval_count": result.prompt_tokens,
+    })
+
+
+def handle_embeddings(ctx: Any) -> Reply:
+    req = wire.parse_embed(ctx.json(), legacy=True)
+    entry = resolve(ctx, req.name)
+    result = embed_vectors(ctx, entry, req.inputs, req.truncate, req.keep_alive, req.options)
+    return Reply({"embedding": result.vectors[0] if result.vectors else []})
+
+
+# ---- store routes ----------------------------------------------------------------------
+def model_record(store: Any, entry: Any) -> dict:
+    try:
+        info = store.read_config(entry)
+    except MlxliteError:
+        info = {}
+    return {
+        "name": entry.name.display,
+        "model": entry.name.display,
+        "modified_at": wire.rfc3339(entry.modified),
+        "size": entry.size,
+        "digest": st.digest_hex(entry.digest),
+        "details": wire.details(info),
+    }
+
+
+def handle_tags(ctx: Any) -> Reply:
+    store = ctx.app.store
+    return Reply({"models": [model_record(store, e) for e in store.list()]})
+
+
+def _layer_text(store: Any, entry: Any, *medias: str) -> str | None:
+    parts = [store.read_blob(layer.digest).decode("utf-8", "replace")
+             for media in medias for layer in entry.manifest.layers_of(media)]
+    return "\n".join(parts) if parts else None
+
+
+def _gguf_meta(store: Any, entry: Any) -> dict:
+    files = entry.manifest.files()
+    layer = next((layer for title, layer in files.items()
+                  if title.endswith(".gguf") or layer.media_type == st.MEDIA_GGUF), None)
+    if layer is None:
+        return {}
+    return gguf.read_metadata(store.blob_path(layer.digest))
+
+
+def show_model(store: Any, entry: Any, verbose: bool = False) -> dict:
+    info = store.read_config(entry)
+    template = _layer_text(store, entry, st.MEDIA_TEMPLATE, st.MEDIA_OLLAMA_TEMPLATE)
+    system = _layer_text(store, entry, st.MEDIA_SYSTEM)
+    license_ = _layer_text(store, entry, st.MEDIA_LICENSE)
+    params: dict = {}
+    for layer in entry.manifest.layers_of(st.MEDIA_PARAMS):
+        params.update(json.loads(store.read_blob(layer.digest)))
+    messages: list = []
+    for layer in entry.manifest.layers_of(st.MEDIA_MESSAGES):
+        messages.extend(json.loads(store.read_blob(layer.digest)))
+    model_info: dict = {}
+    if info.get("format") == "gguf":
+        meta = _gguf_meta(store, entry)
+        for key, value in meta.items():
+            if isinstance(value, list) and not verbose:
+                value = [] if key.startswith("tokenizer.ggml.") else value
+            model_info[key] = value
+        template = template or meta.get("tokenizer.chat_template")
+        license_ = license_ or meta.get("general.license")
+    else:
+        files = entry.manifest.files()
+        if "config.json" in files:
+            cfg = json.loads(store.read_blob(files["config.json"].digest))
+            arch = cfg.get("model_type", info.get("architecture", ""))
+            model_info = {"general.architecture": arch,
+                          **{f"{arch}.{k}": v for k, v in cfg.items() if isinstance(v, (int, float, str))}}
+        if template is None:
+            view = store.view(entry)
+            if (view / "chat_template.jinja").exists():
+                template = (view / "chat_template.jinja").read_text()
+            elif (view / "tokenizer_config.json").exists():
+                tc = json.loads((view / "tokenizer_config.json").read_text())
+                template = tc.get("chat_template") if isinstance(tc.get("chat_template"), str) else None
+    if info.get("parameter_count"):
+        model_info.setdefault("general.parameter_count", info["parameter_count"])
+    if info.get("context_length"):
+        model_info.setdefault("general.context_length", info["context_length"])
+    capabilities = ["completion", "embedding"]
+    if template and "tools" in template:
+        capabilities.append("tools")
+    return {
+        "license": license_ or "",
+        "modelfile": to_modelfile(store, entry),  # the same text `show --modelfile` prints: it round-trips
+        "parameters": wire.params_text(params),
+        "template": template or "",
+        "system": system or "",
+        "details": wire.details(info),
+        "messages": messages,
+        "model_info": model_info,
+        "capabilities": capabilities,
+        "modified_at": wire.rfc3339(entry.modified),
+    }
+
+
+def handle_show(ctx: Any) -> Reply:
+    body = wire.body_object(ctx.json())
+    if "model" not in body and isinstance(body.get("name"), str):
+        body = {**body, "model": body["name"]}      # older clients send "name"
+    entry = resolve(ctx, wire.model_name(body))
+    return Reply(show_model(ctx.app.store, entry, wire.get(body, "verbose", bool, False)))
+
+
+def handle_copy(ctx: Any) -> Reply:
+    body = wire.body_object(ctx.json())
+    source = wire.model_name(body, "source")
+    destination = wire.model_name(body, "destination")
+    ctx.app.store.copy(source, destination)
+    ctx.log["model"] = destination.display
+    return Reply(None)
+
+
+def handle_delete(ctx: Any) -> Reply:
+    body = wire.body_object(ctx.json())
+    if "model" not in body and isinstance(body.get("name"), str):
+        body = {**body, "model": body["name"]}
+    entry = resolve(ctx, wire.model_name(body))
+    ctx.app.store.remove(entry.name)
+    if any(r.digest == entry.digest for r in ctx.app.scheduler.ps()):
+        # Release its memory too; don't wait for it (the queue may be busy).
+        try:
+            ctx.app.scheduler.submit(LoadJob(entry, 0))
+        except MlxliteError:
+            pass
+    return Reply(None)
+
+
+def handle_ps(ctx: Any) -> Reply:
+    models = []
+    for r in ctx.app.scheduler.ps():
+        # "Forever" as Ollama shows it: a date in 2318 (Go's time.Now() + max duration).
+        expires = r.expires_at if r.expires_at is not None else FOREVER
+        on_gpu = r.info.get("device", "gpu") != "cpu"
+        models.append({
+            "name": r.name, "model": r.name, "size": r.size, "digest": st.digest_hex(r.digest),
+            "details": wire.details(r.info), "expires_at": wire.rfc3339(expires),
+            "size_vram": r.size if on_gpu else 0, "context_length": r.context_length,
+        })
+    return Reply({"models": models})
+
+
+# ---- small routes ----------------------------------------------------------------------
+def handle_root(ctx: Any) -> Reply:
+    return Reply("mlxlite is running", content_type="text/plain; charset=utf-8")
+
+
+def handle_version(ctx: Any) -> Reply:
+    return Reply({"version": __version__})
+
+
+def handle_health(ctx: Any) -> Reply:
+    sched = ctx.app.scheduler
+    return Reply({"status": "ok", "version": __version__,
+                  "models": [r.name for r in sched.ps()], "queue": sched.depth(),
+                  "active": sched.busy(), "uptime": round(time.time() - ctx.app.started, 3)})
+
+
+def handle_metrics(ctx: Any) -> Reply:
+    """Prometheus text: requests by route and status (the server's), then the scheduler's
+    registry (queue, batch size, tokens, tok/s, prefix cache, loaded models)."""
+    sched, app = ctx.app.scheduler, ctx.app
+    lines = ["# HELP mlxlite_requests_total HTTP requests by route and status",
+             "# TYPE mlxlite_requests_total counter"]
+    with app.log_lock:
+        counts = sorted(app.request_counts.items())
+    for (route, status), count in counts:
+        lines.append(f'mlxlite_requests_total{{route="{route}",status="{status}"}} {count}')
+    registry = getattr(sched, "metrics", None)
+    text = "\n".join(lines) + "\n" + (registry.render() if registry is not None else "")
+    return Reply(text, content_type="text/plain; version=0.0.4")

@@ -1,0 +1,440 @@
+"""Wire types of the native (Ollama-compatible) API: request parsing, response shapes.
+
+Contract: `parse_*` functions take a decoded JSON body and return frozen dataclasses or
+raise `BadRequest` naming the field (wrong type, out of range, unknown option key),
+before any byte of a response is written. `PromptSpec.to_tokens` turns a request's
+prompt into token ids on the MLX thread (the chat template lives on the loaded model).
+`Reply` and `Stream` are what route handlers return to `daemon.py`. Shapes follow
+Ollama's `docs/api.md`: durations in nanoseconds, `created_at` RFC 3339 in UTC.
+Never imports mlx.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from mlxlite import config, names, options
+from mlxlite.constrain import compile_spec
+from mlxlite.errors import BadRequest, Unsupported
+from mlxlite.formats import templates
+from mlxlite.names import ModelName
+
+
+# ---- what handlers hand back to the server ------------------------------------------
+@dataclass(frozen=True)
+class Reply:
+    """A whole response: dict/list -> JSON; str/bytes as is; None -> empty body."""
+
+    body: Any = None
+    status: int = 200
+    content_type: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A streamed response: one NDJSON line (or SSE `data:` event) per item. The server
+    pulls the first item before sending headers, so errors until then get a real status."""
+
+    items: Iterator[Any]
+    sse: bool = False
+    done_marker: bool = False           # SSE: end with `data: [DONE]`
+
+
+# ---- field helpers -------------------------------------------------------------------
+_MISSING = object()
+
+
+def body_object(body: Any) -> dict:
+    if body is None:
+        raise BadRequest("missing request body")
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def get(body: dict, key: str, kind: type | tuple[type, ...], default: Any = None, *,
+        required: bool = False, allow_null: bool = True) -> Any:
+    """One field, type-checked (bool is not an int; ints are accepted as floats)."""
+    value = body.get(key, _MISSING)
+    if value is _MISSING or (value is None and allow_null):
+        if required:
+            raise BadRequest(f"{key} is required")
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        want = " or ".join(_kind_name(k) for k in kinds)
+        raise BadRequest(f"invalid {key}: expected {want}, got {_kind_name(type(value))}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRequest(f"invalid {key}: must be finite")
+    return value
+
+
+def _kind_name(kind: type) -> str:
+    return {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "an array",
+            dict: "an object", type(None): "null"}.get(kind, kind.__name__)
+
+
+def model_name(body: dict, key: str = "model") -> ModelName:
+    text = get(body, key, str, required=True)
+    if not text:
+        raise BadRequest(f"{key} is required")
+    return names.parse(text)
+
+
+def keep_alive(body: dict) -> float | None:
+    value = body.get("keep_alive")
+    if value is None:
+        return None
+    seconds = config.parse_duration(value)
+    if abs(seconds) > 1e10:
+        raise BadRequest(f"invalid keep_alive: {value!r} is out of range")
+    return seconds
+
+
+def format_spec(value: Any, key: str = "format") -> str | dict | None:
+    """`"json"`, a JSON-schema object, or nothing."""
+    if value is None or value == "":
+        return None
+    if value == "json":
+        return "json"
+    if isinstance(value, dict):
+        compile_spec(value)  # a bad or unsupported schema is a 400 now, before any model loads
+        return value
+    raise BadRequest(f'invalid {key}: expected "json" or a JSON schema object')
+
+
+def request_options(body: dict) -> dict:
+    return options.parse_partial(body.get("options"))
+
+
+def check_think(body: dict, model: str) -> None:
+    think = body.get("think")
+    if think in (None, False):
+        return
+    if think is True or think in ("low", "medium", "high", "max"):
+        raise BadRequest(f'"{model}" does not support thinking')
+    raise BadRequest('invalid think: expected a boolean or "low", "medium", "high", "max"')
+
+
+def check_images(value: Any, key: str = "images") -> None:
+    if value in (None, []):
+        return
+    if not isinstance(value, list):
+        raise BadRequest(f"invalid {key}: expected an array")
+    raise Unsupported("this model does not support images")
+
+
+# ---- prompts -------------------------------------------------------------------------
+_GO_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
+
+
+def render_go_template(template: str, system: str, prompt: str) -> str:
+    """The subset of Ollama's Go templates that simple prompts use: `{{ .System }}`,
+    `{{ .Prompt }}`, `{{ .Response }}`, `{{ if .X }}...{{ else }}...{{ end }}`, trim markers."""
+    values = {".System": system, ".Prompt": prompt, ".Response": ""}
+    out: list[str] = []
+    stack: list[tuple[bool, bool]] = []      # (parent emitting, this branch emitting)
+    emitting = True
+    pos = 0
+    for m in _GO_ACTION.finditer(template):
+        text = template[pos:m.start()]
+        if m.group(1):
+            text = text.rstrip()
+        if out and out[-1] is None:          # previous action had a right trim marker
+            out.pop()
+            text = text.lstrip()
+        if emitting:
+            out.append(text)
+        action = m.group(2)
+        pos = m.end()
+        if action in values:
+            if emitting:
+                out.append(values[action])
+        elif action.startswith("if ") and action[3:].strip() in values:
+            cond = bool(values[action[3:].strip()])
+            stack.append((emitting, cond))
+            emitting = emitting and cond
+        elif action == "else" and stack:
+            parent, cond = stack[-1]
+            emitting = parent and not cond
+        elif action == "end" and stack:
+            emitting = stack.pop()[0]
+        else:
+            raise BadRequest(f"unsupported template action {{{{ {action} }}}}: only .System, .Prompt, "
+                             ".Response, if/else/end are supported")
+        if m.group(3):
+            out.append(None)  # type: ignore[arg-type]
+    if stack:
+        raise BadRequest("invalid template: unclosed {{ if }}")
+    tail = template[pos:]
+    if out and out[-1] is None:
+        out.pop()
+        tail = tail.lstrip()
+    if emitting:
+        out.append(tail)
+    return "".join(out)
+
+
+def supports_tools(template: Any) -> bool:
+    flag = getattr(template, "supports_tools", None)
+    if flag is not None:
+        return bool(flag)
+    return "tools" in (getattr(template, "source", "") or "")
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A request's prompt before the model's template is known."""
+
+    model: str                                  # display name, for error messages
+    prompt: str | None = None                   # /api/generate
+    messages: tuple[dict, ...] | None = None    # /api/chat
+    system: str | None = None
+    template: str | None = None
+    raw: bool = False
+    suffix: str | None = None
+    tools: tuple[dict, ...] | None = None
+    context: tuple[int, ...] = ()
+
+    def to_tokens(self, loaded: Any, engine: Any) -> list[int]:
+        if self.suffix:
+            raise BadRequest(f'"{self.model}" does not support insert')
+        if self.tools and not supports_tools(loaded.template):
+            raise BadRequest(f'"{self.model}" does not support tools')
+        context = list(self.context)
+        if self.raw:
+            return context + engine.tokenize(loaded, self.prompt or "", add_special=not context)
+        system = self.system if self.system is not None else loaded.system
+        if self.template is not None:
+            text = render_go_template(self.template, system or "", self.prompt or "")
+            return context + engine.tokenize(loaded, text, add_special=not context)
+        chat = list(self.messages) if self.messages is not None else [{"role": "user", "content": self.prompt or ""}]
+        messages = templates.assemble(chat, system, loaded.messages)
+        text = loaded.template.render(messages, tools=list(self.tools) if self.tools else None,
+                                      add_generation_prompt=True)
+        return context + engine.tokenize(loaded, text, add_special=False)
+
+
+# ---- native requests -----------------------------------------------------------------
+@dataclass(frozen=True)
+class GenerateRequest:
+    name: ModelName
+    prompt: PromptSpec
+    stream: bool
+    options: dict
+    format: str | dict | None
+    keep_alive: float | None
+    truncate: bool
+    logprobs: bool
+    empty: bool                     # empty prompt: load (or unload with keep_alive 0)
+
+
+_ROLES = {"system", "user", "assistant", "tool"}
+
+
+def _common(body: dict, name: ModelName) -> dict:
+    check_think(body, name.display)
+    logprobs = get(body, "logprobs", bool, False)
+    top = get(body, "top_logprobs", int, 0)
+    if not 0 <= top <= 20:
+        raise BadRequest("top_logprobs must be between 0 and 20")
+    return {
+        "stream": get(body, "stream", bool, True),
+        "options": request_options(body),
+        "format": format_spec(body.get("format")),
+        "keep_alive": keep_alive(body),
+        "truncate": get(body, "truncate", bool, False),
+        "logprobs": logprobs or top > 0,
+    }
+
+
+def parse_generate(body: Any) -> GenerateRequest:
+    body = body_object(body)
+    name = model_name(body)
+    common = _common(body, name)
+    prompt = get(body, "prompt", str, "")
+    system = get(body, "system", str)
+    template = get(body, "template", str)
+    raw = get(body, "raw", bool, False)
+    suffix = get(body, "suffix", str)
+    context = get(body, "context", list, [])
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 31 for t in context):
+        raise BadRequest("invalid context: expected an array of token ids")
+    if raw and (template or system or context):
+        raise BadRequest("raw mode does not support template, system, or context")
+    check_images(body.get("images"))
+    spec = PromptSpec(name.display, prompt=prompt, system=system, template=template or None, raw=raw,
+                      suffix=suffix, context=tuple(context))
+    return GenerateRequest(name, spec, empty=not prompt and not suffix and not context, **common)
+
+
+def _message(i: int, m: Any) -> dict:
+    if not isinstance(m, dict):
+        raise BadRequest(f"invalid messages[{i}]: expected an object")
+    role = m.get("role")
+    if not isinstance(role, str) or role not in _ROLES:
+        raise BadRequest(f"invalid messages[{i}].role: expected one of system, user, assistant, tool")
+    content = m.get("content")
+    if content is None:
+        content = ""
+    if not isinstance(content, str):
+        raise BadRequest(f"invalid messages[{i}].content: expected a string")
+    out: dict[str, Any] = {"role": role, "content": content}
+    check_images(m.get("images"), f"messages[{i}].images")
+    calls = m.get("tool_calls")
+    if calls is not None:
+        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+            raise BadRequest(f"invalid messages[{i}].tool_calls: expected an array of objects")
+        out["tool_calls"] = calls
+    for key in ("tool_name", "tool_call_id", "name", "thinking"):
+        if m.get(key) is not None:
+            if not isinstance(m[key], str):
+                raise BadRequest(f"invalid messages[{i}].{key}: expected a string")
+            out[key] = m[key]
+    return out
+
+
+def parse_tools(value: Any, key: str = "tools") -> tuple[dict, ...] | None:
+    if value in (None, []):
+        return None
+    if not isinstance(value, list):
+        raise BadRequest(f"invalid {key}: expected an array")
+    for i, tool in enumerate(value):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise BadRequest(f"invalid {key}[{i}]: expected {{type: function, function: {{name, ...}}}}")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise BadRequest(f"invalid {key}[{i}].function.parameters: expected an object")
+    return tuple(value)
+
+
+def parse_chat(body: Any) -> GenerateRequest:
+    body = body_object(body)
+    name = model_name(body)
+    common = _common(body, name)
+    messages = get(body, "messages", list, [])
+    parsed = tuple(_message(i, m) for i, m in enumerate(messages))
+    tools = parse_tools(body.get("tools"))
+    spec = PromptSpec(name.display, messages=parsed, tools=tools)
+    return GenerateRequest(name, spec, empty=not parsed, **common)
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    name: ModelName
+    inputs: tuple[str, ...]
+    truncate: bool
+    dimensions: int | None
+    keep_alive: float | None
+    options: dict
+    legacy: bool
+
+
+def embed_inputs(value: Any, key: str = "input") -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if len(value) > 2048:
+            raise BadRequest(f"invalid {key}: at most 2048 inputs")
+        return tuple(value)
+    raise BadRequest(f"invalid {key}: expected a string or an array of strings")
+
+
+def parse_embed(body: Any, legacy: bool = False) -> EmbedRequest:
+    body = body_object(body)
+    name = model_name(body)
+    inputs = (get(body, "prompt", str, ""),) if legacy else embed_inputs(body.get("input"))
+    if legacy and not inputs[0]:
+        inputs = ()
+    dims = get(body, "dimensions", int)
+    if dims is not None and not 1 <= dims <= 1 << 16:
+        raise BadRequest("invalid dimensions: must be a positive integer")
+    return EmbedRequest(name, inputs, get(body, "truncate", bool, True), dims, keep_alive(body),
+                        request_options(body), legacy)
+
+
+def resize(vectors: list[list[float]], dims: int | None) -> list[list[float]]:
+    """Cut embeddings to `dims` and re-normalize (Matryoshka-style, as Ollama does)."""
+    if dims is None:
+        return vectors
+    out = []
+    for vec in vectors:
+        cut = list(vec[:dims])
+        norm = math.sqrt(sum(v * v for v in cut)) or 1.0
+        out.append([v / norm for v in cut])
+    return out
+
+
+# ---- native responses ----------------------------------------------------------------
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+@dataclass
+class Summary:
+    """Counts and timings of one generation, for final chunks, usage and logs."""
+
+    reason: str = "stop"
+    prompt_tokens: int = 0
+    prompt_eval_tokens: int = 0
+    eval_tokens: int = 0
+    load_seconds: float = 0.0
+    prompt_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    tokens: list[int] = field(default_factory=list)     # prompt + output ids (for `context`)
+
+    def metrics(self) -> dict:
+        cached = self.prompt_tokens - self.prompt_eval_tokens
+        out = {
+            "total_duration": ns(time.perf_counter() - self.started),
+            "load_duration": ns(self.load_seconds),
+            "prompt_eval_count": self.prompt_eval_tokens,
+            "prompt_eval_duration": ns(self.prompt_seconds),
+            "eval_count": self.eval_tokens,
+            "eval_duration": ns(self.eval_seconds),
+        }
+        if cached > 0:
+            out["prompt_cached_count"] = cached
+        return out
+
+
+def details(info: dict) -> dict:
+    return {
+        "parent_model": "",
+        "format": info.get("format", ""),
+        "family": info.get("family") or info.get("architecture", ""),
+        "families": info.get("families") or ([info["architecture"]] if info.get("architecture") else None),
+        "parameter_size": str(info.get("parameter_size") or ""),
+        "quantization_level": str(info.get("quantization") or ""),
+    }
+
+
+def params_text(params: dict) -> str:
+    """A params layer as Ollama's `parameters` string: one `name value` line each."""
+    lines = []
+    for key, value in params.items():
+        for v in value if isinstance(value, list) else [value]:
+            lines.append(f"{key:<24} {json.dumps(v) if isinstance(v, str) else v}")
+    return "\n".join(lines)

@@ -1,0 +1,448 @@
+"""The content-addressed model store (DESIGN.md §4).
+
+Layout under `$MLXLITE_HOME/models`:
+  blobs/sha256/<hex>                      immutable content, named by its sha256
+  blobs/sha256/.tmp-*                     in-flight writes (flock-held while alive)
+  manifests/<host>/<ns>/<model>/<tag>     OCI image manifest bytes; digest = sha256(bytes)
+  views/<manifest hex>/<title>            symlinks to blobs, for loaders that want a dir
+
+Contract: a blob becomes visible only complete and verified (temp file, hashed while
+written, fsynced, renamed); a manifest is written last, by rename, and only when every
+blob it names is present with its size. Readers never see partial state. Paths are
+built only from validated digests, names and titles. Writers hold a shared store lock,
+`rm`/`prune` an exclusive one, so garbage collection never races an import.
+This module never imports mlx.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from mlxlite import config, names
+from mlxlite.errors import BadRequest, Busy, IntegrityError, ModelNotFound
+from mlxlite.names import ModelName
+from mlxlite.store.blobio import CHUNK, TMP_PREFIX, BlobWriter, fsync_dir, hash_file, reflink
+from mlxlite.store.manifest import (
+    CONFIG_MEDIA_TYPE,
+    Layer,
+    Manifest,
+    check_title,
+    digest_hex,
+)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: ModelName
+    manifest: Manifest
+    modified: float
+
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest
+
+    @property
+    def size(self) -> int:
+        return self.manifest.size
+
+
+@dataclass(frozen=True)
+class BadBlob:
+    digest: str
+    reason: str
+    models: tuple[str, ...]
+
+
+class Store:
+    """Blobs and manifests under one root; safe for many threads and processes."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else config.home() / "models"
+        self.blob_dir = self.root / "blobs" / "sha256"
+        self.manifest_dir = self.root / "manifests"
+        self.view_root = self.root / "views"
+
+    # ---- locking -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _lock(self, exclusive: bool, timeout: float = 30.0) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+b") as fh:
+            mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fh.fileno(), mode)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise Busy("the store is busy (an import, pull or prune is running)") from None
+                    time.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """Held by importers and pulls from their first blob to their manifest."""
+        return self._lock(exclusive=False, timeout=3600.0)
+
+    # ---- blobs ---------------------------------------------------------------------
+    def blob_path(self, digest: str) -> Path:
+        return self.blob_dir / digest_hex(digest)
+
+    def has_blob(self, digest: str, size: int | None = None) -> bool:
+        try:
+            st = self.blob_path(digest).stat()
+        except FileNotFoundError:
+            return False
+        return size is None or st.st_size == size
+
+    def blob_writer(self) -> BlobWriter:
+        return BlobWriter(self.blob_dir)
+
+    def put_bytes(self, data: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if self.has_blob(digest, len(data)):
+            return digest
+        with self.blob_writer() as writer:
+            writer.write(data)
+            return writer.commit(digest)
+
+    def put_stream(self, source: BinaryIO, expected: str | None = None,
+                   progress: Callable[[int], None] | None = None) -> str:
+        with self.blob_writer() as writer:
+            while True:
+                chunk = source.read(CHUNK)
+                if not chunk:
+                    break
+                writer.write(chunk)
+                if progress:
+                    progress(len(chunk))
+            return writer.commit(expected)
+
+    def put_file(self, src: Path, known_digest: str | None = None,
+                 progress: Callable[[int], None] | None = None) -> tuple[str, int, str]:
+        """Bring a file in, zero-copy where possible: hardlink, then reflink, then copy.
+
+        Returns (digest, size, method) with method in hardlink/reflink/copy/existing.
+        `known_digest` (e.g. from an HF cache blob name) skips reading the file; a wrong
+        one is caught by `verify` and by the digest check at load.
+        """
+        src = Path(src).resolve()  # link the file, never a symlink (HF snapshots are symlinks)
+        size = src.stat().st_size
+        digest = names.parse_digest(known_digest) if known_digest else None
+        if digest is None:
+            digest, size = hash_file(src, progress)
+        elif progress:
+            progress(size)
+        final = self.blob_path(digest)
+        if self.has_blob(digest, size):
+            return digest, size, "existing"
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.blob_dir / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        method = "hardlink"
+        try:
+            os.link(src, tmp)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+                raise
+            method = "reflink" if reflink(src, tmp) else "copy"
+        if method == "copy":
+            with open(src, "rb") as fh:
+                self.put_stream(fh, expected=digest)
+            return digest, size, method
+        if method == "reflink":
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        fsync_dir(self.blob_dir)
+        return digest, size, method
+
+    def put_json(self, obj: object) -> Layer:
+        data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+        return Layer(CONFIG_MEDIA_TYPE, self.put_bytes(data), len(data))
+
+    def read_blob(self, digest: str, limit: int = 16 << 20) -> bytes:
+        """A small blob's bytes, checked against its digest."""
+        path = self.blob_path(digest)
+        try:
+            if path.stat().st_size > limit:
+                raise BadRequest(f"blob {digest} is larger than {limit} bytes")
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise IntegrityError(f"blob {digest} is missing from the store") from None
+        if "sha256:" + hashlib.sha256(data).hexdigest() != names.parse_digest(digest):
+            raise IntegrityError(f"blob {digest} is corrupt (its content does not match its digest)")
+        return data
+
+    # ---- manifests -----------------------------------------------------------------
+    def manifest_path(self, name: ModelName) -> Path:
+        return self.manifest_dir.joinpath(*name.key)
+
+    def write_manifest(self, name: ModelName | str, raw: bytes) -> str:
+        """Commit a model: every blob must be present with its size first."""
+        name = names.parse(name) if isinstance(name, str) else name
+        manifest = Manifest.parse(raw)
+        for layer in manifest.blobs:
+            if not self.has_blob(layer.digest, layer.size):
+                raise IntegrityError(f"cannot write manifest: blob {layer.digest} is missing")
+        path = self.manifest_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        with open(tmp, "xb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        return manifest.digest
+
+    def resolve(self, name: ModelName | str) -> ModelEntry:
+        """The model a name refers to, or `ModelNotFound`."""
+        parsed = names.parse(name) if isinstance(name, str) else name
+        path = self.manifest_path(parsed)
+        try:
+            raw = path.read_bytes()
+            modified = path.stat().st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            raise ModelNotFound(f"model '{parsed.display}' not found") from None
+        entry = ModelEntry(parsed, Manifest.parse(raw), modified)
+        if parsed.digest and parsed.digest != entry.digest:
+            raise ModelNotFound(f"model '{parsed.display}' is not at digest {parsed.digest}")
+        return entry
+
+    def exists(self, name: ModelName | str) -> bool:
+        try:
+            self.resolve(name)
+        except ModelNotFound:
+            return False
+        return True
+
+    def list(self) -> list[ModelEntry]:
+        out = []
+        if not self.manifest_dir.is_dir():
+            return out
+        for path in sorted(self.manifest_dir.glob("*/*/*/*")):
+            if path.name.startswith(TMP_PREFIX) or not path.is_file():
+                continue
+            host, namespace, model, tag = path.relative_to(self.manifest_dir).parts
+            try:
+                name = ModelName(host, namespace, model, tag)
+                names.parse(name.full)
+                out.append(ModelEntry(name, Manifest.parse(path.read_bytes()), path.stat().st_mtime))
+            except Exception:  # a foreign or damaged file: `verify` reports it, list skips it
+                continue
+        out.sort(key=lambda e: -e.modified)
+        return out
+
+    def copy(self, src: ModelName | str, dst: ModelName | str) -> ModelEntry:
+        entry = self.resolve(src)
+        dst_name = names.parse(dst) if isinstance(dst, str) else dst
+        with self.writing():
+            self.write_manifest(dst_name, entry.manifest.raw)
+        return self.resolve(dst_name)
+
+    def remove(self, name: ModelName | str) -> int:
+        """Delete a model and the blobs no other model uses; returns bytes freed."""
+        entry = self.resolve(name)
+        with self._lock(exclusive=True):
+            path = self.manifest_path(entry.name)
+            os.unlink(path)
+            for parent in list(path.parents)[:3]:
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+            in_use = self._referenced()
+            freed = 0
+            for layer in entry.manifest.blobs:
+                if layer.digest not in in_use:
+                    freed += self._unlink_blob(layer.digest)
+            self._drop_view(entry.digest)
+        return freed
+
+    # ---- integrity and garbage collection -----------------------------------------
+    def _referenced(self) -> set[str]:
+        return {layer.digest for entry in self.list() for layer in entry.manifest.blobs}
+
+    def _unlink_blob(self, digest: str) -> int:
+        path = self.blob_path(digest)
+        try:
+            size = path.stat().st_size
+            os.unlink(path)
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def verify(self, models: list[str] | None = None,
+               progress: Callable[[int], None] | None = None) -> list[BadBlob]:
+        """Re-hash every blob of the given models (default: all); report the bad ones."""
+        entries = [self.resolve(n) for n in models] if models else self.list()
+        users: dict[str, list[str]] = {}
+        sizes: dict[str, int] = {}
+        for entry in entries:
+            for layer in entry.manifest.blobs:
+                users.setdefault(layer.digest, []).append(entry.name.display)
+                sizes[layer.digest] = layer.size
+        bad = []
+        for digest, models_using in users.items():
+            path = self.blob_path(digest)
+            reason = None
+            try:
+                actual, size = hash_file(path, progress)
+                if size != sizes[digest]:
+                    reason = f"size {size}, manifest says {sizes[digest]}"
+                elif actual != digest:
+                    reason = f"content hashes to {actual}"
+            except FileNotFoundError:
+                reason = "missing"
+            if reason:
+                bad.append(BadBlob(digest, reason, tuple(sorted(set(models_using)))))
+            else:
+                self._remember_verified(digest)
+        return bad
+
+    def prune(self) -> tuple[int, int]:
+        """Delete unreferenced blobs and stale temp files: (files removed, bytes freed)."""
+        removed = freed = 0
+        with self._lock(exclusive=True):
+            in_use = self._referenced()
+            if self.blob_dir.is_dir():
+                for path in self.blob_dir.iterdir():
+                    if path.name.startswith(TMP_PREFIX):
+                        if not self._is_stale_temp(path):
+                            continue
+                    elif "sha256:" + path.name in in_use:
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        size = path.stat().st_size
+                        path.unlink()
+                        removed += 1
+                        freed += size
+            for path in self.manifest_dir.glob(f"*/*/*/{TMP_PREFIX}*") if self.manifest_dir.is_dir() else ():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+            if self.view_root.is_dir():
+                live = {digest_hex(e.digest) for e in self.list()}
+                for view in self.view_root.iterdir():
+                    if view.name not in live:
+                        shutil.rmtree(view, ignore_errors=True)
+        return removed, freed
+
+    @staticmethod
+    def _is_stale_temp(path: Path) -> bool:
+        """A temp file nobody holds a lock on belongs to a dead writer."""
+        try:
+            with open(path, "rb") as fh:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False
+                return True
+        except (FileNotFoundError, IsADirectoryError):
+            return False
+
+    # ---- load-time checks ----------------------------------------------------------
+    def _memo_path(self) -> Path:
+        return self.root / "verified.json"
+
+    def _memo(self) -> dict[str, list[int]]:
+        try:
+            data = json.loads(self._memo_path().read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _remember_verified(self, digest: str, memo: dict | None = None) -> None:
+        st = self.blob_path(digest).stat()
+        memo = self._memo() if memo is None else memo
+        memo[digest_hex(digest)] = [st.st_size, st.st_mtime_ns]
+        tmp = self.root / f"{TMP_PREFIX}memo-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, self._memo_path())
+
+    def check_integrity(self, entry: ModelEntry,
+                        progress: Callable[[int], None] | None = None) -> None:
+        """Before a load: every blob present with its size; each digest re-checked once
+        (remembered by size + mtime, so an edited or replaced file is hashed again)."""
+        memo = self._memo()
+        changed = False
+        for layer in entry.manifest.blobs:
+            path = self.blob_path(layer.digest)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                raise IntegrityError(
+                    f"model '{entry.name.display}' is damaged: blob {layer.digest} is missing; "
+                    "pull or import it again") from None
+            if st.st_size != layer.size:
+                raise IntegrityError(
+                    f"model '{entry.name.display}' is damaged: blob {layer.digest} has "
+                    f"{st.st_size} bytes, expected {layer.size}")
+            if memo.get(digest_hex(layer.digest)) == [st.st_size, st.st_mtime_ns]:
+                continue
+            actual, _ = hash_file(path, progress)
+            if actual != layer.digest:
+                raise IntegrityError(
+                    f"model '{entry.name.display}' is damaged: blob {layer.digest} is corrupt "
+                    f"(content hashes to {actual}); run `mlxlite verify` and pull or import it again")
+            memo[digest_hex(layer.digest)] = [st.st_size, st.st_mtime_ns]
+            changed = True
+        if changed:
+            tmp = self.root / f"{TMP_PREFIX}memo-{os.getpid()}-{secrets.token_hex(4)}"
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, self._memo_path())
+
+    def read_config(self, entry: ModelEntry) -> dict:
+        """The model's config blob, normalized: ours as written, Ollama's mapped onto it."""
+        try:
+            data = json.loads(self.read_blob(entry.manifest.config.digest))
+        except ValueError:
+            raise IntegrityError(f"model '{entry.name.display}' has a config blob that is not JSON") from None
+        if not isinstance(data, dict):
+            raise IntegrityError(f"model '{entry.name.display}' has a config blob that is not an object")
+        if "format" not in data and "model_format" in data:  # Ollama's config
+            data = {
+                "format": data.get("model_format", "gguf"),
+                "architecture": data.get("model_family", ""),
+                "family": data.get("model_family", ""),
+                "families": data.get("model_families") or [],
+                "parameter_size": data.get("model_type", ""),
+                "quantization": data.get("file_type", ""),
+                "context_length": data.get("context_length"),
+                "files": list(entry.manifest.files()),
+            }
+        return data
+
+    def view(self, entry: ModelEntry) -> Path:
+        """A directory of symlinks named by layer titles: a normal model dir for loaders."""
+        target = self.view_root / digest_hex(entry.digest)
+        if (target / ".complete").exists():
+            return target
+        tmp = self.view_root / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+        tmp.mkdir(parents=True)
+        for title, layer in entry.manifest.files().items():
+            link = tmp / check_title(title)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(self.blob_path(layer.digest), link)
+        (tmp / ".complete").touch()
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def _drop_view(self, digest: str) -> None:
+        if not any(e.digest == digest for e in self.list()):
+            shutil.rmtree(self.view_root / digest_hex(digest), ignore_errors=True)

@@ -1,0 +1,102 @@
+"""The offline CLI verbs on the store: import, list, show, cp, rm, verify, prune, errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.store.test_importers import make_model_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_import_list_show_cp_rm_round_trip(run_cli, tmp_path):
+    src = make_model_dir(tmp_path / "tiny")
+    code, out, err = run_cli("import", str(src), "--name", "me/tiny:v1")
+    assert code == 0, err
+    assert "imported me/tiny:v1" in out and "hardlink" in out
+    code, out, _ = run_cli("list")
+    header, row = out.strip().splitlines()
+    assert header.split() == ["NAME", "ID", "SIZE", "MODIFIED"]
+    assert row.startswith("me/tiny:v1")
+    code, out, _ = run_cli("show", "me/tiny:v1", "--json")
+    info = json.loads(out)
+    assert info["architecture"] == "llama" and info["context_length"] == 2048
+    assert info["template"] == "{{ messages }}"
+    code, out, _ = run_cli("show", "me/tiny:v1")
+    assert "architecture" in out and "llama" in out
+    assert run_cli("cp", "me/tiny:v1", "copy")[0] == 0
+    code, out, _ = run_cli("rm", "me/tiny:v1")
+    assert code == 0 and "deleted 'me/tiny:v1'" in out
+    code, out, _ = run_cli("list")
+    assert "copy:latest" in out and "me/tiny" not in out
+    assert run_cli("verify")[0] == 0
+
+
+def test_verify_names_bad_blob_and_model_and_exits_1(run_cli, store, tmp_path):
+    src = make_model_dir(tmp_path / "tiny")
+    run_cli("import", str(src), "--name", "broken")
+    layer = store.resolve("broken").manifest.files()["model.safetensors"]
+    blob = store.blob_path(layer.digest)
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.unlink()  # the blob is a hardlink of the source: break the link, keep the source intact
+    blob.write_bytes(bytes(data))
+    code, out, err = run_cli("verify")
+    assert code == 1
+    assert layer.digest in out and "broken:latest" in out
+    assert err.strip().startswith("error:")
+
+
+def test_prune_reports_bytes_freed(run_cli, store, tmp_path):
+    store.put_bytes(b"x" * 5000)
+    code, out, _ = run_cli("prune")
+    assert code == 0 and "removed 1 files, 5 KB freed" in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["show", "nope"],
+    ["rm", "nope"],
+    ["cp", "nope", "other"],
+    ["show", "../../x"],
+    ["import", "/definitely/not/here"],
+    ["verify", "nope"],
+    ["run", "no-such-model", "hi"],
+])
+def test_user_mistakes_are_one_error_line(run_cli, argv):
+    code, out, err = run_cli(*argv)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+
+
+def test_import_refuses_dir_without_config(run_cli, tmp_path):
+    (tmp_path / "d").mkdir()
+    code, _, err = run_cli("import", str(tmp_path / "d"))
+    assert code == 1 and "no config.json" in err
+
+
+def test_help_and_list_do_not_import_mlx(tmp_path):
+    probe = (
+        "import sys, runpy; sys.argv = ['mlxlite', *sys.argv[1:]]\n"
+        "from mlxlite.cli import main\n"
+        "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exc:\n    code = exc.code\n"
+        "assert not any(m == 'mlx' or m.startswith('mlx.') for m in sys.modules), 'mlx was imported'\n"
+        "print('OK', code)\n"
+    )
+    for argv in (["--help"], ["list"], ["run", "--help"]):
+        proc = subprocess.run([sys.executable, "-c", probe, *argv], cwd=ROOT, capture_output=True, text=True,
+                              env={"MLXLITE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+        assert "OK 0" in proc.stdout, proc.stderr
+
+
+def test_pyproject_version_matches_the_package():
+    import re
+
+    from mlxlite import __version__
+
+    text = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == __version__

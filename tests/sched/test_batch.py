@@ -1,0 +1,86 @@
+"""Pure parts of issue 5, exact: prefix-cache bookkeeping, the metrics registry, and the
+scheduler's interleaving across models (fake engine)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlxlite.sched import GenerateJob, Scheduler, is_finish
+from mlxlite.sched.metrics import Registry
+from mlxlite.sched.prefix_cache import PrefixCache
+from mlxlite.server.wire import PromptSpec
+from tests.fake_engine import FakeEngine, add_fake_model
+
+
+# ---- prefix cache --------------------------------------------------------------------------
+def test_longest_prefix_wins_and_the_last_prompt_token_is_always_computed():
+    pc = PrefixCache(1000)
+    pc.insert("m", [1, 2, 3, 4, 5], "A", 100)
+    pc.insert("m", [1, 2, 3, 9, 9, 9, 9], "B", 100)
+    pc.insert("other", [1, 2, 3, 4, 5, 6, 7], "C", 100)
+    hit = pc.lookup("m", [1, 2, 3, 4, 5, 6])
+    assert (hit.tokens, hit.cache) == (5, "A")
+    assert pc.lookup("m", [1, 2, 3, 4, 5]).tokens == 4            # never the whole prompt
+    assert pc.lookup("m", [7, 7, 7, 7, 7]) is None                 # nothing shared
+    assert pc.lookup("m", [1, 2, 3, 5, 5, 5]) is None              # 3 shared: under MIN_TOKENS
+    assert pc.stats()["hits"] == 2 and pc.stats()["tokens_saved"] == 9 and pc.stats()["misses"] == 2
+
+
+def test_a_longer_entry_replaces_its_prefixes_and_lru_keeps_the_budget():
+    pc = PrefixCache(250)
+    pc.insert("m", [1, 2, 3, 4], "turn1", 100)
+    pc.insert("m", [1, 2, 3, 4, 5, 6], "turn2", 100)               # the chat went on
+    assert pc.stats()["entries"] == 1 and pc.stats()["bytes"] == 100
+    pc.insert("m", [9, 9, 9, 9], "x", 100)
+    pc.lookup("m", [1, 2, 3, 4, 5, 6, 7])                          # turn2 is now most recent
+    pc.insert("m", [8, 8, 8, 8], "y", 100)                         # over budget: x (LRU) goes
+    assert pc.lookup("m", [9, 9, 9, 9, 9]) is None
+    assert pc.lookup("m", [1, 2, 3, 4, 5, 6, 0]).cache == "turn2"
+    assert pc.stats()["bytes"] == 200
+    assert pc.insert("m", [5, 5, 5, 5, 5], "huge", 251) is False   # never fits: not kept
+    pc.drop_model("m")
+    assert pc.stats()["entries"] == 0 and pc.stats()["bytes"] == 0
+    assert not PrefixCache(0).enabled
+
+
+# ---- metrics -------------------------------------------------------------------------------
+def test_registry_renders_prometheus_text():
+    reg = Registry()
+    c = reg.counter("x_requests_total", "requests")
+    c.inc(2, route="/a", status="200")
+    c.inc(1, route='/b"q', status="404")
+    reg.gauge("x_depth", "depth").set(3)
+    h = reg.histogram("x_batch", "batch", (1, 4))
+    for v in (1, 2, 8):
+        h.observe(v)
+    reg.gauge_fn("x_fn", "sampled", lambda: 7)
+    reg.gauge_fn("x_broken", "fails", lambda: 1 / 0)
+    text = reg.render()
+    assert "# TYPE x_requests_total counter" in text
+    assert 'x_requests_total{route="/a",status="200"} 2' in text
+    assert 'x_requests_total{route="/b\\"q",status="404"} 1' in text
+    assert "x_depth 3" in text and "x_fn 7" in text and "x_broken" in text
+    assert 'x_batch_bucket{le="1"} 1' in text and 'x_batch_bucket{le="4"} 2' in text
+    assert 'x_batch_bucket{le="+Inf"} 3' in text and "x_batch_sum 11" in text and "x_batch_count 3" in text
+    with pytest.raises(ValueError):
+        c.inc(-1)
+
+
+# ---- scheduler: models interleave ----------------------------------------------------------
+def test_a_short_request_for_model_b_finishes_while_model_a_streams(store):
+    engine = FakeEngine()
+    engine.reply_for = lambda prompt: "b" * 20 if "short" in prompt else "a" * 100000
+    s = Scheduler(store, engine, keep_alive=300, max_loaded_models=2)
+    a, b = add_fake_model(store, "a"), add_fake_model(store, "b")
+    try:
+        long = s.submit(GenerateJob(a, PromptSpec("a", prompt="long")))
+        events = long.events()
+        next(events), next(events)                                  # Ready, first piece: A streams
+        short = s.submit(GenerateJob(b, PromptSpec("b", prompt="short")))
+        got = list(short.events())
+        assert is_finish(got[-1]) and got[-1].reason == "stop" and got[-1].eval_tokens == 20
+        assert engine.active == 1 and engine.finished == ["stop"]  # A still running, B done
+        long.cancel()
+        assert [e for e in events if is_finish(e)][-1].reason == "cancel"
+    finally:
+        s.close()

@@ -1,0 +1,181 @@
+"""The scheduler: one MLX thread, bounded queue, cancellation, residency (fake engine: exact)."""
+
+import threading
+
+import pytest
+
+from mlxlite.errors import BadRequest, Busy, Cancelled, MlxliteError
+from mlxlite.sched import Done, Embedded, EmbedJob, GenerateJob, LoadJob, Ready, Scheduler, is_finish
+from mlxlite.server.wire import PromptSpec
+from tests.fake_engine import FakeEngine, add_fake_model, wait_for
+
+
+def _job(entry, text="hi", **kw):
+    return GenerateJob(entry, PromptSpec(entry.name.display, prompt=text), **kw)
+
+
+def _text(ticket):
+    events = list(ticket.events())
+    assert isinstance(events[0], Ready)
+    assert is_finish(events[-1])
+    return "".join(e.text for e in events[1:-1]) + events[-1].text_tail, events[-1]
+
+
+@pytest.fixture
+def sched(store):
+    s = Scheduler(store, FakeEngine(), max_queue=4, keep_alive=300, max_loaded_models=2)
+    yield s
+    s.close()
+
+
+def test_every_engine_call_happens_on_the_one_mlx_thread(store, sched):
+    entry = add_fake_model(store)
+    text, finish = _text(sched.submit(_job(entry)))
+    assert text == sched.engine.reply and finish.reason == "stop"
+    list(sched.submit(EmbedJob(entry, ("a", "b"))).events())
+    assert sched.engine.threads == {"mlxlite-mlx"}
+
+
+def test_options_layer_over_model_defaults_and_num_predict_limits(store, sched):
+    entry = add_fake_model(store)
+    text, finish = _text(sched.submit(_job(entry, options={"num_predict": 5, "temperature": 0.0})))
+    assert text == sched.engine.reply[:5] and finish.reason == "length" and finish.eval_tokens == 5
+    assert sched.engine.options[-1].temperature == 0.0
+
+
+def test_a_full_queue_answers_busy_at_once(store):
+    engine = FakeEngine(hold_after=1)
+    s = Scheduler(store, engine, max_queue=2, keep_alive=300)
+    entry = add_fake_model(store)
+    try:
+        running = s.submit(_job(entry))
+        wait_for(lambda: engine.active == 1, what="first job running")
+        queued = [s.submit(_job(entry)) for _ in range(2)]
+        assert s.depth() == 2
+        with pytest.raises(Busy, match="maximum pending requests"):
+            s.submit(_job(entry))
+        engine.resume.set()
+        for t in [running, *queued]:
+            assert _text(t)[1].reason == "stop"
+        assert s.depth() == 0
+    finally:
+        s.close()
+
+
+def test_a_cancelled_queued_job_is_dropped_without_running(store):
+    engine = FakeEngine(hold_after=1)
+    s = Scheduler(store, engine, max_queue=8, keep_alive=300)
+    entry = add_fake_model(store)
+    try:
+        running = s.submit(_job(entry))
+        wait_for(lambda: engine.active == 1, what="first job running")
+        dropped = s.submit(_job(entry, "never"))
+        dropped.cancel()
+        engine.resume.set()
+        _text(running)
+        with pytest.raises(Cancelled):
+            list(dropped.events())
+        assert engine.started == 1 and "never" not in "".join(engine.prompts)
+        assert s.counters["cancelled_in_queue"] == 1
+    finally:
+        s.close()
+
+
+def test_cancel_stops_a_running_generation_within_a_step(store):
+    engine = FakeEngine(reply="x" * 10000, step_delay=0.001)
+    s = Scheduler(store, engine, keep_alive=300)
+    entry = add_fake_model(store)
+    try:
+        ticket = s.submit(_job(entry))
+        events = ticket.events()
+        assert isinstance(next(events), Ready)
+        next(events)
+        ticket.cancel()
+        rest = list(events)
+        assert is_finish(rest[-1]) and rest[-1].reason == "cancel"
+        assert rest[-1].eval_tokens < 10000
+        wait_for(lambda: engine.active == 0, what="generation to stop")
+    finally:
+        s.close()
+
+
+def test_client_gone_cancels_while_waiting(store):
+    from mlxlite.sched import ClientGone
+
+    engine = FakeEngine(prefill_delay=30.0, prefill_chunks=3000)
+    s = Scheduler(store, engine, keep_alive=300)
+    entry = add_fake_model(store)
+    try:
+        ticket = s.submit(_job(entry))
+        gone = threading.Event()
+        wait_for(lambda: engine.in_prefill == 1, what="prefill to start")
+        gone.set()
+        with pytest.raises(ClientGone):
+            list(ticket.events(gone=gone.is_set))
+        wait_for(lambda: engine.active == 0, what="prefill to stop")
+        assert engine.finished == ["cancel"]
+    finally:
+        s.close()
+
+
+def test_engine_errors_reach_the_caller_and_the_thread_survives(store, sched):
+    entry = add_fake_model(store)
+    sched.engine.fail_after = 2
+    with pytest.raises(MlxliteError, match="failed on purpose"):
+        list(sched.submit(_job(entry)).events())
+    sched.engine.fail_after = None
+    # A prompt longer than the context is the runner's BadRequest, before any piece.
+    with pytest.raises(BadRequest, match="longer than the context"):
+        list(sched.submit(_job(entry, "y" * 5000)).events())
+    assert _text(sched.submit(_job(entry)))[1].reason == "stop"
+
+
+def test_keep_alive_zero_unloads_after_the_request(store, sched):
+    entry = add_fake_model(store)
+    _text(sched.submit(_job(entry, keep_alive=0)))
+    wait_for(lambda: sched.ps() == [], what="unload")
+    assert sched.engine.unloads == ["fake:latest"]
+
+
+def test_keep_alive_expiry_unloads_an_idle_model(store, sched):
+    entry = add_fake_model(store)
+    _text(sched.submit(_job(entry, keep_alive=0.05)))
+    wait_for(lambda: sched.engine.unloads == ["fake:latest"], what="expiry")
+    assert sched.ps() == []
+
+
+def test_negative_keep_alive_keeps_forever_and_load_job_reports(store, sched):
+    entry = add_fake_model(store)
+    events = list(sched.submit(LoadJob(entry, -1)).events())
+    assert isinstance(events[-1], Done) and events[-1].reason == "load"
+    (info,) = sched.ps()
+    assert info.expires_at is None and info.name == "fake:latest" and info.size == 1234
+    events = list(sched.submit(LoadJob(entry, 0)).events())
+    assert events[-1].reason == "unload" and sched.ps() == []
+
+
+def test_least_recently_used_model_is_evicted_at_the_limit(store, sched):
+    a, b, c = (add_fake_model(store, n) for n in ("a", "b", "c"))
+    for entry in (a, b, a, c):
+        _text(sched.submit(_job(entry)))
+    # Limit 2: loading c evicts b (a was used more recently).
+    assert sched.engine.unloads == ["b:latest"]
+    assert sorted(r.name for r in sched.ps()) == ["a:latest", "c:latest"]
+
+
+def test_embeddings_come_back_normalized_with_counts(store, sched):
+    entry = add_fake_model(store)
+    (event,) = list(sched.submit(EmbedJob(entry, ("hello", "world"))).events())
+    assert isinstance(event, Embedded) and len(event.vectors) == 2
+    assert event.prompt_tokens == len("hello") + len("world") + 2
+    assert abs(sum(v * v for v in event.vectors[0]) - 1.0) < 1e-9
+
+
+def test_close_refuses_new_work(store):
+    s = Scheduler(store, FakeEngine(), keep_alive=300)
+    entry = add_fake_model(store)
+    _text(s.submit(_job(entry)))
+    s.close()
+    with pytest.raises(Busy):
+        s.submit(_job(entry))
+    assert s.engine.unloads == ["fake:latest"]

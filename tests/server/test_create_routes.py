@@ -1,0 +1,156 @@
+"""/api/create and /api/blobs/:digest over a real server, with urllib and the official
+`ollama` Python client."""
+
+import hashlib
+import http.client
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from mlxlite import store as st
+from mlxlite.modelfile import build as cr
+from mlxlite.modelfile import parser as modelfile
+from tests.fake_engine import RunningServer
+
+
+@pytest.fixture
+def server(store):
+    with RunningServer(store=store) as running:
+        yield running
+
+
+def _req(server, method, path, data=None, headers=None):
+    req = urllib.request.Request(server.url + path, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_blob_upload_checks_the_digest(server, store):
+    data = b"some model bytes" * 1000
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert _req(server, "HEAD", f"/api/blobs/{digest}")[0] == 404
+    wrong = "sha256:" + "0" * 64
+    status, body = _req(server, "POST", f"/api/blobs/{wrong}", data)
+    assert status == 400 and "digest mismatch" in json.loads(body)["error"]
+    assert not store.has_blob(wrong) and not store.has_blob(digest)
+    assert not [p for p in store.blob_dir.iterdir() if p.name.startswith(".tmp-")]
+    assert _req(server, "POST", f"/api/blobs/{digest}", data)[0] == 201
+    assert store.read_blob(digest) == data
+    assert _req(server, "HEAD", f"/api/blobs/{digest}")[0] == 200
+    assert _req(server, "POST", f"/api/blobs/{digest}", data)[0] == 200
+    assert _req(server, "HEAD", "/api/blobs/sha256:nothex")[0] == 400
+
+
+def test_chunked_blob_upload(server, store):
+    data = b"x" * 300_000
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    conn.request("POST", f"/api/blobs/{digest}", body=iter([data[:100_000], data[100_000:]]),
+                 encode_chunked=True, headers={"Transfer-Encoding": "chunked"})
+    assert conn.getresponse().status == 201
+    conn.close()
+    assert store.read_blob(digest) == data
+
+
+def test_ollama_client_create_from_uploaded_gguf_matches_the_cli(server, store, default_gguf, tmp_path, run_cli):
+    ollama = pytest.importorskip("ollama")
+    client = ollama.Client(host=server.url)
+    digest = client.create_blob(default_gguf)
+    assert digest == "sha256:b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    statuses = [r.status for r in client.create(
+        model="pirate", files={default_gguf.name: digest}, system="You are a pirate.",
+        parameters={"temperature": 0, "stop": ["<|im_end|>"]}, license=["MIT"], stream=True)]
+    assert statuses[-2:] == ["writing manifest", "success"]
+    assert f"using existing layer {digest}" in statuses
+    entry = store.resolve("pirate")
+    settings = cr.settings_of(store, entry)
+    assert settings.system == "You are a pirate." and settings.licenses == ("MIT",)
+    assert settings.parameters == {"temperature": 0.0, "stop": ["<|im_end|>"]}
+    # the same model from a Modelfile through the CLI has the same digest (the importer
+    # names the layer after the file a symlink points to)
+    (tmp_path / "smol.gguf").symlink_to(default_gguf)
+    (tmp_path / "Modelfile").write_text(
+        'FROM ./smol.gguf\nSYSTEM You are a pirate.\nPARAMETER temperature 0\nPARAMETER stop <|im_end|>\nLICENSE MIT\n')
+    assert run_cli("create", "pirate-cli", "-f", str(tmp_path / "Modelfile"))[0] == 0
+    assert store.resolve("pirate-cli").digest == entry.digest
+
+
+def test_ollama_client_create_from_a_model(server, store, default_model):
+    ollama = pytest.importorskip("ollama")
+    client = ollama.Client(host=server.url)
+    result = client.create(model="quiz", from_=default_model, template=modelfile.parse(
+        'FROM x\nTEMPLATE "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+        '<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n"').instructions[1].original,
+        messages=[{"role": "user", "content": "Is Toronto in Canada?"}, {"role": "assistant", "content": "yes"}])
+    assert result.status == "success"
+    entry = store.resolve("quiz")
+    assert entry.manifest.layers_of(st.MEDIA_GGUF) == store.resolve(default_model).manifest.layers_of(st.MEDIA_GGUF)
+    settings = cr.settings_of(store, entry)
+    assert settings.messages == (("user", "Is Toronto in Canada?"), ("assistant", "yes"))
+    assert "{% for message in messages %}" in settings.template  # the chatml Go template, mapped
+    shown = client.show("quiz")
+    assert shown is not None
+
+
+@pytest.mark.parametrize(("body", "status", "words"), [
+    ({"model": "x", "from": "nosuch"}, 404, "not found"),
+    ({"model": "x"}, 400, "neither"),
+    ({"model": "x", "from": "smollm2:135m", "parameters": {"bogus": 1}}, 400, "unknown option"),
+    ({"model": "x", "from": "smollm2:135m", "parameters": {"top_p": 5}}, 400, "outside"),
+    ({"model": "x", "from": "smollm2:135m", "template": "### User: {{ .Prompt }}"}, 400, "Go template"),
+    ({"model": "x", "from": "smollm2:135m", "quantize": "q4_K_M"}, 400, "quantize"),
+    ({"model": "x", "from": "smollm2:135m", "adapters": {"a.gguf": "sha256:" + "1" * 64}}, 400, "adapters"),
+    ({"model": "x", "files": {"m.gguf": "sha256:" + "1" * 64}}, 400, "was not uploaded"),
+    ({"model": "bad name!", "from": "smollm2:135m"}, 400, "invalid model name"),
+    ({"model": "x", "from": "../etc/passwd"}, 400, "not a model name"),
+    ({"model": "x", "files": {"../evil.gguf": "sha256:" + "1" * 64}}, 400, "invalid file name"),
+])
+def test_create_errors_are_statuses_before_any_line(server, store, default_model, body, status, words):
+    got, raw = _req(server, "POST", "/api/create", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    assert got == status, raw
+    assert words in json.loads(raw)["error"]
+    assert [e.name.display for e in store.list()] == [default_model]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_created_model_chats_in_character_through_the_server(server, store, default_model):
+    ollama = pytest.importorskip("ollama")
+    client = ollama.Client(host=server.url)
+    client.create(model="pirate", from_=default_model, parameters={"temperature": 0, "num_predict": 24},
+                  system="You are a pirate captain. Always talk like a pirate: say Arr, matey and Ahoy.")
+    ask = [{"role": "user", "content": "Who are you?"}]
+    pirate = client.chat(model="pirate", messages=ask).message.content
+    plain = client.chat(model=default_model, messages=ask, options={"temperature": 0, "num_predict": 24}).message.content
+    assert pirate != plain
+    assert any(w in pirate.lower() for w in ("arr", "aye", "ahoy", "matey", "captain", "pirate", "sea")), pirate
+
+
+def test_create_from_uploaded_safetensors_files(server, store, tiny_safetensors_dir):
+    ollama = pytest.importorskip("ollama")
+    client = ollama.Client(host=server.url)
+    files = {p.name: client.create_blob(p) for p in sorted(tiny_safetensors_dir.iterdir()) if p.is_file()}
+    assert client.create(model="tiny-up", files=files, system="be brief").status == "success"
+    entry = store.resolve("tiny-up")
+    assert {name: layer.digest for name, layer in entry.manifest.files().items()} == files
+    assert cr.settings_of(store, entry).system == "be brief"
+
+
+def test_older_request_shape_with_a_whole_modelfile(server, store, default_model):
+    body = {"name": "mf", "modelfile": f"FROM {default_model}\nSYSTEM hi\nPARAMETER top_k 7\nREQUIRES 0.14.0\n",
+            "stream": False}
+    status, raw = _req(server, "POST", "/api/create", json.dumps(body).encode())
+    assert status == 200 and json.loads(raw) == {"status": "success"}
+    settings = cr.settings_of(store, store.resolve("mf"))
+    assert (settings.system, settings.parameters, settings.requires) == ("hi", {"top_k": 7}, "0.14.0")
+    bad = {"name": "mf2", "modelfile": "FROM x\nPARAMETER top_k many\n"}
+    status, raw = _req(server, "POST", "/api/create", json.dumps(bad).encode())
+    assert status == 400 and json.loads(raw)["error"].startswith("Modelfile:2:17: ")
+    local = {"name": "mf3", "modelfile": "FROM /etc/passwd\n"}
+    status, raw = _req(server, "POST", "/api/create", json.dumps(local).encode())
+    assert status == 400 and "must name a model" in json.loads(raw)["error"]

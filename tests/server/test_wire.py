@@ -1,0 +1,130 @@
+"""Request parsing (types, ranges, names the field), prompt building, tool-call parsing."""
+
+import pytest
+
+from mlxlite.errors import BadRequest, InvalidName, Unsupported
+from mlxlite.formats import tools
+from mlxlite.server import wire as api
+from tests.fake_engine import FakeEngine, FakeLoaded
+
+
+def test_generate_defaults_and_fields():
+    req = api.parse_generate({"model": "m", "prompt": "p", "options": {"temperature": 0}, "keep_alive": "10m",
+                              "format": "json"})
+    assert req.stream is True and req.options == {"temperature": 0.0} and req.keep_alive == 600
+    assert req.format == "json" and req.name.display == "m:latest" and not req.empty
+    assert api.parse_generate({"model": "m"}).empty
+    assert api.parse_generate({"model": "m", "keep_alive": -1}).keep_alive == -1
+
+
+@pytest.mark.parametrize("body,match", [
+    (None, "missing request body"), ([], "JSON object"), ({}, "model is required"),
+    ({"model": 3}, "invalid model: expected a string"), ({"model": "m", "stream": 1}, "invalid stream"),
+    ({"model": "m", "options": {"nope": 1}}, "'nope': unknown option"),
+    ({"model": "m", "options": {"top_p": 3}}, "outside"), ({"model": "m", "keep_alive": "soon"}, "duration"),
+    ({"model": "m", "format": "yaml"}, "format"), ({"model": "m", "raw": True, "system": "x"}, "raw mode"),
+    ({"model": "m", "top_logprobs": 21}, "between 0 and 20"), ({"model": "m", "think": True}, "thinking"),
+    ({"model": "m", "context": [1, "x"]}, "context"),
+])
+def test_generate_rejects_bad_fields_naming_them(body, match):
+    with pytest.raises(BadRequest, match=match):
+        api.parse_generate(body)
+
+
+def test_bad_names_and_images():
+    with pytest.raises(InvalidName):
+        api.parse_generate({"model": "../x"})
+    with pytest.raises(Unsupported, match="images"):
+        api.parse_generate({"model": "m", "images": ["aGk="]})
+
+
+def test_chat_messages_and_tools():
+    req = api.parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"},
+                                                     {"role": "assistant", "content": None}],
+                          "tools": [{"type": "function", "function": {"name": "f"}}]})
+    assert req.prompt.messages[1] == {"role": "assistant", "content": ""} and req.prompt.tools
+    for bad in ([{"role": "bot"}], [{"role": "user", "content": 1}], "x"):
+        with pytest.raises(BadRequest, match="messages"):
+            api.parse_chat({"model": "m", "messages": bad})
+    with pytest.raises(BadRequest, match="tools"):
+        api.parse_chat({"model": "m", "messages": [], "tools": [{"function": {"name": ""}}]})
+
+
+def test_prompt_spec_uses_model_system_messages_and_template():
+    engine, loaded = FakeEngine(), FakeLoaded("m", "sha256:0")
+    loaded.system = "model system"
+    loaded.messages = [{"role": "user", "content": "earlier"}]
+    spec = api.PromptSpec("m", messages=({"role": "user", "content": "now"},))
+    text = engine.detokenize(loaded, spec.to_tokens(loaded, engine))
+    assert text == "<|system|>model system\n<|user|>earlier\n<|user|>now\n<|assistant|>"
+    own = api.PromptSpec("m", prompt="q", system="mine")
+    assert engine.detokenize(loaded, own.to_tokens(loaded, engine)).startswith("<|system|>mine\n<|user|>earlier")
+    given = api.PromptSpec("m", messages=({"role": "system", "content": "req"}, {"role": "user", "content": "x"}))
+    # A request's own system prompt also goes first (Ollama would put it after the model's
+    # MESSAGEs, which makes templates like SmolLM2's inject their default system prompt).
+    assert engine.detokenize(loaded, given.to_tokens(loaded, engine)).startswith("<|system|>req\n<|user|>earlier")
+    with pytest.raises(BadRequest, match="does not support insert"):
+        api.PromptSpec("m", prompt="a", suffix="b").to_tokens(loaded, engine)
+    loaded.template.supports_tools = False
+    with pytest.raises(BadRequest, match="does not support tools"):
+        api.PromptSpec("m", messages=(), tools=({"function": {"name": "f"}},)).to_tokens(loaded, engine)
+
+
+@pytest.mark.parametrize("template,expected", [
+    ("{{ .System }}|{{ .Prompt }}", "S|P"),
+    ("{{ if .System }}<s>{{ .System }}</s>{{ end }}{{ .Prompt }}", "<s>S</s>P"),
+    ("A  {{- .Prompt -}}  B", "APB"),
+    ("{{ if .Response }}x{{ else }}y{{ end }}", "y"),
+])
+def test_go_template_subset(template, expected):
+    assert api.render_go_template(template, "S", "P") == expected
+
+
+def test_go_template_rejects_what_it_cannot_run():
+    with pytest.raises(BadRequest, match="unsupported template action"):
+        api.render_go_template("{{ range .Messages }}{{ end }}", "", "")
+    with pytest.raises(BadRequest, match="unclosed"):
+        api.render_go_template("{{ if .System }}", "", "")
+
+
+def test_embed_inputs_and_resize():
+    assert api.parse_embed({"model": "m", "input": "a"}).inputs == ("a",)
+    assert api.parse_embed({"model": "m", "prompt": "a"}, legacy=True).inputs == ("a",)
+    with pytest.raises(BadRequest, match="input"):
+        api.parse_embed({"model": "m", "input": [1]})
+    (vec,) = api.resize([[3.0, 4.0, 12.0]], 2)
+    assert vec == pytest.approx([0.6, 0.8])
+
+
+@pytest.mark.parametrize("text,calls", [
+    ('<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>', [("f", {"x": 1})]),
+    ('<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>{"name": "g", "arguments": {"y": "z"}}'
+     '</tool_call>', [("f", {}), ("g", {"y": "z"})]),
+    ('[TOOL_CALLS][{"name": "f", "arguments": {"x": 2}}]', [("f", {"x": 2})]),
+    ('<|python_tag|>{"name": "f", "parameters": {"x": 3}}', [("f", {"x": 3})]),
+    ('{"name": "f", "parameters": {"x": 4}}', [("f", {"x": 4})]),
+    ('```json\n[{"name": "f", "arguments": "{\\"x\\": 5}"}]\n```', [("f", {"x": 5})]),
+    ('{"name": "unknown_tool", "arguments": {}}', []),
+    ('{"answer": 42}', []),
+    ("Just text.", []),
+])
+def test_tool_call_formats(text, calls):
+    content, found = tools.parse(text, frozenset({"f", "g"}))
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in found] == calls
+    if not calls:
+        assert content == text
+
+
+def test_tool_parser_streams_plain_text_and_holds_calls():
+    p = tools.ToolCallParser(["f"])
+    out = "".join(p.feed(t) for t in ["Sure", ", here", " it is <tool", "_call>", '{"name":"f","arguments":{}}',
+                                      "</tool_call>"])
+    assert out == "Sure, here it is "
+    text, calls = p.finish()
+    assert text == "" and calls[0]["function"]["name"] == "f"   # the text before was already out
+    p = tools.ToolCallParser(["f"])
+    assert "".join(p.feed(t) for t in ["{", '"not": "a call"}']) == ""
+    assert p.finish() == ('{"not": "a call"}', [])
+    p = tools.ToolCallParser(["f"])
+    assert p.feed("Hello") == "Hello" and p.feed(" <") == " " and p.feed("b>") == "<b>"
+    assert p.finish() == ("", [])

@@ -1,0 +1,160 @@
+"""The content-addressed store: atomic blobs and manifests, verify, prune, concurrency."""
+
+import hashlib
+import json
+import multiprocessing
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from mlxlite import names
+from mlxlite.errors import BadRequest, IntegrityError, ModelNotFound
+from mlxlite.store import MEDIA_FILE, TITLE, Layer, Store, build_manifest
+
+
+def make_model(store: Store, name: str, files: dict[str, bytes]) -> str:
+    layers = []
+    for title, data in files.items():
+        layers.append(Layer(MEDIA_FILE, store.put_bytes(data), len(data), {TITLE: title}))
+    config = store.put_json({"format": "safetensors", "files": sorted(files)})
+    return store.write_manifest(names.parse(name), build_manifest(config, layers))
+
+
+def test_blob_is_named_by_its_sha256(store):
+    digest = store.put_bytes(b"hello")
+    assert digest == "sha256:" + hashlib.sha256(b"hello").hexdigest()
+    assert store.blob_path(digest).read_bytes() == b"hello"
+    assert store.put_bytes(b"hello") == digest  # idempotent
+
+
+def test_stream_with_wrong_expected_digest_leaves_nothing(store):
+    import io
+
+    with pytest.raises(IntegrityError, match="digest mismatch"):
+        store.put_stream(io.BytesIO(b"abc"), expected="sha256:" + "0" * 64)
+    assert [p.name for p in store.blob_dir.iterdir()] == []
+
+
+def test_manifest_refuses_missing_blobs(store):
+    config = store.put_json({"format": "gguf"})
+    ghost = Layer(MEDIA_FILE, "sha256:" + "1" * 64, 3, {TITLE: "x"})
+    with pytest.raises(IntegrityError, match="missing"):
+        store.write_manifest(names.parse("m"), build_manifest(config, [ghost]))
+    assert not store.exists("m")
+
+
+def test_manifest_round_trip_and_list(store):
+    digest = make_model(store, "a/model:v1", {"config.json": b"{}", "w.safetensors": b"x" * 100})
+    entry = store.resolve("A/Model:V1")
+    assert entry.digest == digest
+    assert set(entry.manifest.files()) == {"config.json", "w.safetensors"}
+    assert [e.name.display for e in store.list()] == ["a/model:v1"]
+    assert entry.size == sum(layer.size for layer in entry.manifest.blobs)
+
+
+def test_titles_that_escape_are_rejected(store):
+    data = b"x"
+    config = store.put_json({})
+    for bad in ("../x", "/etc/passwd", "a/../../b", ""):
+        layer = Layer(MEDIA_FILE, store.put_bytes(data), 1, {TITLE: bad})
+        with pytest.raises(BadRequest, match="invalid file name"):
+            store.write_manifest(names.parse("m"), build_manifest(config, [layer]))
+
+
+def test_view_is_a_directory_of_links(store):
+    make_model(store, "m", {"config.json": b"{}", "sub/tok.json": b"[]"})
+    view = store.view(store.resolve("m"))
+    assert (view / "config.json").read_bytes() == b"{}"
+    assert (view / "sub" / "tok.json").is_symlink()
+
+
+def test_remove_keeps_shared_blobs(store):
+    make_model(store, "one", {"a": b"shared", "b": b"only-one"})
+    make_model(store, "two", {"a": b"shared"})
+    store.remove("one")
+    assert not store.exists("one")
+    assert store.has_blob("sha256:" + hashlib.sha256(b"shared").hexdigest())
+    assert not store.has_blob("sha256:" + hashlib.sha256(b"only-one").hexdigest())
+    with pytest.raises(ModelNotFound):
+        store.remove("one")
+
+
+def test_verify_names_the_bad_blob_and_its_models(store):
+    make_model(store, "m", {"w": b"weights" * 1000})
+    blob = store.blob_path(store.resolve("m").manifest.files()["w"].digest)
+    data = bytearray(blob.read_bytes())
+    data[10] ^= 1
+    blob.write_bytes(bytes(data))
+    bad = store.verify()
+    assert len(bad) == 1 and bad[0].models == ("m:latest",)
+    with pytest.raises(IntegrityError, match="corrupt"):
+        store.check_integrity(store.resolve("m"))
+
+
+def test_integrity_check_remembers_verified_blobs(store, monkeypatch):
+    make_model(store, "m", {"w": b"abc" * 1000})
+    entry = store.resolve("m")
+    store.check_integrity(entry)
+    calls = []
+    import mlxlite.store.store as st
+
+    monkeypatch.setattr(st, "hash_file", lambda *a, **k: calls.append(a) or ("x", 0))
+    store.check_integrity(entry)
+    assert calls == []  # unchanged size + mtime: not hashed again
+
+
+def test_prune_removes_unreferenced_and_stale_temps(store):
+    make_model(store, "m", {"w": b"keep"})
+    orphan = store.put_bytes(b"orphan")
+    stale = store.blob_dir / ".tmp-999-dead"
+    stale.write_bytes(b"partial")
+    live = store.blob_writer()
+    live.write(b"in progress")
+    try:
+        removed, freed = store.prune()
+    finally:
+        live.abort()
+    assert removed == 2 and freed == len(b"orphan") + len(b"partial")
+    assert not store.has_blob(orphan) and not stale.exists()
+    assert store.verify() == []
+
+
+def test_concurrent_threads_writing_the_same_blob_and_tag(store):
+    payload = os.urandom(1 << 20)
+    errors = []
+
+    def writer(i: int) -> None:
+        try:
+            make_model(store, "same:tag", {"w": payload, "n": str(i % 2).encode()})
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert store.verify() == []
+    assert [p for p in store.blob_dir.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def _process_writer(root: str, seed: int) -> None:
+    store = Store(Path(root))
+    for i in range(15):
+        make_model(store, "shared:tag", {"w": b"W" * 300_000, "i": f"{seed}-{i}".encode()})
+
+
+def test_two_processes_writing_the_same_blob_and_tag(store):
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_process_writer, args=(str(store.root), s)) for s in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    entry = store.resolve("shared:tag")
+    assert json.loads(entry.manifest.raw)["layers"][0]["size"] == 300_000
+    assert store.verify() == []
