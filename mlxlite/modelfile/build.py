@@ -3,10 +3,11 @@ small content-addressed layers (params JSON, system, jinja template, messages JS
 
 Contract:
   - `create(store, name, spec, base_dir=, say=)` resolves the base (a store model; a .gguf
-    file or model directory, imported zero-copy by `importers.import_path`; or uploaded
-    blobs named in `spec.files`), replaces the base's layers of each kind the spec sets
-    (parameters merge over the base's, as Ollama does), writes only blobs not yet stored,
-    and writes the manifest last. Status lines go to `say`: "using existing layer
+    file or model directory, imported zero-copy by `importers.import_path`, only with a
+    `base_dir`, the directory of a Modelfile on disk; or uploaded blobs named in `spec.files`).
+    Without `base_dir` (an /api/create request) FROM is a model name, never a path. It then
+    replaces the base's layers of each kind the spec sets (parameters merge over the
+    base's, as Ollama does), writes only blobs not yet stored, and writes the manifest last. Status lines go to `say`: "using existing layer
     sha256:...", "creating new layer sha256:...", "writing manifest", "success".
   - Same inputs -> same manifest bytes -> same digest (canonical JSON, fixed layer order:
     the base's other layers as they were, then template, system, params, messages,
@@ -183,11 +184,11 @@ def plan(store: Store, base: ModelEntry, spec: CreateSpec) -> Plan:
 
 
 # ---- the base -------------------------------------------------------------------------------
-def _local_path(source: str, base_dir: Path | None) -> Path | None:
+def _local_path(source: str, base_dir: Path) -> Path | None:
     """Ollama's rule: absolute, ~, or relative to the Modelfile's directory; None if absent."""
     path = Path(source).expanduser()
     if not path.is_absolute():
-        path = (base_dir or Path.cwd()) / path
+        path = base_dir / path
     return path if path.exists() else None
 
 
@@ -256,6 +257,10 @@ def resolve_base(store: Store, name: ModelName, spec: CreateSpec, base_dir: Path
             shutil.rmtree(tmp, ignore_errors=True)
     if not spec.from_:
         raise BadRequest("neither 'from' nor 'files' was given (a Modelfile needs FROM)")
+    if base_dir is None:
+        # No Modelfile on disk (an /api/create request): FROM names a stored model, never a
+        # path, so a request cannot read files of the daemon's machine.
+        return _from_name(store, spec.from_, say)
     path = _local_path(spec.from_, base_dir)
     if path is not None:
         return _import(store, path, name, say)
@@ -269,12 +274,12 @@ def check(store: Store, spec: CreateSpec, base_dir: Path | None = None) -> str:
     if spec.parameters:
         normalize_params(spec.parameters)
     if spec.from_:
-        path = _local_path(spec.from_, base_dir)
+        path = _local_path(spec.from_, base_dir) if base_dir is not None else None
         if path is not None:
             if path.is_file() and not path.name.lower().endswith((".gguf", ".bin", ".tar")):
                 raise BadRequest(f"FROM {spec.from_!r}: not a .gguf file")
             return f"FROM {path} (to import)"
-        if _looks_like_path(spec.from_):
+        if base_dir is not None and _looks_like_path(spec.from_):
             raise BadRequest(f"FROM {spec.from_!r}: no such file or directory")
         base = _from_name(store, spec.from_)
         result = plan(store, base, spec)

@@ -119,7 +119,9 @@ def test_from_a_gguf_path_relative_to_the_modelfile(store, default_gguf, tmp_pat
 
 
 def test_from_a_safetensors_directory(store, tiny_safetensors_dir, tmp_path):
-    entry, _ = _create(store, "tiny-pirate", f"FROM {tiny_safetensors_dir}\nSYSTEM arr\nPARAMETER top_k 5\n")
+    # A path in FROM is read only for a Modelfile on disk (base_dir), as the CLI gives.
+    entry, _ = _create(store, "tiny-pirate", f"FROM {tiny_safetensors_dir}\nSYSTEM arr\nPARAMETER top_k 5\n",
+                       base_dir=tmp_path)
     assert "model.safetensors" in entry.manifest.files()
     assert cr.settings_of(store, entry).parameters == {"top_k": 5}
     again, _ = _create(store, "tiny-pirate", cr.to_modelfile(store, entry))
@@ -174,9 +176,9 @@ def test_validate_checks_without_writing(store, default_model, run_cli, tmp_path
     ("FROM ./missing.gguf\n", BadRequest, "no such file"),
     ("FROM bad name!\n", BadRequest, "invalid model name"),
 ])
-def test_bad_bases_are_typed_errors(store, text, exc, words):
+def test_bad_bases_are_typed_errors(store, text, exc, words, tmp_path):
     with pytest.raises(exc, match=words):
-        _create(store, "x", text)
+        _create(store, "x", text, base_dir=tmp_path)
     assert store.list() == []
 
 

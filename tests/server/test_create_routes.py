@@ -154,3 +154,31 @@ def test_older_request_shape_with_a_whole_modelfile(server, store, default_model
     local = {"name": "mf3", "modelfile": "FROM /etc/passwd\n"}
     status, raw = _req(server, "POST", "/api/create", json.dumps(local).encode())
     assert status == 400 and "must name a model" in json.loads(raw)["error"]
+
+
+def test_create_from_never_reads_the_daemons_files(server, store, tiny_gguf_path, tiny_gguf_model,
+                                                   tmp_path, monkeypatch):
+    # The daemon's working directory holds a GGUF, a secret, and a folder named like a stored model.
+    cwd = tmp_path / "daemon-cwd"
+    (cwd / "etc").mkdir(parents=True)
+    (cwd / "private.gguf").write_bytes(tiny_gguf_path.read_bytes())
+    (cwd / "etc" / "passwd").write_text("root:x:0:0:SECRET-BYTES\n")
+    (cwd / tiny_gguf_model).mkdir()
+    monkeypatch.chdir(cwd)
+    before = sorted(e.name.display for e in store.list())
+
+    def create(body):
+        got, raw = _req(server, "POST", "/api/create", json.dumps({**body, "stream": False}).encode(),
+                        {"Content-Type": "application/json"})
+        return got, json.loads(raw)
+
+    for source in ("private.gguf", "etc/passwd"):
+        got, reply = create({"model": "stolen", "from": source})
+        assert got == 404, reply
+        assert "not found" in reply["error"] and "SECRET" not in reply["error"]
+    assert sorted(e.name.display for e in store.list()) == before
+    # A folder named like the stored model does not hide it.
+    got, reply = create({"model": "copy", "from": tiny_gguf_model, "system": "be brief"})
+    assert got == 200 and reply["status"] == "success", reply
+    base = store.resolve(tiny_gguf_model).manifest.layers_of(st.MEDIA_GGUF)
+    assert store.resolve("copy").manifest.layers_of(st.MEDIA_GGUF) == base
