@@ -50,6 +50,7 @@ from mlxlite.server import create as create_api
 from mlxlite.server import native
 from mlxlite.server import openai as openai_api
 from mlxlite.server import pull as pull_api
+from mlxlite.server import responses as responses_api
 from mlxlite.server.rules import host_allowed, is_loopback, match, origin_allowed, parse_host_port
 from mlxlite.server.wire import Reply, Stream
 from mlxlite.store import Store
@@ -79,6 +80,7 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/v1/chat/completions"): openai_api.handle_chat_completions,
     ("POST", "/v1/completions"): openai_api.handle_completions,
     ("POST", "/v1/embeddings"): openai_api.handle_embeddings,
+    ("POST", "/v1/responses"): responses_api.handle_responses,
     ("GET", "/v1/models"): openai_api.handle_models,
     ("GET", "/v1/models/{model*}"): openai_api.handle_model,
     **create_api.ROUTES,  # /api/create, /api/blobs/:digest
