@@ -50,6 +50,7 @@ from mlxlite.server import create as create_api
 from mlxlite.server import native
 from mlxlite.server import openai as openai_api
 from mlxlite.server import pull as pull_api
+from mlxlite.server import responses as responses_api
 from mlxlite.server.rules import host_allowed, is_loopback, match, origin_allowed, parse_host_port
 from mlxlite.server.wire import Reply, Stream
 from mlxlite.store import Store
@@ -79,6 +80,7 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/v1/chat/completions"): openai_api.handle_chat_completions,
     ("POST", "/v1/completions"): openai_api.handle_completions,
     ("POST", "/v1/embeddings"): openai_api.handle_embeddings,
+    ("POST", "/v1/responses"): responses_api.handle_responses,
     ("GET", "/v1/models"): openai_api.handle_models,
     ("GET", "/v1/models/{model*}"): openai_api.handle_model,
     **create_api.ROUTES,  # /api/create, /api/blobs/:digest
@@ -373,9 +375,9 @@ class RequestHandler(BaseHTTPRequestHandler):
             status = 200
             try:
                 if first is not None:
-                    self._chunk(self._frame(first, stream.sse))
+                    self._chunk(self._frame(first, stream.sse, stream.named_events))
                     for item in items:
-                        self._chunk(self._frame(item, stream.sse))
+                        self._chunk(self._frame(item, stream.sse, stream.named_events))
             except (ClientGone, BrokenPipeError, ConnectionResetError):
                 raise ClientGone() from None
             except Exception as exc:  # after the first byte: a final error line, status stays 200
@@ -383,7 +385,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                 ctx.log["error"] = str(body["error"]["message"] if ctx.openai else body["error"])
                 if not isinstance(exc, MlxliteError):
                     ctx.log["traceback"] = traceback.format_exc()
-                self._chunk(self._frame(body, stream.sse))
+                self._chunk(self._frame(body, stream.sse, stream.named_events))
             if stream.done_marker:
                 self._chunk(b"data: [DONE]\n\n")
             self.wfile.write(b"0\r\n\r\n")
@@ -395,8 +397,11 @@ class RequestHandler(BaseHTTPRequestHandler):
                 close()       # cancels the job if it is still running
 
     @staticmethod
-    def _frame(item: Any, sse: bool) -> bytes:
+    def _frame(item: Any, sse: bool, named: bool = False) -> bytes:
         data = json.dumps(item, separators=(",", ":")).encode()
+        if named:       # OpenAI Responses-style: the event's name is its type; an error frame has none
+            data = b"event: " + str(item.get("type") or "error").encode() + b"\ndata: " + data
+            return data + b"\n\n"
         return b"data: " + data + b"\n\n" if sse else data + b"\n"
 
     def _chunk(self, data: bytes) -> None:

@@ -46,6 +46,7 @@ class Stream:
     items: Iterator[Any]
     sse: bool = False
     done_marker: bool = False           # SSE: end with `data: [DONE]`
+    named_events: bool = False          # SSE: an `event: <item's type>` line before each data line
 
 
 # ---- field helpers -------------------------------------------------------------------
