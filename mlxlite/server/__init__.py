@@ -4,8 +4,8 @@ Owns `daemon` (ThreadingHTTPServer, the route table as data, the Host/CORS/API-k
 checks, NDJSON and SSE writers, and `error_body`, the one place an error becomes a status
 and a JSON body), `rules` (pure route matching and the DNS-rebinding and CORS rules),
 `wire` (the native API's request parsing and response shapes), the route handlers per
-API (`native` for Ollama's, `openai` for OpenAI's, `pull` and `create` for the store
-routes). Handlers reach the scheduler by submitting jobs; they never import mlx or the
+API (`native` for Ollama's, `openai` for OpenAI's, `anthropic` for Anthropic's Messages
+API, `pull` and `create` for the store routes). Handlers reach the scheduler by submitting jobs; they never import mlx or the
 engine, and nothing below imports this wing.
 """
 

@@ -46,6 +46,7 @@ class Stream:
     items: Iterator[Any]
     sse: bool = False
     done_marker: bool = False           # SSE: end with `data: [DONE]`
+    named: bool = False                 # SSE: each event named by its item's "type" (Anthropic's stream)
 
 
 # ---- field helpers -------------------------------------------------------------------
@@ -396,6 +397,7 @@ class Summary:
     """Counts and timings of one generation, for final chunks, usage and logs."""
 
     reason: str = "stop"
+    stop_string: str = ""               # the stop string that ended it, if one did
     prompt_tokens: int = 0
     prompt_eval_tokens: int = 0
     eval_tokens: int = 0
