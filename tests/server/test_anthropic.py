@@ -281,12 +281,22 @@ def test_events_are_named_and_arrive_as_generated(store):
 def test_x_api_key_is_accepted_as_the_api_key(store):
     add_fake_model(store)
     with RunningServer(FakeEngine(), store, api_key="s3cret") as srv:
-        assert client(srv, api_key="s3cret").messages.create(model="fake", max_tokens=2, messages=HI).content
+        def keyed(key):     # the header Claude Code and earlier anthropic packages send
+            return anthropic.Anthropic(base_url=srv.url, api_key=None, default_headers={"x-api-key": key},
+                                       max_retries=0)
+
+        assert keyed("s3cret").messages.create(model="fake", max_tokens=2, messages=HI).content
         with pytest.raises(anthropic.AuthenticationError) as err:
-            client(srv, api_key="wrong").messages.create(model="fake", max_tokens=2, messages=HI)
+            keyed("wrong").messages.create(model="fake", max_tokens=2, messages=HI)
         assert err.value.body["error"]["type"] == "authentication_error"
-        bearer = anthropic.Anthropic(base_url=srv.url, auth_token="s3cret", max_retries=0)
-        assert bearer.messages.create(model="fake", max_tokens=2, messages=HI).content
+        # Today's package sends api_key as a bearer token: that is the key too.
+        assert client(srv, api_key="s3cret").messages.create(model="fake", max_tokens=2, messages=HI).content
+        with pytest.raises(anthropic.AuthenticationError):
+            client(srv, api_key="wrong").messages.create(model="fake", max_tokens=2, messages=HI)
+        conn = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
+        conn.request("GET", "/api/tags", headers={"x-api-key": "s3cret", "anthropic-version": "2023-06-01"})
+        assert conn.getresponse().status == 200
+        conn.close()
 
 
 # ---- the real runner on the tiny models ---------------------------------------------------
