@@ -26,3 +26,4 @@ class Finish:
     prompt_seconds: float
     eval_seconds: float
     text_tail: str = ""  # held-back text flushed at the end
+    stop_string: str = ""  # the stop string that ended it, when one did

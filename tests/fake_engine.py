@@ -136,7 +136,7 @@ class FakeEngine:
         with self.lock:
             self.active += 1
             self.started += 1
-        reason, made, text = "stop", 0, ""
+        reason, made, text, matched = "stop", 0, "", ""
         t0 = time.perf_counter()
         try:
             with self.lock:
@@ -185,12 +185,12 @@ class FakeEngine:
                     full = text + piece
                     keep = full[:full.index(stop_hit)]
                     yield Piece(token, keep[len(text):], -0.1)
-                    reason = "stop"
+                    reason, matched = "stop", stop_hit
                     break
                 text += piece
                 yield Piece(token, piece, -0.1)
             eval_s = time.perf_counter() - t1
-            yield Finish(reason, len(prompt_tokens), len(prompt_tokens), made, t1 - t0, eval_s)
+            yield Finish(reason, len(prompt_tokens), len(prompt_tokens), made, t1 - t0, eval_s, stop_string=matched)
         finally:
             with self.lock:
                 self.active -= 1

@@ -141,7 +141,7 @@ class Decoder:
         t0 = seq.t0 if seq.t0 is not None else now
         t_first = seq.t_first if seq.t_first is not None else now
         return Finish(reason, len(seq.prompt), len(seq.prompt) - seq.cached, seq.n,
-                             max(0.0, t_first - t0), now - t_first, tail)
+                             max(0.0, t_first - t0), now - t_first, tail, seq.stops.matched)
 
     def _tail(self, seq: _Seq) -> str:
         out, hit = seq.stops.feed(seq.text.flush())

@@ -5,9 +5,10 @@ Contract:
     `context_window`, `new_cache`, `prefill` (from `model.py`).
   - `generate(loaded, prompt_tokens, options, cancel, truncate=, constraint=, prompt_cache=,
     cached_tokens=)` yields `Piece`s then one `Finish` (`results.py`): stop strings are cut
-    exactly, the cancel event is checked between prefill chunks and decode steps, a
-    constraint masks the logits before sampling. A prompt that is empty, or longer than
-    num_ctx without `truncate`, is a `BadRequest` before any work.
+    exactly (the one that matched is `Finish.stop_string`), the cancel event is checked
+    between prefill chunks and decode steps, a constraint masks the logits before sampling.
+    A prompt that is empty, or longer than num_ctx without `truncate`, is a `BadRequest`
+    before any work.
   - `embed(loaded, texts, truncate)` -> one normalized vector per text.
   - `decoder(loaded, max_batch, keep_caches)`: continuous batching (`batch.Decoder`), whose
     sequences produce what `generate` would alone; `cache_nbytes`, `cache_prefix`,
@@ -107,7 +108,8 @@ def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel:
     def finish(reason: str, n_eval: int, t_first: float | None, tail: str = "") -> Finish:
         now = time.perf_counter()
         t_first = now if t_first is None else t_first
-        return Finish(reason, n_prompt, n_prompt - cached_tokens, n_eval, t_first - t0, now - t_first, tail)
+        return Finish(reason, n_prompt, n_prompt - cached_tokens, n_eval, t_first - t0, now - t_first, tail,
+                      stops.matched)
 
     def flush_tail() -> str:
         out, hit = stops.feed(text.flush())

@@ -10,7 +10,8 @@ Pure: no mlx. Contract:
     this token (partial UTF-8 is held back), `flush()` the rest at the end.
   - `StopMatcher(stops)`: `feed(text) -> (emit, stopped)`; the stop string and anything
     after it are never emitted; text that may begin a stop string is held back until it
-    cannot; `flush()` returns what was held when generation ends another way.
+    cannot; `flush()` returns what was held when generation ends another way; `matched`
+    is the stop string that was found ("" until one is).
 """
 
 from __future__ import annotations
@@ -99,12 +100,13 @@ class TextStream:
 class StopMatcher:
     """Stop strings over a text stream (one per sequence)."""
 
-    __slots__ = ("stops", "_held", "stopped")
+    __slots__ = ("stops", "_held", "stopped", "matched")
 
     def __init__(self, stops: tuple[str, ...] | list[str] = ()) -> None:
         self.stops = tuple(s for s in stops if s)
         self._held = ""
         self.stopped = False
+        self.matched = ""              # the stop string that was found
 
     def feed(self, text: str) -> tuple[str, bool]:
         if not self.stops:
@@ -116,7 +118,7 @@ class StopMatcher:
         for s in self.stops:
             i = buf.find(s)
             if i >= 0 and (hit < 0 or i < hit):
-                hit = i
+                hit, self.matched = i, s
         if hit >= 0:
             self._held = ""
             self.stopped = True

@@ -1,16 +1,18 @@
 """The formats wing: pure readers of the formats models arrive in, with no I/O policy.
 
 Owns the GGUF header, metadata, tensor table and tokenizer spec (`gguf`), chat templates
-(`templates`: the model's jinja template in a sandbox, fallbacks, prompt assembly), and
-tool calls in generated text (`tools`). Callers use the modules (`gguf.read_gguf(path)`)
-and the types exported here. Imports only the standard library, jinja2/tokenizers where
+(`templates`: the model's jinja template in a sandbox, fallbacks, prompt assembly), tool
+calls in generated text (`tools`) and thinking sections in it (`thinking`). Callers use
+the modules (`gguf.read_gguf(path)`) and the types exported here. Imports only the standard library, jinja2/tokenizers where
 a function needs them, and the ground floor; never imports mlx, the store, or any wing
 above it.
 """
 
-from mlxlite.formats import gguf, templates, tools
+from mlxlite.formats import gguf, templates, thinking, tools
 from mlxlite.formats.gguf import Header, TokenizerSpec
 from mlxlite.formats.templates import ChatTemplate
+from mlxlite.formats.thinking import ThinkingParser
 from mlxlite.formats.tools import ToolCallParser
 
-__all__ = ["gguf", "templates", "tools", "Header", "TokenizerSpec", "ChatTemplate", "ToolCallParser"]
+__all__ = ["gguf", "templates", "thinking", "tools", "Header", "TokenizerSpec", "ChatTemplate", "ThinkingParser",
+           "ToolCallParser"]

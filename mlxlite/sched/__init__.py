@@ -17,11 +17,13 @@ from mlxlite.sched.jobs import (
     LoadJob,
     Ready,
     Ticket,
+    Tokenized,
+    TokenizeJob,
     is_finish,
 )
 from mlxlite.sched.scheduler import ResidentInfo, Scheduler
 
 __all__ = [
     "Scheduler", "ResidentInfo", "ClientGone", "Done", "Embedded", "EmbedJob", "Failed", "GenerateJob",
-    "LoadJob", "Ready", "Ticket", "is_finish",
+    "LoadJob", "Ready", "Ticket", "Tokenized", "TokenizeJob", "is_finish",
 ]

@@ -1,9 +1,9 @@
 """What HTTP threads submit to the scheduler, and what comes back on a ticket.
 
-Jobs (`GenerateJob`, `EmbedJob`, `LoadJob`) are frozen requests; a `Ticket` is one
-submitted job: its reply queue and cancel event. Events come back in order: `Ready`, then
-the engine's `Piece`s and one `Finish` (`results.py`), or `Embedded` / `Done`, or a single
-`Failed`. `Ticket.events(gone)` yields them, raising `Failed`'s error, and `ClientGone`
+Jobs (`GenerateJob`, `EmbedJob`, `TokenizeJob`, `LoadJob`) are frozen requests; a `Ticket`
+is one submitted job: its reply queue and cancel event. Events come back in order: `Ready`,
+then the engine's `Piece`s and one `Finish` (`results.py`), or `Embedded` / `Tokenized` /
+`Done`, or a single `Failed`. `Ticket.events(gone)` yields them, raising `Failed`'s error, and `ClientGone`
 (after cancelling) when the client left. Shared by `scheduler.py` and `batch.py`, below
 both. Never imports mlx.
 """
@@ -45,6 +45,15 @@ class EmbedJob:
 
 
 @dataclass(frozen=True)
+class TokenizeJob:
+    """Render and tokenize a prompt as a GenerateJob would, and generate nothing (token counts)."""
+
+    entry: Any
+    prompt: Any                     # duck-typed like GenerateJob.prompt
+    keep_alive: float | None = None
+
+
+@dataclass(frozen=True)
 class LoadJob:
     """Load a model (empty prompt), or unload it when keep_alive == 0."""
 
@@ -70,6 +79,12 @@ class Embedded:
 
 
 @dataclass(frozen=True)
+class Tokenized:
+    tokens: tuple[int, ...]
+    load_seconds: float
+
+
+@dataclass(frozen=True)
 class Done:
     reason: str                     # "load" or "unload"
     load_seconds: float = 0.0
@@ -80,7 +95,7 @@ class Failed:
     error: MlxliteError
 
 
-_ENDS = (Embedded, Done, Failed)
+_ENDS = (Embedded, Tokenized, Done, Failed)
 
 
 class ClientGone(Exception):

@@ -5,9 +5,9 @@ plus a cancel event) or `Busy` at once when `max_queue` jobs already wait. Only 
 scheduler thread calls the engine (`mlxlite.engine.runner`, imported lazily on that thread, or
 a fake with the same functions), so no other thread ever touches MLX. Events come back
 in order: `Ready` (model loaded, prompt tokenized), then `Piece`s and one `Finish` from
-the runner (or `Embedded`), or a single `Failed`. A ticket whose cancel event is set
-stops within one engine step (the runner checks it between prefill chunks and decode
-steps); a queued job that is cancelled is dropped without running.
+the runner (or `Embedded`, `Tokenized`), or a single `Failed`. A ticket whose cancel
+event is set stops within one engine step (the runner checks it between prefill chunks
+and decode steps); a queued job that is cancelled is dropped without running.
 
 Residency: a loaded model stays for its keep-alive (request value, else the
 `keep_alive` setting; 0 unloads after the request, negative keeps it forever), at most
@@ -48,6 +48,8 @@ from mlxlite.sched.jobs import (
     GenerateJob,
     LoadJob,
     Ticket,
+    Tokenized,
+    TokenizeJob,
 )
 
 log = logging.getLogger("mlxlite.sched")
@@ -255,6 +257,9 @@ class Scheduler:
         try:
             if isinstance(job, EmbedJob):
                 self._run_embed(ticket, job, resident, load_seconds)
+            elif isinstance(job, TokenizeJob):
+                tokens = job.prompt.to_tokens(resident.loaded, self.engine)
+                ticket.replies.put(Tokenized(tuple(tokens), load_seconds))
             elif isinstance(job, GenerateJob):
                 # Decoded by the batch loop; released when the model's batch drains.
                 self.batches.admit(ticket, job, resident, load_seconds)

@@ -4,14 +4,17 @@ Contract:
   - `ROUTES = {(method, path): handler}`; a path segment `{name}` matches one segment and
     `{name*}` the rest (slashes included), exposed as `ctx.params[name]`. Other modules
     add routes by adding entries (e.g. `("POST", "/api/pull"): pull.handle_pull`).
-  - A handler gets a `RequestContext` and returns `api.Reply` or `api.Stream`; streams are
-    NDJSON or SSE, chunked, flushed per item, so lines reach the client as generated.
-  - `error_body(exc, openai)` is the one place an exception becomes a status and JSON:
-    before the first byte a real status; after it a final `{"error": ...}` line/event.
-    Never a traceback on the wire (it goes to the log).
+  - A handler gets a `RequestContext` and returns `wire.Reply` or `wire.Stream`; streams are
+    NDJSON or SSE (events named by their item's type when `named_events`), chunked, flushed per
+    item, so lines reach the client as generated.
+  - `error_body(exc, openai, anthropic)` is the one place an exception becomes a status and
+    JSON (Ollama's, OpenAI's or Anthropic's shape, chosen by route): before the first byte a
+    real status; after it a final error line/event. Never a traceback on the wire (it goes
+    to the log).
   - Security: Host-header check against DNS rebinding when bound to loopback; CORS for
-    localhost origins plus `origins`; bearer `api_key` on every request when set (and
-    required to bind a non-loopback address); bodies over `max_body_bytes` -> 413.
+    localhost origins plus `origins`; `api_key` on every request when set, as a bearer
+    token or Anthropic's `x-api-key` (and required to bind a non-loopback address);
+    bodies over `max_body_bytes` -> 413.
   - One JSON log line per request (id, method, path, model, status, tokens, durations,
     client) to stderr or `log_file`.
   - A client that disconnects (seen by polling its socket while waiting, or by a failed
@@ -46,6 +49,7 @@ from mlxlite.errors import (
     Unauthorized,
 )
 from mlxlite.sched import ClientGone, Scheduler
+from mlxlite.server import anthropic as anthropic_api
 from mlxlite.server import create as create_api
 from mlxlite.server import native
 from mlxlite.server import openai as openai_api
@@ -83,6 +87,8 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/v1/responses"): responses_api.handle_responses,
     ("GET", "/v1/models"): openai_api.handle_models,
     ("GET", "/v1/models/{model*}"): openai_api.handle_model,
+    ("POST", "/v1/messages"): anthropic_api.handle_messages,
+    ("POST", "/v1/messages/count_tokens"): anthropic_api.handle_count_tokens,
     **create_api.ROUTES,  # /api/create, /api/blobs/:digest
     **pull_api.ROUTES,  # /api/pull, /api/push
 }
@@ -91,8 +97,12 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403:
                  404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
                  499: "invalid_request_error", 503: "api_error"}
 
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error", 529: "overloaded_error"}
 
-def error_body(exc: BaseException, openai: bool = False) -> tuple[int, dict]:
+
+def error_body(exc: BaseException, openai: bool = False, anthropic: bool = False) -> tuple[int, dict]:
     """THE mapping of an exception to (status, JSON body)."""
     if isinstance(exc, MlxliteError):
         status, message = exc.status, exc.message
@@ -100,6 +110,9 @@ def error_body(exc: BaseException, openai: bool = False) -> tuple[int, dict]:
         status, message = 499, "request canceled"
     else:
         status, message = 500, f"internal error: {type(exc).__name__}"
+    if anthropic:
+        kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+        return status, {"type": "error", "error": {"type": kind, "message": message}}
     if openai:
         kind = _OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
         return status, {"error": {"message": message, "type": kind, "param": None, "code": None}}
@@ -150,6 +163,7 @@ class RequestContext:
         self.params: dict[str, str] = {}
         self.log: dict[str, Any] = {}
         self.openai = self.path.startswith("/v1/")
+        self.anthropic = _is_anthropic(self.path)
         self.body_pending = self._length() > 0 or "Transfer-Encoding" in self.headers
         self._body: Any = None
         self._read = False
@@ -210,6 +224,10 @@ class RequestContext:
             return True
 
 
+def _is_anthropic(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith(("/v1/messages/", "/v1/messages?"))
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -252,6 +270,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         start = time.perf_counter()
         ctx = RequestContext.__new__(RequestContext)
         ctx.log, ctx.openai, ctx.path = {}, self.path.startswith("/v1/"), self.path
+        ctx.anthropic = _is_anthropic(self.path)
         status, route, error = 500, None, None
         self._cors: list[tuple[str, str]] = []
         self._sent = False
@@ -270,7 +289,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             status, error = 499, "client disconnected"
             self.close_connection = True
         except Exception as exc:
-            status, body = error_body(exc, ctx.openai)
+            status, body = error_body(exc, ctx.openai, ctx.anthropic)
             if not isinstance(exc, MlxliteError):
                 ctx.log["traceback"] = traceback.format_exc()
             error = str(body["error"]["message"] if ctx.openai else body["error"])
@@ -309,8 +328,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         if app.api_key and self.command != "OPTIONS":
             auth = self.headers.get("Authorization") or ""
             scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), app.api_key.encode()):
-                raise Unauthorized("missing or wrong API key (Authorization: Bearer ...)")
+            # Anthropic's clients send the key as x-api-key; either header may carry it.
+            keys = [token.strip() if scheme.lower() == "bearer" else "", (self.headers.get("x-api-key") or "").strip()]
+            if not any(k and hmac.compare_digest(k.encode(), app.api_key.encode()) for k in keys):
+                raise Unauthorized("missing or wrong API key (Authorization: Bearer ... or x-api-key)")
 
     def _preflight(self) -> int:
         asked = self.headers.get("Access-Control-Request-Headers")
@@ -381,7 +402,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             except (ClientGone, BrokenPipeError, ConnectionResetError):
                 raise ClientGone() from None
             except Exception as exc:  # after the first byte: a final error line, status stays 200
-                status, body = error_body(exc, ctx.openai)
+                status, body = error_body(exc, ctx.openai, ctx.anthropic)
                 ctx.log["error"] = str(body["error"]["message"] if ctx.openai else body["error"])
                 if not isinstance(exc, MlxliteError):
                     ctx.log["traceback"] = traceback.format_exc()
@@ -399,9 +420,9 @@ class RequestHandler(BaseHTTPRequestHandler):
     @staticmethod
     def _frame(item: Any, sse: bool, named: bool = False) -> bytes:
         data = json.dumps(item, separators=(",", ":")).encode()
-        if named:       # OpenAI Responses-style: the event's name is its type; an error frame has none
-            data = b"event: " + str(item.get("type") or "error").encode() + b"\ndata: " + data
-            return data + b"\n\n"
+        if sse and named:   # Anthropic's and OpenAI Responses' streams: named by type; an error frame by "error"
+            kind = item.get("type") if isinstance(item, dict) else None
+            return b"event: " + str(kind or "error").encode() + b"\ndata: " + data + b"\n\n"
         return b"data: " + data + b"\n\n" if sse else data + b"\n"
 
     def _chunk(self, data: bytes) -> None:

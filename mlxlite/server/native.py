@@ -66,11 +66,13 @@ def _events(ctx: Any, ticket: Any, summary: Summary, tool_names: list[str] | Non
         if isinstance(event, Ready):
             summary.load_seconds = event.load_seconds
             summary.tokens = list(event.prompt_tokens)
+            summary.prompt_tokens = len(event.prompt_tokens)    # known now; Finish has the final count
             ctx.log["queue_ms"] = round(getattr(event, "queue_seconds", 0.0) * 1e3, 2)
             ctx.log["batch_size"] = getattr(event, "batch_size", 0)
             continue
         if is_finish(event):
             summary.reason = event.reason
+            summary.stop_string = getattr(event, "stop_string", "")
             summary.prompt_tokens = event.prompt_tokens
             summary.prompt_eval_tokens = event.prompt_eval_tokens
             summary.eval_tokens = event.eval_tokens

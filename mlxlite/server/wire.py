@@ -397,6 +397,7 @@ class Summary:
     """Counts and timings of one generation, for final chunks, usage and logs."""
 
     reason: str = "stop"
+    stop_string: str = ""               # the stop string that ended it, if one did
     prompt_tokens: int = 0
     prompt_eval_tokens: int = 0
     eval_tokens: int = 0

@@ -113,6 +113,7 @@ def test_members_keep_their_own_options(tiny):
         assert text(*got[k]) == text(*want[k]), k
         assert got[k][1].reason == want[k][1].reason
     assert stop_text not in text(*got["stop"]) and got["stop"][1].reason == "stop"
+    assert got["stop"][1].stop_string == stop_text and got["short"][1].stop_string == ""
 
 
 def test_full_batch_time_slices_so_a_waiting_request_runs(tiny):

@@ -282,10 +282,11 @@ def test_same_seed_same_text_other_seed_other_text(tiny):
 def test_stop_string_ends_exactly_before_the_string(tiny):
     kw = dict(num_predict=40, temperature=1.5, top_k=0, top_p=1.0, seed=11)
     pieces, finish = run(tiny, "Tell me", **kw)
+    assert finish.stop_string == ""
     full = text_of(pieces, finish)
     stop = next(full[i:i + 3] for i in range(6, len(full) - 3) if full[i:i + 3].strip() and full.find(full[i:i + 3]) == i)
-    pieces, finish = run(tiny, "Tell me", stop=[stop, "\x00never"], **kw)
-    assert finish.reason == "stop"
+    pieces, finish = run(tiny, "Tell me", stop=["\x00never", stop], **kw)
+    assert finish.reason == "stop" and finish.stop_string == stop
     assert text_of(pieces, finish) == full[: full.find(stop)]
 
 

@@ -5,7 +5,18 @@ import threading
 import pytest
 
 from mlxlite.errors import BadRequest, Busy, Cancelled, MlxliteError
-from mlxlite.sched import Done, Embedded, EmbedJob, GenerateJob, LoadJob, Ready, Scheduler, is_finish
+from mlxlite.sched import (
+    Done,
+    Embedded,
+    EmbedJob,
+    GenerateJob,
+    LoadJob,
+    Ready,
+    Scheduler,
+    Tokenized,
+    TokenizeJob,
+    is_finish,
+)
 from mlxlite.server.wire import PromptSpec
 from tests.fake_engine import FakeEngine, add_fake_model, wait_for
 
@@ -169,6 +180,17 @@ def test_embeddings_come_back_normalized_with_counts(store, sched):
     assert isinstance(event, Embedded) and len(event.vectors) == 2
     assert event.prompt_tokens == len("hello") + len("world") + 2
     assert abs(sum(v * v for v in event.vectors[0]) - 1.0) < 1e-9
+
+
+def test_tokenize_renders_the_prompt_like_generate_and_generates_nothing(store, sched):
+    entry = add_fake_model(store)
+    spec = PromptSpec(entry.name.display, messages=({"role": "user", "content": "hi"},), system="S")
+    (event,) = list(sched.submit(TokenizeJob(entry, spec)).events())
+    assert isinstance(event, Tokenized) and sched.engine.started == 0
+    assert bytes(event.tokens).decode() == "<|system|>S\n<|user|>hi\n<|assistant|>"
+    events = list(sched.submit(GenerateJob(entry, spec)).events())
+    assert list(events[0].prompt_tokens) == list(event.tokens)          # the same prompt a generation sees
+    assert sched.ps()[0].name == "fake:latest"                          # loaded, and kept for its keep-alive
 
 
 def test_close_refuses_new_work(store):
