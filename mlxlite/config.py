@@ -104,6 +104,13 @@ SETTINGS: tuple[Setting, ...] = (
             "refuse to load models past this many bytes (0: 75% of physical memory)"),
     Setting("max_body_bytes", "MLXLITE_MAX_BODY_BYTES", 32 << 20, int,
             "largest JSON request body the daemon accepts, in bytes"),
+    Setting("max_connections", "MLXLITE_MAX_CONNECTIONS", 256, int,
+            "most client connections the daemon holds open (one thread each); past it a new one gets 503"),
+    Setting("header_timeout", "MLXLITE_HEADER_TIMEOUT", 5.0, float,
+            "seconds a connection has to send a request's line and headers, counted from when the "
+            "daemon starts waiting (a new connection, or a kept-alive one after its last response)"),
+    Setting("body_timeout", "MLXLITE_BODY_TIMEOUT", 30.0, float,
+            "seconds without a byte of a request body before the request fails with 408"),
     Setting("origins", "MLXLITE_ORIGINS", [], _parse_list,
             "extra CORS origins allowed besides localhost ones (comma-separated)"),
     Setting("api_key", "MLXLITE_API_KEY", "", str,

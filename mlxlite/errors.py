@@ -54,6 +54,12 @@ class MethodNotAllowed(MlxliteError):
     status = 405
 
 
+class RequestTimeout(MlxliteError):
+    """A client too slow sending its request's headers or body (`server/connections.py`)."""
+
+    status = 408
+
+
 class PayloadTooLarge(MlxliteError):
     status = 413
 

@@ -15,6 +15,10 @@ Contract:
     localhost origins plus `origins`; `api_key` on every request when set, as a bearer
     token or Anthropic's `x-api-key` (and required to bind a non-loopback address);
     bodies over `max_body_bytes` -> 413.
+  - Slow and many clients (`connections`): a request's line and headers must arrive within
+    `header_timeout` (an idle keep-alive connection is closed after it), a body may stall
+    at most `body_timeout` (408), a response has only a long write timeout; past
+    `max_connections` open connections a new one gets a 503 from the accept loop.
   - One JSON log line per request (id, method, path, model, status, tokens, durations,
     client) to stderr or `log_file`.
   - A client that disconnects (seen by polling its socket while waiting, or by a failed
@@ -25,6 +29,7 @@ This module never imports mlx: the scheduler imports the runner on its own threa
 from __future__ import annotations
 
 import hmac
+import io
 import itertools
 import json
 import select
@@ -43,9 +48,11 @@ from urllib.parse import parse_qs, urlsplit
 from mlxlite import __version__, config
 from mlxlite.errors import (
     BadRequest,
+    Busy,
     Forbidden,
     MlxliteError,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthorized,
 )
 from mlxlite.sched import ClientGone, Scheduler
@@ -55,6 +62,7 @@ from mlxlite.server import native
 from mlxlite.server import openai as openai_api
 from mlxlite.server import pull as pull_api
 from mlxlite.server import responses as responses_api
+from mlxlite.server.connections import Gate, ReadClock, minimal_response
 from mlxlite.server.rules import host_allowed, is_loopback, match, origin_allowed, parse_host_port
 from mlxlite.server.wire import Reply, Stream
 from mlxlite.store import Store
@@ -236,15 +244,34 @@ class RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"mlxlite/{__version__}"
     sys_version = ""
-    timeout = 600                      # an idle keep-alive connection frees its thread
+    timeout = None                     # the read clock times each phase instead
     server: MlxliteServer
 
     def log_message(self, format: str, *args: Any) -> None:
         pass                           # replaced by one JSON line per request
 
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()             # the socket's own reader, replaced by the clock's
+        self.clock = ReadClock(self.connection)
+        self.rfile = io.BufferedReader(self.clock)
+
+    def handle_one_request(self) -> None:
+        self.requestline, self.command, self.request_version = "", "", "HTTP/0.9"  # for a 408 before parsing
+        self.clock.headers(self.server.header_timeout)
+        try:
+            super().handle_one_request()
+        except RequestTimeout as exc:  # only the header phase gets here: _dispatch answers the body's
+            self.close_connection = True
+            if self.clock.partial:     # half a request: say why; an idle keep-alive just closes
+                self.send_error(408, str(exc))
+                self.server.app.log({"time": round(time.time(), 3), "method": self.command or "-",
+                                     "status": 408, "error": str(exc), "client": self.client_address[0]})
+
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Errors http.server finds itself (bad request line, headers): JSON too."""
         self.close_connection = True
+        self.clock.respond()
         if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":
             self.request_version = "HTTP/1.0"   # answer garbage with a real status line
         body = json.dumps({"error": message or self.responses.get(code, ("error",))[0]}).encode()
@@ -275,6 +302,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         self._cors: list[tuple[str, str]] = []
         self._sent = False
         self._rid = ""
+        self.clock.body(self.server.body_timeout)
         try:
             self._rid = f"{next(app.ids):x}"
             ctx.__init__(self, app, self._rid)
@@ -293,6 +321,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             if not isinstance(exc, MlxliteError):
                 ctx.log["traceback"] = traceback.format_exc()
             error = str(body["error"]["message"] if ctx.openai else body["error"])
+            if getattr(ctx, "body_pending", False):
+                self.close_connection = True    # announced: the unread body ends this connection
             if not self._sent:
                 extra = [("WWW-Authenticate", "Bearer")] if status == 401 else []
                 try:
@@ -343,6 +373,7 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def _write_whole(self, status: int, body: bytes, content_type: str | None,
                      extra: list[tuple[str, str]] | tuple = ()) -> None:
+        self.clock.respond()
         self.send_response(status)
         if content_type:
             self.send_header("Content-Type", content_type)
@@ -384,6 +415,7 @@ class RequestHandler(BaseHTTPRequestHandler):
                 first = next(items)
             except StopIteration:
                 first = None
+            self.clock.respond()
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream" if stream.sse else "application/x-ndjson")
             self.send_header("Transfer-Encoding", "chunked")
@@ -435,10 +467,42 @@ class MlxliteServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], app: App, family: int = socket.AF_INET) -> None:
+    def __init__(self, address: tuple[str, int], app: App, family: int = socket.AF_INET, *,
+                 header_timeout: float = 5.0, body_timeout: float = 30.0, max_connections: int = 256) -> None:
         self.address_family = family
         self.app = app
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.gate = Gate(max_connections)
+        busy = Busy(f"server busy: {max_connections} connections open, the most allowed (MLXLITE_MAX_CONNECTIONS)")
+        self._busy = str(error_body(busy)[1]["error"])
+        self._refusal = minimal_response(503, "Service Unavailable", json.dumps(error_body(busy)[1]).encode(),
+                                         (("Retry-After", "1"),))
         super().__init__(address, RequestHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread per connection up to `max_connections`; past it a 503 from this loop."""
+        if not self.gate.enter():
+            self.gate.refuse(request, self._refusal)
+            with self.app.log_lock:
+                self.app.request_counts[("refused", 503)] += 1
+            self.app.log({"time": round(time.time(), 3), "status": 503, "error": self._busy,
+                          "client": client_address[0] if client_address else ""})
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.gate.leave()          # no thread started: the connection is closed by the caller
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.gate.leave()
+
+    def service_actions(self) -> None:
+        self.gate.sweep()              # refused connections lingering past their moment
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection that breaks outside a request is routine; anything else is logged
@@ -459,6 +523,10 @@ class MlxliteServer(ThreadingHTTPServer):
         self.app.scheduler.close()
         self.server_close()
 
+    def server_close(self) -> None:
+        super().server_close()
+        self.gate.close()
+
     def shutdown_safe(self) -> None:
         if getattr(self, "_serving", False):
             self.shutdown()
@@ -473,10 +541,17 @@ class MlxliteServer(ThreadingHTTPServer):
 
 def make_server(host_port: str | None = None, *, store: Any = None, scheduler: Scheduler | None = None,
                 engine: Any = None, api_key: str | None = None, origins: list[str] | None = None,
-                max_body: int | None = None, log_stream: TextIO | None = None) -> MlxliteServer:
+                max_body: int | None = None, log_stream: TextIO | None = None,
+                header_timeout: float | None = None, body_timeout: float | None = None,
+                max_connections: int | None = None) -> MlxliteServer:
     """A bound (not yet serving) server; `server.url` says where. Settings from config.py
     unless given. Refuses a non-loopback address without an API key."""
     host, port = parse_host_port(host_port)
+    given = {"header_timeout": header_timeout, "body_timeout": body_timeout, "max_connections": max_connections}
+    limits = {key: config.get(key) if value is None else value for key, value in given.items()}
+    for key, value in limits.items():
+        if not value > 0:
+            raise BadRequest(f"{key} (MLXLITE_{key.upper()}) must be positive, got {value!r}")
     api_key = config.get("api_key") if api_key is None else api_key
     loopback = is_loopback(host)
     if not loopback and not api_key:
@@ -495,7 +570,7 @@ def make_server(host_port: str | None = None, *, store: Any = None, scheduler: S
     if host == "localhost":
         host = "127.0.0.1"
     try:
-        server = MlxliteServer((host, port), app, family)
+        server = MlxliteServer((host, port), app, family, **limits)
     except OSError as exc:
         raise MlxliteError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     scheduler.start()

@@ -3,6 +3,7 @@ as generated, errors before and after the first byte, cancellation, security, lo
 
 import http.client
 import json
+import select
 import socket
 import subprocess
 import sys
@@ -456,3 +457,62 @@ def test_embed_truncate_false_refuses_overlong_input(srv):
     assert status == 400 and "truncate" in body["error"]
     _, ok = call(srv, "POST", "/api/embed", {"model": "fake", "input": "x" * 3000})
     assert ok["prompt_eval_count"] == 2048
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_header_timeout(store, monkeypatch):
+    monkeypatch.setenv("MLXLITE_HEADER_TIMEOUT", "1")
+    add_fake_model(store)
+    with RunningServer(FakeEngine(), store) as srv:
+        baseline = threading.active_count()
+        conn = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
+        for _ in range(2):              # kept alive between requests that come in time
+            conn.request("GET", "/api/version")
+            assert conn.getresponse().read() and conn.sock is not None
+        sock = conn.sock
+        readable, _, _ = select.select([sock], [], [], 30)
+        assert readable and sock.recv(1) == b"", "the idle connection was not closed"
+        wait_for(lambda: threading.active_count() < baseline + 1, 30, "its thread to end")
+        conn.close()
+        assert call(srv, "GET", "/api/version")[0] == 200
+
+
+def test_slow_generations_and_streams_outlive_the_read_timeouts(store):
+    # Both timeouts at 0.2 s while each answer waits 1 s on the model mid-response.
+    engine = FakeEngine(hold_after=3)
+    add_fake_model(store)
+    with RunningServer(engine, store, header_timeout=0.2, body_timeout=0.2) as srv:
+        conn, resp = _stream_first_line(srv, "/api/generate", {"model": "fake", "prompt": "hi"})
+        assert b'"done":false' in resp.readline()
+        time.sleep(1.0)
+        engine.resume.set()
+        rest = resp.read().decode()
+        assert '"done":true' in rest and '"error"' not in rest
+        conn.close()
+        engine.resume.clear()
+        done = []
+        waiter = threading.Thread(target=lambda: done.append(call(srv, "POST", "/api/generate", {
+            "model": "fake", "prompt": "hi", "stream": False})))
+        waiter.start()
+        wait_for(lambda: engine.active == 1, what="the second generation")
+        time.sleep(1.0)
+        engine.resume.set()
+        waiter.join(30)
+        ((status, whole),) = done
+        assert status == 200 and whole["response"] == engine.reply
+        assert [r["status"] for r in srv.log_lines()] == [200, 200]
+
+
+def test_connection_limits_are_settings_with_env_vars(store, monkeypatch):
+    from mlxlite import config
+    from mlxlite.errors import BadRequest
+    from mlxlite.server import make_server
+
+    for env in ("MLXLITE_MAX_CONNECTIONS", "MLXLITE_HEADER_TIMEOUT", "MLXLITE_BODY_TIMEOUT"):
+        assert env in config.describe()
+    monkeypatch.setenv("MLXLITE_MAX_CONNECTIONS", "3")
+    monkeypatch.setenv("MLXLITE_HEADER_TIMEOUT", "2.5")
+    with RunningServer(FakeEngine(), store) as srv:
+        assert (srv.server.gate.limit, srv.server.header_timeout, srv.server.body_timeout) == (3, 2.5, 30.0)
+    monkeypatch.setenv("MLXLITE_BODY_TIMEOUT", "0")
+    with pytest.raises(BadRequest, match="MLXLITE_BODY_TIMEOUT"):
+        make_server("127.0.0.1:0", store=store, engine=FakeEngine())
