@@ -284,7 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         chat.resolve_or_fetch(_store(), args.model, _say)  # catalog models land in the shared store
         backend = chat.DaemonBackend(args.model, client)
     else:
-        blas.ensure_openblas()  # before mlx is imported; re-execs at most once
+        blas.preload()  # before mlx is imported; no re-exec, so stdin read above stays read
         backend = chat.LocalBackend(args.model, _say)
         backend.load()
     if not prompt.strip() and sys.stdin.isatty():
@@ -325,7 +325,7 @@ def _require_daemon():
 def cmd_serve(args: argparse.Namespace) -> int:
     from mlxlite.engine import blas  # lazy, and imports no mlx: it must run before mlx loads
 
-    blas.ensure_openblas()  # before the scheduler thread imports mlx
+    blas.preload()  # before the scheduler thread imports mlx
     from mlxlite.server import serve_forever  # lazy: the daemon is for `serve` only
 
     return serve_forever(args.host)
