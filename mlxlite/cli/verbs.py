@@ -277,7 +277,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise BadRequest("--format must be 'json' or a JSON schema") from None
     prompt = " ".join(args.prompt)
     if not sys.stdin.isatty():
-        piped = sys.stdin.read()
+        piped = sys.stdin.read().rstrip()  # `echo` adds a newline the model would answer differently
         prompt = f"{prompt}\n\n{piped}" if prompt and piped.strip() else (prompt or piped)
     client = _daemon_client()
     if client is not None:

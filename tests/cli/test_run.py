@@ -145,3 +145,22 @@ def test_piped_prompt_is_answered_in_a_real_process_with_openblas(tmp_path, tiny
     bindings = "".join(p.read_text(errors="replace") for p in tmp_path.glob("ld.*"))
     sgemm = [line for line in bindings.splitlines() if "libmlx.so" in line and "`cblas_sgemm'" in line]
     assert sgemm and all("libopenblas" in line for line in sgemm), sgemm
+
+
+@pytest.mark.e2e
+def test_readme_piped_command_answers_paris(tmp_path, default_gguf):
+    """Issue 14, as reported: `echo 'What is the capital of France?' | mlxlite run smollm2:135m`
+    with OpenBLAS installed answers Paris (it printed "error: empty prompt"; and the newline
+    `echo` adds is not part of the question)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXLITE_")}
+    env.update(MLXLITE_HOME=str(tmp_path / "home"), MLXLITE_HOST="127.0.0.1:9")
+    proc = subprocess.run([sys.executable, "mlxlite.py", "run", "smollm2:135m", "--temperature", "0"],
+                          input="What is the capital of France?\n", cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
