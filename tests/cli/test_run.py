@@ -164,3 +164,43 @@ def test_readme_piped_command_answers_paris(tmp_path, default_gguf):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
+
+
+def test_serve_preloads_openblas_and_answers_a_piped_run(tmp_path, tiny_gguf_path):
+    """The daemon path of issue 14: `mlxlite serve` (a real process) gets OpenBLAS without a
+    re-exec, and `echo PROMPT | mlxlite run MODEL` answers through it."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from mlxlite.engine import blas
+    from mlxlite.store import Store
+    from mlxlite.store.importers import import_path
+
+    if blas.find_openblas() is None:
+        pytest.skip("libopenblas0-pthread is not installed")
+    home = tmp_path / "home"
+    import_path(Store(home / "models"), tiny_gguf_path, "tiny-gguf")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXLITE_") and k != "LD_PRELOAD"}
+    env["MLXLITE_HOME"] = str(home)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as err:
+        daemon = subprocess.Popen([sys.executable, "mlxlite.py", "serve", "--host", "127.0.0.1:0"], cwd=root,
+                                  env={**env, "LD_DEBUG": "bindings", "LD_DEBUG_OUTPUT": str(tmp_path / "ld")},
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_for(lambda: "listening on http://" in log.read_text() or daemon.poll() is not None, 120, "the daemon")
+        url = log.read_text().split("listening on ")[1].split()[0]
+        proc = subprocess.run([sys.executable, "mlxlite.py", "run", "tiny-gguf", *GREEDY, "--verbose"],
+                              input="Hello there, how are you?\n", cwd=root, capture_output=True, text=True,
+                              env={**env, "MLXLITE_HOST": url.removeprefix("http://")}, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        assert _count(proc.stderr, "prompt eval count") > 2 and _count(proc.stderr, "eval count") >= 1
+        wait_for(lambda: '"/api/chat"' in log.read_text(), 60, "the daemon's log line of the chat")
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
+    bindings = "".join(p.read_text(errors="replace") for p in tmp_path.glob("ld.*"))
+    sgemm = [line for line in bindings.splitlines() if "libmlx.so" in line and "`cblas_sgemm'" in line]
+    assert sgemm and all("libopenblas" in line for line in sgemm), sgemm
