@@ -1,5 +1,5 @@
 """Pieces every benchmark shares: the default model's path, the environment of a measured
-child process (we choose the OpenBLAS preload, the child never re-execs), and a daemon on
+child process (we choose the OpenBLAS preload, the child never loads it itself), and a daemon on
 127.0.0.1:0 with the model already loaded and pinned (keep_alive -1)."""
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ def default_gguf(path: Path | None) -> Path:
 
 
 def child_env(openblas: bool = True) -> dict[str, str]:
-    """os.environ for a child: OpenBLAS preloaded when asked for and installed, no re-exec."""
+    """os.environ for a child: OpenBLAS preloaded when asked for and installed, else kept out."""
     from mlxlite.engine import blas
 
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.GUARD)}
-    env[blas.GUARD] = "1"
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env["MLXLITE_OPENBLAS"] = "0"  # blas.preload() in the child (if any) adds nothing
     lib = blas.find_openblas() if openblas else None
     if lib:
         env["LD_PRELOAD"] = lib

@@ -136,7 +136,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("push_chunk_bytes", "MLXLITE_PUSH_CHUNK_BYTES", 64 << 20, int,
             "blobs up to this size are pushed in one PUT, larger ones in chunks of it"),
     Setting("openblas", "MLXLITE_OPENBLAS", True, _parse_bool,
-            "on Linux, re-exec once with OpenBLAS preloaded when it is installed"),
+            "on Linux, load OpenBLAS into the process before mlx when it is installed"),
     Setting("float32_on_cpu", "MLXLITE_FLOAT32_ON_CPU", True, _parse_bool,
             "on CPU, dequantize weights to float32 when they fit the memory budget"),
 )

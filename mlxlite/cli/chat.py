@@ -82,7 +82,7 @@ class LocalBackend:
     _loaded_once: bool = field(default=False, repr=False)
 
     def load(self) -> None:
-        from mlxlite.engine import runner  # lazy: mlx loads only after blas.ensure_openblas()
+        from mlxlite.engine import runner  # lazy: mlx loads only after blas.preload()
 
         start = time.perf_counter()
         store = Store()
@@ -92,7 +92,7 @@ class LocalBackend:
 
     def chat(self, messages: list[dict], overrides: dict, fmt: Any, cancel: threading.Event,
              stats: TurnStats) -> Iterator[str]:
-        from mlxlite.engine import runner  # lazy: mlx loads only after blas.ensure_openblas()
+        from mlxlite.engine import runner  # lazy: mlx loads only after blas.preload()
 
         start = time.perf_counter()
         if self.loaded is None:

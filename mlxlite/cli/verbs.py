@@ -190,15 +190,59 @@ def cmd_cp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _links_note(blob) -> str:
+    """Where else a bad blob's bytes live: hardlinks share the damage (issue 14)."""
+    if blob.links <= 0:
+        return ""
+    note = f"\n  it has {blob.links} other hard link{'s' if blob.links != 1 else ''} (the same damaged bytes)"
+    if blob.linked:
+        note += ": " + ", ".join(blob.linked) + " (recorded as its import source)"
+    unknown = blob.links - len(blob.linked)
+    if blob.linked and unknown > 0:
+        note += f", and {unknown} the store did not record"
+    return note
+
+
+def _repair_from_catalog(store, blob) -> str | None:
+    """Pull a catalog model using the blob again: its source file is re-checked (and
+    re-fetched if damaged) and the import replaces the damaged blob."""
+    from mlxlite.remote import catalog  # lazy: the catalog and importers are for this path only
+
+    for model in blob.models:
+        if catalog.lookup(model) is None:
+            continue
+        try:
+            catalog.install(store, model, say=_say)
+        except MlxliteError as exc:
+            _say(f"could not pull {model} again: {exc}")
+            continue
+        if all(b.digest != blob.digest for b in store.verify([model])):
+            return f"pulled {model} again from the built-in catalog"
+    return None
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     store = _store()
     entries = [store.resolve(n) for n in args.models] if args.models else store.list()
-    bad = store.verify([e.name.full for e in entries]) if entries else []
+    wanted = [e.name.full for e in entries]
+    bad = store.verify(wanted) if entries else []
     for blob in bad:
-        print(f"bad blob {blob.digest}: {blob.reason}; used by {', '.join(blob.models)}")
+        print(f"bad blob {blob.digest}: {blob.reason}; used by {', '.join(blob.models)}{_links_note(blob)}")
     blobs = {layer.digest for e in entries for layer in e.manifest.blobs}
-    if bad:
-        _say(f"error: {len(bad)} of {len(blobs)} blobs failed verification; pull or import the models again")
+    if bad and args.repair:
+        for blob in bad:
+            how = store.repair_blob(blob.digest) or _repair_from_catalog(store, blob)
+            print(f"repaired {blob.digest}: {how}" if how else
+                  f"cannot repair {blob.digest}: no recorded source hashes right and no model using it is in "
+                  f"the catalog; used by {', '.join(blob.models)}")
+        bad = store.verify(wanted)  # what is still bad after the repairs, checked again
+        if bad:
+            _say(f"error: {len(bad)} of {len(blobs)} blobs could not be repaired; remove the models using them "
+                 "(`mlxlite rm`) and pull or import them again")
+            return 1
+    elif bad:
+        _say(f"error: {len(bad)} of {len(blobs)} blobs failed verification; `mlxlite verify --repair` restores "
+             "them from their import sources or the catalog")
         return 1
     print(f"verified {len(entries)} models, {len(blobs)} blobs: all ok")
     return 0
@@ -277,14 +321,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise BadRequest("--format must be 'json' or a JSON schema") from None
     prompt = " ".join(args.prompt)
     if not sys.stdin.isatty():
-        piped = sys.stdin.read()
+        piped = sys.stdin.read().rstrip()  # `echo` adds a newline the model would answer differently
         prompt = f"{prompt}\n\n{piped}" if prompt and piped.strip() else (prompt or piped)
     client = _daemon_client()
     if client is not None:
         chat.resolve_or_fetch(_store(), args.model, _say)  # catalog models land in the shared store
         backend = chat.DaemonBackend(args.model, client)
     else:
-        blas.ensure_openblas()  # before mlx is imported; re-execs at most once
+        blas.preload()  # before mlx is imported; no re-exec, so stdin read above stays read
         backend = chat.LocalBackend(args.model, _say)
         backend.load()
     if not prompt.strip() and sys.stdin.isatty():
@@ -325,7 +369,7 @@ def _require_daemon():
 def cmd_serve(args: argparse.Namespace) -> int:
     from mlxlite.engine import blas  # lazy, and imports no mlx: it must run before mlx loads
 
-    blas.ensure_openblas()  # before the scheduler thread imports mlx
+    blas.preload()  # before the scheduler thread imports mlx
     from mlxlite.server import serve_forever  # lazy: the daemon is for `serve` only
 
     return serve_forever(args.host)
@@ -417,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("destination")
     p = verb("verify", cmd_verify, "re-hash every blob of the given models (default: all)")
     p.add_argument("models", nargs="*", metavar="MODEL")
+    p.add_argument("--repair", action="store_true",
+                   help="restore bad blobs from a recorded import source that hashes right, or pull "
+                   "catalog models again")
     p = verb("prune", cmd_prune, "delete blobs no model uses and leftovers of interrupted writes")
     p.add_argument("--partials", action="store_true", help="also delete interrupted downloads (resumable otherwise)")
     p = verb("pack", cmd_pack, "pack models into an OCI image layout (a directory, or PATH.tar)")

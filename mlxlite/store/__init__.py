@@ -1,8 +1,9 @@
 """The store wing: content-addressed blobs and OCI manifests under `$MLXLITE_HOME/models`.
 
 Owns (DESIGN.md §4): `Store` (blobs hashed while written, fsynced, renamed; a manifest
-written last; views, verify, prune, the writer lock), the manifest vocabulary (media types,
-`Layer`, `Manifest`), blob I/O (`blobio`), and the verbs that bring models already on disk
+written last; views, verify and repair, prune, the writer lock), the manifest vocabulary
+(media types, `Layer`, `Manifest`), blob I/O (`blobio`), the record of where imported blobs
+came from (`sources`, `models/sources.json`), and the verbs that bring models already on disk
 in or out: `importers` (GGUF files, model directories, the Hugging Face cache, an Ollama
 store), `layout` and `pack` (OCI image layouts). Those verbs are imported as modules
 (`from mlxlite.store import importers`) so that `list` does not pay for tarfile.

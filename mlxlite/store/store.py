@@ -5,10 +5,14 @@ Layout under `$MLXLITE_HOME/models`:
   blobs/sha256/.tmp-*                     in-flight writes (flock-held while alive)
   manifests/<host>/<ns>/<model>/<tag>     OCI image manifest bytes; digest = sha256(bytes)
   views/<manifest hex>/<title>            symlinks to blobs, for loaders that want a dir
+  sources.json                            where imported blobs were linked from (`sources.py`)
+  verified.json                           blobs hashed sound, by size + mtime (load-time memo)
 
 Contract: a blob becomes visible only complete and verified (temp file, hashed while
 written, fsynced, renamed); a manifest is written last, by rename, and only when every
-blob it names is present with its size. Readers never see partial state. Paths are
+blob it names is present with its size. A blob found damaged is replaced whole, by
+rename, from bytes that hash right (an import of it again, or `repair_blob` from a
+recorded source). Readers never see partial state. Paths are
 built only from validated digests, names and titles. Writers hold a shared store lock,
 `rm`/`prune` an exclusive one, so garbage collection never races an import.
 This module never imports mlx.
@@ -41,6 +45,7 @@ from mlxlite.store.manifest import (
     check_title,
     digest_hex,
 )
+from mlxlite.store.sources import Sources
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,8 @@ class BadBlob:
     digest: str
     reason: str
     models: tuple[str, ...]
+    links: int = 0  # other hard links of the blob's file: they hold the same damaged bytes
+    linked: tuple[str, ...] = ()  # those of them the store recorded as import sources
 
 
 class Store:
@@ -73,6 +80,7 @@ class Store:
         self.blob_dir = self.root / "blobs" / "sha256"
         self.manifest_dir = self.root / "manifests"
         self.view_root = self.root / "views"
+        self.sources = Sources(self.root)
 
     # ---- locking -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -114,7 +122,7 @@ class Store:
 
     def put_bytes(self, data: bytes) -> str:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        if self.has_blob(digest, len(data)):
+        if self.has_blob(digest, len(data)) and self._holds(digest, data):
             return digest
         with self.blob_writer() as writer:
             writer.write(data)
@@ -138,18 +146,31 @@ class Store:
 
         Returns (digest, size, method) with method in hardlink/reflink/copy/existing.
         `known_digest` (e.g. from an HF cache blob name) skips reading the file; a wrong
-        one is caught by `verify` and by the digest check at load.
+        one is caught by `verify` and by the digest check at load. When the file was hashed
+        here, a blob already present is checked too, and replaced if damaged. The source
+        path is recorded (`sources.json`) for `verify` and `repair_blob`.
         """
         src = Path(src).resolve()  # link the file, never a symlink (HF snapshots are symlinks)
         size = src.stat().st_size
         digest = names.parse_digest(known_digest) if known_digest else None
         if digest is None:
             digest, size = hash_file(src, progress)
-        elif progress:
-            progress(size)
+            hashed = True
+        else:
+            hashed = False
+            if progress:
+                progress(size)
+        if self.has_blob(digest, size) and (not hashed or self._sound(digest, src)):
+            method = "existing"
+        else:
+            method = self._link_in(src, digest)
+        self.sources.add(digest, src, method)
+        return digest, size, method
+
+    def _link_in(self, src: Path, digest: str) -> str:
+        """Put `src` (known to hold `digest`) in place of the blob, whatever is there now:
+        hardlink, else reflink, else a hashed copy; always by rename. Returns the method."""
         final = self.blob_path(digest)
-        if self.has_blob(digest, size):
-            return digest, size, "existing"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.blob_dir / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
         method = "hardlink"
@@ -162,13 +183,38 @@ class Store:
         if method == "copy":
             with open(src, "rb") as fh:
                 self.put_stream(fh, expected=digest)
-            return digest, size, method
+            return method
         if method == "reflink":
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, final)
         fsync_dir(self.blob_dir)
-        return digest, size, method
+        return method
+
+    def _holds(self, digest: str, data: bytes) -> bool:
+        """Whether the (small) blob present holds exactly `data`; rewritten if not."""
+        try:
+            return self.blob_path(digest).read_bytes() == data
+        except OSError:
+            return False
+
+    def _sound(self, digest: str, src: Path) -> bool:
+        """Whether the blob present holds its digest's bytes, given `src` that does: the
+        same file, or remembered sound at this size + mtime, or hashed now."""
+        path = self.blob_path(digest)
+        try:
+            st = path.stat()
+            if os.path.samestat(st, src.stat()):
+                return True
+        except FileNotFoundError:
+            return False
+        if self._memo().get(digest_hex(digest)) == [st.st_size, st.st_mtime_ns]:
+            return True
+        actual, _ = hash_file(path)
+        if actual != digest:
+            return False
+        self._remember_verified(digest)
+        return True
 
     def put_json(self, obj: object) -> Layer:
         data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
@@ -265,9 +311,10 @@ class Store:
                     parent.rmdir()
             in_use = self._referenced()
             freed = 0
-            for layer in entry.manifest.blobs:
-                if layer.digest not in in_use:
-                    freed += self._unlink_blob(layer.digest)
+            gone = [layer.digest for layer in entry.manifest.blobs if layer.digest not in in_use]
+            for digest in gone:
+                freed += self._unlink_blob(digest)
+            self.sources.forget(gone)
             self._drop_view(entry.digest)
         return freed
 
@@ -307,14 +354,57 @@ class Store:
             except FileNotFoundError:
                 reason = "missing"
             if reason:
-                bad.append(BadBlob(digest, reason, tuple(sorted(set(models_using)))))
+                self._forget_verified(digest)
+                links, linked = self._other_links(digest)
+                bad.append(BadBlob(digest, reason, tuple(sorted(set(models_using))), links, linked))
             else:
                 self._remember_verified(digest)
         return bad
 
+    def _other_links(self, digest: str) -> tuple[int, tuple[str, ...]]:
+        """How many other hard links the blob's file has, and which of them were recorded
+        as its import sources (the others are somewhere we never saw)."""
+        try:
+            st = self.blob_path(digest).stat()
+        except FileNotFoundError:
+            return 0, ()
+        linked = []
+        for path in self.sources.paths(digest):
+            with contextlib.suppress(OSError):
+                if os.path.samestat(st, path.stat()):
+                    linked.append(str(path))
+        return st.st_nlink - 1, tuple(linked)
+
+    def repair_blob(self, digest: str) -> str | None:
+        """Restore a damaged or missing blob from a recorded import source whose bytes hash
+        right (newest first; the blob's own damaged file is skipped). Returns what was done,
+        or None when no recorded source will do."""
+        digest = names.parse_digest(digest)
+        try:
+            current = self.blob_path(digest).stat()
+        except FileNotFoundError:
+            current = None
+        with self.writing():
+            for src in self.sources.paths(digest):
+                try:
+                    st = src.stat()
+                    if current is not None and os.path.samestat(st, current):
+                        continue  # the damaged file itself, under another name
+                    actual, _ = hash_file(src)
+                except OSError:
+                    continue
+                if actual != digest:
+                    continue
+                self._forget_verified(digest)
+                method = self._link_in(src, digest)
+                self.sources.add(digest, src, method)
+                return f"restored from {src} ({method})"
+        return None
+
     def prune(self) -> tuple[int, int]:
         """Delete unreferenced blobs and stale temp files: (files removed, bytes freed)."""
         removed = freed = 0
+        gone: list[str] = []
         with self._lock(exclusive=True):
             in_use = self._referenced()
             if self.blob_dir.is_dir():
@@ -329,10 +419,13 @@ class Store:
                         path.unlink()
                         removed += 1
                         freed += size
+                        if not path.name.startswith(TMP_PREFIX):
+                            gone.append("sha256:" + path.name)
             for path in self.manifest_dir.glob(f"*/*/*/{TMP_PREFIX}*") if self.manifest_dir.is_dir() else ():
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                     removed += 1
+            self.sources.forget(gone)
             if self.view_root.is_dir():
                 live = {digest_hex(e.digest) for e in self.list()}
                 for view in self.view_root.iterdir():
@@ -371,6 +464,14 @@ class Store:
         tmp = self.root / f"{TMP_PREFIX}memo-{os.getpid()}-{secrets.token_hex(4)}"
         tmp.write_text(json.dumps(memo))
         os.replace(tmp, self._memo_path())
+
+    def _forget_verified(self, digest: str) -> None:
+        """A blob found bad must be hashed again at the next load, whatever its mtime."""
+        memo = self._memo()
+        if memo.pop(digest_hex(digest), None) is not None:
+            tmp = self.root / f"{TMP_PREFIX}memo-{os.getpid()}-{secrets.token_hex(4)}"
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, self._memo_path())
 
     def check_integrity(self, entry: ModelEntry,
                         progress: Callable[[int], None] | None = None) -> None:

@@ -13,8 +13,9 @@ GREEDY = ["--temperature", "0", "--num-predict", "6", "--seed", "1"]
 
 
 @pytest.fixture(autouse=True)
-def no_reexec(monkeypatch):
-    # `run` re-execs itself with OpenBLAS preloaded; inside pytest that would restart the run.
+def no_openblas_in_pytest(monkeypatch):
+    # In-process `run` would load OpenBLAS into pytest itself, or not, depending on whether an
+    # earlier test imported mlx: keep the test process's BLAS one way.
     monkeypatch.setenv("MLXLITE_OPENBLAS", "0")
 
 
@@ -112,3 +113,94 @@ def test_readme_command_answers_paris(tmp_path, default_gguf):
     assert proc.returncode == 0, proc.stderr
     assert "Paris" in proc.stdout
     assert "pulling smollm2:135m" in proc.stderr  # fetched from the catalog on first use
+
+
+def test_piped_prompt_is_answered_in_a_real_process_with_openblas(tmp_path, tiny_gguf_path):
+    """Issue 14: `echo PROMPT | mlxlite run MODEL` with OpenBLAS installed used to re-exec for the
+    preload and find stdin drained ("error: empty prompt"). A real process, a real pipe: the prompt
+    reaches the model, and libmlx's `cblas_sgemm` is bound to OpenBLAS (the dynamic linker's own
+    record of the binding, LD_DEBUG=bindings)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from mlxlite.engine import blas
+    from mlxlite.store import Store
+    from mlxlite.store.importers import import_path
+
+    if blas.find_openblas() is None:
+        pytest.skip("libopenblas0-pthread is not installed")
+    home = tmp_path / "home"
+    import_path(Store(home / "models"), tiny_gguf_path, "tiny-gguf")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXLITE_") and k != "LD_PRELOAD"}
+    env.update(MLXLITE_HOME=str(home), MLXLITE_HOST="127.0.0.1:9",
+               LD_DEBUG="bindings", LD_DEBUG_OUTPUT=str(tmp_path / "ld"))
+    proc = subprocess.run([sys.executable, "mlxlite.py", "run", "tiny-gguf", *GREEDY, "--verbose"],
+                          input="Hello there, how are you?", cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "empty prompt" not in proc.stderr
+    assert _count(proc.stderr, "prompt eval count") > 2 and _count(proc.stderr, "eval count") >= 1
+    bindings = "".join(p.read_text(errors="replace") for p in tmp_path.glob("ld.*"))
+    sgemm = [line for line in bindings.splitlines() if "libmlx.so" in line and "`cblas_sgemm'" in line]
+    assert sgemm and all("libopenblas" in line for line in sgemm), sgemm
+
+
+@pytest.mark.e2e
+def test_readme_piped_command_answers_paris(tmp_path, default_gguf):
+    """Issue 14, as reported: `echo 'What is the capital of France?' | mlxlite run smollm2:135m`
+    with OpenBLAS installed answers Paris (it printed "error: empty prompt"; and the newline
+    `echo` adds is not part of the question)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXLITE_")}
+    env.update(MLXLITE_HOME=str(tmp_path / "home"), MLXLITE_HOST="127.0.0.1:9")
+    proc = subprocess.run([sys.executable, "mlxlite.py", "run", "smollm2:135m", "--temperature", "0"],
+                          input="What is the capital of France?\n", cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+def test_serve_preloads_openblas_and_answers_a_piped_run(tmp_path, tiny_gguf_path):
+    """The daemon path of issue 14: `mlxlite serve` (a real process) gets OpenBLAS without a
+    re-exec, and `echo PROMPT | mlxlite run MODEL` answers through it."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from mlxlite.engine import blas
+    from mlxlite.store import Store
+    from mlxlite.store.importers import import_path
+
+    if blas.find_openblas() is None:
+        pytest.skip("libopenblas0-pthread is not installed")
+    home = tmp_path / "home"
+    import_path(Store(home / "models"), tiny_gguf_path, "tiny-gguf")
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXLITE_") and k != "LD_PRELOAD"}
+    env["MLXLITE_HOME"] = str(home)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as err:
+        daemon = subprocess.Popen([sys.executable, "mlxlite.py", "serve", "--host", "127.0.0.1:0"], cwd=root,
+                                  env={**env, "LD_DEBUG": "bindings", "LD_DEBUG_OUTPUT": str(tmp_path / "ld")},
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_for(lambda: "listening on http://" in log.read_text() or daemon.poll() is not None, 120, "the daemon")
+        url = log.read_text().split("listening on ")[1].split()[0]
+        proc = subprocess.run([sys.executable, "mlxlite.py", "run", "tiny-gguf", *GREEDY, "--verbose"],
+                              input="Hello there, how are you?\n", cwd=root, capture_output=True, text=True,
+                              env={**env, "MLXLITE_HOST": url.removeprefix("http://")}, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        assert _count(proc.stderr, "prompt eval count") > 2 and _count(proc.stderr, "eval count") >= 1
+        wait_for(lambda: '"/api/chat"' in log.read_text(), 60, "the daemon's log line of the chat")
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
+    bindings = "".join(p.read_text(errors="replace") for p in tmp_path.glob("ld.*"))
+    sgemm = [line for line in bindings.splitlines() if "libmlx.so" in line and "`cblas_sgemm'" in line]
+    assert sgemm and all("libopenblas" in line for line in sgemm), sgemm

@@ -1,13 +1,17 @@
 """The offline CLI verbs on the store: import, list, show, cp, rm, verify, prune, errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from mlxlite.remote import catalog
+from tests.remote.test_catalog import damage, tiny_catalog
 from tests.store.test_importers import make_model_dir
+from tests.store.test_store import _replace_with as replace_with
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,6 +52,77 @@ def test_verify_names_bad_blob_and_model_and_exits_1(run_cli, store, tmp_path):
     assert code == 1
     assert layer.digest in out and "broken:latest" in out
     assert err.strip().startswith("error:")
+
+
+def _import_copy(run_cli, tmp_path, gguf: Path, name: str = "linked") -> Path:
+    """A private copy of the tiny GGUF imported by hardlink; returns the copy's path."""
+    src = tmp_path / "src" / "model.gguf"
+    src.parent.mkdir()
+    src.write_bytes(gguf.read_bytes())
+    code, out, err = run_cli("import", str(src), "--name", name)
+    assert code == 0 and "1 hardlink" in out, err
+    return src
+
+
+def test_verify_names_the_other_links_of_a_damaged_blob(run_cli, store, tmp_path, tiny_gguf_path):
+    src = _import_copy(run_cli, tmp_path, tiny_gguf_path)
+    damage(src)  # the user's file, damaged in place: the store's blob is the same inode
+    code, out, err = run_cli("verify")
+    assert code == 1 and "linked:latest" in out
+    assert "1 other hard link" in out and str(src) in out, out
+
+
+def test_verify_repair_restores_a_blob_from_its_recorded_source(run_cli, store, tmp_path, tiny_gguf_path):
+    src = _import_copy(run_cli, tmp_path, tiny_gguf_path)
+    damage(src)
+    replace_with(src, tiny_gguf_path.read_bytes())  # the user fetched the file again: a new inode
+    assert run_cli("verify")[0] == 1  # the blob is still the damaged old inode
+    code, out, err = run_cli("verify", "--repair")
+    assert code == 0, out + err
+    assert f"restored from {src}" in out and "all ok" in out
+    assert run_cli("verify")[0] == 0
+
+
+def test_import_again_restores_a_damaged_blob(run_cli, store, tmp_path, tiny_gguf_path):
+    src = _import_copy(run_cli, tmp_path, tiny_gguf_path)
+    damage(src)
+    replace_with(src, tiny_gguf_path.read_bytes())
+    code, out, err = run_cli("import", str(src), "--name", "linked")
+    assert code == 0 and "1 hardlink" in out, out + err
+    assert run_cli("verify")[0] == 0
+
+
+def test_verify_repair_names_what_it_cannot_repair_and_exits_1(run_cli, store, tmp_path, tiny_gguf_path):
+    src = _import_copy(run_cli, tmp_path, tiny_gguf_path)
+    assert run_cli("cp", "linked", "other")[0] == 0
+    damage(src)  # no sound copy anywhere
+    (digest,) = [layer.digest for layer in store.resolve("linked").manifest.files().values()]
+    code, out, err = run_cli("verify", "--repair")
+    assert code == 1
+    assert f"cannot repair {digest}" in out and "linked:latest" in out and "other:latest" in out, out
+    assert err.strip().splitlines()[-1].startswith("error: 1 of ")
+
+
+def test_verify_repair_and_pull_restore_a_catalog_model(run_cli, store, tmp_path, tiny_gguf_path, monkeypatch):
+    entry = tiny_catalog(tmp_path, tiny_gguf_path, monkeypatch)
+    code, out, err = run_cli("pull", "tinycat")
+    assert code == 0, err
+    cached = catalog.fetch(entry)
+    blob = store.blob_path("sha256:" + entry.sha256)
+    assert os.path.samefile(blob, cached)  # the import hardlinked the cache file
+    damage(cached)
+    code, out, _ = run_cli("verify")
+    assert code == 1 and "1 other hard link" in out and str(cached) in out, out
+    code, out, err = run_cli("verify", "--repair")
+    assert code == 0, out + err
+    assert "pulled tinycat:latest again" in out and "all ok" in out
+    assert "does not match its pinned sha256" in err  # the damaged cache file was fetched again
+    # `pull` again does the same.
+    damage(catalog.cache_dir() / entry.sha256 / "tiny.gguf")
+    assert run_cli("verify")[0] == 1
+    code, _, err = run_cli("pull", "tinycat")
+    assert code == 0, err
+    assert run_cli("verify")[0] == 0
 
 
 def test_prune_reports_bytes_freed(run_cli, store, tmp_path):

@@ -412,7 +412,7 @@ def test_embeddings_are_normalized_and_deterministic(tiny):
     assert np.allclose(a, b) and not np.allclose(a, c)
 
 
-def test_openblas_plan_respects_switch_and_guard(monkeypatch):
+def test_openblas_plan_respects_switch_and_ld_preload(monkeypatch):
     from mlxlite.engine import blas
 
     lib = blas.find_openblas()
@@ -420,34 +420,51 @@ def test_openblas_plan_respects_switch_and_guard(monkeypatch):
         assert blas.plan({}) is None
         return
     assert blas.plan({"MLXLITE_OPENBLAS": "1"}) == lib
-    assert blas.plan({blas.GUARD: "1"}) is None
     assert blas.plan({"LD_PRELOAD": lib}) is None
     monkeypatch.setenv("MLXLITE_OPENBLAS", "0")
     assert blas.plan({"MLXLITE_OPENBLAS": "0"}) is None
 
 
-def test_openblas_reexec_happens_once(tmp_path):
+def _sgemm_binding(tmp_path: Path, code: str, **extra_env: str) -> tuple[list[str], str]:
+    """Run `code` in a fresh interpreter under LD_DEBUG=bindings: (what its stdout says,
+    the library libmlx.so's `cblas_sgemm` was bound to)."""
     import subprocess
     import sys
 
+    script = tmp_path / "probe.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n" + code)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXLITE_") and k != "LD_PRELOAD"}
+    log = tmp_path / f"ld-{len(list(tmp_path.iterdir()))}"
+    env.update(extra_env, LD_DEBUG="bindings", LD_DEBUG_OUTPUT=str(log))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                         check=True, timeout=300).stdout.split()
+    lines = [line for p in tmp_path.glob(log.name + ".*") for line in p.read_text(errors="replace").splitlines()
+             if "libmlx.so" in line and "`cblas_sgemm'" in line]
+    assert len(lines) == 1, lines
+    return out, lines[0].split(" to ", 1)[1].split()[0]
+
+
+PROBE = ("from mlxlite.engine import blas\n{before}"
+         "print(blas.preload() is not None, blas.preload() is not None)\n"
+         "import mlx.core as mx\n"
+         "a = mx.ones((64, 64))\nmx.eval(a @ a)\n"
+         "print(blas.active())\n")
+
+
+def test_openblas_preload_binds_mlx_matmuls_to_openblas_without_reexec(tmp_path):
+    """Issue 14: no re-exec; OpenBLAS loaded with RTLD_GLOBAL before mlx takes libmlx's sgemm."""
     from mlxlite.engine import blas
 
     if blas.find_openblas() is None:
         pytest.skip("libopenblas0-pthread is not installed")
-    script = tmp_path / "probe.py"
-    script.write_text(
-        "import os, sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
-        "from mlxlite.engine import blas\n"
-        "print('start', flush=True)\n"
-        "blas.ensure_openblas()\n"
-        "print(os.environ.get('LD_PRELOAD', ''), os.environ.get(blas.GUARD, ''))\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", blas.GUARD)}
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, check=True).stdout
-    assert out.count("start") == 2 and "openblas" in out.splitlines()[-1] and out.strip().endswith("1")
-    env["MLXLITE_OPENBLAS"] = "0"
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, check=True).stdout
-    assert out.count("start") == 1
+    out, lib = _sgemm_binding(tmp_path, PROBE.format(before=""))
+    assert out == ["True", "False", "True"]  # loaded once; the second call does nothing
+    assert "libopenblas" in lib
+    out, lib = _sgemm_binding(tmp_path, PROBE.format(before=""), MLXLITE_OPENBLAS="0")
+    assert out == ["False", "False", "False"] and "libopenblas" not in lib and "libblas" in lib
+    # Once mlx is in, loading OpenBLAS could no longer change its bindings: preload says so.
+    out, lib = _sgemm_binding(tmp_path, PROBE.format(before="import mlx.core\n"))
+    assert out == ["False", "False", "False"] and "libopenblas" not in lib
 
 
 # ---- the real default model (e2e) -----------------------------------------------------------

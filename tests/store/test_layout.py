@@ -412,7 +412,7 @@ def test_skopeo_pulls_what_mlxlite_pushed_and_import_takes_it(store, registry, t
 
 @pytest.mark.parametrize("fixture", ["tiny_gguf_model", "tiny_safetensors_model"])
 def test_packed_model_runs_after_rm_and_import(store, tmp_path, run_cli, request, fixture, monkeypatch):
-    monkeypatch.setenv("MLXLITE_OPENBLAS", "0")  # in-process: no re-exec of pytest itself
+    monkeypatch.setenv("MLXLITE_OPENBLAS", "0")  # in-process: leave pytest's BLAS alone
     monkeypatch.setattr("sys.stdin", io.StringIO(""))  # `run` reads piped stdin
     name = request.getfixturevalue(fixture)
     argv = ("run", name, "Hello world", "--temperature", "0", "--num-predict", "8", "--seed", "7")

@@ -158,3 +158,72 @@ def test_two_processes_writing_the_same_blob_and_tag(store):
     entry = store.resolve("shared:tag")
     assert json.loads(entry.manifest.raw)["layers"][0]["size"] == 300_000
     assert store.verify() == []
+
+
+# ---- linked imports: sources, other links, repair (issue 14) -----------------------------
+def _damage_in_place(path: Path) -> None:
+    """Flip a byte without replacing the file: every hardlink of it sees the damage."""
+    with open(path, "r+b") as fh:
+        fh.seek(100)
+        byte = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _replace_with(path: Path, data: bytes) -> None:
+    """A fresh file under the same name (a new inode), as a re-download leaves it."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _linked_model(store: Store, tmp_path: Path, name: str = "m") -> tuple[Path, bytes, str]:
+    src = tmp_path / "weights.bin"
+    data = os.urandom(50_000)
+    src.write_bytes(data)
+    digest, size, method = store.put_file(src)
+    assert method == "hardlink"
+    config = store.put_json({"format": "safetensors", "files": ["w"]})
+    store.write_manifest(names.parse(name), build_manifest(config, [Layer(MEDIA_FILE, digest, size, {TITLE: "w"})]))
+    return src, data, digest
+
+
+def test_verify_names_the_other_links_of_a_damaged_blob(store, tmp_path):
+    src, _, digest = _linked_model(store, tmp_path)
+    _damage_in_place(src)  # damage to the imported file is damage to the blob
+    (bad,) = store.verify()
+    assert bad.digest == digest and bad.models == ("m:latest",)
+    assert bad.links == 1 and bad.linked == (str(src.resolve()),)
+    recorded = json.loads((store.root / "sources.json").read_text())
+    assert recorded[digest[7:]][0]["path"] == str(src.resolve())
+
+
+def test_repair_restores_a_blob_from_a_recorded_source_that_hashes_right(store, tmp_path):
+    src, data, digest = _linked_model(store, tmp_path)
+    _damage_in_place(src)
+    assert store.repair_blob(digest) is None  # the only source is the damaged inode itself
+    assert len(store.verify()) == 1
+    _replace_with(src, data)  # the user fetched the file again
+    how = store.repair_blob(digest)
+    assert how is not None and str(src.resolve()) in how
+    assert store.verify() == []
+    assert store.blob_path(digest).read_bytes() == data
+
+
+def test_importing_again_replaces_a_damaged_blob(store, tmp_path):
+    src, data, digest = _linked_model(store, tmp_path)
+    _damage_in_place(src)
+    _replace_with(src, data)
+    assert len(store.verify()) == 1  # the blob still holds the old, damaged inode
+    _, _, method = store.put_file(src)
+    assert method == "hardlink"  # not "existing": the blob present was not the right bytes
+    assert store.verify() == []
+
+
+def test_put_bytes_rewrites_a_damaged_small_blob(store):
+    make_model(store, "m", {"w": b"weights" * 1000})
+    digest = store.resolve("m").manifest.files()["w"].digest
+    blob = store.blob_path(digest)
+    blob.write_bytes(b"x" * blob.stat().st_size)
+    assert store.put_bytes(b"weights" * 1000) == digest
+    assert store.verify() == []
