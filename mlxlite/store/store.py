@@ -230,14 +230,31 @@ class Store:
             return False
         return True
 
+    def _manifest_files(self) -> list[tuple[tuple[str, ...], Path]]:
+        """Every `host/ns/model/tag` path under manifests/, as (parts, path), sorted.
+
+        `rm` (here, or in another process on the same store) removes a model's folders
+        while we walk: a folder gone before we read it is skipped, never an error
+        (`Path.glob` raises FileNotFoundError from its `os.scandir`)."""
+        level: list[tuple[tuple[str, ...], Path]] = [((), self.manifest_dir)]
+        for _ in range(4):
+            below = []
+            for parts, folder in level:
+                try:
+                    with os.scandir(folder) as it:
+                        children = [entry.name for entry in it]
+                except (FileNotFoundError, NotADirectoryError, PermissionError):
+                    continue
+                below += [((*parts, child), folder / child) for child in children]
+            level = below
+        return sorted(level)
+
     def list(self) -> list[ModelEntry]:
         out = []
-        if not self.manifest_dir.is_dir():
-            return out
-        for path in sorted(self.manifest_dir.glob("*/*/*/*")):
+        for parts, path in self._manifest_files():
             if path.name.startswith(TMP_PREFIX) or not path.is_file():
                 continue
-            host, namespace, model, tag = path.relative_to(self.manifest_dir).parts
+            host, namespace, model, tag = parts
             try:
                 name = ModelName(host, namespace, model, tag)
                 names.parse(name.full)
@@ -329,7 +346,9 @@ class Store:
                         path.unlink()
                         removed += 1
                         freed += size
-            for path in self.manifest_dir.glob(f"*/*/*/{TMP_PREFIX}*") if self.manifest_dir.is_dir() else ():
+            for _, path in self._manifest_files():
+                if not path.name.startswith(TMP_PREFIX):
+                    continue
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                     removed += 1

@@ -158,3 +158,46 @@ def test_two_processes_writing_the_same_blob_and_tag(store):
     entry = store.resolve("shared:tag")
     assert json.loads(entry.manifest.raw)["layers"][0]["size"] == 300_000
     assert store.verify() == []
+
+
+def test_listing_while_another_store_deletes_and_recreates_models(store):
+    """`rm` removes a model's folders (tag, namespace, host) while `list` walks them: every
+    listing must succeed and hold every untouched model. The churn runs on a second `Store`
+    over the same root, as a second daemon would; its names sit under their own hosts so
+    each delete empties three folders, which makes the race likely (before the fix every
+    run failed: 1-2% of its listings raised FileNotFoundError from os.scandir)."""
+    make_model(store, "base", {"w": b"x" * 100})
+    kept = {f"kept{i}:latest" for i in range(5)}
+    for name in kept:
+        store.copy("base", name)
+    other = Store(store.root)
+    rounds = 60
+    churned = []
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        try:
+            for i in range(rounds):
+                name = f"host{i % 4}.test/ns{i % 3}/churn:t{i % 2}"
+                other.copy("base", name)
+                other.remove(name)
+                churned.append(i)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    listings = failures = 0
+    while thread.is_alive() or listings == 0:
+        try:
+            shown = {e.name.display for e in store.list()}
+        except OSError as exc:
+            failures += 1
+            errors.append(exc)
+            continue
+        finally:
+            listings += 1
+        assert kept | {"base:latest"} <= shown
+    thread.join()
+    assert (errors, failures, len(churned)) == ([], 0, rounds)
+    assert {e.name.display for e in store.list()} == kept | {"base:latest"}
