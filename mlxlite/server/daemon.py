@@ -51,7 +51,7 @@ from mlxlite.server import native
 from mlxlite.server import openai as openai_api
 from mlxlite.server import pull as pull_api
 from mlxlite.server.rules import host_allowed, is_loopback, match, origin_allowed, parse_host_port
-from mlxlite.server.wire import Reply, Stream
+from mlxlite.server.wire import Reply, Stream, replace_lone_surrogates
 from mlxlite.store import Store
 
 __all__ = ["ROUTES", "App", "MlxliteServer", "RequestContext", "error_body", "host_allowed", "make_server",
@@ -190,11 +190,12 @@ class RequestContext:
         if not data.strip():
             return None
         try:
-            return json.loads(data, parse_constant=_no_constant)
+            value = json.loads(data, parse_constant=_no_constant)
         except RecursionError:
             raise BadRequest("invalid JSON: nested too deeply") from None
         except ValueError as exc:
             raise BadRequest(f"invalid JSON: {exc}") from None
+        return replace_lone_surrogates(value, data)
 
     def gone(self) -> bool:
         """True when the client has closed its connection (polled while we wait)."""
