@@ -221,3 +221,34 @@ def test_lone_surrogates_are_replaced_in_keys_and_at_any_depth():
     assert (key, inner) == ("k\ufffd", "\U0001f600 \ufffd")   # a valid pair stays one character
     clean = b'{"k": "\\\\ud800"}'                              # an escaped backslash, not a surrogate
     assert replace_lone_surrogates(json.loads(clean), clean) == {"k": "\\ud800"}
+
+
+def _deep_schema(objects: int) -> bytes:
+    """JSON text of an object schema nested `objects` deep (two JSON levels each), written
+    without json.dumps, which cannot write what it cannot nest."""
+    return (b'{"type":"object","properties":{"a":' * objects + b'{"type":"string"}' + b"}}" * objects)
+
+
+@pytest.mark.parametrize("objects", [70, 150, 225, 450])
+@pytest.mark.parametrize("route", ["native", "openai"])
+def test_deeply_nested_schemas_are_a_400_naming_the_limit(srv, route, objects):
+    """300-450 levels deep (150-225 objects) compiling raised RecursionError: a 500. Past the
+    limit (128 levels: 63 nested objects fit) every depth is a 400 that names it."""
+    from mlxlite.constrain.schema import MAX_SCHEMA_DEPTH
+
+    schema = _deep_schema(objects)
+    if route == "native":
+        path, body = "/api/generate", b'{"model":"fake","prompt":"x","stream":false,"format":' + schema + b"}"
+    else:
+        path = "/v1/chat/completions"
+        body = (b'{"model":"fake","messages":[{"role":"user","content":"x"}],'
+                b'"response_format":{"type":"json_schema","json_schema":{"name":"s","schema":' + schema + b"}}}")
+    status, payload, ctype = _send(srv, "POST", path, body)
+    error = json.loads(payload)["error"]
+    message = error["message"] if route == "openai" else error
+    assert status == 400 and ctype.startswith("application/json")
+    assert f"at most {MAX_SCHEMA_DEPTH} levels" in message
+    ok = _deep_schema(MAX_SCHEMA_DEPTH // 2 - 1)
+    status, payload, _ = _send(srv, "POST", "/api/generate",
+                               b'{"model":"fake","prompt":"x","stream":false,"format":' + ok + b"}")
+    assert status == 200, payload
