@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from mlxlite import __version__, config
-from mlxlite.errors import BadRequest, MlxliteError
+from mlxlite.errors import BadRequest, MlxliteError, full_disk
 from mlxlite.progress import Printer
 
 Handler = Callable[[argparse.Namespace], int]
@@ -449,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
              "(pip install -e ., or pip install 'mlx[cpu]' mlx-lm tokenizers on Linux)")
         return 1
     except (OSError, ValueError) as exc:
+        full = full_disk(exc)
+        if full is not None:    # the user's to fix (free space), so never a traceback
+            _say(f"error: {full}")
+            return 1
         if os.environ.get("MLXLITE_DEBUG"):
             raise
         _say(f"error: {exc}")

@@ -44,6 +44,7 @@ from mlxlite.errors import (
     MlxliteError,
     PayloadTooLarge,
     Unauthorized,
+    full_disk,
 )
 from mlxlite.sched import ClientGone, Scheduler
 from mlxlite.server import create as create_api
@@ -92,6 +93,7 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403:
 
 def error_body(exc: BaseException, openai: bool = False) -> tuple[int, dict]:
     """THE mapping of an exception to (status, JSON body)."""
+    exc = full_disk(exc) or exc     # a full disk is the 507 it is, wherever it came from
     if isinstance(exc, MlxliteError):
         status, message = exc.status, exc.message
     elif isinstance(exc, ClientGone):

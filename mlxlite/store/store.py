@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mlxlite import config, names
-from mlxlite.errors import BadRequest, Busy, IntegrityError, ModelNotFound
+from mlxlite.errors import BadRequest, Busy, IntegrityError, ModelNotFound, full_disk_at
 from mlxlite.names import ModelName
 from mlxlite.store.blobio import CHUNK, TMP_PREFIX, BlobWriter, fsync_dir, hash_file, reflink
 from mlxlite.store.manifest import (
@@ -150,15 +150,16 @@ class Store:
         final = self.blob_path(digest)
         if self.has_blob(digest, size):
             return digest, size, "existing"
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.blob_dir / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
         method = "hardlink"
-        try:
-            os.link(src, tmp)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
-                raise
-            method = "reflink" if reflink(src, tmp) else "copy"
+        with full_disk_at(self.blob_dir):  # os.link's error would name the source file
+            self.blob_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, tmp)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+                    raise
+                method = "reflink" if reflink(src, tmp) else "copy"
         if method == "copy":
             with open(src, "rb") as fh:
                 self.put_stream(fh, expected=digest)
@@ -199,13 +200,19 @@ class Store:
             if not self.has_blob(layer.digest, layer.size):
                 raise IntegrityError(f"cannot write manifest: blob {layer.digest} is missing")
         path = self.manifest_path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-        with open(tmp, "xb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with full_disk_at(path.parent):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "xb") as fh:
+                    fh.write(raw)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         fsync_dir(path.parent)
         return manifest.digest
 
@@ -387,9 +394,18 @@ class Store:
         st = self.blob_path(digest).stat()
         memo = self._memo() if memo is None else memo
         memo[digest_hex(digest)] = [st.st_size, st.st_mtime_ns]
+        self._save_memo(memo)
+
+    def _save_memo(self, memo: dict) -> None:
+        """Best effort: the memo only saves re-hashing, so a full or read-only disk must not
+        fail the load (or verify) that wanted to remember its work."""
         tmp = self.root / f"{TMP_PREFIX}memo-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, self._memo_path())
+        try:
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, self._memo_path())
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def check_integrity(self, entry: ModelEntry,
                         progress: Callable[[int], None] | None = None) -> None:
@@ -419,9 +435,7 @@ class Store:
             memo[digest_hex(layer.digest)] = [st.st_size, st.st_mtime_ns]
             changed = True
         if changed:
-            tmp = self.root / f"{TMP_PREFIX}memo-{os.getpid()}-{secrets.token_hex(4)}"
-            tmp.write_text(json.dumps(memo))
-            os.replace(tmp, self._memo_path())
+            self._save_memo(memo)
 
     def read_config(self, entry: ModelEntry) -> dict:
         """The model's config blob, normalized: ours as written, Ollama's mapped onto it."""
@@ -450,12 +464,17 @@ class Store:
         if (target / ".complete").exists():
             return target
         tmp = self.view_root / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-        tmp.mkdir(parents=True)
-        for title, layer in entry.manifest.files().items():
-            link = tmp / check_title(title)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(self.blob_path(layer.digest), link)
-        (tmp / ".complete").touch()
+        try:
+            with full_disk_at(self.view_root):
+                tmp.mkdir(parents=True)
+                for title, layer in entry.manifest.files().items():
+                    link = tmp / check_title(title)
+                    link.parent.mkdir(parents=True, exist_ok=True)
+                    os.symlink(self.blob_path(layer.digest), link)
+                (tmp / ".complete").touch()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             os.rename(tmp, target)
         except OSError:  # another process made it first

@@ -456,3 +456,17 @@ def test_embed_truncate_false_refuses_overlong_input(srv):
     assert status == 400 and "truncate" in body["error"]
     _, ok = call(srv, "POST", "/api/embed", {"model": "fake", "input": "x" * 3000})
     assert ok["prompt_eval_count"] == 2048
+
+
+def test_a_full_disk_from_anywhere_maps_to_507_naming_where():
+    """A raw ENOSPC (one no store code wrapped) is still the user's full disk, not a 500."""
+    import errno
+    import os
+
+    from mlxlite.server.daemon import error_body
+
+    exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/srv/models/x")
+    assert error_body(exc) == (507, {"error": "no space left on device at /srv/models/x"})
+    status, body = error_body(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), openai=True)
+    assert (status, body["error"]["message"], body["error"]["type"]) == (507, "disk quota exceeded", "api_error")
+    assert error_body(OSError(errno.EIO, "I/O error"))[0] == 500

@@ -1,5 +1,6 @@
 """The content-addressed store: atomic blobs and manifests, verify, prune, concurrency."""
 
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlxlite import names
-from mlxlite.errors import BadRequest, IntegrityError, ModelNotFound
+from mlxlite.errors import BadRequest, InsufficientStorage, IntegrityError, ModelNotFound
 from mlxlite.store import MEDIA_FILE, TITLE, Layer, Store, build_manifest
 
 
@@ -201,3 +202,71 @@ def test_listing_while_another_store_deletes_and_recreates_models(store):
     thread.join()
     assert (errors, failures, len(churned)) == ([], 0, rounds)
     assert {e.name.display for e in store.list()} == kept | {"base:latest"}
+
+
+def blobs_on_dev_full(monkeypatch) -> None:
+    """Blob writes land on /dev/full, where every write fails with the kernel's own ENOSPC
+    (a full disk without root or a loop mount); the temp file in the store stays the real one."""
+    from mlxlite.store.blobio import BlobWriter
+
+    real_init = BlobWriter.__init__
+
+    def init(self, blob_dir):
+        real_init(self, blob_dir)
+        self._fh.close()
+        self._fh = open("/dev/full", "wb")  # noqa: SIM115 (closed by commit/abort)
+
+    monkeypatch.setattr(BlobWriter, "__init__", init)
+
+
+def fsync_fails_with_enospc(monkeypatch) -> None:
+    """fsync reports the full disk (as it does on NFS and thin-provisioned volumes)."""
+    def fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_full_disk_is_insufficient_storage_naming_the_folder(store, monkeypatch):
+    make_model(store, "base", {"w": b"x" * 100})
+    with monkeypatch.context() as m:
+        blobs_on_dev_full(m)
+        with pytest.raises(InsufficientStorage, match=f"^no space left on device at {store.blob_dir}$") as info:
+            store.put_bytes(b"y" * (1 << 20))
+        assert info.value.status == 507
+    with monkeypatch.context() as m:
+        fsync_fails_with_enospc(m)
+        with pytest.raises(InsufficientStorage, match=f"at {store.manifest_path(names.parse('other')).parent}$"):
+            store.copy("base", "other")
+    def link_or_symlink(src, dst, *args, **kwargs):   # their errors name the source: the wrong disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src), str(dst))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "link", link_or_symlink)
+        m.setattr(os, "symlink", link_or_symlink)
+        src = store.root.parent / "weights.bin"
+        src.write_bytes(b"z" * 1000)
+        with pytest.raises(InsufficientStorage, match=f"at {store.blob_dir}$"):
+            store.put_file(src)
+        with pytest.raises(InsufficientStorage, match=f"at {store.view_root}$"):
+            store.view(store.resolve("base"))
+    assert [p.name for p in store.blob_dir.iterdir() if p.name.startswith(".tmp")] == []
+    assert [e.name.display for e in store.list()] == ["base:latest"]
+    assert list(store.manifest_path(names.parse("other")).parent.iterdir()) == []
+    assert list(store.view_root.iterdir()) == []
+
+
+def test_a_load_on_a_full_disk_does_not_fail_for_want_of_its_memo(store, monkeypatch):
+    """The verified-blob memo only saves re-hashing: failing to write it must not fail the
+    integrity check (it raised OSError ENOSPC before)."""
+    make_model(store, "m", {"w": b"x" * 100})
+    entry = store.resolve("m")
+
+    def write_text(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    store.check_integrity(entry)
+    assert store.verify() == []
+    assert not store._memo_path().exists()
+    assert [p.name for p in store.root.iterdir() if p.name.startswith(".tmp")] == []
