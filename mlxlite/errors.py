@@ -1,10 +1,16 @@
 """One exception hierarchy for everything a user or client can get wrong.
 
 Each error carries the HTTP status it maps to; `server/daemon.py` turns it into a JSON
-body and `cli/verbs.py` into one `error: ...` line. Nothing here imports anything heavy.
+body and `cli/verbs.py` into one `error: ...` line. `full_disk`/`full_disk_at` turn a
+full disk (an OSError) into `InsufficientStorage` naming where. Nothing here imports
+anything heavy.
 """
 
 from __future__ import annotations
+
+import contextlib
+import errno
+from collections.abc import Iterator
 
 
 class MlxliteError(Exception):
@@ -80,6 +86,12 @@ class RegistryError(MlxliteError):
     status = 502
 
 
+class InsufficientStorage(MlxliteError):
+    """The disk (or quota) being written is full: WebDAV's 507 Insufficient Storage."""
+
+    status = 507
+
+
 class Busy(MlxliteError):
     status = 503
 
@@ -88,3 +100,26 @@ class OutOfMemory(MlxliteError):
     """Loading would exceed the memory budget; refused rather than swapping."""
 
     status = 503
+
+
+def full_disk(exc: BaseException, path: object = None) -> InsufficientStorage | None:
+    """A full disk or quota (ENOSPC, EDQUOT) as `InsufficientStorage` naming `path`, else the
+    file the error names; None for every other error."""
+    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = path if path is not None else exc.filename
+    what = "disk quota exceeded" if exc.errno == errno.EDQUOT else "no space left on device"
+    return InsufficientStorage(f"{what} at {where}" if where is not None else what)
+
+
+@contextlib.contextmanager
+def full_disk_at(path: object) -> Iterator[None]:
+    """Inside, a full disk or quota raises `InsufficientStorage` naming `path`: a write()
+    or fsync() error names no file, and "at PATH" is what the user can act on."""
+    try:
+        yield
+    except OSError as exc:
+        full = full_disk(exc, path)
+        if full is None:
+            raise
+        raise full from exc

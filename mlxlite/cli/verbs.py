@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
 
 from mlxlite import __version__, config
-from mlxlite.errors import BadRequest, MlxliteError
+from mlxlite.errors import BadRequest, MlxliteError, full_disk
 from mlxlite.progress import Printer
 
 Handler = Callable[[argparse.Namespace], int]
@@ -301,6 +302,13 @@ def _daemon_client():
     return client.connect_if_running()
 
 
+def _valid_text(text: str | None) -> str | None:
+    """Bytes that are not UTF-8 in argv or piped stdin reach Python as lone surrogates
+    (surrogateescape), which the tokenizer refuses with a TypeError: each becomes U+FFFD,
+    as it does when Ollama's client sends such bytes as JSON."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", text) if text else text
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from mlxlite import options as opts  # lazy: its dataclasses cost `list` a few ms
     from mlxlite.cli import chat  # lazy: the chat and engine set-up are for `run` only
@@ -323,6 +331,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not sys.stdin.isatty():
         piped = sys.stdin.read().rstrip()  # `echo` adds a newline the model would answer differently
         prompt = f"{prompt}\n\n{piped}" if prompt and piped.strip() else (prompt or piped)
+    prompt, system = _valid_text(prompt), _valid_text(args.system)
     client = _daemon_client()
     if client is not None:
         chat.resolve_or_fetch(_store(), args.model, _say)  # catalog models land in the shared store
@@ -332,10 +341,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         backend = chat.LocalBackend(args.model, _say)
         backend.load()
     if not prompt.strip() and sys.stdin.isatty():
-        return chat.interactive(backend, overrides, args.system, fmt, args.verbose)
+        return chat.interactive(backend, overrides, system, fmt, args.verbose)
     if not prompt.strip():
         raise BadRequest("empty prompt")
-    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages = ([{"role": "system", "content": system}] if system else [])
     messages.append({"role": "user", "content": prompt})
     _, stats = chat.stream_turn(backend, messages, overrides, fmt)
     print(flush=True)
@@ -496,6 +505,10 @@ def main(argv: list[str] | None = None) -> int:
              "(pip install -e ., or pip install 'mlx[cpu]' mlx-lm tokenizers on Linux)")
         return 1
     except (OSError, ValueError) as exc:
+        full = full_disk(exc)
+        if full is not None:    # the user's to fix (free space), so never a traceback
+            _say(f"error: {full}")
+            return 1
         if os.environ.get("MLXLITE_DEBUG"):
             raise
         _say(f"error: {exc}")

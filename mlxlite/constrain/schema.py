@@ -50,6 +50,11 @@ COMBINE_KW = frozenset({"anyOf", "oneOf", "allOf", "$ref", "enum", "const"})
 SUPPORTED = OBJECT_KW | ARRAY_KW | STRING_KW | NUMBER_KW | COMBINE_KW | {"type"}
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 INF = 1 << 62  # "no upper bound" for counts; an int keeps comparisons cheap
+# Compiling and validating recurse up to 6 frames per level, so depth is refused before
+# any recursion (a 400, not a RecursionError at ~170 levels): at most this many levels of
+# JSON nesting in the schema, and of subschemas with each $ref followed. Output nests 64
+# containers at most (recognizer.MAX_DEPTH); an object chain takes two levels per object.
+MAX_SCHEMA_DEPTH = 128
 
 
 class Node:
@@ -88,16 +93,42 @@ def compile_spec(spec: Any) -> Node:
     if spec == "json":
         return ANY_OBJECT
     if isinstance(spec, bool) or isinstance(spec, dict):
+        _check_depth(spec)
         return _Compiler(spec).compile(spec, "#")
     raise BadRequest(f"format must be \"json\" or a JSON schema object, not {json.dumps(spec)[:80]}")
+
+
+def _too_deep(where: str) -> BadRequest:
+    return BadRequest(f"the JSON schema nests too deeply: at most {MAX_SCHEMA_DEPTH} levels are supported{where}")
+
+
+def _check_depth(spec: Any) -> None:
+    """Refuse a schema nested deeper than MAX_SCHEMA_DEPTH, walking it without recursion."""
+    stack = [(spec, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise _too_deep("")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
 
 
 class _Compiler:
     def __init__(self, root: Any) -> None:
         self.root = root
         self.refs: dict[str, Node] = {}
+        self.depth = 0                  # subschemas being compiled, $ref hops included
 
     def compile(self, s: Any, where: str) -> Node:
+        self.depth += 1
+        try:
+            if self.depth > MAX_SCHEMA_DEPTH:  # only a chain of $refs gets here past _check_depth
+                raise _too_deep(f" following $refs (at {where[:200]})")
+            return self._compile(s, where)
+        finally:
+            self.depth -= 1
+
+    def _compile(self, s: Any, where: str) -> Node:
         if s is True:
             return ANY
         if s is False:

@@ -34,7 +34,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlxlite import config, names
-from mlxlite.errors import BadRequest, Cancelled, IntegrityError, MlxliteError, RegistryError
+from mlxlite.errors import (
+    Cancelled,
+    InsufficientStorage,
+    IntegrityError,
+    MlxliteError,
+    RegistryError,
+    full_disk_at,
+)
 from mlxlite.remote.partial import Ranges, partial_bytes, partial_dir, prune_partials, read_journal
 from mlxlite.store import Store, digest_hex
 
@@ -104,8 +111,8 @@ def check_space(store: Store, needed: int) -> None:
     store.root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(store.root).free
     if needed > free:
-        raise BadRequest(f"not enough disk space: the pull needs {needed} more bytes, "
-                         f"{free} are free under {store.root}", status=507)
+        raise InsufficientStorage(f"not enough disk space: the pull needs {needed} more bytes, "
+                                  f"{free} are free under {store.root}")
 
 
 def fetch(store: Store, digest: str, size: int, open_range: OpenRange, *,
@@ -169,7 +176,8 @@ def _fetch_locked(store: Store, digest: str, size: int, open_range: OpenRange, r
             if store.has_blob(digest, size):
                 report(size)
                 return
-            _Download(store, digest, size, open_range, report, tuning, cancel).run()
+            with full_disk_at(directory):  # pwrite/fsync errors name no file
+                _Download(store, digest, size, open_range, report, tuning, cancel).run()
             # Safe to remove once the blob exists: any later holder of a stale lock
             # checks for the blob first and finds it.
             with contextlib.suppress(FileNotFoundError):

@@ -3,7 +3,8 @@
   - `HEAD /api/blobs/:digest`: 200 when the blob is stored, 404 when not.
   - `POST /api/blobs/:digest`: the body streams into the store, hashed as written; 201
     when stored, 200 when it already was; 400 (and nothing kept) when the bytes do not
-    hash to `digest`. No body-size limit beyond the disk: blobs are model weights.
+    hash to `digest`; 507 when the disk fills (the rest of the body is read and dropped
+    first, so the client gets the answer). No body-size limit beyond the disk.
   - `POST /api/create`: `{model, from | files {name: digest}, template, system,
     parameters, messages, license, stream}` -> NDJSON `{"status": ...}` lines ending in
     `{"status": "success"}` (or the last line alone when `stream` is false). Bad fields
@@ -14,13 +15,21 @@ Never imports mlx; the work is `create.create`.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 from mlxlite import modelfile, names
-from mlxlite.errors import BadRequest, IntegrityError, NotFound, Unsupported
+from mlxlite.errors import (
+    BadRequest,
+    InsufficientStorage,
+    IntegrityError,
+    MlxliteError,
+    NotFound,
+    Unsupported,
+)
 from mlxlite.server.wire import Reply, Stream, body_object
 
 _CHUNK = 1 << 20
@@ -80,13 +89,22 @@ def handle_blob_post(ctx: Any) -> Reply:
         for _ in _body_chunks(ctx):  # drain, so the connection stays usable
             pass
         return Reply(None, 200)
-    with store.blob_writer() as writer:
-        for data in _body_chunks(ctx):
-            writer.write(data)
-        try:
-            writer.commit(digest)
-        except IntegrityError as exc:
-            raise BadRequest(str(exc)) from None
+    chunks = _body_chunks(ctx)
+    try:
+        with store.blob_writer() as writer:
+            for data in chunks:
+                writer.write(data)
+            try:
+                writer.commit(digest)
+            except IntegrityError as exc:
+                raise BadRequest(str(exc)) from None
+    except (InsufficientStorage, OSError):
+        # The client is still sending: read its body to the end first, or closing the
+        # socket on unread bytes resets the connection before it reads our 507 (or 500).
+        with contextlib.suppress(MlxliteError, OSError):   # a client gone meanwhile hears nothing
+            for _ in chunks:
+                pass
+        raise
     return Reply(None, 201)
 
 

@@ -54,6 +54,7 @@ from mlxlite.errors import (
     PayloadTooLarge,
     RequestTimeout,
     Unauthorized,
+    full_disk,
 )
 from mlxlite.sched import ClientGone, Scheduler
 from mlxlite.server import anthropic as anthropic_api
@@ -64,7 +65,7 @@ from mlxlite.server import pull as pull_api
 from mlxlite.server import responses as responses_api
 from mlxlite.server.connections import Gate, ReadClock, minimal_response
 from mlxlite.server.rules import host_allowed, is_loopback, match, origin_allowed, parse_host_port
-from mlxlite.server.wire import Reply, Stream
+from mlxlite.server.wire import Reply, Stream, replace_lone_surrogates
 from mlxlite.store import Store
 
 __all__ = ["ROUTES", "App", "MlxliteServer", "RequestContext", "error_body", "host_allowed", "make_server",
@@ -112,6 +113,7 @@ _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 4
 
 def error_body(exc: BaseException, openai: bool = False, anthropic: bool = False) -> tuple[int, dict]:
     """THE mapping of an exception to (status, JSON body)."""
+    exc = full_disk(exc) or exc     # a full disk is the 507 it is, wherever it came from
     if isinstance(exc, MlxliteError):
         status, message = exc.status, exc.message
     elif isinstance(exc, ClientGone):
@@ -214,11 +216,12 @@ class RequestContext:
         if not data.strip():
             return None
         try:
-            return json.loads(data, parse_constant=_no_constant)
+            value = json.loads(data, parse_constant=_no_constant)
         except RecursionError:
             raise BadRequest("invalid JSON: nested too deeply") from None
         except ValueError as exc:
             raise BadRequest(f"invalid JSON: {exc}") from None
+        return replace_lone_surrogates(value, data)
 
     def gone(self) -> bool:
         """True when the client has closed its connection (polled while we wait)."""

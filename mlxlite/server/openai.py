@@ -131,8 +131,8 @@ def _messages(value: Any) -> tuple[dict, ...]:
                     raise BadRequest(f"invalid messages[{i}].tool_calls: expected function calls")
                 args = fn.get("arguments") or "{}"
                 try:
-                    args = json.loads(args) if isinstance(args, str) else args
-                except ValueError:
+                    args = wire.replace_lone_surrogates(json.loads(args)) if isinstance(args, str) else args
+                except (ValueError, RecursionError):
                     raise BadRequest(f"invalid messages[{i}].tool_calls: arguments are not JSON") from None
                 native.append({"id": call.get("id"), "function": {"name": fn["name"], "arguments": args}})
             msg["tool_calls"] = native

@@ -53,6 +53,43 @@ class Stream:
 _MISSING = object()
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def replace_lone_surrogates(value: Any, raw: bytes | None = None) -> Any:
+    """A decoded JSON value with every lone UTF-16 surrogate (JSON `"\\ud800"`; a valid pair
+    is already one character) replaced by U+FFFD, in keys and strings at any depth.
+
+    Go's encoding/json does this, so Ollama accepts such bodies; left in, one fails the
+    tokenizer (TypeError) or a UTF-8 encoder on the MLX thread: a 500. `raw`, the JSON
+    text, lets a body without a `\\uD8..`-`\\uDF..` escape skip the walk. The walk is
+    iterative: a value may nest as deep as the JSON decoder allows."""
+    if raw is not None and not _SURROGATE_ESCAPE.search(raw):
+        return value
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            for i, item in enumerate(node):
+                if isinstance(item, str):
+                    node[i] = _SURROGATE.sub("\ufffd", item)
+                elif isinstance(item, (list, dict)):
+                    stack.append(item)
+        elif isinstance(node, dict):
+            items = list(node.items())
+            node.clear()
+            for key, item in items:
+                if isinstance(item, str):
+                    item = _SURROGATE.sub("\ufffd", item)
+                elif isinstance(item, (list, dict)):
+                    stack.append(item)
+                node[_SURROGATE.sub("\ufffd", key)] = item
+    return value
+
+
 def body_object(body: Any) -> dict:
     if body is None:
         raise BadRequest("missing request body")

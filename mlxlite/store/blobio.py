@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlxlite import names
-from mlxlite.errors import IntegrityError
+from mlxlite.errors import IntegrityError, full_disk_at
 from mlxlite.store.manifest import digest_hex
 
 CHUNK = 1 << 20
@@ -74,20 +74,23 @@ class BlobWriter:
 
     `commit(expected)` fsyncs, checks the digest (and discards the temp on mismatch),
     and renames into place. The temp file is flock-held so `prune` skips live writers.
+    A full disk raises `InsufficientStorage` naming the blob folder (the caller aborts).
     """
 
     def __init__(self, blob_dir: Path) -> None:
         self.blob_dir = blob_dir
-        blob_dir.mkdir(parents=True, exist_ok=True)
-        self.path = blob_dir / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-        self._fh = open(self.path, "xb")
+        with full_disk_at(blob_dir):
+            blob_dir.mkdir(parents=True, exist_ok=True)
+            self.path = blob_dir / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+            self._fh = open(self.path, "xb")
         fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._hash = hashlib.sha256()
         self.size = 0
         self.done = False
 
     def write(self, data: bytes | memoryview) -> None:
-        self._fh.write(data)
+        with full_disk_at(self.blob_dir):
+            self._fh.write(data)
         self._hash.update(data)
         self.size += len(data)
 
@@ -98,10 +101,11 @@ class BlobWriter:
             raise IntegrityError(
                 f"digest mismatch: expected {expected}, got {digest}; the data was discarded"
             )
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        os.replace(self.path, self.blob_dir / digest_hex(digest))
+        with full_disk_at(self.blob_dir):
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.replace(self.path, self.blob_dir / digest_hex(digest))
         fsync_dir(self.blob_dir)
         self.done = True
         return digest

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from mlxlite.errors import BadRequest, IntegrityError
+from mlxlite.errors import BadRequest, IntegrityError, full_disk_at
 from mlxlite.names import ModelName
 from mlxlite.store.blobio import CHUNK, reflink
 from mlxlite.store.manifest import digest_hex
@@ -84,12 +84,13 @@ def pack(store: Store, name: str | ModelName | Iterable[str | ModelName], out_pa
                 if not store.has_blob(layer.digest, layer.size):
                     raise IntegrityError(f"model '{entry.name.display}' is damaged: blob {layer.digest} "
                                          "is missing or has the wrong size; pull or import it again")
-        if out.name.lower().endswith(".tar"):
-            methods = _pack_tar(store, entries, out, progress)
-            kind = "tar"
-        else:
-            methods = _pack_dir(store, entries, out, progress)
-            kind = "dir"
+        with full_disk_at(out):  # the package's disk, which need not be the store's
+            if out.name.lower().endswith(".tar"):
+                methods = _pack_tar(store, entries, out, progress)
+                kind = "tar"
+            else:
+                methods = _pack_dir(store, entries, out, progress)
+                kind = "dir"
     size = sum(size for _, size, _ in _blobs_of(entries))
     progress({"status": "success"})
     return PackResult(out, kind, tuple(e.name.display for e in entries), size, dict(methods))

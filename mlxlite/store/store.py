@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from mlxlite import config, names
-from mlxlite.errors import BadRequest, Busy, IntegrityError, ModelNotFound
+from mlxlite.errors import BadRequest, Busy, IntegrityError, ModelNotFound, full_disk_at
 from mlxlite.names import ModelName
 from mlxlite.store.blobio import CHUNK, TMP_PREFIX, BlobWriter, fsync_dir, hash_file, reflink
 from mlxlite.store.manifest import (
@@ -171,15 +171,16 @@ class Store:
         """Put `src` (known to hold `digest`) in place of the blob, whatever is there now:
         hardlink, else reflink, else a hashed copy; always by rename. Returns the method."""
         final = self.blob_path(digest)
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.blob_dir / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
         method = "hardlink"
-        try:
-            os.link(src, tmp)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
-                raise
-            method = "reflink" if reflink(src, tmp) else "copy"
+        with full_disk_at(self.blob_dir):  # os.link's error would name the source file
+            self.blob_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, tmp)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+                    raise
+                method = "reflink" if reflink(src, tmp) else "copy"
         if method == "copy":
             with open(src, "rb") as fh:
                 self.put_stream(fh, expected=digest)
@@ -245,13 +246,19 @@ class Store:
             if not self.has_blob(layer.digest, layer.size):
                 raise IntegrityError(f"cannot write manifest: blob {layer.digest} is missing")
         path = self.manifest_path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-        with open(tmp, "xb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with full_disk_at(path.parent):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "xb") as fh:
+                    fh.write(raw)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         fsync_dir(path.parent)
         return manifest.digest
 
@@ -276,14 +283,31 @@ class Store:
             return False
         return True
 
+    def _manifest_files(self) -> list[tuple[tuple[str, ...], Path]]:
+        """Every `host/ns/model/tag` path under manifests/, as (parts, path), sorted.
+
+        `rm` (here, or in another process on the same store) removes a model's folders
+        while we walk: a folder gone before we read it is skipped, never an error
+        (`Path.glob` raises FileNotFoundError from its `os.scandir`)."""
+        level: list[tuple[tuple[str, ...], Path]] = [((), self.manifest_dir)]
+        for _ in range(4):
+            below = []
+            for parts, folder in level:
+                try:
+                    with os.scandir(folder) as it:
+                        children = [entry.name for entry in it]
+                except (FileNotFoundError, NotADirectoryError, PermissionError):
+                    continue
+                below += [((*parts, child), folder / child) for child in children]
+            level = below
+        return sorted(level)
+
     def list(self) -> list[ModelEntry]:
         out = []
-        if not self.manifest_dir.is_dir():
-            return out
-        for path in sorted(self.manifest_dir.glob("*/*/*/*")):
+        for parts, path in self._manifest_files():
             if path.name.startswith(TMP_PREFIX) or not path.is_file():
                 continue
-            host, namespace, model, tag = path.relative_to(self.manifest_dir).parts
+            host, namespace, model, tag = parts
             try:
                 name = ModelName(host, namespace, model, tag)
                 names.parse(name.full)
@@ -421,7 +445,9 @@ class Store:
                         freed += size
                         if not path.name.startswith(TMP_PREFIX):
                             gone.append("sha256:" + path.name)
-            for path in self.manifest_dir.glob(f"*/*/*/{TMP_PREFIX}*") if self.manifest_dir.is_dir() else ():
+            for _, path in self._manifest_files():
+                if not path.name.startswith(TMP_PREFIX):
+                    continue
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                     removed += 1
@@ -461,9 +487,18 @@ class Store:
         st = self.blob_path(digest).stat()
         memo = self._memo() if memo is None else memo
         memo[digest_hex(digest)] = [st.st_size, st.st_mtime_ns]
+        self._save_memo(memo)
+
+    def _save_memo(self, memo: dict) -> None:
+        """Best effort: the memo only saves re-hashing, so a full or read-only disk must not
+        fail the load (or verify) that wanted to remember its work."""
         tmp = self.root / f"{TMP_PREFIX}memo-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, self._memo_path())
+        try:
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, self._memo_path())
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def _forget_verified(self, digest: str) -> None:
         """A blob found bad must be hashed again at the next load, whatever its mtime."""
@@ -501,9 +536,7 @@ class Store:
             memo[digest_hex(layer.digest)] = [st.st_size, st.st_mtime_ns]
             changed = True
         if changed:
-            tmp = self.root / f"{TMP_PREFIX}memo-{os.getpid()}-{secrets.token_hex(4)}"
-            tmp.write_text(json.dumps(memo))
-            os.replace(tmp, self._memo_path())
+            self._save_memo(memo)
 
     def read_config(self, entry: ModelEntry) -> dict:
         """The model's config blob, normalized: ours as written, Ollama's mapped onto it."""
@@ -532,12 +565,17 @@ class Store:
         if (target / ".complete").exists():
             return target
         tmp = self.view_root / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-        tmp.mkdir(parents=True)
-        for title, layer in entry.manifest.files().items():
-            link = tmp / check_title(title)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(self.blob_path(layer.digest), link)
-        (tmp / ".complete").touch()
+        try:
+            with full_disk_at(self.view_root):
+                tmp.mkdir(parents=True)
+                for title, layer in entry.manifest.files().items():
+                    link = tmp / check_title(title)
+                    link.parent.mkdir(parents=True, exist_ok=True)
+                    os.symlink(self.blob_path(layer.digest), link)
+                (tmp / ".complete").touch()
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             os.rename(tmp, target)
         except OSError:  # another process made it first

@@ -48,6 +48,18 @@ def test_piped_stdin_is_the_prompt_and_adds_to_an_argument(run_cli, tiny_gguf_mo
     assert code == 0 and _count(err, "prompt eval count") > alone
 
 
+def test_bytes_that_are_not_utf8_in_argv_or_stdin_read_as_replacement_characters(run_cli, tiny_gguf_model,
+                                                                                  monkeypatch):
+    """Python hands them over as lone surrogates (surrogateescape): the tokenizer raised
+    TypeError, a traceback. Now they are U+FFFD: the same answer as for U+FFFD typed in."""
+    _stdin(monkeypatch, "c\udcfe")                       # what `printf 'c\xfe' |` gives under a C locale
+    code, out, err = run_cli("run", tiny_gguf_model, "a\udcffb", "--system", "s\udcff", *GREEDY, "--verbose")
+    assert code == 0, err
+    _stdin(monkeypatch, "c\ufffd")
+    code, same, err2 = run_cli("run", tiny_gguf_model, "a\ufffdb", "--system", "s\ufffd", *GREEDY, "--verbose")
+    assert (code, same, _count(err2, "prompt eval count")) == (0, out, _count(err, "prompt eval count"))
+
+
 def test_interactive_chat_keeps_history_and_understands_commands(tiny_gguf_model):
     from mlxlite.cli import chat
 

@@ -1,5 +1,6 @@
 """The offline CLI verbs on the store: import, list, show, cp, rm, verify, prune, errors."""
 
+import errno
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from mlxlite.remote import catalog
 from tests.remote.test_catalog import damage, tiny_catalog
 from tests.store.test_importers import make_model_dir
 from tests.store.test_store import _replace_with as replace_with
+from tests.store.test_store import blobs_on_dev_full, fsync_fails_with_enospc
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -175,3 +177,32 @@ def test_pyproject_version_matches_the_package():
 
     text = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == __version__
+
+
+@pytest.mark.parametrize("verb", ["import", "cp", "pack", "list"])
+def test_a_full_disk_is_one_error_line_naming_where(run_cli, store, tmp_path, monkeypatch, verb):
+    """ENOSPC in any verb: `error: no space left on device at PATH`, exit 1, no traceback
+    (before: `error: [Errno 28] No space left on device` with no path, or a traceback)."""
+    src = make_model_dir(tmp_path / "tiny")
+    if verb != "import":
+        assert run_cli("import", str(src), "--name", "tiny")[0] == 0
+    if verb == "import":
+        blobs_on_dev_full(monkeypatch)
+        argv, where = ["import", str(src), "--name", "tiny"], store.blob_dir
+    elif verb == "cp":
+        fsync_fails_with_enospc(monkeypatch)
+        argv, where = ["cp", "tiny", "copy"], store.manifest_dir / "registry.ollama.ai" / "library" / "copy"
+    elif verb == "pack":
+        fsync_fails_with_enospc(monkeypatch)
+        where = tmp_path / "out" / "tiny.tar"
+        argv = ["pack", "tiny", "-o", str(where)]
+    else:  # an OSError that names its own file, from wherever it comes
+        def full(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "elsewhere"))
+
+        monkeypatch.setattr(type(store), "list", full)
+        argv, where = ["list"], tmp_path / "elsewhere"
+    code, _, err = run_cli(*argv)
+    assert code == 1
+    assert err.strip().splitlines()[-1] == f"error: no space left on device at {where}", err
+    assert "Traceback" not in err

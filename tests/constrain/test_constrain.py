@@ -16,7 +16,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from mlxlite.constrain import TokenConstraint, recognize, validate
+from mlxlite.constrain import TokenConstraint, compile_spec, recognize, validate
 from mlxlite.constrain import recognizer as cj
 from mlxlite.errors import BadRequest, Unsupported
 
@@ -282,6 +282,65 @@ def test_unsupported_keywords_are_named(schema, word):
 def test_bad_specs_are_bad_requests(spec):
     with pytest.raises(BadRequest):
         TokenConstraint(spec, [b"{", b"}", b""], [2])
+
+
+WRAPS = {   # one more level of nesting around schema s, each the way real schemas nest
+    "items": lambda s: {"type": "array", "items": s},
+    "properties": lambda s: {"type": "object", "properties": {"a": s}, "required": ["a"]},
+    "additionalProperties": lambda s: {"type": "object", "additionalProperties": s},
+    "prefixItems": lambda s: {"type": "array", "prefixItems": [s]},
+    "anyOf": lambda s: {"anyOf": [s, {"type": "null"}]},
+    "allOf": lambda s: {"allOf": [s]},
+    "enum value": lambda s: s if "enum" not in s else {"enum": [[s["enum"][0]]]},
+}
+
+
+def _json_depth(value) -> int:
+    """Levels of JSON nesting (an object or array is one level), counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _nested(kind: str, depth: int) -> dict:
+    """The deepest schema of this kind whose JSON nests at most `depth` levels."""
+    s: dict = {"enum": [[]]} if kind == "enum value" else {"type": "string"}
+    step = _json_depth(WRAPS[kind](s)) - _json_depth(s)
+    for _ in range((depth - _json_depth(s)) // step):
+        s = WRAPS[kind](s)
+    return s
+
+
+@pytest.mark.parametrize("kind", list(WRAPS))
+def test_schema_depth_is_refused_at_the_limit_before_any_recursion(kind):
+    """Nested 200-450 levels, compiling raised RecursionError (a 500 on the wire)."""
+    from mlxlite.constrain.schema import MAX_SCHEMA_DEPTH
+
+    at_limit = _nested(kind, MAX_SCHEMA_DEPTH)
+    assert MAX_SCHEMA_DEPTH - 1 <= _json_depth(at_limit) <= MAX_SCHEMA_DEPTH
+    TokenConstraint(at_limit, [b"{", b"}", b""], [2])
+    if kind == "enum value":
+        validate(at_limit["enum"][0], at_limit)
+    for deeper in (WRAPS[kind](at_limit), _nested(kind, 300), _nested(kind, 450), _nested(kind, 900)):
+        with pytest.raises(BadRequest, match=f"nests too deeply: at most {MAX_SCHEMA_DEPTH} levels"):
+            compile_spec(deeper)
+
+
+def test_a_long_chain_of_refs_is_refused_at_the_depth_limit():
+    from mlxlite.constrain.schema import MAX_SCHEMA_DEPTH
+
+    def chain(n: int) -> dict:
+        defs = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(n)}
+        return {"$defs": {**defs, f"d{n}": {"type": "string"}}, "$ref": "#/$defs/d0"}
+
+    assert recognize(chain(MAX_SCHEMA_DEPTH - 2), b'"x"') == "complete"
+    for n in (MAX_SCHEMA_DEPTH, 400, 2000):
+        with pytest.raises(BadRequest, match=f"at most {MAX_SCHEMA_DEPTH} levels.*following \\$refs"):
+            compile_spec(chain(n))
 
 
 def test_random_junk_schemas_give_typed_errors():

@@ -3,6 +3,9 @@ across processes, catalog names before registries, and no mlx import on `pull`."
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxlite.errors import Cancelled, RegistryError
+from mlxlite.errors import Cancelled, InsufficientStorage, RegistryError
 from mlxlite.remote import download, pull, push
 from mlxlite.remote.registry import Registry
 from mlxlite.store import Manifest
@@ -174,3 +177,23 @@ def test_prune_partials_removes_only_idle_ones(store, registry):
     removed, freed = download.prune_partials(store)
     assert removed == 3 and freed >= big.size  # sparse data file, journal, lock
     assert list(download.partial_dir(store).iterdir()) == []
+
+
+def test_a_full_disk_during_a_download_names_the_partial_folder(store, monkeypatch):
+    """pwrite's ENOSPC names no file: the pull said `no space left on device` (or, in the CLI,
+    `[Errno 28] ...`) without saying where."""
+    data = os.urandom(1 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+
+    def opener(start, end, timeout):
+        resp = io.BytesIO(data[start:end])
+        resp.status = 206
+        return resp
+
+    def pwrite(fd, chunk, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(InsufficientStorage, match=f"^no space left on device at {download.partial_dir(store)}$"):
+        download.fetch(store, digest, len(data), opener, tuning=download.Tuning(streams=2, chunk=64 << 10))
+    assert not store.has_blob(digest)

@@ -13,6 +13,7 @@ from mlxlite import store as st
 from mlxlite.modelfile import build as cr
 from mlxlite.modelfile import parser as modelfile
 from tests.fake_engine import RunningServer
+from tests.store.test_store import blobs_on_dev_full
 
 
 @pytest.fixture
@@ -182,3 +183,34 @@ def test_create_from_never_reads_the_daemons_files(server, store, tiny_gguf_path
     assert got == 200 and reply["status"] == "success", reply
     base = store.resolve(tiny_gguf_model).manifest.layers_of(st.MEDIA_GGUF)
     assert store.resolve("copy").manifest.layers_of(st.MEDIA_GGUF) == base
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_blob_upload_onto_a_full_disk_is_a_507_the_client_reads(server, store, monkeypatch, chunked):
+    """The 507 (was a 500, and the socket closed on the unread body) reaches a client that is
+    still uploading; nothing is kept and the connection stays usable."""
+    blobs_on_dev_full(monkeypatch)
+    data = bytes(range(256)) * (32 << 10)          # 8 MiB: far more than the socket buffers hold
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    try:
+        if chunked:
+            parts = [data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20)]
+            conn.request("POST", f"/api/blobs/{digest}", body=iter(parts), encode_chunked=True,
+                         headers={"Transfer-Encoding": "chunked"})
+        else:
+            conn.request("POST", f"/api/blobs/{digest}", body=data)
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        assert resp.status == 507
+        assert body == {"error": f"no space left on device at {store.blob_dir}"}
+        conn.request("HEAD", f"/api/blobs/{digest}")   # the same connection still answers
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 404
+    finally:
+        conn.close()
+    assert not store.has_blob(digest)
+    assert [p.name for p in store.blob_dir.iterdir()] == []
+    (line,) = [r for r in server.log_lines() if r.get("status") == 507]
+    assert "no space left on device" in line["error"] and "traceback" not in line

@@ -516,3 +516,17 @@ def test_connection_limits_are_settings_with_env_vars(store, monkeypatch):
     monkeypatch.setenv("MLXLITE_BODY_TIMEOUT", "0")
     with pytest.raises(BadRequest, match="MLXLITE_BODY_TIMEOUT"):
         make_server("127.0.0.1:0", store=store, engine=FakeEngine())
+
+
+def test_a_full_disk_from_anywhere_maps_to_507_naming_where():
+    """A raw ENOSPC (one no store code wrapped) is still the user's full disk, not a 500."""
+    import errno
+    import os
+
+    from mlxlite.server.daemon import error_body
+
+    exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/srv/models/x")
+    assert error_body(exc) == (507, {"error": "no space left on device at /srv/models/x"})
+    status, body = error_body(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), openai=True)
+    assert (status, body["error"]["message"], body["error"]["type"]) == (507, "disk quota exceeded", "api_error")
+    assert error_body(OSError(errno.EIO, "I/O error"))[0] == 500

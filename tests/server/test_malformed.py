@@ -71,6 +71,8 @@ def _json_cases():
                          ("messages", [{"role": "user", "content": 5}]),
                          ("messages", [{"role": "assistant", "tool_calls": [{"function": {"name": "f",
                                                                                          "arguments": "{x"}}]}]),
+                         ("messages", [{"role": "assistant", "tool_calls": [{"function": {"name": "f",
+                                                                                         "arguments": "[" * 5000}}]}]),
                          ("model", "missing")]:
         cases.append(("POST", "/v1/chat/completions", {**oa, field: value}))
     for body in ({"model": "fake", "prompt": 5}, {"model": "fake", "prompt": ["a", "b"]},
@@ -157,3 +159,96 @@ def test_openai_routes_use_openai_error_shape(srv):
     err = json.loads(payload)["error"]
     assert status == 400 and err["type"] == "invalid_request_error" and "invalid JSON" in err["message"]
     assert set(err) == {"message", "type", "param", "code"}
+
+
+LONE = "a\ud800b\udc00c"      # json.dumps writes each as a \\uXXXX escape: lone surrogates on the wire
+FIXED = "a\ufffdb\ufffdc"     # what Go's encoding/json (so Ollama) decodes them to
+
+
+@pytest.mark.parametrize(("path", "body", "seen"), [
+    ("/api/generate", {"prompt": LONE}, FIXED),
+    ("/api/generate", {"prompt": "hi", "system": LONE}, FIXED),
+    ("/api/generate", {"prompt": LONE, "raw": True}, FIXED),
+    ("/api/generate", {"prompt": LONE, "template": "{{ .Prompt }}!"}, FIXED + "!"),
+    ("/api/chat", {"messages": [{"role": "system", "content": LONE}, *MSG]}, FIXED),
+    ("/api/chat", {"messages": [{"role": "user", "content": LONE}]}, FIXED),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONE}]}, FIXED),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}]}, FIXED),
+    ("/v1/completions", {"prompt": LONE}, FIXED),
+])
+def test_lone_surrogates_in_prompts_read_as_replacement_characters(srv, path, body, seen):
+    stream = {"stream": False} if path.startswith("/api/") else {}
+    status, payload, _ = _send(srv, "POST", path, {"model": "fake", **body, **stream})
+    assert status == 200, payload
+    assert seen in srv.engine.prompts[-1] and "\ud800" not in srv.engine.prompts[-1]
+
+
+@pytest.mark.parametrize(("path", "key", "value", "vectors"), [
+    ("/api/embed", "input", LONE, lambda r: r["embeddings"]),
+    ("/api/embed", "input", [LONE, "x"], lambda r: r["embeddings"]),
+    ("/api/embeddings", "prompt", LONE, lambda r: [r["embedding"]]),
+    ("/v1/embeddings", "input", LONE, lambda r: [d["embedding"] for d in r["data"]]),
+])
+def test_lone_surrogates_in_embedding_inputs_embed_as_replacement_characters(srv, path, key, value, vectors):
+    status, payload, _ = _send(srv, "POST", path, {"model": "fake", key: value})
+    assert status == 200, payload
+    fixed = [FIXED if v == LONE else v for v in value] if isinstance(value, list) else FIXED
+    status, same, _ = _send(srv, "POST", path, {"model": "fake", key: fixed})
+    assert vectors(json.loads(payload)) == vectors(json.loads(same))
+
+
+def test_lone_surrogates_reach_no_real_tokenizer(store, tiny_gguf_model):
+    """The real tokenizer raised TypeError on a lone surrogate: a 500 before the fix."""
+    with RunningServer(None, store) as real:
+        opts = {"options": {"num_predict": 2, "temperature": 0}, "stream": False}
+        for path, body in [("/api/generate", {"prompt": LONE}),
+                           ("/api/chat", {"messages": [{"role": "user", "content": LONE}]}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONE}], "max_tokens": 2}),
+                           ("/api/embed", {"input": [LONE]})]:
+            extra = opts if path.startswith("/api/") and "embed" not in path else {}
+            status, payload, _ = _send(real, "POST", path, {"model": tiny_gguf_model, **body, **extra})
+            assert status == 200, (path, payload)
+
+
+def test_lone_surrogates_are_replaced_in_keys_and_at_any_depth():
+    from mlxlite.server.wire import replace_lone_surrogates
+
+    raw = ('{"k\\udfff": ' + '[' * 950 + '"\\ud83d\\ude00 \\ud800"' + ']' * 950 + "}").encode()
+    value = replace_lone_surrogates(json.loads(raw), raw)
+    ((key, inner),) = value.items()
+    for _ in range(950):
+        (inner,) = inner
+    assert (key, inner) == ("k\ufffd", "\U0001f600 \ufffd")   # a valid pair stays one character
+    clean = b'{"k": "\\\\ud800"}'                              # an escaped backslash, not a surrogate
+    assert replace_lone_surrogates(json.loads(clean), clean) == {"k": "\\ud800"}
+
+
+def _deep_schema(objects: int) -> bytes:
+    """JSON text of an object schema nested `objects` deep (two JSON levels each), written
+    without json.dumps, which cannot write what it cannot nest."""
+    return (b'{"type":"object","properties":{"a":' * objects + b'{"type":"string"}' + b"}}" * objects)
+
+
+@pytest.mark.parametrize("objects", [70, 150, 225, 450])
+@pytest.mark.parametrize("route", ["native", "openai"])
+def test_deeply_nested_schemas_are_a_400_naming_the_limit(srv, route, objects):
+    """300-450 levels deep (150-225 objects) compiling raised RecursionError: a 500. Past the
+    limit (128 levels: 63 nested objects fit) every depth is a 400 that names it."""
+    from mlxlite.constrain.schema import MAX_SCHEMA_DEPTH
+
+    schema = _deep_schema(objects)
+    if route == "native":
+        path, body = "/api/generate", b'{"model":"fake","prompt":"x","stream":false,"format":' + schema + b"}"
+    else:
+        path = "/v1/chat/completions"
+        body = (b'{"model":"fake","messages":[{"role":"user","content":"x"}],'
+                b'"response_format":{"type":"json_schema","json_schema":{"name":"s","schema":' + schema + b"}}}")
+    status, payload, ctype = _send(srv, "POST", path, body)
+    error = json.loads(payload)["error"]
+    message = error["message"] if route == "openai" else error
+    assert status == 400 and ctype.startswith("application/json")
+    assert f"at most {MAX_SCHEMA_DEPTH} levels" in message
+    ok = _deep_schema(MAX_SCHEMA_DEPTH // 2 - 1)
+    status, payload, _ = _send(srv, "POST", "/api/generate",
+                               b'{"model":"fake","prompt":"x","stream":false,"format":' + ok + b"}")
+    assert status == 200, payload

@@ -1,5 +1,6 @@
 """The content-addressed store: atomic blobs and manifests, verify, prune, concurrency."""
 
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlxlite import names
-from mlxlite.errors import BadRequest, IntegrityError, ModelNotFound
+from mlxlite.errors import BadRequest, InsufficientStorage, IntegrityError, ModelNotFound
 from mlxlite.store import MEDIA_FILE, TITLE, Layer, Store, build_manifest
 
 
@@ -227,3 +228,114 @@ def test_put_bytes_rewrites_a_damaged_small_blob(store):
     blob.write_bytes(b"x" * blob.stat().st_size)
     assert store.put_bytes(b"weights" * 1000) == digest
     assert store.verify() == []
+
+
+def test_listing_while_another_store_deletes_and_recreates_models(store):
+    """`rm` removes a model's folders (tag, namespace, host) while `list` walks them: every
+    listing must succeed and hold every untouched model. The churn runs on a second `Store`
+    over the same root, as a second daemon would; its names sit under their own hosts so
+    each delete empties three folders, which makes the race likely (before the fix every
+    run failed: 1-2% of its listings raised FileNotFoundError from os.scandir)."""
+    make_model(store, "base", {"w": b"x" * 100})
+    kept = {f"kept{i}:latest" for i in range(5)}
+    for name in kept:
+        store.copy("base", name)
+    other = Store(store.root)
+    rounds = 60
+    churned = []
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        try:
+            for i in range(rounds):
+                name = f"host{i % 4}.test/ns{i % 3}/churn:t{i % 2}"
+                other.copy("base", name)
+                other.remove(name)
+                churned.append(i)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    listings = failures = 0
+    while thread.is_alive() or listings == 0:
+        try:
+            shown = {e.name.display for e in store.list()}
+        except OSError as exc:
+            failures += 1
+            errors.append(exc)
+            continue
+        finally:
+            listings += 1
+        assert kept | {"base:latest"} <= shown
+    thread.join()
+    assert (errors, failures, len(churned)) == ([], 0, rounds)
+    assert {e.name.display for e in store.list()} == kept | {"base:latest"}
+
+
+def blobs_on_dev_full(monkeypatch) -> None:
+    """Blob writes land on /dev/full, where every write fails with the kernel's own ENOSPC
+    (a full disk without root or a loop mount); the temp file in the store stays the real one."""
+    from mlxlite.store.blobio import BlobWriter
+
+    real_init = BlobWriter.__init__
+
+    def init(self, blob_dir):
+        real_init(self, blob_dir)
+        self._fh.close()
+        self._fh = open("/dev/full", "wb")  # noqa: SIM115 (closed by commit/abort)
+
+    monkeypatch.setattr(BlobWriter, "__init__", init)
+
+
+def fsync_fails_with_enospc(monkeypatch) -> None:
+    """fsync reports the full disk (as it does on NFS and thin-provisioned volumes)."""
+    def fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_full_disk_is_insufficient_storage_naming_the_folder(store, monkeypatch):
+    make_model(store, "base", {"w": b"x" * 100})
+    with monkeypatch.context() as m:
+        blobs_on_dev_full(m)
+        with pytest.raises(InsufficientStorage, match=f"^no space left on device at {store.blob_dir}$") as info:
+            store.put_bytes(b"y" * (1 << 20))
+        assert info.value.status == 507
+    with monkeypatch.context() as m:
+        fsync_fails_with_enospc(m)
+        with pytest.raises(InsufficientStorage, match=f"at {store.manifest_path(names.parse('other')).parent}$"):
+            store.copy("base", "other")
+    def link_or_symlink(src, dst, *args, **kwargs):   # their errors name the source: the wrong disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src), str(dst))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "link", link_or_symlink)
+        m.setattr(os, "symlink", link_or_symlink)
+        src = store.root.parent / "weights.bin"
+        src.write_bytes(b"z" * 1000)
+        with pytest.raises(InsufficientStorage, match=f"at {store.blob_dir}$"):
+            store.put_file(src)
+        with pytest.raises(InsufficientStorage, match=f"at {store.view_root}$"):
+            store.view(store.resolve("base"))
+    assert [p.name for p in store.blob_dir.iterdir() if p.name.startswith(".tmp")] == []
+    assert [e.name.display for e in store.list()] == ["base:latest"]
+    assert list(store.manifest_path(names.parse("other")).parent.iterdir()) == []
+    assert list(store.view_root.iterdir()) == []
+
+
+def test_a_load_on_a_full_disk_does_not_fail_for_want_of_its_memo(store, monkeypatch):
+    """The verified-blob memo only saves re-hashing: failing to write it must not fail the
+    integrity check (it raised OSError ENOSPC before)."""
+    make_model(store, "m", {"w": b"x" * 100})
+    entry = store.resolve("m")
+
+    def write_text(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    store.check_integrity(entry)
+    assert store.verify() == []
+    assert not store._memo_path().exists()
+    assert [p.name for p in store.root.iterdir() if p.name.startswith(".tmp")] == []
