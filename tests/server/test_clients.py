@@ -111,6 +111,29 @@ def test_openai_client_models_chat_completions_embeddings(real, tiny_gguf_model)
         client.chat.completions.create(model="tiny-gguf", messages=msgs, temperature=7)
 
 
+def test_langchain_ollama_embeddings_send_null_options_and_get_vectors(real, tiny_gguf_model):
+    # Imported here: langchain is heavy and only this test needs it.
+    from langchain_ollama import OllamaEmbeddings
+
+    # It sends all of its 13 options, the unset ones as null: Ollama skips those.
+    vector = OllamaEmbeddings(model="tiny-gguf", base_url=real.url).embed_query("hello")
+    assert vector == ollama.Client(host=real.url).embed("tiny-gguf", "hello").embeddings[0]
+    assert len(vector) == 64
+    assert [r["status"] for r in real.log_lines() if r["path"] == "/api/embed"] == [200, 200]
+
+
+def test_llama_index_ollama_complete_with_null_temperature(real, tiny_gguf_model):
+    # Imported here: llama-index is heavy and only this test needs it.
+    from llama_index.llms.ollama import Ollama
+
+    # Built as its docs show: it sends "temperature": null (and num_ctx from /api/show).
+    llm = Ollama(model="tiny-gguf", base_url=real.url, request_timeout=120,
+                 additional_kwargs={"num_predict": 8, "seed": 1})
+    out = llm.complete("Hello")
+    assert isinstance(out.text, str) and out.raw["eval_count"] == 8 and out.raw["done_reason"] == "length"
+    assert [r["status"] for r in real.log_lines() if r["path"] == "/api/chat"] == [200]
+
+
 def test_safetensors_model_serves_too(store, tiny_safetensors_model):
     with RunningServer(None, store) as srv:
         client = ollama.Client(host=srv.url)

@@ -20,8 +20,9 @@ def test_generate_defaults_and_fields():
 @pytest.mark.parametrize("body,match", [
     (None, "missing request body"), ([], "JSON object"), ({}, "model is required"),
     ({"model": 3}, "invalid model: expected a string"), ({"model": "m", "stream": 1}, "invalid stream"),
-    ({"model": "m", "options": {"nope": 1}}, "'nope': unknown option"),
-    ({"model": "m", "options": {"top_p": 3}}, "outside"), ({"model": "m", "keep_alive": "soon"}, "duration"),
+    ({"model": "m", "options": {"top_p": 3}}, "outside"), ({"model": "m", "options": {"top_k": "5"}}, "top_k"),
+    ({"model": "m", "options": {"stop": [None]}}, "stop"), ({"model": "m", "options": []}, "options"),
+    ({"model": "m", "keep_alive": "soon"}, "duration"),
     ({"model": "m", "format": "yaml"}, "format"), ({"model": "m", "raw": True, "system": "x"}, "raw mode"),
     ({"model": "m", "top_logprobs": 21}, "between 0 and 20"), ({"model": "m", "think": True}, "thinking"),
     ({"model": "m", "context": [1, "x"]}, "context"),
@@ -29,6 +30,23 @@ def test_generate_defaults_and_fields():
 def test_generate_rejects_bad_fields_naming_them(body, match):
     with pytest.raises(BadRequest, match=match):
         api.parse_generate(body)
+
+
+def test_null_options_are_unset_and_unknown_ones_ignored_and_logged_once(caplog):
+    """Ollama's reading of `options`: LangChain's OllamaEmbeddings sends all 13 of its
+    options with the unset ones null, LlamaIndex sends "temperature": null."""
+    langchain = {"mirostat": None, "mirostat_eta": None, "mirostat_tau": None, "num_ctx": None, "num_gpu": None,
+                 "num_thread": None, "repeat_last_n": None, "repeat_penalty": None, "temperature": None,
+                 "stop": None, "tfs_z": None, "top_k": None, "top_p": None}
+    assert api.parse_embed({"model": "m", "input": ["hello"], "options": langchain}).options == {}
+    req = api.parse_chat({"model": "m", "messages": [], "options": {"temperature": None, "num_ctx": 2048}})
+    assert req.options == {"num_ctx": 2048}
+    name = "made_up_option_for_this_test"
+    with caplog.at_level("WARNING", logger="mlxlite.options"):
+        for _ in range(3):
+            req = api.parse_generate({"model": "m", "options": {name: 1, "top_k": 5, "seed": None}})
+            assert req.options == {"top_k": 5}
+    assert [r.getMessage() for r in caplog.records] == [f"ignoring unknown option {name!r}"]
 
 
 def test_bad_names_and_images():
