@@ -181,6 +181,26 @@ def test_tool_calls_come_back_whole_native_and_openai(srv):
     assert plain["message"]["content"] == srv.engine.reply
 
 
+def test_openai_tool_calls_have_openai_shapes_whole_and_streamed(srv):
+    srv.engine.reply = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    body = {"model": "fake", "messages": [{"role": "user", "content": "weather?"}], "tools": tools}
+    _, oa = call(srv, "POST", "/v1/chat/completions", body)
+    message = oa["choices"][0]["message"]
+    # A whole message: content null beside the calls, and no `index` (a stream-delta field).
+    assert message["content"] is None
+    (tool_call,) = message["tool_calls"]
+    assert set(tool_call) == {"id", "type", "function"} and tool_call["type"] == "function"
+    _, text = call(srv, "POST", "/v1/chat/completions", {**body, "stream": True})
+    deltas = [json.loads(e[6:])["choices"][0]["delta"] for e in text.split("\n\n") if e.startswith("data: {")]
+    (streamed,) = [c for d in deltas for c in d.get("tool_calls") or []]
+    assert streamed["index"] == 0 and streamed["function"] == tool_call["function"]
+    # Text beside no calls stays a string, empty or not.
+    srv.engine.reply = "plain"
+    _, oa = call(srv, "POST", "/v1/chat/completions", body)
+    assert oa["choices"][0]["message"]["content"] == "plain" and "tool_calls" not in oa["choices"][0]["message"]
+
+
 def test_openai_shapes(srv):
     msgs = [{"role": "user", "content": "hi"}]
     _, chat = call(srv, "POST", "/v1/chat/completions", {"model": "fake", "messages": msgs, "max_tokens": 3,
