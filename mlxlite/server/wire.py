@@ -406,11 +406,15 @@ class Summary:
     tokens: list[int] = field(default_factory=list)     # prompt + output ids (for `context`)
 
     def metrics(self) -> dict:
+        """The final chunk's counts. `prompt_eval_count` is the whole prompt, as Ollama
+        reports it (LangChain and Open WebUI read it as the input tokens); the part served
+        from the prefix cache is `prompt_cached_count`, sent when there is one, and
+        `prompt_eval_duration` is the time spent on the rest."""
         cached = self.prompt_tokens - self.prompt_eval_tokens
         out = {
             "total_duration": ns(time.perf_counter() - self.started),
             "load_duration": ns(self.load_seconds),
-            "prompt_eval_count": self.prompt_eval_tokens,
+            "prompt_eval_count": self.prompt_tokens,
             "prompt_eval_duration": ns(self.prompt_seconds),
             "eval_count": self.eval_tokens,
             "eval_duration": ns(self.eval_seconds),

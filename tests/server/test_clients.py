@@ -122,6 +122,20 @@ def test_langchain_ollama_embeddings_send_null_options_and_get_vectors(real, tin
     assert [r["status"] for r in real.log_lines() if r["path"] == "/api/embed"] == [200, 200]
 
 
+def test_langchain_chat_ollama_counts_the_whole_prompt_when_it_comes_from_the_cache(real, tiny_gguf_model):
+    # Imported here: langchain is heavy and only these tests need it.
+    from langchain_ollama import ChatOllama
+
+    llm = ChatOllama(model="tiny-gguf", base_url=real.url, num_predict=4, seed=1)
+    first = llm.invoke("What is the capital of France?")
+    second = llm.invoke("What is the capital of France?")    # all but its last token are cached
+    n = first.usage_metadata["input_tokens"]
+    assert n > 5 and second.usage_metadata["input_tokens"] == n
+    one, two = [r for r in real.log_lines() if r["path"] == "/api/chat"]
+    assert one["prompt_tokens"] == two["prompt_tokens"] == n
+    assert two["cached_tokens"] == n - 1 and two["prompt_eval_tokens"] == 1
+
+
 def test_llama_index_ollama_complete_with_null_temperature(real, tiny_gguf_model):
     # Imported here: llama-index is heavy and only this test needs it.
     from llama_index.llms.ollama import Ollama
