@@ -68,6 +68,9 @@ def _events(ctx: Any, ticket: Any, summary: Summary, tool_names: list[str] | Non
             summary.tokens = list(event.prompt_tokens)
             ctx.log["queue_ms"] = round(getattr(event, "queue_seconds", 0.0) * 1e3, 2)
             ctx.log["batch_size"] = getattr(event, "batch_size", 0)
+            summary.truncated_messages = getattr(event, "truncated_messages", 0)
+            if summary.truncated_messages:
+                ctx.log["truncated_messages"] = summary.truncated_messages
             continue
         if is_finish(event):
             summary.reason = event.reason

@@ -166,7 +166,7 @@ def test_second_chat_turn_computes_only_the_new_tokens(store, tiny_gguf_model):
         prompt_two = len(two["context"]) - two["eval_count"]      # context = prompt + output
         # prompt_eval_count is the whole prompt (as Ollama reports it), cached part included.
         assert two["prompt_eval_count"] == prompt_two and one["prompt_eval_count"] == len(context) - one["eval_count"]
-        (_, line) = [r for r in srv.log_lines() if r.get("path") == "/api/generate"]
+        (line,) = [r for r in srv.logged("/api/generate", 2) if r["prompt_tokens"] == prompt_two]
         assert line["prompt_eval_tokens"] == prompt_two - (len(context) - 1)
         # A chat: turn two resends the history; its rendered prefix comes from the cache.
         messages = [{"role": "user", "content": "What is the capital of France?"}]
