@@ -23,14 +23,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.constrain.test_constrain import SCHEMAS, _distance  # noqa: E402
-
 from mlxlite.constrain import TokenConstraint  # noqa: E402
 from mlxlite.constrain import recognizer as cj  # noqa: E402
 from mlxlite.constrain.tokens import _VOCABS  # noqa: E402
 from mlxlite.engine.text import token_table  # noqa: E402
 from mlxlite.formats import gguf  # noqa: E402
 from mlxlite.remote import catalog  # noqa: E402
+from tests.constrain.test_constrain import SCHEMAS, _distance  # noqa: E402
 
 
 def vocab() -> tuple[list[bytes], int]:
