@@ -2,17 +2,24 @@
 
 Pure (no mlx): the API validates requests with it, the Modelfile parser checks
 `PARAMETER` lines with it, the CLI parses `/set parameter` with it, and the runner maps
-the result onto mlx-lm's samplers. Unknown keys, wrong types and out-of-range values
-are `BadRequest`s that name the field. Layering: defaults < model params < request.
+the result onto mlx-lm's samplers. Wrong types and out-of-range values are `BadRequest`s
+that name the field. A request's `options` object is read as Ollama reads it
+(`parse_partial`): `null` values are skipped (clients send every option, unset ones as
+null) and unknown names are ignored, logged once per name; `coerce` (Modelfile, CLI)
+still refuses unknown names. Layering: defaults < model params < request.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from mlxlite.errors import BadRequest
+
+log = logging.getLogger("mlxlite.options")
 
 
 @dataclass(frozen=True)
@@ -149,13 +156,35 @@ def coerce(name: str, value: Any, *, from_text: bool = False) -> Any:
     return value
 
 
+_ignored: set[str] = set()         # unknown option names already logged (once each)
+_ignored_lock = threading.Lock()
+
+
 def parse_partial(values: Any) -> dict[str, Any]:
-    """Validate a request's `options` object into {name: value}."""
+    """Validate a request's `options` object into {name: value}, as Ollama does: a null
+    value is "not set" and skipped; an unknown name is ignored (logged once per name);
+    a present value of a known option is still checked for type and range."""
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise BadRequest("invalid options: expected an object")
-    return {name: coerce(name, value) for name, value in values.items()}
+    out = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name not in SPECS:
+            _log_ignored(name)
+            continue
+        out[name] = coerce(name, value)
+    return out
+
+
+def _log_ignored(name: str) -> None:
+    with _ignored_lock:
+        if name in _ignored or len(_ignored) >= 1024:   # bounded: names come from clients
+            return
+        _ignored.add(name)
+    log.warning("ignoring unknown option %r", name[:100])
 
 
 def parse(values: Any, base: Options | None = None) -> Options:

@@ -238,6 +238,12 @@ class RunningServer:
 
         return [json.loads(line) for line in self.log.getvalue().splitlines() if line.strip()]
 
+    def logged(self, path: str, count: int) -> list[dict]:
+        """The log lines of `path`, once there are `count` (a line is written just after its
+        response, so a client can read the response first)."""
+        wait_for(lambda: len([r for r in self.log_lines() if r.get("path") == path]) >= count, 10, f"{path} logs")
+        return [r for r in self.log_lines() if r.get("path") == path]
+
     def close(self) -> None:
         self.server.close()
 

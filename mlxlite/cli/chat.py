@@ -150,8 +150,8 @@ class DaemonBackend:
                 ns = 1e-9
                 stats.total = chunk.get("total_duration", 0) * ns
                 stats.load = chunk.get("load_duration", 0) * ns
-                stats.prompt_eval_tokens = chunk.get("prompt_eval_count", 0)
-                stats.prompt_tokens = stats.prompt_eval_tokens + chunk.get("prompt_cached_count", 0)
+                stats.prompt_tokens = chunk.get("prompt_eval_count", 0)     # the whole prompt
+                stats.prompt_eval_tokens = stats.prompt_tokens - chunk.get("prompt_cached_count", 0)
                 stats.prompt_seconds = chunk.get("prompt_eval_duration", 0) * ns
                 stats.eval_tokens = chunk.get("eval_count", 0)
                 stats.eval_seconds = chunk.get("eval_duration", 0) * ns

@@ -7,7 +7,9 @@ Pure: no mlx. Contract:
     tokens with `<0xNN>` byte fallback and `▁` -> space; special/control tokens and ids
     past the vocabulary are b"" (they never print and never match text).
   - `TextStream(table)`: `add(token) -> str` returns the text that became complete with
-    this token (partial UTF-8 is held back), `flush()` the rest at the end.
+    this token (partial UTF-8 is held back), `flush()` at the end drops a character whose
+    bytes never completed (num_predict cut it), so whole and streamed text agree, and
+    neither ends in U+FFFD. Invalid bytes inside the text still decode to U+FFFD.
   - `StopMatcher(stops)`: `feed(text) -> (emit, stopped)`; the stop string and anything
     after it are never emitted; text that may begin a stop string is held back until it
     cannot; `flush()` returns what was held when generation ends another way; `matched`
@@ -94,7 +96,10 @@ class TextStream:
         return self._decoder.decode(data) if data else ""
 
     def flush(self) -> str:
-        return self._decoder.decode(b"", final=True)
+        # The decoder holds only the bytes of a character that may still complete; at the
+        # end it never will: drop them rather than emit a U+FFFD the stream never showed.
+        self._decoder.reset()
+        return ""
 
 
 class StopMatcher:

@@ -2,8 +2,9 @@
 
 Contract (used by `scheduler.Scheduler` on its MLX thread only; no mlx import):
   - `Batches(sched, num_parallel, prefix_cache_bytes)`.
-  - `admit(ticket, job, resident, load_seconds)`: renders and tokenizes the prompt, builds
-    the constraint, looks up the longest cached prefix, sends `Ready` and adds the sequence
+  - `admit(ticket, job, resident, load_seconds)`: renders and tokenizes the prompt (a chat
+    fitted to the request's num_ctx, `Ready.truncated_messages` saying how many messages it
+    lost), builds the constraint, looks up the longest cached prefix, sends `Ready` and adds the sequence
     to the model's decoder (the engine's `decoder(loaded, max_batch, keep_caches)`, or
     `SerialDecoder` over `engine.generate` for engines without one). Prompt errors raise.
   - `step()`: one step of every model's decoder that has work, round-robin (a request for
@@ -242,10 +243,18 @@ class Batches:
         member = self._members.get(key)
         return member.ticket.cancel_event if member is not None else None
 
+    def _context_window(self, loaded: Any, options: Any) -> int:
+        """The num_ctx the engine will use (engines without `context_window`: the same rule)."""
+        window = getattr(self.sched.engine, "context_window", None)
+        if window is not None:
+            return int(window(loaded, options))
+        return max(4, min(options.num_ctx or self.sched.num_ctx, int(loaded.context_length)))
+
     def admit(self, ticket: Any, job: Any, resident: Any, load_seconds: float) -> None:
         engine, loaded = self.sched.engine, resident.loaded
-        tokens = list(job.prompt.to_tokens(loaded, engine))
         options = loaded.defaults.merged(job.options)
+        rendered = job.prompt.render(loaded, engine, self._context_window(loaded, options), options.num_predict)
+        tokens = list(rendered.tokens)
         constraint = None
         if job.format is not None:
             if resident.token_bytes is None:
@@ -264,7 +273,8 @@ class Batches:
         member = _Member(ticket, job, digest)
         self._members[ticket.id] = member
         queue_s = time.monotonic() - ticket.submitted
-        ticket.replies.put(Ready(load_seconds, tuple(tokens), queue_seconds=queue_s, batch_size=len(dec)))
+        ticket.replies.put(Ready(load_seconds, tuple(tokens), queue_seconds=queue_s, batch_size=len(dec),
+                                 truncated_messages=rendered.truncated_messages))
         self.queue_seconds.observe(queue_s)
 
     # ---- stepping ---------------------------------------------------------------------------

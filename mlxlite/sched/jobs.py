@@ -24,8 +24,9 @@ from mlxlite.errors import MlxliteError
 # ---- jobs (what HTTP threads submit) -----------------------------------------------
 @dataclass(frozen=True)
 class GenerateJob:
-    """Generate from a prompt. `prompt` is duck-typed: `prompt.to_tokens(loaded, engine)`
-    renders and tokenizes it on the MLX thread (the template lives on the loaded model)."""
+    """Generate from a prompt. `prompt` is duck-typed: `prompt.render(loaded, engine, num_ctx,
+    num_predict)` renders and tokenizes it on the MLX thread (the template lives on the
+    loaded model), fitting a chat to num_ctx: `.tokens`, `.truncated_messages`."""
 
     entry: Any                      # store.ModelEntry
     prompt: Any
@@ -68,6 +69,7 @@ class Ready:
     prompt_tokens: tuple[int, ...] = ()
     queue_seconds: float = 0.0
     batch_size: int = 0             # sequences of this model decoding or waiting, this one included
+    truncated_messages: int = 0     # the chat's oldest messages left out to fit num_ctx
 
 
 @dataclass(frozen=True)

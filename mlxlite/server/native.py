@@ -69,6 +69,9 @@ def _events(ctx: Any, ticket: Any, summary: Summary, tool_names: list[str] | Non
             summary.prompt_tokens = len(event.prompt_tokens)    # known now; Finish has the final count
             ctx.log["queue_ms"] = round(getattr(event, "queue_seconds", 0.0) * 1e3, 2)
             ctx.log["batch_size"] = getattr(event, "batch_size", 0)
+            summary.truncated_messages = getattr(event, "truncated_messages", 0)
+            if summary.truncated_messages:
+                ctx.log["truncated_messages"] = summary.truncated_messages
             continue
         if is_finish(event):
             summary.reason = event.reason

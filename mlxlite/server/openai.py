@@ -159,10 +159,15 @@ def _finish_reason(summary: Summary, calls: bool) -> str:
     return "length" if summary.reason == "length" else "stop"
 
 
-def _openai_calls(calls: list) -> list[dict]:
-    return [{"id": f"call_{secrets.token_hex(8)}", "index": i, "type": "function",
-             "function": {"name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"])}}
-            for i, c in enumerate(calls)]
+def _openai_calls(calls: list, *, streamed: bool) -> list[dict]:
+    """OpenAI's tool calls: `index` only in stream deltas (where it says which call a
+    fragment belongs to), never in a whole message, as OpenAI sends them."""
+    out = []
+    for i, c in enumerate(calls):
+        call = {"id": f"call_{secrets.token_hex(8)}", "type": "function",
+                "function": {"name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"])}}
+        out.append({"index": i, **call} if streamed else call)
+    return out
 
 
 def _logprob(item: Any) -> list[dict]:
@@ -210,9 +215,11 @@ def handle_chat_completions(ctx: Any) -> Reply | Stream:
             else:
                 texts.append(item.text)
                 logprobs.extend(_logprob(item))
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
+        text = "".join(texts)
+        # OpenAI sends `content: null` beside tool calls when the model wrote no text.
+        message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
         if calls:
-            message["tool_calls"] = _openai_calls(calls)
+            message["tool_calls"] = _openai_calls(calls, streamed=False)
         return Reply({"id": cid, "object": "chat.completion", "created": created, "model": model,
                       "system_fingerprint": FINGERPRINT,
                       "choices": [{"index": 0, "message": message,
@@ -232,7 +239,7 @@ def handle_chat_completions(ctx: Any) -> Reply | Stream:
             first = False
             if isinstance(item, Calls):
                 any_calls = True
-                delta["tool_calls"] = _openai_calls(item.calls)
+                delta["tool_calls"] = _openai_calls(item.calls, streamed=True)
                 delta.setdefault("content", None)
             else:
                 delta["content"] = item.text

@@ -1,9 +1,11 @@
 """Wire types of the native (Ollama-compatible) API: request parsing, response shapes.
 
 Contract: `parse_*` functions take a decoded JSON body and return frozen dataclasses or
-raise `BadRequest` naming the field (wrong type, out of range, unknown option key),
-before any byte of a response is written. `PromptSpec.to_tokens` turns a request's
-prompt into token ids on the MLX thread (the chat template lives on the loaded model).
+raise `BadRequest` naming the field (wrong type, out of range), before any byte of a
+response is written. `PromptSpec.render` turns a request's prompt into token ids on the
+MLX thread (the chat template lives on the loaded model); a chat longer than num_ctx
+loses its oldest whole messages (never the system prompt, never the latest message, never
+part of one) unless the request says `truncate: false`, and `Rendered` says how many.
 `Reply` and `Stream` are what route handlers return to `daemon.py`. Shapes follow
 Ollama's `docs/api.md`: durations in nanoseconds, `created_at` RFC 3339 in UTC.
 Never imports mlx.
@@ -232,6 +234,21 @@ def supports_tools(template: Any) -> bool:
 
 
 @dataclass(frozen=True)
+class Rendered:
+    """A prompt as token ids, and how many of the chat's oldest messages were left out."""
+
+    tokens: list[int]
+    truncated_messages: int = 0
+
+
+def output_room(num_ctx: int, num_predict: int) -> int:
+    """Tokens kept free for the reply when a prompt must shrink to fit: num_predict when
+    set, else half the window (the engine's `truncate` keeps the same room)."""
+    room = num_predict if num_predict > 0 else num_ctx // 2
+    return max(1, min(room, num_ctx // 2))
+
+
+@dataclass(frozen=True)
 class PromptSpec:
     """A request's prompt before the model's template is known."""
 
@@ -244,24 +261,75 @@ class PromptSpec:
     suffix: str | None = None
     tools: tuple[dict, ...] | None = None
     context: tuple[int, ...] = ()
+    fit: bool = True                            # chat: drop the oldest messages to fit num_ctx
 
     def to_tokens(self, loaded: Any, engine: Any) -> list[int]:
+        return self.render(loaded, engine).tokens
+
+    def render(self, loaded: Any, engine: Any, num_ctx: int = 0, num_predict: int = -1) -> Rendered:
+        """Token ids of the prompt. A chat (`messages`) of num_ctx tokens or more, with
+        `fit`, keeps its system messages and its latest messages: the oldest others are
+        dropped whole until the prompt leaves `output_room` for the reply; if even the
+        latest message alone cannot fit, that is a `BadRequest`."""
         if self.suffix:
             raise BadRequest(f'"{self.model}" does not support insert')
         if self.tools and not supports_tools(loaded.template):
             raise BadRequest(f'"{self.model}" does not support tools')
         context = list(self.context)
         if self.raw:
-            return context + engine.tokenize(loaded, self.prompt or "", add_special=not context)
+            return Rendered(context + engine.tokenize(loaded, self.prompt or "", add_special=not context))
         system = self.system if self.system is not None else loaded.system
         if self.template is not None:
             text = render_go_template(self.template, system or "", self.prompt or "")
-            return context + engine.tokenize(loaded, text, add_special=not context)
+            return Rendered(context + engine.tokenize(loaded, text, add_special=not context))
         chat = list(self.messages) if self.messages is not None else [{"role": "user", "content": self.prompt or ""}]
         messages = templates.assemble(chat, system, loaded.messages)
-        text = loaded.template.render(messages, tools=list(self.tools) if self.tools else None,
-                                      add_generation_prompt=True)
-        return context + engine.tokenize(loaded, text, add_special=False)
+        tools = list(self.tools) if self.tools else None
+
+        def tokens_of(msgs: list[dict]) -> list[int]:
+            text = loaded.template.render(msgs, tools=tools, add_generation_prompt=True)
+            return context + engine.tokenize(loaded, text, add_special=False)
+
+        tokens = tokens_of(messages)
+        if self.messages is None or not self.fit or num_ctx <= 0 or len(tokens) < num_ctx:
+            return Rendered(tokens)
+        return _fit_chat(messages, tokens_of, num_ctx, output_room(num_ctx, num_predict))
+
+
+def _fit_chat(messages: list[dict], tokens_of: Any, num_ctx: int, room: int) -> Rendered:
+    """The chat without its oldest non-system messages, dropped whole: the fewest that
+    leave `room` tokens for the reply. A cut only ever starts the kept turns at a user
+    message (templates that insist on user/assistant alternation stay happy) or at the
+    latest message. The latest message is always kept; if it cannot fit, a 400."""
+    turns = [i for i, m in enumerate(messages) if m.get("role") != "system"]
+    # cuts[k]: drop turns[:cuts[k]]; ascending, so the prompt shrinks (or stays) along it.
+    cuts = [j for j in range(1, len(turns)) if messages[turns[j]].get("role") == "user"]
+    if turns and (not cuts or cuts[-1] != len(turns) - 1):
+        cuts.append(len(turns) - 1)
+
+    def kept(cut: int) -> list[dict]:
+        gone = set(turns[:cut])
+        return [m for i, m in enumerate(messages) if i not in gone]
+
+    best: Rendered | None = None
+    lo, hi = 0, len(cuts) - 1
+    while lo <= hi:         # the fewest dropped that fit, in log2(len) renders
+        mid = (lo + hi) // 2
+        tokens = tokens_of(kept(cuts[mid]))
+        if len(tokens) + room <= num_ctx:
+            best, hi = Rendered(tokens, cuts[mid]), mid - 1
+        else:
+            lo = mid + 1
+    if best is not None:
+        return best
+    if cuts:                # nothing leaves the whole room: the latest message alone, if it fits at all
+        tokens = tokens_of(kept(cuts[-1]))
+        if len(tokens) < num_ctx:
+            return Rendered(tokens, cuts[-1])
+    else:
+        tokens = tokens_of(messages)
+    raise BadRequest(f"the chat's latest message does not fit the context window: the prompt is {len(tokens)} "
+                     f"tokens with every older message dropped, num_ctx={num_ctx}; shorten it or raise num_ctx")
 
 
 # ---- native requests -----------------------------------------------------------------
@@ -364,7 +432,10 @@ def parse_chat(body: Any) -> GenerateRequest:
     messages = get(body, "messages", list, [])
     parsed = tuple(_message(i, m) for i, m in enumerate(messages))
     tools = parse_tools(body.get("tools"))
-    spec = PromptSpec(name.display, messages=parsed, tools=tools)
+    # A chat is fitted to num_ctx by whole messages (Ollama's default); `truncate: false`
+    # refuses instead. The engine never cuts a chat's tokens.
+    spec = PromptSpec(name.display, messages=parsed, tools=tools, fit=body.get("truncate") is not False)
+    common["truncate"] = False
     return GenerateRequest(name, spec, empty=not parsed, **common)
 
 
@@ -441,21 +512,29 @@ class Summary:
     load_seconds: float = 0.0
     prompt_seconds: float = 0.0
     eval_seconds: float = 0.0
+    truncated_messages: int = 0     # the chat's oldest messages left out to fit num_ctx
     started: float = field(default_factory=time.perf_counter)
     tokens: list[int] = field(default_factory=list)     # prompt + output ids (for `context`)
 
     def metrics(self) -> dict:
+        """The final chunk's counts. `prompt_eval_count` is the whole prompt, as Ollama
+        reports it (LangChain and Open WebUI read it as the input tokens); the part served
+        from the prefix cache is `prompt_cached_count`, sent when there is one, and
+        `prompt_eval_duration` is the time spent on the rest. `truncated_messages` (when
+        non-zero): how many of the chat's oldest messages were left out to fit num_ctx."""
         cached = self.prompt_tokens - self.prompt_eval_tokens
         out = {
             "total_duration": ns(time.perf_counter() - self.started),
             "load_duration": ns(self.load_seconds),
-            "prompt_eval_count": self.prompt_eval_tokens,
+            "prompt_eval_count": self.prompt_tokens,
             "prompt_eval_duration": ns(self.prompt_seconds),
             "eval_count": self.eval_tokens,
             "eval_duration": ns(self.eval_seconds),
         }
         if cached > 0:
             out["prompt_cached_count"] = cached
+        if self.truncated_messages:
+            out["truncated_messages"] = self.truncated_messages
         return out
 
 

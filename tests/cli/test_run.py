@@ -96,6 +96,13 @@ def test_through_a_running_daemon_the_answer_is_the_same(run_cli, store, tiny_gg
         code, remote, err = run_cli("run", tiny_gguf_model, "Hello there", *GREEDY)
         assert code == 0, err
         assert remote == local
+        # Again: all but the last prompt token come from the prefix cache, and -v says so.
+        code, _, err = run_cli("run", tiny_gguf_model, "Hello there", *GREEDY, "--verbose")
+        assert code == 0, err
+        chats = lambda: [line for line in srv.log_lines() if line.get("path") == "/api/chat"]  # noqa: E731
+        wait_for(lambda: len(chats()) == 2, 10, "the second chat log line")
+        whole = chats()[-1]["prompt_tokens"]
+        assert re.search(rf"^prompt eval count:\s+1 token\(s\) \({whole - 1} cached\)", err, re.M), err
         # The log line is written once the response is finished: wait for it.
         wait_for(lambda: any(line.get("path") == "/api/chat" for line in srv.log_lines()), 10, "the chat log line")
         code, out, _ = run_cli("ps")

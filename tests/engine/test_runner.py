@@ -251,6 +251,42 @@ def test_num_predict_limits_tokens(tiny):
     assert pieces == [] and finish.reason == "length"
 
 
+def test_num_predict_cutting_a_character_drops_it_not_a_trailing_u_fffd(tiny):
+    """num_predict can stop between the bytes of one character (byte-level tokens): the
+    text ends before that character, as a stream that held its bytes back shows it, in
+    `generate` and in the batch decoder alike, never with a U+FFFD for it."""
+    import codecs
+
+    from mlxlite.engine import runner
+
+    found = None
+    for seed in range(40):      # sampled text over the byte alphabet: a lead byte comes soon
+        kw = dict(num_predict=48, temperature=1.5, top_k=0, top_p=1.0, seed=seed)
+        pieces, _ = run(tiny, "emoji 😀 café", **kw)
+        dec = codecs.getincrementaldecoder("utf-8")("replace")
+        for k, p in enumerate(pieces, 1):
+            dec.decode(tiny.table[p.token])
+            if dec.getstate()[0]:       # bytes of an unfinished character are pending
+                found = (seed, k, pieces[:k])
+                break
+        if found:
+            break
+    assert found, "no sampled text stopped inside a character"
+    seed, k, cut = found
+    data = b"".join(tiny.table[p.token] for p in cut)
+    expected = codecs.getincrementaldecoder("utf-8")("replace").decode(data)   # the complete characters
+    kw = dict(num_predict=k, temperature=1.5, top_k=0, top_p=1.0, seed=seed)
+    pieces, finish = run(tiny, "emoji 😀 café", **kw)
+    assert [p.token for p in pieces] == [p.token for p in cut] and finish.reason == "length"
+    assert text_of(pieces, finish) == expected
+    dec = runner.decoder(tiny, 4)
+    dec.add("a", runner.tokenize(tiny, "emoji 😀 café"), opts(**kw))
+    got: list = []
+    while len(dec):
+        got.extend(item for _, item in dec.step(lambda key: False))
+    assert "".join(p.text for p in got[:-1]) + got[-1].text_tail == expected
+
+
 def test_num_predict_unlimited_stops_at_the_context_end(tiny):
     from mlxlite.engine import runner
 

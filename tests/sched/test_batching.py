@@ -164,7 +164,10 @@ def test_second_chat_turn_computes_only_the_new_tokens(store, tiny_gguf_model):
         # fed back); turn two computes the rest: that last token plus its own prompt.
         assert two["prompt_cached_count"] == len(context) - 1
         prompt_two = len(two["context"]) - two["eval_count"]      # context = prompt + output
-        assert two["prompt_eval_count"] == prompt_two - (len(context) - 1)
+        # prompt_eval_count is the whole prompt (as Ollama reports it), cached part included.
+        assert two["prompt_eval_count"] == prompt_two and one["prompt_eval_count"] == len(context) - one["eval_count"]
+        (line,) = [r for r in srv.logged("/api/generate", 2) if r["prompt_tokens"] == prompt_two]
+        assert line["prompt_eval_tokens"] == prompt_two - (len(context) - 1)
         # A chat: turn two resends the history; its rendered prefix comes from the cache.
         messages = [{"role": "user", "content": "What is the capital of France?"}]
         status, c1 = post(srv, "/api/chat", {"model": tiny_gguf_model, "messages": messages,

@@ -111,6 +111,43 @@ def test_openai_client_models_chat_completions_embeddings(real, tiny_gguf_model)
         client.chat.completions.create(model="tiny-gguf", messages=msgs, temperature=7)
 
 
+def test_langchain_ollama_embeddings_send_null_options_and_get_vectors(real, tiny_gguf_model):
+    # Imported here: langchain is heavy and only this test needs it.
+    from langchain_ollama import OllamaEmbeddings
+
+    # It sends all of its 13 options, the unset ones as null: Ollama skips those.
+    vector = OllamaEmbeddings(model="tiny-gguf", base_url=real.url).embed_query("hello")
+    assert vector == ollama.Client(host=real.url).embed("tiny-gguf", "hello").embeddings[0]
+    assert len(vector) == 64
+    assert [r["status"] for r in real.logged("/api/embed", 2)] == [200, 200]
+
+
+def test_langchain_chat_ollama_counts_the_whole_prompt_when_it_comes_from_the_cache(real, tiny_gguf_model):
+    # Imported here: langchain is heavy and only these tests need it.
+    from langchain_ollama import ChatOllama
+
+    llm = ChatOllama(model="tiny-gguf", base_url=real.url, num_predict=4, seed=1)
+    first = llm.invoke("What is the capital of France?")
+    second = llm.invoke("What is the capital of France?")    # all but its last token are cached
+    n = first.usage_metadata["input_tokens"]
+    assert n > 5 and second.usage_metadata["input_tokens"] == n
+    one, two = real.logged("/api/chat", 2)
+    assert one["prompt_tokens"] == two["prompt_tokens"] == n
+    assert two["cached_tokens"] == n - 1 and two["prompt_eval_tokens"] == 1
+
+
+def test_llama_index_ollama_complete_with_null_temperature(real, tiny_gguf_model):
+    # Imported here: llama-index is heavy and only this test needs it.
+    from llama_index.llms.ollama import Ollama
+
+    # Built as its docs show: it sends "temperature": null (and num_ctx from /api/show).
+    llm = Ollama(model="tiny-gguf", base_url=real.url, request_timeout=120,
+                 additional_kwargs={"num_predict": 8, "seed": 1})
+    out = llm.complete("Hello")
+    assert isinstance(out.text, str) and out.raw["eval_count"] == 8 and out.raw["done_reason"] == "length"
+    assert [r["status"] for r in real.logged("/api/chat", 1)] == [200]
+
+
 def test_safetensors_model_serves_too(store, tiny_safetensors_model):
     with RunningServer(None, store) as srv:
         client = ollama.Client(host=srv.url)
@@ -125,6 +162,24 @@ def test_prompt_longer_than_context_is_a_400_unless_truncated(real, tiny_gguf_mo
     with pytest.raises(ollama.ResponseError) as err:
         client.generate("tiny-gguf", long, options={"num_predict": 2})
     assert err.value.status_code == 400 and "context" in err.value.error
+
+
+def test_a_chat_longer_than_the_context_keeps_its_system_prompt_and_latest_turns(real, tiny_gguf_model):
+    client = ollama.Client(host=real.url)
+    history = []
+    for i in range(8):      # ~400 tokens; the tiny model's context is 256
+        history += [{"role": "user", "content": f"Question {i}: what is the capital of France?"},
+                    {"role": "assistant", "content": f"Answer {i}: Paris is the capital of France."}]
+    msgs = [{"role": "system", "content": "Be brief."}, *history, {"role": "user", "content": "And Germany?"}]
+    out = client.chat("tiny-gguf", msgs, options={"num_predict": 8, "temperature": 0})
+    assert out.done_reason == "length" and out.eval_count == 8 and out.prompt_eval_count < 256
+    (line,) = real.logged("/api/chat", 1)
+    dropped = line["truncated_messages"]
+    assert 0 < dropped < len(history) and dropped % 2 == 0
+    # Exactly the kept messages, sent as they are, give the same prompt and the same reply.
+    kept = [msgs[0], *history[dropped:], msgs[-1]]
+    again = client.chat("tiny-gguf", kept, options={"num_predict": 8, "temperature": 0})
+    assert again.prompt_eval_count == out.prompt_eval_count and again.message.content == out.message.content
 
 
 @pytest.mark.e2e

@@ -182,6 +182,59 @@ def test_tool_calls_come_back_whole_native_and_openai(srv):
     assert plain["message"]["content"] == srv.engine.reply
 
 
+def test_openai_tool_calls_have_openai_shapes_whole_and_streamed(srv):
+    srv.engine.reply = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    body = {"model": "fake", "messages": [{"role": "user", "content": "weather?"}], "tools": tools}
+    _, oa = call(srv, "POST", "/v1/chat/completions", body)
+    message = oa["choices"][0]["message"]
+    # A whole message: content null beside the calls, and no `index` (a stream-delta field).
+    assert message["content"] is None
+    (tool_call,) = message["tool_calls"]
+    assert set(tool_call) == {"id", "type", "function"} and tool_call["type"] == "function"
+    _, text = call(srv, "POST", "/v1/chat/completions", {**body, "stream": True})
+    deltas = [json.loads(e[6:])["choices"][0]["delta"] for e in text.split("\n\n") if e.startswith("data: {")]
+    (streamed,) = [c for d in deltas for c in d.get("tool_calls") or []]
+    assert streamed["index"] == 0 and streamed["function"] == tool_call["function"]
+    # Text beside no calls stays a string, empty or not.
+    srv.engine.reply = "plain"
+    _, oa = call(srv, "POST", "/v1/chat/completions", body)
+    assert oa["choices"][0]["message"]["content"] == "plain" and "tool_calls" not in oa["choices"][0]["message"]
+
+
+def test_a_chat_longer_than_num_ctx_loses_its_oldest_messages_and_says_so(srv):
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"question {i} " + "q" * 90},
+                    {"role": "assistant", "content": f"answer {i} " + "a" * 90}]
+    msgs = [{"role": "system", "content": "You are terse."}, *history, {"role": "user", "content": "last one?"}]
+    body = {"model": "fake", "messages": msgs, "options": {"num_ctx": 512, "num_predict": 4}}
+    status, whole = call(srv, "POST", "/api/chat", {**body, "stream": False})
+    assert status == 200 and whole["done_reason"] == "length"
+    dropped = whole["truncated_messages"]
+    prompt = srv.engine.prompts[-1]
+    assert dropped % 2 == 0 and 0 < dropped < len(history)     # whole turns, a user message first
+    assert prompt.startswith("<|system|>You are terse.\n<|user|>question ") and "last one?" in prompt
+    assert f"question {dropped // 2 - 1} " not in prompt and f"question {dropped // 2} " in prompt
+    assert whole["prompt_eval_count"] == len(prompt.encode()) < 512
+    _, lines = call(srv, "POST", "/api/chat", body)
+    assert lines[-1]["truncated_messages"] == dropped
+    (logged, _) = srv.logged("/api/chat", 2)
+    assert logged["truncated_messages"] == dropped
+    # OpenAI clients (no num_ctx there: the model's 2048) get the same fitting; the log says so.
+    longer = [msgs[0], *history * 3, msgs[-1]]
+    status, oa = call(srv, "POST", "/v1/chat/completions", {"model": "fake", "messages": longer, "max_tokens": 4})
+    assert status == 200 and oa["usage"]["prompt_tokens"] < 2048 < len(json.dumps(longer))
+    (logged,) = srv.logged("/v1/chat/completions", 1)
+    assert logged["truncated_messages"] > 0
+    # `truncate: false` keeps Ollama's refusal.
+    status, err = call(srv, "POST", "/api/chat", {**body, "truncate": False, "stream": False})
+    assert status == 400 and "num_ctx=512" in err["error"]
+    # A latest message that cannot fit on its own is a 400 that says so.
+    status, err = call(srv, "POST", "/api/chat", {**body, "messages": [*msgs, {"role": "user", "content": "x" * 600}]})
+    assert status == 400 and "latest message does not fit" in err["error"]
+
+
 def test_openai_shapes(srv):
     msgs = [{"role": "user", "content": "hi"}]
     _, chat = call(srv, "POST", "/v1/chat/completions", {"model": "fake", "messages": msgs, "max_tokens": 3,

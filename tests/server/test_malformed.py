@@ -28,9 +28,9 @@ def _json_cases():
                          ("suffix", 3), ("options", []), ("options", "x"),
                          ("options", {"temperature": "hot"}), ("options", {"temperature": -1}),
                          ("options", {"num_predict": 1e30}), ("options", {"top_k": 1.5}),
-                         ("options", {"bogus": 1}), ("options", {"stop": 5}), ("options", {"num_ctx": 2}),
-                         ("options", {"seed": True}), ("options", {"top_p": 2}), ("options", {"stop": [""]}),
-                         ("options", {"temperature": None}), ("keep_alive", "forever"), ("keep_alive", True),
+                         ("options", {"stop": 5}), ("options", {"num_ctx": 2}),  # (unknown names and
+                         ("options", {"seed": True}), ("options", {"top_p": 2}),  # nulls: ignored, as Ollama does)
+                         ("options", {"stop": [""]}), ("keep_alive", "forever"), ("keep_alive", True),
                          ("keep_alive", []), ("keep_alive", "5x"), ("keep_alive", 1e300), ("format", 5),
                          ("format", "xml"), ("format", []), ("context", ["a"]), ("context", [-1]),
                          ("context", "1,2"), ("images", ["abc"]), ("images", "abc"), ("think", True),

@@ -20,8 +20,9 @@ def test_generate_defaults_and_fields():
 @pytest.mark.parametrize("body,match", [
     (None, "missing request body"), ([], "JSON object"), ({}, "model is required"),
     ({"model": 3}, "invalid model: expected a string"), ({"model": "m", "stream": 1}, "invalid stream"),
-    ({"model": "m", "options": {"nope": 1}}, "'nope': unknown option"),
-    ({"model": "m", "options": {"top_p": 3}}, "outside"), ({"model": "m", "keep_alive": "soon"}, "duration"),
+    ({"model": "m", "options": {"top_p": 3}}, "outside"), ({"model": "m", "options": {"top_k": "5"}}, "top_k"),
+    ({"model": "m", "options": {"stop": [None]}}, "stop"), ({"model": "m", "options": []}, "options"),
+    ({"model": "m", "keep_alive": "soon"}, "duration"),
     ({"model": "m", "format": "yaml"}, "format"), ({"model": "m", "raw": True, "system": "x"}, "raw mode"),
     ({"model": "m", "top_logprobs": 21}, "between 0 and 20"), ({"model": "m", "think": True}, "thinking"),
     ({"model": "m", "context": [1, "x"]}, "context"),
@@ -29,6 +30,23 @@ def test_generate_defaults_and_fields():
 def test_generate_rejects_bad_fields_naming_them(body, match):
     with pytest.raises(BadRequest, match=match):
         api.parse_generate(body)
+
+
+def test_null_options_are_unset_and_unknown_ones_ignored_and_logged_once(caplog):
+    """Ollama's reading of `options`: LangChain's OllamaEmbeddings sends all 13 of its
+    options with the unset ones null, LlamaIndex sends "temperature": null."""
+    langchain = {"mirostat": None, "mirostat_eta": None, "mirostat_tau": None, "num_ctx": None, "num_gpu": None,
+                 "num_thread": None, "repeat_last_n": None, "repeat_penalty": None, "temperature": None,
+                 "stop": None, "tfs_z": None, "top_k": None, "top_p": None}
+    assert api.parse_embed({"model": "m", "input": ["hello"], "options": langchain}).options == {}
+    req = api.parse_chat({"model": "m", "messages": [], "options": {"temperature": None, "num_ctx": 2048}})
+    assert req.options == {"num_ctx": 2048}
+    name = "made_up_option_for_this_test"
+    with caplog.at_level("WARNING", logger="mlxlite.options"):
+        for _ in range(3):
+            req = api.parse_generate({"model": "m", "options": {name: 1, "top_k": 5, "seed": None}})
+            assert req.options == {"top_k": 5}
+    assert [r.getMessage() for r in caplog.records] == [f"ignoring unknown option {name!r}"]
 
 
 def test_bad_names_and_images():
@@ -68,6 +86,50 @@ def test_prompt_spec_uses_model_system_messages_and_template():
     loaded.template.supports_tools = False
     with pytest.raises(BadRequest, match="does not support tools"):
         api.PromptSpec("m", messages=(), tools=({"function": {"name": "f"}},)).to_tokens(loaded, engine)
+
+
+def _turns(n: int, size: int = 100) -> list[dict]:
+    """user/assistant turns, each `size` bytes (the fake tokenizer: one token a byte), a user last."""
+    roles = ["user", "assistant"] * n
+    return [{"role": r, "content": f"{r[0]}{i}".ljust(size, ".")} for i, r in enumerate(roles[:2 * n - 1])]
+
+
+def test_a_long_chat_drops_its_oldest_whole_messages_and_keeps_the_system_prompt():
+    engine, loaded = FakeEngine(), FakeLoaded("m", "sha256:0")
+    chat = ({"role": "system", "content": "S" * 50}, *_turns(3))      # system, u0 a1 u2 a3 u4
+    spec = api.PromptSpec("m", messages=chat)
+    full = spec.render(loaded, engine)
+    assert len(full.tokens) > 500 and full.truncated_messages == 0
+    # 600 tokens, 100 kept for the reply: u0 a1 go (a cut starts at a user message).
+    fitted = spec.render(loaded, engine, num_ctx=600, num_predict=100)
+    text = engine.detokenize(loaded, fitted.tokens)
+    assert fitted.truncated_messages == 2 and len(fitted.tokens) + 100 <= 600
+    assert text == engine.detokenize(loaded, api.PromptSpec("m", messages=(chat[0], *chat[3:])).to_tokens(
+        loaded, engine))
+    # Without num_predict the reply gets half the window: only the latest message stays.
+    alone = spec.render(loaded, engine, num_ctx=600)
+    assert alone.truncated_messages == 4 and engine.detokenize(loaded, alone.tokens).startswith("<|system|>SSS")
+    assert "u4" in engine.detokenize(loaded, alone.tokens) and "a3" not in engine.detokenize(loaded, alone.tokens)
+    # A chat that fits is never touched, even with little room left; `fit=False` never drops.
+    assert spec.render(loaded, engine, num_ctx=len(full.tokens) + 1, num_predict=400) == full
+    assert api.PromptSpec("m", messages=chat, fit=False).render(loaded, engine, num_ctx=600) == full
+    # Room for the reply is what it can get when only the latest message is left.
+    tight = spec.render(loaded, engine, num_ctx=200, num_predict=150)
+    assert tight.truncated_messages == 4 and len(tight.tokens) < 200
+    with pytest.raises(BadRequest, match=r"latest message does not fit .* num_ctx=150"):
+        spec.render(loaded, engine, num_ctx=150)
+    # /api/generate prompts are not chats: left to the engine (400, or `truncate: true`).
+    long = api.PromptSpec("m", prompt="x" * 700)
+    assert len(long.render(loaded, engine, num_ctx=600).tokens) > 600
+
+
+def test_chat_truncate_false_refuses_and_the_engine_never_cuts_a_chat():
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert api.parse_chat(body).prompt.fit and api.parse_chat({**body, "truncate": True}).prompt.fit
+    refuse = api.parse_chat({**body, "truncate": False})
+    assert not refuse.prompt.fit
+    assert refuse.truncate is False and api.parse_chat({**body, "truncate": True}).truncate is False
+    assert api.parse_generate({"model": "m", "prompt": "p", "truncate": True}).truncate is True
 
 
 @pytest.mark.parametrize("template,expected", [
