@@ -603,3 +603,19 @@ def test_one_daemon_per_store_the_second_is_told_where_the_first_is(store, tmp_p
             make_server("127.0.0.1:0", store=store, engine=FakeEngine())
     with RunningServer(FakeEngine(), store) as again:  # closed cleanly: the lock is free again
         assert call(again, "GET", "/api/version")[0] == 200
+
+
+def test_delete_through_a_symlinked_manifest_folder_is_refused(srv, tmp_path):
+    from mlxlite import names
+
+    raw = srv.store.manifest_path(names.parse("fake")).read_bytes()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "latest").write_bytes(raw)
+    (outside / "bait").write_text("must survive")
+    (srv.store.manifest_dir / "registry.ollama.ai" / "library" / "evil").symlink_to(outside)
+    for method, path in (("DELETE", "/api/delete"), ("POST", "/api/show")):
+        status, body = call(srv, method, path, {"model": "evil"})
+        assert status == 500 and "symbolic link" in body["error"], (path, body)
+    assert (outside / "latest").read_bytes() == raw and (outside / "bait").read_text() == "must survive"
+    assert [m["name"] for m in call(srv, "GET", "/api/tags")[1]["models"]] == ["fake:latest"]
