@@ -41,7 +41,7 @@ from typing import BinaryIO
 from mlxlite import config, names
 from mlxlite.errors import BadRequest, Busy, IntegrityError, MlxliteError, ModelNotFound, full_disk_at
 from mlxlite.names import ModelName
-from mlxlite.store.blobio import CHUNK, TMP_PREFIX, BlobWriter, fsync_dir, hash_file, reflink
+from mlxlite.store.blobio import CHUNK, TMP_PREFIX, BlobWriter, fsync_dir, hash_file, is_stale_temp, reflink
 from mlxlite.store.manifest import (
     CONFIG_MEDIA_TYPE,
     Layer,
@@ -546,18 +546,7 @@ class Store:
                         shutil.rmtree(view, ignore_errors=True)
         return removed, freed
 
-    @staticmethod
-    def _is_stale_temp(path: Path) -> bool:
-        """A temp file nobody holds a lock on belongs to a dead writer."""
-        try:
-            with open(path, "rb") as fh:
-                try:
-                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    return False
-                return True
-        except (FileNotFoundError, IsADirectoryError):
-            return False
+    _is_stale_temp = staticmethod(is_stale_temp)
 
     # ---- load-time checks ----------------------------------------------------------
     def _memo_path(self) -> Path:
