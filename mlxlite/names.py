@@ -22,7 +22,8 @@ MAX_HOST = 253
 MAX_NAME = 600
 
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
-_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]{1,5})?\Z")
+_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*(?::([0-9]+))?\Z")
+MAX_PORT = 65535
 _DIGEST = re.compile(r"sha256[:-]([0-9a-fA-F]{64})\Z")
 
 
@@ -127,9 +128,25 @@ def parse(text: str) -> ModelName:
         raise InvalidName(f"invalid model name {full!r}: at most host/namespace/model")
     _check_part("model", model, full)
     _check_part("namespace", namespace, full)
-    if len(host) > MAX_HOST or not _HOST.match(host) or ".." in host:
-        raise InvalidName(f"invalid model name {full!r}: bad host {host!r}")
+    check_host(host, full)
     return ModelName(host, namespace, model, tag, digest)
+
+
+def check_host(host: str, full: str | None = None) -> str:
+    """A registry host as names allow it: `name[:port]`, port 1..65535; else `InvalidName`.
+
+    Registry clients call it too, so a name that can't be valid fails before any lookup.
+    """
+    what = f"invalid model name {full!r}" if full is not None else "invalid registry host"
+    host_match = _HOST.match(host) if isinstance(host, str) else None
+    if not host_match or len(host) > MAX_HOST or ".." in host:
+        raise InvalidName(f"{what}: bad host {host!r}")
+    port = host_match.group(1)
+    # One spelling per port (no leading zeros) keeps one store key per registry.
+    if port is not None and (port[0] == "0" or len(port) > 5 or int(port) > MAX_PORT):
+        raise InvalidName(f"{what}: port {port} in host {host!r} "
+                          f"must be a number from 1 to {MAX_PORT} without leading zeros")
+    return host
 
 
 def is_name(text: str) -> bool:

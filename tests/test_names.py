@@ -18,6 +18,8 @@ ACCEPTED = [
     ("127.0.0.1:5000/ns/m:t", ("127.0.0.1:5000", "ns", "m", "t"), "127.0.0.1:5000/ns/m:t"),
     ("example.com/model", ("example.com", "library", "model", "latest"), "example.com/library/model:latest"),
     ("a.b_c-d:1.2_3-x", ("registry.ollama.ai", "library", "a.b_c-d", "1.2_3-x"), "a.b_c-d:1.2_3-x"),
+    ("host:65535/m", ("host:65535", "library", "m", "latest"), "host:65535/library/m:latest"),
+    ("host:1/ns/m:t", ("host:1", "ns", "m", "t"), "host:1/ns/m:t"),
 ]
 
 REJECTED = [
@@ -25,6 +27,8 @@ REJECTED = [
     "m/", "/m", "a//b", "m:t:t", "a\x00b", "a\\b", "m@sha256:123", "m@md5:" + "a" * 64,
     "x" * 129, "m:" + "t" * 129, "ns with space/m", "m\n", "https://host/m", "a/.hidden",
     "host..x/ns/m", "m?x", "m*", "é",
+    # Ports outside 1..65535 (or spelled two ways) name no registry.
+    "host:99999/ns/m", "host:65536/m", "host:0/m", "host:080/m", "host:123456/m", "host:/m",
 ]
 
 
@@ -94,3 +98,17 @@ def test_randomized_garbage_never_escapes():
             assert part not in ("", ".", "..")
             assert "\x00" not in part and "\\" not in part
         assert "/" not in "".join(parsed.key[1:])
+
+
+def test_randomized_ports_accept_exactly_1_to_65535():
+    rng = random.Random(7)
+    for _ in range(3000):
+        port = rng.choice([str(rng.randint(0, 200_000)), str(rng.randint(0, 10)),
+                           "0" + str(rng.randint(0, 9999)), str(rng.randint(65530, 65540))])
+        valid = port[0] != "0" and 1 <= int(port) <= 65535
+        text = f"{rng.choice(['localhost', 'example.com', '10.0.0.1'])}:{port}/ns/m"
+        if valid:
+            assert names.parse(text).host.endswith(f":{port}")
+        else:
+            with pytest.raises(InvalidName, match="port"):
+                names.parse(text)

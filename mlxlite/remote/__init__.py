@@ -8,6 +8,7 @@ shapes (`progress.py`). Every byte lands through the store's verified writers. I
 the store and the ground floor; never imports mlx, the scheduler or the server.
 """
 
+from mlxlite.remote.registry import check_url
 from mlxlite.remote.transfer import pull, push
 
-__all__ = ["pull", "push"]
+__all__ = ["check_url", "pull", "push"]

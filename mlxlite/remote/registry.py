@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from mlxlite import config
+from mlxlite import config, names
 from mlxlite.errors import (
     BadRequest,
     MlxliteError,
@@ -142,11 +142,28 @@ def _error_text(exc: urllib.error.HTTPError) -> str:
     return f"HTTP {exc.code} {exc.reason}"
 
 
+def check_url(url: str) -> str:
+    """An http(s) URL with a host and, if given, a port in 1..65535; else `BadRequest`."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # urllib's own "Port out of range" / "Port could not be cast"
+        port = 0
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise BadRequest(f"invalid URL {url!r}: expected http(s)://host[:port]/... with a port from 1 to 65535")
+    return url
+
+
 class Registry:
     """One registry host. Thread-safe enough for parallel blob GETs: tokens are per scope."""
 
     def __init__(self, host: str, *, insecure: bool = False, timeout: float = 60.0,
                  base: str | None = None, auth_header: str | None = None) -> None:
+        # A host or URL that can't be valid fails here, before any DNS lookup.
+        if base is None:
+            names.check_host(host)
+        else:
+            check_url(base)
         self.host = host
         self.insecure = insecure
         # `base` and `auth_header` let hub.py reuse this plumbing for a plain HTTP API.

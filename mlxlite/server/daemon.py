@@ -14,11 +14,13 @@ Contract:
   - Security: Host-header check against DNS rebinding when bound to loopback; CORS for
     localhost origins plus `origins`; `api_key` on every request when set, as a bearer
     token or Anthropic's `x-api-key` (and required to bind a non-loopback address);
-    bodies over `max_body_bytes` -> 413.
+    bodies over `max_body_bytes` -> 413; a request with two Host headers -> 400.
   - Slow and many clients (`connections`): a request's line and headers must arrive within
     `header_timeout` (an idle keep-alive connection is closed after it), a body may stall
     at most `body_timeout` (408), a response has only a long write timeout; past
     `max_connections` open connections a new one gets a 503 from the accept loop.
+  - One daemon per store: `make_server` holds `DaemonLock` (an flock on the store's
+    `daemon.lock`) until `server_close`; a second gets `Busy` naming the first's URL.
   - One JSON log line per request (id, method, path, model, status, tokens, durations,
     client) to stderr or `log_file`.
   - A client that disconnects (seen by polling its socket while waiting, or by a failed
@@ -28,10 +30,12 @@ This module never imports mlx: the scheduler imports the runner on its own threa
 
 from __future__ import annotations
 
+import fcntl
 import hmac
 import io
 import itertools
 import json
+import os
 import select
 import signal
 import socket
@@ -42,7 +46,8 @@ import traceback
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, TextIO
+from pathlib import Path
+from typing import IO, Any, TextIO
 from urllib.parse import parse_qs, urlsplit
 
 from mlxlite import __version__, config
@@ -68,8 +73,8 @@ from mlxlite.server.rules import host_allowed, is_loopback, match, origin_allowe
 from mlxlite.server.wire import Reply, Stream, replace_lone_surrogates
 from mlxlite.store import Store
 
-__all__ = ["ROUTES", "App", "MlxliteServer", "RequestContext", "error_body", "host_allowed", "make_server",
-           "match", "origin_allowed", "parse_host_port", "serve_forever"]
+__all__ = ["ROUTES", "App", "DaemonLock", "MlxliteServer", "RequestContext", "error_body", "host_allowed",
+           "make_server", "match", "origin_allowed", "parse_host_port", "serve_forever"]
 
 Handler = Callable[["RequestContext"], "Reply | Stream"]
 
@@ -351,6 +356,9 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def _guard(self, ctx: RequestContext) -> None:
         app = self.server.app
+        if len(self.headers.get_all("Host") or ()) > 1:
+            # Which one counts would be a guess (a proxy may read the other): RFC 9112 says 400.
+            raise BadRequest("more than one Host header")
         if app.check_host and not host_allowed(self.headers.get("Host")):
             raise Forbidden(f"host {self.headers.get('Host')!r} is not allowed (DNS rebinding protection)")
         origin = self.headers.get("Origin")
@@ -464,6 +472,52 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
 
+class DaemonLock:
+    """`daemon.lock` in the store's root, flock-held for as long as a daemon serves that store.
+
+    Two daemons on one store would each keep models resident under their own memory
+    budget and keep-alive, so the second is refused and told where the first listens
+    (the holder writes its URL and pid into the file). The kernel drops the lock when
+    the holder dies, so a killed daemon never blocks the next one.
+    """
+
+    def __init__(self, root: Path | str) -> None:
+        self.path = Path(root) / "daemon.lock"
+        self._fh: IO[str] | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+")  # noqa: SIM115 (held open while serving)
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read(4096)
+            fh.close()
+            try:
+                info = json.loads(holder)
+                where = f" on {info['url']} (pid {info['pid']})"
+            except (ValueError, TypeError, KeyError):
+                where = ""  # it has not written its address yet
+            raise Busy(f"another mlxlite daemon is already serving the store {self.path.parent}{where}; "
+                       "stop it first, or give this one its own MLXLITE_HOME") from None
+        self._fh = fh
+
+    def announce(self, url: str) -> None:
+        """Say where this daemon listens, for the message a second one gets."""
+        if self._fh is not None:
+            self._fh.truncate(0)
+            self._fh.write(json.dumps({"url": url, "pid": os.getpid()}))
+            self._fh.flush()
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.truncate(0)
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
 class MlxliteServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -471,9 +525,11 @@ class MlxliteServer(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], app: App, family: int = socket.AF_INET, *,
-                 header_timeout: float = 5.0, body_timeout: float = 30.0, max_connections: int = 256) -> None:
+                 header_timeout: float = 5.0, body_timeout: float = 30.0, max_connections: int = 256,
+                 lock: DaemonLock | None = None) -> None:
         self.address_family = family
         self.app = app
+        self.lock = lock
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.gate = Gate(max_connections)
@@ -529,6 +585,8 @@ class MlxliteServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         super().server_close()
         self.gate.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def shutdown_safe(self) -> None:
         if getattr(self, "_serving", False):
@@ -572,10 +630,14 @@ def make_server(host_port: str | None = None, *, store: Any = None, scheduler: S
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if host == "localhost":
         host = "127.0.0.1"
+    lock = DaemonLock(store.root)
+    lock.acquire()  # before the scheduler starts: a refused daemon loads nothing
     try:
-        server = MlxliteServer((host, port), app, family, **limits)
+        server = MlxliteServer((host, port), app, family, **limits, lock=lock)
     except OSError as exc:
+        lock.release()
         raise MlxliteError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    lock.announce(server.url)
     scheduler.start()
     return server
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from mlxlite import names
 from mlxlite.errors import BadRequest
-from mlxlite.remote import pull, push
+from mlxlite.remote import check_url, pull, push
 from mlxlite.server.wire import Reply, Stream, body_object
 
 
@@ -30,8 +30,11 @@ def _fields(ctx: Any) -> tuple[str, bool, bool]:
         # A layout is a path on the server's disk: not something a remote client may name.
         raise BadRequest("oci-layout: sources are local paths; run `mlxlite pull oci-layout:PATH` "
                          "or `mlxlite import PATH` on the server's machine")
-    if not model.startswith(("http://", "https://")):
-        names.parse(model)  # a bad name is a 400 now, not an error line later
+    # A bad name or URL is a 400 now, not an error line later (and never a DNS lookup).
+    if model.startswith(("http://", "https://")):
+        check_url(model)
+    else:
+        names.parse(model)
     flags = []
     for key, default in (("insecure", False), ("stream", True)):
         value = body.get(key, default)

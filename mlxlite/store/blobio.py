@@ -69,6 +69,20 @@ def reflink(src: Path, dst: Path) -> bool:
         return False
 
 
+def is_stale_temp(path: Path) -> bool:
+    """A temp file nobody holds an flock on belongs to a dead writer (its writer holds
+    one from creation to rename; the kernel drops it when the writer dies)."""
+    try:
+        with open(path, "rb") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            return True
+    except (FileNotFoundError, IsADirectoryError):
+        return False
+
+
 class BlobWriter:
     """Streams bytes into a temp file in the store, hashing as it goes.
 

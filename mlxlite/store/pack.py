@@ -5,29 +5,34 @@ systems), `index.json` last, so a reader never sees a descriptor without its blo
 existing layout gains the models. A `.tar` path gets a tar streamed blob by blob in
 1 MiB chunks into a temp file renamed into place, each store blob hashed on the way
 (a corrupt blob never leaves in a package). Holds `store.writing()` so `rm`/`prune`
-cannot delete a blob mid-pack. Never imports mlx.
+cannot delete a blob mid-pack. A killed pack's temp files (`.NAME.tmp-PID-HEX`) are
+removed by the next pack to the same place: a tar's temp is flock-held while written,
+so only dead ones go; a directory is flock-held for the whole pack, so any temp found
+in it is dead. Never imports mlx.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from mlxlite.errors import BadRequest, IntegrityError, full_disk_at
+from mlxlite.errors import BadRequest, Busy, IntegrityError, full_disk_at
 from mlxlite.names import ModelName
-from mlxlite.store.blobio import CHUNK, reflink
+from mlxlite.store.blobio import CHUNK, is_stale_temp, reflink
 from mlxlite.store.manifest import digest_hex
 from mlxlite.store.oci_layout import (
     INDEX_FILE,
@@ -89,7 +94,8 @@ def pack(store: Store, name: str | ModelName | Iterable[str | ModelName], out_pa
                 methods = _pack_tar(store, entries, out, progress)
                 kind = "tar"
             else:
-                methods = _pack_dir(store, entries, out, progress)
+                with _held_dir(out):
+                    methods = _pack_dir(store, entries, out, progress)
                 kind = "dir"
     size = sum(size for _, size, _ in _blobs_of(entries))
     progress({"status": "success"})
@@ -98,6 +104,46 @@ def pack(store: Store, name: str | ModelName | Iterable[str | ModelName], out_pa
 
 def _tmp_sibling(path: Path) -> Path:
     return path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+_TMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-[0-9]+-[0-9a-f]{8}\Z")  # what _tmp_sibling makes
+
+
+def _sweep(folder: Path, name: str | None = None, held_elsewhere: bool = True) -> None:
+    """Remove our temp files in `folder` (only those for `name`, if given) left by a killed
+    pack. `held_elsewhere`: a live pack may hold one, so only those nobody flocks go."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        found = _TMP_NAME.match(entry.name)
+        if not found or (name is not None and found["name"] != name) or not entry.is_file(follow_symlinks=False):
+            continue
+        if held_elsewhere and not is_stale_temp(Path(entry.path)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+
+
+@contextlib.contextmanager
+def _held_dir(out: Path) -> Iterator[None]:
+    """flock the layout directory for the whole pack: one pack at a time writes into it (its
+    index.json is read, merged and rewritten), so a temp file found in it is a dead one."""
+    with contextlib.suppress(FileExistsError):
+        out.mkdir(parents=True)
+    if not out.is_dir():
+        yield  # a file is there: _pack_dir refuses it
+        return
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(f"another pack is writing into {out}; try again when it is done") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -137,6 +183,8 @@ def _pack_dir(store: Store, entries: list[ModelEntry], out: Path, progress: Prog
             raise BadRequest(f"{out} is a non-empty directory without an oci-layout file; "
                              "pack into a new or empty directory")
     blob_dir = out / "blobs" / "sha256"
+    for folder in (out, blob_dir):  # a layout (or empty dir) held by _held_dir: any temp is dead
+        _sweep(folder, held_elsewhere=False)
     blob_dir.mkdir(parents=True, exist_ok=True)
     if not (out / LAYOUT_FILE).is_file():
         _write_atomic(out / LAYOUT_FILE, layout_bytes())
@@ -225,10 +273,12 @@ def _pack_tar(store: Store, entries: list[ModelEntry], out: Path, progress: Prog
     if out.is_dir():
         raise BadRequest(f"{out} is a directory; a .tar path must name a file")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(out.parent, out.name)  # a killed pack's temp beside the same destination
     tmp = _tmp_sibling(out)
     methods: Counter[str] = Counter()
     try:
         with open(tmp, "xb") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the rename: "alive"
             with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT, copybufsize=CHUNK) as tar:
                 index = index_bytes([descriptor(e) for e in entries])
                 for name, data in ((LAYOUT_FILE, layout_bytes()), (INDEX_FILE, index)):
@@ -256,7 +306,7 @@ def _pack_tar(store: Store, entries: list[ModelEntry], out: Path, progress: Prog
                     methods["stream"] += 1
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, out)
+            os.replace(tmp, out)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

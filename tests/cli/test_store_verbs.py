@@ -150,6 +150,15 @@ def test_user_mistakes_are_one_error_line(run_cli, argv):
     assert "Traceback" not in err
 
 
+def test_cp_refuses_a_port_out_of_range(run_cli, store, tmp_path):
+    run_cli("import", str(make_model_dir(tmp_path / "tiny")), "--name", "tiny")
+    for bad in ("localhost:99999/ns/tiny", "localhost:0/ns/tiny"):
+        code, _, err = run_cli("cp", "tiny", bad)
+        assert code == 1 and err.startswith("error: ") and "port" in err, err
+    assert [e.name.display for e in store.list()] == ["tiny:latest"]
+    assert sorted(p.name for p in store.manifest_dir.iterdir()) == ["registry.ollama.ai"]
+
+
 def test_import_refuses_dir_without_config(run_cli, tmp_path):
     (tmp_path / "d").mkdir()
     code, _, err = run_cli("import", str(tmp_path / "d"))

@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import threading
 
 import pytest
 
-from mlxlite.errors import IntegrityError, ModelNotFound, RegistryError, Unauthorized
+from mlxlite.errors import BadRequest, IntegrityError, InvalidName, ModelNotFound, RegistryError, Unauthorized
+from mlxlite.names import ModelName
 from mlxlite.remote import download, pull, push
+from mlxlite.remote.registry import Registry
 from mlxlite.store import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
@@ -282,3 +285,32 @@ def test_https_registry_without_insecure(store, tls_registry):
 def test_plain_http_registry_needs_insecure(store, registry):
     with pytest.raises(RegistryError, match="--insecure"):
         pull(store, registry.name("team/any:v1"))
+
+
+@pytest.fixture
+def no_lookups(monkeypatch):
+    """Every DNS lookup is recorded and refused: the test asserts there were none."""
+    calls = []
+
+    def spy(host, *args, **kwargs):
+        calls.append(host)
+        raise OSError("test: no lookup may happen here")
+
+    monkeypatch.setattr(socket, "getaddrinfo", spy)
+    return calls
+
+
+def test_an_impossible_name_fails_before_any_lookup(store, no_lookups):
+    # A model filed under port 99999, as an older `cp` let in: push must not go looking for it.
+    make_model(store, ModelName("localhost:99999", "ns", "m", "latest"), weights=64)
+    with pytest.raises(InvalidName, match="port 99999"):
+        push(store, "localhost:99999/ns/m", insecure=True)
+    with pytest.raises(InvalidName, match="port 99999"):
+        pull(store, "localhost:99999/ns/m:v1", insecure=True)
+    with pytest.raises(InvalidName, match="port 0"):
+        pull(store, "localhost:0/ns/m")
+    with pytest.raises(BadRequest, match="port from 1 to 65535"):
+        pull(store, "http://localhost:99999/x.gguf")
+    with pytest.raises(InvalidName):
+        Registry("localhost:70000")
+    assert no_lookups == []

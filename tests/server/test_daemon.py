@@ -583,3 +583,92 @@ def test_a_full_disk_from_anywhere_maps_to_507_naming_where():
     status, body = error_body(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), openai=True)
     assert (status, body["error"]["message"], body["error"]["type"]) == (507, "disk quota exceeded", "api_error")
     assert error_body(OSError(errno.EIO, "I/O error"))[0] == 500
+
+
+def _raw_status(srv, request: bytes) -> tuple[int, dict]:
+    """Send bytes as they are (http.client would not send two Host headers); read to EOF."""
+    with socket.create_connection((srv.host, srv.port), timeout=30) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body) if body else {}
+
+
+def test_a_second_host_header_is_refused(srv):
+    for hosts in (("127.0.0.1", "evil.example"), ("evil.example", "127.0.0.1"), ("localhost", "localhost")):
+        lines = b"".join(b"Host: %s\r\n" % h.encode() for h in hosts)
+        status, body = _raw_status(srv, b"GET /api/tags HTTP/1.1\r\n" + lines + b"Connection: close\r\n\r\n")
+        assert status == 400 and "Host" in body["error"], hosts
+    assert _raw_status(srv, b"GET /api/tags HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")[0] == 200
+
+
+def test_names_that_cannot_be_valid_are_400_before_any_lookup(srv, monkeypatch):
+    lookups = []
+    real = socket.getaddrinfo
+
+    def spy(host, *args, **kwargs):
+        if host != srv.host:  # the test's own connections to the daemon are fine
+            lookups.append(host)
+            raise OSError("test: no lookup may happen here")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", spy)
+    status, body = call(srv, "POST", "/api/copy", {"source": "fake", "destination": "localhost:99999/ns/m"})
+    assert status == 400 and "port 99999" in body["error"]
+    for path in ("/api/push", "/api/pull"):
+        status, body = call(srv, "POST", path, {"model": "localhost:99999/ns/m", "stream": False})
+        assert status == 400 and "port 99999" in body["error"], path
+    status, body = call(srv, "POST", "/api/pull", {"model": "http://localhost:99999/x.gguf"})
+    assert status == 400 and "port" in body["error"]
+    assert lookups == []
+    assert [m["name"] for m in call(srv, "GET", "/api/tags")[1]["models"]] == ["fake:latest"]
+
+
+def test_one_daemon_per_store_the_second_is_told_where_the_first_is(store, tmp_path):
+    from mlxlite.errors import Busy
+    from mlxlite.server import make_server
+
+    root = str(Path(__file__).resolve().parents[2])
+    code = ("import sys; sys.path.insert(0, '.'); from tests.fake_engine import FakeEngine; "
+            "from mlxlite.server import serve_forever; sys.exit(serve_forever('127.0.0.1:0', engine=FakeEngine()))")
+    first = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, cwd=root)
+    try:
+        url = first.stderr.readline().split("listening on ")[1].strip()
+        with pytest.raises(Busy, match=f"already serving the store .* on {url} \\(pid {first.pid}\\)"):
+            make_server("127.0.0.1:0", store=store, engine=FakeEngine())
+        # `mlxlite serve` on another port of the same store: one error line, exit 1.
+        cli = subprocess.run([sys.executable, "mlxlite.py", "serve", "--host", "127.0.0.1:0"], cwd=root, timeout=120,
+                             capture_output=True, text=True)
+        assert cli.returncode == 1 and cli.stderr.strip().splitlines() == [
+            f"error: another mlxlite daemon is already serving the store {store.root} on {url} (pid {first.pid}); "
+            "stop it first, or give this one its own MLXLITE_HOME"], cli.stderr
+        first.kill()  # a killed daemon leaves no lock behind: the kernel drops it
+        first.wait(timeout=20)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(timeout=20)
+    with RunningServer(FakeEngine(), store) as srv:
+        assert call(srv, "GET", "/api/version")[0] == 200
+        with pytest.raises(Busy, match=srv.url):
+            make_server("127.0.0.1:0", store=store, engine=FakeEngine())
+    with RunningServer(FakeEngine(), store) as again:  # closed cleanly: the lock is free again
+        assert call(again, "GET", "/api/version")[0] == 200
+
+
+def test_delete_through_a_symlinked_manifest_folder_is_refused(srv, tmp_path):
+    from mlxlite import names
+
+    raw = srv.store.manifest_path(names.parse("fake")).read_bytes()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "latest").write_bytes(raw)
+    (outside / "bait").write_text("must survive")
+    (srv.store.manifest_dir / "registry.ollama.ai" / "library" / "evil").symlink_to(outside)
+    for method, path in (("DELETE", "/api/delete"), ("POST", "/api/show")):
+        status, body = call(srv, method, path, {"model": "evil"})
+        assert status == 500 and "symbolic link" in body["error"], (path, body)
+    assert (outside / "latest").read_bytes() == raw and (outside / "bait").read_text() == "must survive"
+    assert [m["name"] for m in call(srv, "GET", "/api/tags")[1]["models"]] == ["fake:latest"]

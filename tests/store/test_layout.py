@@ -1,17 +1,19 @@
 """Model packages (OCI image layouts): pack/import round trips, damaged and hostile
 packages refused with nothing stored or written outside, skopeo interop both ways."""
 
+import fcntl
 import io
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from mlxlite.errors import BadRequest, IntegrityError, ModelNotFound, Unsupported
+from mlxlite.errors import BadRequest, Busy, IntegrityError, ModelNotFound, Unsupported
 from mlxlite.store import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
@@ -168,6 +170,60 @@ def test_pack_refuses_corrupt_store_blob_and_leaves_no_file(store, tmp_path):
     with pytest.raises(IntegrityError, match="corrupt"):
         layout.pack(store, "tiny", tmp_path / "out.tar")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_killed_tar_pack_leaves_a_temp_that_the_next_pack_removes(store, tmp_path):
+    make_model(store)
+    out = tmp_path / "pkgs" / "m.tar"
+    # A real pack in another process, stopped mid-tar (in its progress callback) and killed.
+    code = ("import sys, time; sys.path.insert(0, '.'); from mlxlite.store import Store, layout\n"
+            "def progress(event):\n"
+            "    if event.get('completed'):\n"
+            "        print('packing', flush=True)\n"
+            "        time.sleep(600)\n"
+            "layout.pack(Store(), 'tiny', sys.argv[1], progress=progress)\n")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "packing"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    (left,) = os.listdir(out.parent)
+    assert left.startswith(f".m.tar.tmp-{proc.pid}-")
+    # A live pack's temp (its flock held) and another destination's temp are not ours to remove.
+    live, other = out.parent / ".m.tar.tmp-1-0123abcd", out.parent / ".n.tar.tmp-2-89abcdef"
+    other.write_bytes(b"")
+    with open(live, "xb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        layout.pack(store, "tiny", out)
+    assert sorted(os.listdir(out.parent)) == sorted([live.name, "m.tar", other.name])
+    assert layout.import_layout(store, out, name="again").digest == store.resolve("tiny").digest
+
+
+def test_a_dir_pack_is_one_at_a_time_and_removes_a_killed_packs_temps(store, tmp_path):
+    make_model(store)
+    out = tmp_path / "pkg"
+    layout.pack(store, "tiny", out)
+    dead = [out / ".index.json.tmp-99999-0123abcd", out / "blobs" / "sha256" / f".{'a' * 64}.tmp-99999-89abcdef"]
+    for path in dead:
+        path.write_bytes(b"what a killed pack left")
+    mine = out / "notes.tmp-1-0123abcd"  # not a name pack makes: left alone
+    mine.write_text("mine")
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a pack into this layout holds it
+        with pytest.raises(Busy, match="another pack is writing"):
+            layout.pack(store, "tiny", out)
+        assert all(path.exists() for path in dead)
+    finally:
+        os.close(fd)
+    layout.pack(store, "tiny", out)
+    assert not any(path.exists() for path in dead) and mine.read_text() == "mine"
+    digest = store.resolve("tiny").digest
+    store.remove("tiny")
+    assert layout.import_layout(store, out).digest == digest
 
 
 def test_parse_source_takes_longest_existing_path(tmp_path):

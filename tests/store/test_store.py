@@ -339,3 +339,61 @@ def test_a_load_on_a_full_disk_does_not_fail_for_want_of_its_memo(store, monkeyp
     assert store.verify() == []
     assert not store._memo_path().exists()
     assert [p.name for p in store.root.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def _link_outside(store: Store, tmp_path: Path, level: str) -> tuple[str, Path]:
+    """A store model whose manifest path has a symlink at `level` pointing at a folder outside
+    the store that holds a valid manifest (so following it would "work") and a bait file.
+    Returns the model's name and the outside folder."""
+    make_model(store, "me/real:v1", {"w": b"weights"})
+    raw = store.manifest_path(names.parse("me/real:v1")).read_bytes()
+    outside = tmp_path / "outside"
+    below = {"host": ("ns", "m"), "namespace": ("m",), "model": (), "tag": ()}[level]
+    leaf = outside.joinpath(*below)
+    leaf.mkdir(parents=True)
+    (leaf / "latest").write_bytes(raw)
+    (leaf / ".tmp-1-stale").write_bytes(b"not the store's temp file")
+    (outside / "bait").write_text("must survive")
+    top = store.manifest_dir / "registry.ollama.ai" / "library"
+    top.mkdir(parents=True, exist_ok=True)
+    if level == "host":
+        os.symlink(outside, store.manifest_dir / "evil.example")
+        return "evil.example/ns/m", outside
+    if level == "namespace":
+        os.symlink(outside, store.manifest_dir / "registry.ollama.ai" / "evil")
+        return "evil/m", outside
+    if level == "model":
+        os.symlink(outside, top / "evil")
+        return "evil", outside
+    (top / "evil").mkdir()
+    os.symlink(outside / "latest", top / "evil" / "latest")
+    return "evil", outside
+
+
+@pytest.mark.parametrize("level", ["host", "namespace", "model", "tag"])
+def test_manifest_symlinks_are_never_followed_out_of_the_store(store, tmp_path, level):
+    name, outside = _link_outside(store, tmp_path, level)
+    before = sorted(str(p.relative_to(outside)) for p in outside.rglob("*"))
+    with pytest.raises(IntegrityError, match="symbolic link"):
+        store.resolve(name)
+    with pytest.raises(IntegrityError, match="symbolic link"):
+        store.remove(name)
+    assert [e.name.display for e in store.list()] == ["me/real:v1"]
+    store.prune()
+    with pytest.raises(IntegrityError, match="symbolic link"):
+        store.copy("me/real:v1", name)
+    assert sorted(str(p.relative_to(outside)) for p in outside.rglob("*")) == before
+    assert (outside / "bait").read_text() == "must survive"
+    assert store.exists("me/real:v1") and store.verify() == []
+
+
+def test_a_manifest_that_is_not_a_file_is_refused_without_hanging(store):
+    make_model(store, "real", {"w": b"x"})
+    folder = store.manifest_dir / "registry.ollama.ai" / "library" / "odd"
+    folder.mkdir()
+    os.mkfifo(folder / "fifo")
+    (folder / "dir").mkdir()
+    for tag in ("fifo", "dir"):
+        with pytest.raises(IntegrityError, match="not a file"):
+            store.resolve(f"odd:{tag}")
+    assert [e.name.display for e in store.list()] == ["real:latest"]
