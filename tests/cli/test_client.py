@@ -53,8 +53,8 @@ def test_errors_become_typed_exceptions(srv):
     with pytest.raises(ModelNotFound, match="not found"):
         c.show("missing")
     with pytest.raises(MlxliteError) as err:
-        c.generate("fake", "hi", stream=False, options={"bogus": 1})
-    assert err.value.status == 400 and "bogus" in str(err.value)
+        c.generate("fake", "hi", stream=False, options={"temperature": "hot"})
+    assert err.value.status == 400 and "temperature" in str(err.value)
     srv.engine.fail_after = 2
     with pytest.raises(MlxliteError, match="failed on purpose"):
         list(c.generate("fake", "hi"))
