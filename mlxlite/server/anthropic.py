@@ -9,9 +9,10 @@ machinery as `openai.py` maps OpenAI's (`native.generation`, the same scheduler 
 input_schema) -> native tools, and calls in the output -> `tool_use` blocks;
 `tool_choice` "none" drops the tools, "any" and "tool" force a call by decoding under a
 JSON-schema constraint. Output that opens with `<think>` comes back as a `thinking` block
-(split by `native.generation`, as for every API). `stop_reason` is end_turn, max_tokens, stop_sequence (naming the
-`stop_sequence` the request gave) or tool_use; usage counts prompt tokens served from
-the prefix cache as `cache_read_input_tokens`. Streams are SSE with named events:
+(split off by `native.generation`, as for every API). `stop_reason` is end_turn,
+max_tokens, stop_sequence (naming the `stop_sequence` the request gave) or tool_use;
+usage counts prompt tokens served from the prefix cache as `cache_read_input_tokens`.
+Streams are SSE with named events:
 message_start, content_block_start/delta/stop per block, message_delta (stop_reason and
 usage), message_stop; an error after the first byte is an `error` event. `count_tokens`
 renders the prompt with the model's template and tokenizes it on the MLX thread

@@ -32,7 +32,7 @@ from mlxlite.server.wire import Reply, Stream, Summary
 FOREVER = 10987200000.0       # 2318-03-04, the expires_at of a model kept loaded forever
 
 
-# ---- generation shared by native and OpenAI routes -------------------------------------
+# ---- generation shared by the native, OpenAI and Anthropic routes ----------------------
 @dataclass(frozen=True)
 class Text:
     """Generated text: content, or (`thinking`) the model's reasoning. `logprobs`: one entry
