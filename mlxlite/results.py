@@ -1,7 +1,9 @@
 """What a generation yields, shared by the engine and everything that consumes it.
 
-`Piece` is one generated token with the text it made final; `Finish` always comes last
-and carries the counts and timings. Pure: the scheduler, server, CLI and test fakes use
+`Piece` is one generated token with the text it made final, its logprob, its own bytes
+and, when the request asked for them, the most likely alternatives at that step as
+(token bytes, logprob) pairs, most likely first; `Finish` always comes last and carries
+the counts and timings. Pure: the scheduler, server, CLI and test fakes use
 these without importing mlx (semantics in `runner.generate`).
 """
 
@@ -15,6 +17,8 @@ class Piece:
     token: int
     text: str  # "" while held back (partial UTF-8, a possible stop string)
     logprob: float
+    raw: bytes = b""  # this token's own bytes (a special token's name), for logprobs
+    top: tuple[tuple[bytes, float], ...] = ()  # the top_logprobs alternatives, when asked
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """A fake runner with the real runner's functions, for exact scheduler and HTTP tests.
 
 Byte-level "tokenizer" (token i < 256 is byte i; 256 = BOS, 257 = EOS); a chat template
-that writes `<|role|>content` lines; generation replies with a fixed text one byte per
+that writes `<|role|>content` lines (`FakeEngine(thinking=True)`: one that supports
+thinking, as Qwen3's does: `enable_thinking=False` closes an empty `<think></think>`
+section in the generation prompt, `opens=True` opens one there, as DeepSeek-R1's does);
+generation replies with a fixed text one byte per
 step (or as told by `reply_for(prompt_text)`), honouring num_predict, stop strings and
 the cancel event (checked between prefill chunks and before every step, like the real
 runner). Gates let a test hold generation at a known point: `hold_after` tokens, the
@@ -31,12 +34,25 @@ class FakeTemplate:
     source = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %} tools"
     supports_tools = True
 
+    def __init__(self, thinking: bool = False, opens: bool = False) -> None:
+        self.supports_thinking = thinking
+        self.opens = opens
+        self.extras: list[dict] = []        # the extra variables of each render (enable_thinking, ...)
+
     def render(self, messages: list[dict], tools: list | None = None,
-               add_generation_prompt: bool = True) -> str:
+               add_generation_prompt: bool = True, **extra: Any) -> str:
+        if extra and not self.supports_thinking:
+            raise TypeError(f"unexpected template variables {sorted(extra)}")
+        self.extras.append(extra)
         out = "".join(f"<|{m.get('role')}|>{m.get('content') or ''}\n" for m in messages)
         if tools:
             out = f"<|tools|>{len(tools)}\n" + out
-        return out + ("<|assistant|>" if add_generation_prompt else "")
+        if not add_generation_prompt:
+            return out
+        out += "<|assistant|>"
+        if extra.get("enable_thinking") is False:
+            return out + "<think>\n\n</think>\n\n"
+        return out + ("<think>\n" if self.opens else "")
 
 
 @dataclass
@@ -64,8 +80,10 @@ class FakeEngine:
 
     def __init__(self, reply: str = "Hello there, this is a fake reply.", *, step_delay: float = 0.0,
                  prefill_delay: float = 0.0, prefill_chunks: int = 1, load_delay: float = 0.0,
-                 hold_after: int | None = None, fail_after: int | None = None) -> None:
+                 hold_after: int | None = None, fail_after: int | None = None, thinking: bool = False,
+                 opens_thinking: bool = False) -> None:
         self.reply = reply
+        self.template = FakeTemplate(thinking, opens_thinking)
         self.reply_for: Callable[[str], str] | None = None
         self.step_delay = step_delay
         self.prefill_delay = prefill_delay
@@ -94,7 +112,7 @@ class FakeEngine:
         if self.load_delay:
             time.sleep(self.load_delay)
         self.loads.append(entry.name.display)
-        return FakeLoaded(entry.name.display, entry.digest)
+        return FakeLoaded(entry.name.display, entry.digest, template=self.template)
 
     def unload(self, loaded: FakeLoaded) -> None:
         self._touch()
@@ -122,7 +140,7 @@ class FakeEngine:
 
     def generate(self, loaded: FakeLoaded, prompt_tokens: list[int], options: Options,
                  cancel: threading.Event | None = None, *, truncate: bool = False,
-                 constraint: Any = None) -> Iterator[Piece | Finish]:
+                 constraint: Any = None, top_logprobs: int = 0) -> Iterator[Piece | Finish]:
         self._touch()
         num_ctx = min(options.num_ctx or 2048, loaded.context_length)
         if len(prompt_tokens) >= num_ctx and not truncate:
@@ -180,15 +198,17 @@ class FakeEngine:
                 i += 1
                 made += 1
                 piece = chr(token)
+                # Alternatives: the chosen byte at -0.1, then the next byte values at -3, -4, ...
+                top = tuple((bytes([(token + j) % 256]), -0.1 if j == 0 else -2.0 - j) for j in range(top_logprobs))
                 stop_hit = next((s for s in options.stop if s in text + piece), None)
                 if stop_hit is not None:
                     full = text + piece
                     keep = full[:full.index(stop_hit)]
-                    yield Piece(token, keep[len(text):], -0.1)
+                    yield Piece(token, keep[len(text):], -0.1, bytes([token]), top)
                     reason, matched = "stop", stop_hit
                     break
                 text += piece
-                yield Piece(token, piece, -0.1)
+                yield Piece(token, piece, -0.1, bytes([token]), top)
             eval_s = time.perf_counter() - t1
             yield Finish(reason, len(prompt_tokens), len(prompt_tokens), made, t1 - t0, eval_s, stop_string=matched)
         finally:

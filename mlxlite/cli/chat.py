@@ -2,7 +2,8 @@
 
 Contract: a `Backend` streams a chat turn as text pieces and returns Ollama-style
 stats; `LocalBackend` runs the model in this process through `engine/runner.py` (imported
-lazily), `DaemonBackend` goes through a running daemon's `/api/chat`. The REPL keeps
+lazily), `DaemonBackend` goes through a running daemon's `/api/chat` (showing the thinking
+the daemon splits off inside its `<think>` tags, as the model wrote it). The REPL keeps
 the history, understands `/bye`, `/clear`, `/set parameter K V`, `/set system ...`,
 `/show`, `/?`; Ctrl-C stops the current answer, Ctrl-D quits.
 """
@@ -138,12 +139,20 @@ class DaemonBackend:
             body["options"] = overrides
         if fmt is not None:
             body["format"] = fmt
+        thinking = False        # the daemon splits thinking off; shown in its tags, as in-process
         for chunk in self.client.stream("POST", "/api/chat", body):
             if cancel.is_set():
                 break
             if chunk.get("error"):
                 raise BadRequest(chunk["error"])
-            text = (chunk.get("message") or {}).get("content") or ""
+            message = chunk.get("message") or {}
+            if message.get("thinking"):
+                yield ("" if thinking else "<think>\n") + message["thinking"]
+                thinking = True
+            text = message.get("content") or ""
+            if thinking and (text or chunk.get("done")):
+                yield "\n</think>\n\n" if text else "\n</think>"
+                thinking = False
             if text:
                 yield text
             if chunk.get("done"):

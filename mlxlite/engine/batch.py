@@ -5,13 +5,14 @@ engine function and never imports mlx.
 
 Contract:
   - `Decoder.add(key, prompt_tokens, options, truncate=, constraint=, prompt_cache=,
-    cached_tokens=)` queues a sequence; prompt checks (empty, longer than num_ctx) raise
+    cached_tokens=, top_logprobs=)` queues a sequence; prompt checks (empty, longer than num_ctx) raise
     `BadRequest` at once, exactly as `runner.generate` does.
   - `Decoder.step(is_cancelled)` does one unit of work and returns `[(key, Piece|Finish)]`:
     cancelled sequences leave (Finish "cancel"; `(key, None)` if none of its work ran); waiting sequences join while the batch has
     room (at most one prefill chunk of `num_batch` tokens per step, so a long prompt never
     stalls the others for more than one chunk); then one decode step for every member.
-    Each member keeps its own sampler, penalties, stop strings, limit and constraint.
+    Each member keeps its own sampler, penalties, stop strings, limit, constraint and
+    top_logprobs (the top-k alternatives are computed only in steps where a member asks).
   - Fairness when full: a member that has decoded `time_slice` tokens while others wait is
     parked (its KV cache taken out of the batch) and rejoins at the back of the queue.
   - A batch of one decodes on the plain per-sequence `KVCache`, the same graph as
@@ -30,8 +31,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxlite.engine.model import check_prompt, context_window, new_cache, prefill
-from mlxlite.engine.sampling import allowed_logits, make_processors, make_sampler
+from mlxlite.engine.model import alternatives, check_prompt, context_window, new_cache, prefill, token_piece
+from mlxlite.engine.sampling import allowed_logits, make_processors, make_sampler, top_alternatives
 from mlxlite.engine.text import StopMatcher, TextStream
 from mlxlite.options import Options
 from mlxlite.results import Finish, Piece
@@ -40,10 +41,11 @@ from mlxlite.results import Finish, Piece
 class _Seq:
     __slots__ = ("key", "prompt", "cached", "limit", "sampler", "greedy", "processors", "stops", "text",
                  "constraint", "cache", "pos", "fed", "next_input", "history", "n", "t0", "t_first",
-                 "step", "slice_used")
+                 "step", "slice_used", "top")
 
     def __init__(self, key: Any, prompt: list[int], cached: int, limit: int, options: Options,
-                 num_ctx: int, table: list[bytes], constraint: Any, cache: list[Any] | None) -> None:
+                 num_ctx: int, table: list[bytes], constraint: Any, cache: list[Any] | None,
+                 top: int = 0) -> None:
         self.key = key
         self.prompt = prompt
         self.cached = cached
@@ -64,6 +66,7 @@ class _Seq:
         self.t_first: float | None = None
         self.step = max(1, options.num_batch)
         self.slice_used = 0
+        self.top = top                      # top_logprobs: alternatives wanted per token
 
     @property
     def ready(self) -> bool:
@@ -88,7 +91,7 @@ class Decoder:
         self._steps = 0
         self._mergeable: bool | None = None
         self._probe: list[Any] = []
-        self._inflight: tuple[Any, Any] | None = None   # a queued look-ahead step (tokens, logprobs)
+        self._inflight: tuple[Any, ...] | None = None   # a queued look-ahead step (see _forward)
 
     # ---- queries --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -107,7 +110,8 @@ class Decoder:
 
     # ---- adding ---------------------------------------------------------------------------
     def add(self, key: Any, prompt_tokens: list[int], options: Options, *, truncate: bool = False,
-            constraint: Any = None, prompt_cache: list[Any] | None = None, cached_tokens: int = 0) -> int:
+            constraint: Any = None, prompt_cache: list[Any] | None = None, cached_tokens: int = 0,
+            top_logprobs: int = 0) -> int:
         """Queue a sequence; returns its prompt length (after truncation)."""
         loaded = self.loaded
         num_ctx = context_window(loaded, options)
@@ -122,7 +126,8 @@ class Decoder:
         if limit <= 0:
             self._done.append((key, Finish("length", len(prompt), 0, 0, 0.0, 0.0)))
             return len(prompt)
-        seq = _Seq(key, prompt, cached_tokens, limit, options, num_ctx, loaded.table, constraint, prompt_cache)
+        seq = _Seq(key, prompt, cached_tokens, limit, options, num_ctx, loaded.table, constraint, prompt_cache,
+                   max(0, int(top_logprobs)))
         self._waiting.append(seq)
         return len(prompt)
 
@@ -299,8 +304,10 @@ class Decoder:
         self._leave([i], keep_caches=False)
         self._waiting.append(seq)
 
-    def _forward(self, inputs: mx.array) -> tuple[mx.array, mx.array]:
-        """One decode step's graph for the whole batch: sampled tokens [B] and their logprobs."""
+    def _forward(self, inputs: mx.array) -> tuple[mx.array, ...]:
+        """One decode step's graph for the whole batch: sampled tokens [B] and their logprobs
+        [B]; when a member wants top_logprobs, also the top K ids and logprobs [B, K] (K the
+        most any member wants)."""
         from mlx_lm.generate import generation_stream
 
         batch, eos = self._batch, self.loaded.eos_token_ids
@@ -324,15 +331,18 @@ class Decoder:
             else:
                 toks = mx.concatenate([s.sampler(logprobs[i:i + 1]).reshape(1) for i, s in enumerate(batch)])
             lps = mx.take_along_axis(logprobs, toks[:, None], axis=-1)[:, 0]
+            k = max(s.top for s in batch)
+            if k > 0:
+                return (toks, lps, *top_alternatives(logprobs, k))
         return toks, lps
 
     def _decode(self, out: list, is_cancelled: Callable[[Any], bool]) -> None:
         batch, eos = self._batch, self.loaded.eos_token_ids
         if self._inflight is not None:
-            toks, lps = self._inflight
-            self._inflight = None
+            step, self._inflight = self._inflight, None
         else:
-            toks, lps = self._forward(mx.array([s.next_input for s in batch], dtype=mx.uint32))
+            step = self._forward(mx.array([s.next_input for s in batch], dtype=mx.uint32))
+        toks = step[0]
         # Look ahead (as mlx-lm does): queue the next step before handing these tokens out, so
         # the engine computes while Python routes text. Not when the batch is about to change
         # (someone waits or was cancelled) or a constraint must see each token first.
@@ -341,10 +351,11 @@ class Decoder:
                 and not any(is_cancelled(s.key) for s in batch)):
             ahead = self._forward(toks)
             mx.async_eval(*ahead)
-        mx.eval(toks, lps)
+        mx.eval(*step)
         now = time.perf_counter()
         leaving: list[int] = []
-        for i, (s, token, lp) in enumerate(zip(batch, toks.tolist(), lps.tolist(), strict=True)):
+        top_ids, top_values = (step[2].tolist(), step[3].tolist()) if len(step) > 2 else (None, None)
+        for i, (s, token, lp) in enumerate(zip(batch, toks.tolist(), step[1].tolist(), strict=True)):
             if is_cancelled(s.key):     # cancelled while this step ran: nothing more goes out
                 out.append((s.key, self._finish(s, "cancel", self._tail(s))))
                 leaving.append(i)
@@ -362,7 +373,10 @@ class Decoder:
                 s.constraint.advance(token)
             s.n += 1
             emit, hit = s.stops.feed(s.text.add(token))
-            out.append((s.key, Piece(token, emit, float(lp))))
+            top = ()
+            if s.top and top_ids is not None:
+                top = alternatives(self.loaded, top_ids[i][:s.top], top_values[i][:s.top])
+            out.append((s.key, Piece(token, emit, float(lp), token_piece(self.loaded, token), top)))
             if hit:
                 out.append((s.key, self._finish(s, "stop")))
                 leaving.append(i)
@@ -374,7 +388,7 @@ class Decoder:
         if ahead is not None and self._batch:
             if leaving:
                 keep = mx.array([i for i in range(len(batch)) if i not in set(leaving)])
-                ahead = (ahead[0][keep], ahead[1][keep])
+                ahead = tuple(a[keep] for a in ahead)
             self._inflight = ahead
         self._steps += 1
         if self._steps % 256 == 0:

@@ -6,7 +6,8 @@ Contract:
     layers (params -> `defaults`, system, messages, jinja template override) are read.
     On the CPU device quantized weights become float32 when that fits the memory budget
     (`float32_on_cpu`); activations, scales and norms are float32 on CPU.
-  - `unload`, `tokenize`, `detokenize`, `token_bytes`.
+  - `unload`, `tokenize`, `detokenize`, `token_bytes`, `token_piece` (a token as logprobs
+    show it: its bytes, or a special token's name).
   - Per-sequence building blocks shared by `runner.generate` and `batch.Decoder`:
     `context_window`, `new_cache`, `prefill` (chunked, cancellable between chunks) and
     `check_prompt` (empty or too long for num_ctx is a `BadRequest`, unless truncating).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,8 +197,7 @@ def load(store: Store, entry: ModelEntry) -> Loaded:
         raise
     except (RuntimeError, ValueError) as exc:  # mlx's own errors on a malformed file
         raise BadRequest(f"model '{entry.name.display}' failed to load: {exc}") from None
-    backend = getattr(tokenizer, "_tokenizer", tokenizer)
-    backend = getattr(backend, "backend_tokenizer", backend)
+    backend = _backend(tokenizer)
     vocab_size = int(cfg.get("vocab_size") or 0)
     table = token_table(backend, specials, vocab_size)
     if source is None:
@@ -214,6 +215,12 @@ def load(store: Store, entry: ModelEntry) -> Loaded:
     })
     return Loaded(entry.name.display, entry.digest, model, tokenizer, template, eos_ids, context_length,
                   _nbytes(model), info, defaults, system, messages, table, bos)
+
+
+def _backend(tokenizer: Any) -> Any:
+    """The `tokenizers.Tokenizer` under mlx-lm's and transformers' wrappers."""
+    backend = getattr(tokenizer, "_tokenizer", tokenizer)
+    return getattr(backend, "backend_tokenizer", backend)
 
 
 def _is_quantized(model: Any) -> bool:
@@ -246,6 +253,23 @@ def detokenize(loaded: Loaded, tokens: list[int]) -> str:
 def token_bytes(loaded: Loaded) -> list[bytes]:
     """Raw bytes of every token id; special tokens (EOS, control) are b"" (never text)."""
     return loaded.table
+
+
+def token_piece(loaded: Loaded, token: int) -> bytes:
+    """A token as logprobs show it: its bytes, or for a special token (which prints
+    nothing) its name, such as `<|im_end|>`."""
+    table = loaded.table
+    raw = table[token] if 0 <= token < len(table) else b""
+    if raw:
+        return raw
+    name = _backend(loaded.tokenizer).id_to_token(token)
+    return name.encode() if name else b""
+
+
+def alternatives(loaded: Loaded, ids: list[int], values: list[float]) -> tuple[tuple[bytes, float], ...]:
+    """A step's top alternatives as (token bytes, logprob) pairs; tokens a constraint
+    masked (-inf, which JSON cannot carry) are left out."""
+    return tuple((token_piece(loaded, i), v) for i, v in zip(ids, values, strict=True) if math.isfinite(v))
 
 
 # ---- sampling building blocks (one per sequence; the scheduler reuses them) ---------------

@@ -4,9 +4,12 @@ Contract:
   - `load(store, entry) -> Loaded`, `unload`, `tokenize`, `detokenize`, `token_bytes`,
     `context_window`, `new_cache`, `prefill` (from `model.py`).
   - `generate(loaded, prompt_tokens, options, cancel, truncate=, constraint=, prompt_cache=,
-    cached_tokens=)` yields `Piece`s then one `Finish` (`results.py`): stop strings are cut
-    exactly (the one that matched is `Finish.stop_string`), the cancel event is checked
-    between prefill chunks and decode steps, a constraint masks the logits before sampling.
+    cached_tokens=, top_logprobs=)` yields `Piece`s then one `Finish` (`results.py`): stop
+    strings are cut exactly (the one that matched is `Finish.stop_string`), the cancel
+    event is checked between prefill chunks and decode steps, a constraint masks the logits
+    before sampling. Each Piece has its token's logprob (log-softmax of the logits the
+    sampler saw) and bytes; with `top_logprobs=k` also the k most likely tokens of that
+    step and their logprobs (computed only then).
     A prompt that is empty, or longer than num_ctx without `truncate`, is a `BadRequest`
     before any work.
   - `embed(loaded, texts, truncate)` -> one normalized vector per text.
@@ -30,6 +33,7 @@ import mlx.core as mx
 from mlxlite.engine.batch import Decoder, cache_nbytes, cache_prefix, load_cache, save_cache
 from mlxlite.engine.model import (
     Loaded,
+    alternatives,
     check_prompt,
     context_window,
     detokenize,
@@ -39,17 +43,18 @@ from mlxlite.engine.model import (
     on_cpu,
     prefill,
     token_bytes,
+    token_piece,
     tokenize,
     unload,
 )
-from mlxlite.engine.sampling import allowed_logits, make_processors, make_sampler
+from mlxlite.engine.sampling import allowed_logits, make_processors, make_sampler, top_alternatives
 from mlxlite.engine.text import StopMatcher, TextStream
 from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.options import Options
 from mlxlite.results import Finish, Piece
 
 __all__ = [
-    "Loaded", "Piece", "Finish", "load", "unload", "tokenize", "detokenize", "token_bytes", "generate",
+    "Loaded", "Piece", "Finish", "load", "unload", "tokenize", "detokenize", "token_bytes", "token_piece", "generate",
     "embed", "context_window", "make_sampler", "make_processors", "allowed_logits", "new_cache", "prefill",
     "TextStream", "StopMatcher", "on_cpu", "memory_budget", "decoder", "cache_nbytes", "cache_prefix",
     "save_cache", "load_cache",
@@ -59,7 +64,8 @@ __all__ = [
 # ---- generation ----------------------------------------------------------------------------
 def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel: threading.Event | None = None,
              *, truncate: bool = False, constraint: object | None = None,
-             prompt_cache: list[Any] | None = None, cached_tokens: int = 0) -> Iterator[Piece | Finish]:
+             prompt_cache: list[Any] | None = None, cached_tokens: int = 0,
+             top_logprobs: int = 0) -> Iterator[Piece | Finish]:
     """Stream Pieces then one Finish (the contract is in this module's docstring).
 
     `prompt_cache` (from `new_cache`, updated in place) may already hold the KV of the first
@@ -91,7 +97,8 @@ def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel:
     cache = prompt_cache if prompt_cache is not None else new_cache(loaded)
     history = mx.array(prompt[:-1], dtype=mx.uint32) if processors else None
 
-    def step(inp: mx.array) -> tuple[mx.array, mx.array]:
+    def step(inp: mx.array) -> tuple[mx.array, ...]:
+        """(token [1], its logprob [1, 1]) and, with top_logprobs, (ids [1, k], logprobs [1, k])."""
         nonlocal history
         with mx.stream(generation_stream):
             logits = model(inp[None], cache=cache)[:, -1, :]
@@ -103,7 +110,10 @@ def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel:
                 logits = allowed_logits(logits, constraint, eos)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
             tok = sampler(logprobs)
-            return tok, mx.take_along_axis(logprobs, tok[:, None], axis=-1)
+            chosen = mx.take_along_axis(logprobs, tok[:, None], axis=-1)
+            if top_logprobs > 0:
+                return (tok, chosen, *top_alternatives(logprobs, top_logprobs))
+            return tok, chosen
 
     def finish(reason: str, n_eval: int, t_first: float | None, tail: str = "") -> Finish:
         now = time.perf_counter()
@@ -123,11 +133,12 @@ def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel:
     # Without a constraint the next step is queued before this token is handed out
     # (mlx-lm's one-token lookahead); a constraint must see each token first.
     lookahead = constraint is None
-    y, lp = step(mx.array(prompt[-1:], dtype=mx.uint32))
-    mx.async_eval(y, lp)
+    cur = step(mx.array(prompt[-1:], dtype=mx.uint32))
+    mx.async_eval(*cur)
     t_first: float | None = None
     n = 0
     while True:
+        y = cur[0]
         nxt = None
         if lookahead and n + 1 < limit:
             nxt = step(y)
@@ -142,7 +153,8 @@ def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel:
             constraint.advance(token)
         n += 1
         emit, hit = stops.feed(text.add(token))
-        yield Piece(token, emit, float(lp.item()))
+        top = alternatives(loaded, cur[2][0].tolist(), cur[3][0].tolist()) if len(cur) > 2 else ()
+        yield Piece(token, emit, float(cur[1].item()), token_piece(loaded, token), top)
         if hit:
             yield finish("stop", n, t_first)
             return
@@ -155,7 +167,7 @@ def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel:
         if nxt is None:
             nxt = step(y)
             mx.async_eval(*nxt)
-        y, lp = nxt
+        cur = nxt
         if n % 256 == 0:
             mx.clear_cache()
 

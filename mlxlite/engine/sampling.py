@@ -1,6 +1,7 @@
 """Per-sequence sampling pieces on MLX: Ollama's options -> mlx-lm samplers and logits
-processors, and the constraint mask. Engine-internal; `runner.py` re-exports them
-for the scheduler, so a batch can hold one sampler and processor list per sequence).
+processors, the constraint mask, and the top-k alternatives `top_logprobs` asks for.
+Engine-internal; `runner.py` re-exports them for the scheduler, so a batch can hold one
+sampler and processor list per sequence).
 """
 
 from __future__ import annotations
@@ -40,6 +41,16 @@ def make_sampler(options: Options) -> Callable[[mx.array], mx.array]:
         return mx.random.categorical(logprobs * (1.0 / temp), key=sub)
 
     return sampler
+
+
+def top_alternatives(logprobs: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """The `k` most likely token ids [B, k] of logprobs [B, V] and their logprobs, most
+    likely first (a partition, then a sort of only k values per row)."""
+    k = max(1, min(k, logprobs.shape[-1]))
+    ids = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[:, :k]
+    values = mx.take_along_axis(logprobs, ids, axis=-1)
+    order = mx.argsort(-values, axis=-1)
+    return mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(values, order, axis=-1)
 
 
 def make_processors(options: Options, num_ctx: int) -> list[Callable[[mx.array, mx.array], mx.array]]:

@@ -8,12 +8,21 @@ whitespace right after each. A thinking section is recognised only at the start 
 output (after whitespace), where DeepSeek-R1, Qwen3 and their kin write it; text that
 does not start with the tag passes through unchanged. `thinking=True` starts inside a
 section, for templates whose generation prompt already opened the tag. `split(text)` does
-a whole text at once. Pure; no I/O, never imports anything above the ground floor.
+a whole text at once. `supported_by(template_source)`: whether a chat template knows
+about thinking (reads `enable_thinking` or `.Think`, or writes the tags), which decides
+whether a request may ask for it. Pure; no I/O, never imports anything above the ground floor.
 """
 
 from __future__ import annotations
 
 OPENING, CLOSING = "<think>", "</think>"
+
+
+def supported_by(source: str | None) -> bool:
+    """Whether a chat template supports thinking: Qwen3 and SmolLM3 read `enable_thinking`,
+    DeepSeek-R1 and its distills write or strip the tags, Ollama's templates read `.Think`."""
+    text = source or ""
+    return "enable_thinking" in text or OPENING in text or CLOSING in text or ".Think" in text
 
 
 def _partial_suffix(text: str, tag: str) -> int:

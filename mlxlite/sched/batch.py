@@ -4,7 +4,7 @@ Contract (used by `scheduler.Scheduler` on its MLX thread only; no mlx import):
   - `Batches(sched, num_parallel, prefix_cache_bytes)`.
   - `admit(ticket, job, resident, load_seconds)`: renders and tokenizes the prompt (a chat
     fitted to the request's num_ctx, `Ready.truncated_messages` saying how many messages it
-    lost), builds the constraint, looks up the longest cached prefix, sends `Ready` and adds the sequence
+    lost, `Ready.thinking` whether it opened a thinking section), builds the constraint, looks up the longest cached prefix, sends `Ready` and adds the sequence
     to the model's decoder (the engine's `decoder(loaded, max_batch, keep_caches)`, or
     `SerialDecoder` over `engine.generate` for engines without one). Prompt errors raise.
   - `step()`: one step of every model's decoder that has work, round-robin (a request for
@@ -16,7 +16,7 @@ Contract (used by `scheduler.Scheduler` on its MLX thread only; no mlx import):
     `prefix_cache_disk_bytes`) are written under `$MLXLITE_HOME/cache/prefix/<digest>/`
     (engine `save_cache`); when it loads again (a restart too) they are read back.
 Decoder protocol: `add(key, tokens, options, truncate=, constraint=, prompt_cache=,
-cached_tokens=) -> prompt length`; `step(is_cancelled) -> [(key, Piece | Finish | None)]`
+cached_tokens=, top_logprobs=) -> prompt length`; `step(is_cancelled) -> [(key, Piece | Finish | None)]`
 (None: cancelled before any work ran); `len()`, `.active`, `.waiting`, `take_cache(key)`,
 `close()`.
 """
@@ -62,8 +62,9 @@ class SerialDecoder:
         return len(self._queue)
 
     def add(self, key: Any, tokens: list[int], options: Any, *, truncate: bool = False,
-            constraint: Any = None, prompt_cache: Any = None, cached_tokens: int = 0) -> int:
-        self._queue.append((key, tokens, options, truncate, constraint))
+            constraint: Any = None, prompt_cache: Any = None, cached_tokens: int = 0,
+            top_logprobs: int = 0) -> int:
+        self._queue.append((key, tokens, options, truncate, constraint, top_logprobs))
         return len(tokens)
 
     def step(self, is_cancelled: Callable[[Any], bool]) -> list[tuple[Any, Any]]:
@@ -72,9 +73,10 @@ class SerialDecoder:
             self._queue.remove(item)
             out.append((item[0], None))
         if self._current is None and self._queue:
-            key, tokens, options, truncate, constraint = self._queue.popleft()
+            key, tokens, options, truncate, constraint, top = self._queue.popleft()
+            extra = {"top_logprobs": top} if top else {}    # an engine without alternatives need not know the word
             gen = self.engine.generate(self.loaded, tokens, options, self.cancel_of(key),
-                                       truncate=truncate, constraint=constraint)
+                                       truncate=truncate, constraint=constraint, **extra)
             self._current = (key, gen)
         if self._current is not None:
             key, gen = self._current
@@ -269,12 +271,13 @@ class Batches:
                 cache = engine.cache_prefix(hit.cache, hit.tokens)
                 cached = hit.tokens if cache is not None else 0
         dec.add(ticket.id, tokens, options, truncate=job.truncate, constraint=constraint,
-                prompt_cache=cache, cached_tokens=cached)
+                prompt_cache=cache, cached_tokens=cached, top_logprobs=job.top_logprobs)
         member = _Member(ticket, job, digest)
         self._members[ticket.id] = member
         queue_s = time.monotonic() - ticket.submitted
         ticket.replies.put(Ready(load_seconds, tuple(tokens), queue_seconds=queue_s, batch_size=len(dec),
-                                 truncated_messages=rendered.truncated_messages))
+                                 truncated_messages=rendered.truncated_messages,
+                                 thinking=getattr(rendered, "thinking", False)))
         self.queue_seconds.observe(queue_s)
 
     # ---- stepping ---------------------------------------------------------------------------

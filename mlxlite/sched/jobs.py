@@ -34,6 +34,7 @@ class GenerateJob:
     keep_alive: float | None = None
     format: Any = None              # None, "json" or a JSON-schema dict -> constrained decoding
     truncate: bool = False
+    top_logprobs: int = 0           # alternatives wanted per token (0: only the chosen token's logprob)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Ready:
     queue_seconds: float = 0.0
     batch_size: int = 0             # sequences of this model decoding or waiting, this one included
     truncated_messages: int = 0     # the chat's oldest messages left out to fit num_ctx
+    thinking: bool = False          # the prompt opened a thinking section: the output starts inside it
 
 
 @dataclass(frozen=True)

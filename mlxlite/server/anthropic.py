@@ -9,14 +9,17 @@ machinery as `openai.py` maps OpenAI's (`native.generation`, the same scheduler 
 input_schema) -> native tools, and calls in the output -> `tool_use` blocks;
 `tool_choice` "none" drops the tools, "any" and "tool" force a call by decoding under a
 JSON-schema constraint. Output that opens with `<think>` comes back as a `thinking` block
-(`formats.thinking`). `stop_reason` is end_turn, max_tokens, stop_sequence (naming the
-`stop_sequence` the request gave) or tool_use; usage counts prompt tokens served from
-the prefix cache as `cache_read_input_tokens`. Streams are SSE with named events:
+(split off by `native.generation`, as for every API). `stop_reason` is end_turn,
+max_tokens, stop_sequence (naming the `stop_sequence` the request gave) or tool_use;
+usage counts prompt tokens served from the prefix cache as `cache_read_input_tokens`.
+Streams are SSE with named events:
 message_start, content_block_start/delta/stop per block, message_delta (stop_reason and
 usage), message_stop; an error after the first byte is an `error` event. `count_tokens`
 renders the prompt with the model's template and tokenizes it on the MLX thread
-(`TokenizeJob`), generating nothing. Images, documents and server tools are a 400; the
-`thinking` setting is validated, but the model's own output decides whether it thinks.
+(`TokenizeJob`), generating nothing. Images, documents and server tools are a 400. The
+`thinking` setting: `disabled` renders the template with thinking off (where it can be
+turned off) and leaves the output unsplit; `enabled` and `adaptive` leave it to the
+model (agent clients send `enabled` by default, so a model that cannot think is no error).
 Errors use Anthropic's shape (`daemon.error_body`, chosen by route). Never imports mlx.
 """
 
@@ -31,11 +34,10 @@ from typing import Any
 
 from mlxlite import options
 from mlxlite.errors import BadRequest, MlxliteError, Unsupported
-from mlxlite.formats import thinking, tools
 from mlxlite.names import ModelName
 from mlxlite.sched import GenerateJob, Tokenized, TokenizeJob
 from mlxlite.server import wire
-from mlxlite.server.native import generation, resolve
+from mlxlite.server.native import Calls, generation, resolve
 from mlxlite.server.wire import Reply, Stream, Summary
 
 
@@ -233,7 +235,8 @@ def parse_messages(body: Any, count_only: bool = False) -> MessagesRequest:
         raise BadRequest('invalid thinking: expected {"type": "enabled" | "disabled" | "adaptive", ...}')
     if system:
         messages = ({"role": "system", "content": system}, *messages)
-    spec = wire.PromptSpec(name.display, messages=messages, tools=offered)
+    think = False if isinstance(setting, dict) and setting.get("type") == "disabled" else None
+    spec = wire.PromptSpec(name.display, messages=messages, tools=offered, think=think, think_strict=False)
     return MessagesRequest(
         name, spec, overrides, forced,
         tuple(t["function"]["name"] for t in offered) if offered else None, stops,
@@ -248,30 +251,15 @@ class _Part:
     call: dict | None = None
 
 
-def _parts(items: Iterator[Any], tool_names: tuple[str, ...] | None) -> Iterator[_Part]:
-    """Generated text -> thinking, text and tool calls: the thinking section is split off
-    first, so a call written after it is still found."""
-    thinker = thinking.ThinkingParser()
-    parser = tools.ToolCallParser(tool_names) if tool_names is not None else None
-
-    def split(pieces: list[tuple[str, str]]) -> Iterator[_Part]:
-        for kind, text in pieces:
-            if kind == "thinking":
-                yield _Part("thinking", text)
-            else:
-                shown = parser.feed(text) if parser is not None else text
-                if shown:
-                    yield _Part("text", shown)
-
+def _parts(items: Iterator[Any]) -> Iterator[_Part]:
+    """Generated items (thinking split off first, so a call written after it is still
+    found) -> thinking, text and tool_use parts."""
     for item in items:
-        yield from split(thinker.feed(item.text))
-    yield from split(thinker.finish())
-    if parser is not None:
-        text, calls = parser.finish()
-        if text:
-            yield _Part("text", text)
-        for call in calls:
-            yield _Part("tool_use", call=call["function"])
+        if isinstance(item, Calls):
+            for call in item.calls:
+                yield _Part("tool_use", call=call["function"])
+        elif item.text:
+            yield _Part("thinking" if item.thinking else "text", item.text)
 
 
 def _block_events(parts: Iterator[_Part]) -> Iterator[dict]:
@@ -340,17 +328,17 @@ def handle_messages(ctx: Any) -> Reply | Stream:
     entry = resolve(ctx, req.name)
     job = GenerateJob(entry, req.prompt, req.options, req.keep_alive, req.format)
     summary = Summary()
-    items = generation(ctx, job, summary)
+    items = generation(ctx, job, summary, list(req.tool_names) if req.tool_names is not None else None)
     message = {"id": f"msg_{secrets.token_hex(12)}", "type": "message", "role": "assistant",
                "model": req.name.display}
     if not req.stream:
-        content = _content(_block_events(_parts(items, req.tool_names)))
+        content = _content(_block_events(_parts(items)))
         reason, sequence = _stop_reason(summary, req, any(b["type"] == "tool_use" for b in content))
         return Reply({**message, "content": content, "stop_reason": reason, "stop_sequence": sequence,
                       "usage": _usage(summary)})
 
     def events() -> Iterator[dict]:
-        blocks = _block_events(_parts(items, req.tool_names))
+        blocks = _block_events(_parts(items))
         try:
             # The first block is pulled before message_start is written, so that errors until
             # the first token (unknown model, prompt too long) still get a real status.

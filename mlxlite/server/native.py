@@ -4,8 +4,12 @@ Contract: each handler takes the server's request context (`ctx.json()`, `ctx.go
 `ctx.params`, `ctx.log`, `ctx.app.store`, `ctx.app.scheduler`) and returns an
 `wire.Reply` or `wire.Stream`; it raises `MlxliteError`s, which `daemon.py` maps to the
 wire. Store-only routes (tags, show, copy, delete) never load a model. Generation goes
-through `generation()`, shared with the OpenAI routes: it submits a job to the scheduler
-and yields text as it comes, so nothing waits for the end. Never imports mlx.
+through `generation()`, shared with the OpenAI and Anthropic routes: it submits a job to
+the scheduler and yields text as it comes, so nothing waits for the end. The output's
+leading `<think>...</think>` section comes out as thinking text (`formats.thinking`)
+unless the request said `think: false`; tool calls are parsed from the rest; with
+logprobs, every token's entry (`logprob_entry`: token, logprob, bytes, top_logprobs, the
+shape Ollama and OpenAI share) rides on the next item. Never imports mlx.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 from mlxlite import __version__
 from mlxlite import store as st
 from mlxlite.errors import MlxliteError
-from mlxlite.formats import gguf, tools
+from mlxlite.formats import gguf, thinking, tools
 from mlxlite.modelfile import to_modelfile
 from mlxlite.sched import Done, Embedded, EmbedJob, GenerateJob, LoadJob, Ready, is_finish
 from mlxlite.server import wire
@@ -28,12 +32,15 @@ from mlxlite.server.wire import Reply, Stream, Summary
 FOREVER = 10987200000.0       # 2318-03-04, the expires_at of a model kept loaded forever
 
 
-# ---- generation shared by native and OpenAI routes -------------------------------------
+# ---- generation shared by the native, OpenAI and Anthropic routes ----------------------
 @dataclass(frozen=True)
 class Text:
+    """Generated text: content, or (`thinking`) the model's reasoning. `logprobs`: one entry
+    per token generated since the previous item (when the request asked for logprobs)."""
+
     text: str
-    logprob: float | None = None
-    token: int | None = None
+    thinking: bool = False
+    logprobs: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -48,22 +55,69 @@ def resolve(ctx: Any, name: Any) -> Any:
     return entry
 
 
-def generation(ctx: Any, job: GenerateJob, summary: Summary, tool_names: list[str] | None = None
-               ) -> Iterator[Text | Calls]:
-    """Submit `job`; yield `Text` as the engine produces it, then `Calls` (if tools were
-    given and the output was tool calls). Fills `summary` as it goes. Errors before the
-    first token (load, prompt too long) are raised before anything is yielded."""
+def _token(raw: bytes, logprob: float) -> dict:
+    return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+
+
+def logprob_entry(piece: Any, top: int) -> dict:
+    """One token's logprobs, shaped as Ollama, OpenAI chat and Responses all shape them."""
+    entry = _token(piece.raw or piece.text.encode(), piece.logprob)
+    entry["top_logprobs"] = [_token(raw, logprob) for raw, logprob in piece.top[:top]]
+    return entry
+
+
+def generation(ctx: Any, job: GenerateJob, summary: Summary, tool_names: list[str] | None = None,
+               logprobs: bool = False) -> Iterator[Text | Calls]:
+    """Submit `job`; yield `Text` (thinking, then content) as the engine produces it, then
+    `Calls` (if tools were given and the output was tool calls). Fills `summary` as it
+    goes. Errors before the first token (load, prompt too long) are raised before anything
+    is yielded."""
     ticket = ctx.app.scheduler.submit(job)
     try:
-        yield from _events(ctx, ticket, summary, tool_names)
+        yield from _events(ctx, ticket, job, summary, tool_names, logprobs)
     finally:
         ticket.cancel()     # closed early (client gone, write failed): stop the engine too
 
 
-def _events(ctx: Any, ticket: Any, summary: Summary, tool_names: list[str] | None) -> Iterator[Text | Calls]:
+def _events(ctx: Any, ticket: Any, job: GenerateJob, summary: Summary, tool_names: list[str] | None,
+            logprobs: bool) -> Iterator[Text | Calls]:
     parser = tools.ToolCallParser(tool_names) if tool_names is not None else None
+    split = getattr(job.prompt, "think", None) is not False     # think: false leaves the text as it is
+    thinker = thinking.ThinkingParser() if split else None
+    pending: list[dict] = []        # logprobs of tokens whose text is not out yet
+    thought, before_content = False, 0
+
+    def emit(text: str, is_thinking: bool = False) -> Text:
+        item = Text(text, is_thinking, tuple(pending))
+        pending.clear()
+        return item
+
+    def route(text: str, end: bool = False) -> Iterator[Text | Calls]:
+        nonlocal thought
+        parts = thinker.feed(text) if thinker is not None else [("content", text)]
+        if end and thinker is not None:
+            parts += thinker.finish()
+        for kind, part in parts:
+            if kind == "thinking":
+                thought = True
+                yield emit(part, True)
+                continue
+            shown = parser.feed(part) if parser is not None else part
+            if shown:
+                yield emit(shown)
+        if end and parser is not None:
+            rest, calls = parser.finish()
+            if rest:
+                yield emit(rest)
+            if calls:
+                yield Calls(calls)
+        if end and pending:
+            yield emit("")
+
     for event in ticket.events(gone=ctx.gone):
         if isinstance(event, Ready):
+            if split:
+                thinker = thinking.ThinkingParser(thinking=getattr(event, "thinking", False))
             summary.load_seconds = event.load_seconds
             summary.tokens = list(event.prompt_tokens)
             summary.prompt_tokens = len(event.prompt_tokens)    # known now; Finish has the final count
@@ -87,22 +141,15 @@ def _events(ctx: Any, ticket: Any, summary: Summary, tool_names: list[str] | Non
                            eval_ms=round(event.eval_seconds * 1e3, 2), done_reason=event.reason,
                            cached_tokens=event.prompt_tokens - event.prompt_eval_tokens,
                            eval_tps=round(event.eval_tokens / event.eval_seconds, 2) if event.eval_seconds > 0 else 0)
-            tail = event.text_tail
-            if parser is not None:
-                tail = parser.feed(tail)
-            if tail:
-                yield Text(tail)
-            if parser is not None:
-                text, calls = parser.finish()
-                if text:
-                    yield Text(text)
-                if calls:
-                    yield Calls(calls)
+            yield from route(event.text_tail, end=True)
+            summary.thinking_tokens = before_content if thought else 0
             return
         summary.tokens.append(event.token)
-        text = event.text if parser is None else parser.feed(event.text)
-        if text:
-            yield Text(text, event.logprob, event.token)
+        if logprobs:
+            pending.append(logprob_entry(event, job.top_logprobs))
+        if thinker is not None and thinker.state != "content":
+            before_content += 1
+        yield from route(event.text)
 
 
 def _load_or_unload(ctx: Any, entry: Any, req: wire.GenerateRequest, chat: bool) -> Reply | Stream:
@@ -127,7 +174,7 @@ def _native(ctx: Any, chat: bool) -> Reply | Stream:
     entry = resolve(ctx, req.name)
     if req.empty:
         return _load_or_unload(ctx, entry, req, chat)
-    job = GenerateJob(entry, req.prompt, req.options, req.keep_alive, req.format, req.truncate)
+    job = GenerateJob(entry, req.prompt, req.options, req.keep_alive, req.format, req.truncate, req.top_logprobs)
     tool_names = [t["function"]["name"] for t in req.prompt.tools] if req.prompt.tools else None
     items = _native_chunks(ctx, req, job, chat, tool_names)
     if req.stream:
@@ -139,21 +186,23 @@ def _native_chunks(ctx: Any, req: wire.GenerateRequest, job: GenerateJob, chat: 
                    tool_names: list[str] | None) -> Iterator[dict]:
     model = req.name.display
     summary = Summary()
-    for item in generation(ctx, job, summary, tool_names):
+    for item in generation(ctx, job, summary, tool_names, req.logprobs):
         chunk: dict[str, Any] = {"model": model, "created_at": wire.now_rfc3339()}
         if isinstance(item, Calls):
             if chat:
                 chunk["message"] = {"role": "assistant", "content": "", "tool_calls": item.calls}
             else:
                 chunk.update(response="", tool_calls=item.calls)
-        elif chat:
-            chunk["message"] = {"role": "assistant", "content": item.text}
         else:
-            chunk["response"] = item.text
+            # As Ollama streams it: reasoning in `thinking`, beside an empty content.
+            text = {"thinking": item.text} if item.thinking else {}
+            if chat:
+                chunk["message"] = {"role": "assistant", "content": "" if item.thinking else item.text, **text}
+            else:
+                chunk.update(response="" if item.thinking else item.text, **text)
         chunk["done"] = False
-        if req.logprobs and isinstance(item, Text) and item.logprob is not None:
-            chunk["logprobs"] = [{"token": item.text, "logprob": item.logprob,
-                                  "bytes": list(item.text.encode()), "top_logprobs": []}]
+        if isinstance(item, Text) and item.logprobs:
+            chunk["logprobs"] = list(item.logprobs)
         yield chunk
     final: dict[str, Any] = {"model": model, "created_at": wire.now_rfc3339()}
     if chat:
@@ -170,6 +219,7 @@ def _native_chunks(ctx: Any, req: wire.GenerateRequest, job: GenerateJob, chat: 
 def _join(items: Iterator[dict], chat: bool) -> dict:
     """A non-streamed response: the chunks' text joined onto the final chunk."""
     texts: list[str] = []
+    thoughts: list[str] = []
     calls: list = []
     logprobs: list = []
     final: dict = {}
@@ -179,15 +229,20 @@ def _join(items: Iterator[dict], chat: bool) -> dict:
             break
         part = chunk["message"] if chat else chunk
         texts.append(part.get("content" if chat else "response", ""))
+        thoughts.append(part.get("thinking", ""))
         calls.extend(part.get("tool_calls") or [])
         logprobs.extend(chunk.get("logprobs") or [])
-    text = "".join(texts)
+    text, thought = "".join(texts), "".join(thoughts)
     if chat:
         final["message"] = {"role": "assistant", "content": text}
+        if thought:
+            final["message"]["thinking"] = thought
         if calls:
             final["message"]["tool_calls"] = calls
     else:
         final["response"] = text
+        if thought:
+            final["thinking"] = thought
         if calls:
             final["tool_calls"] = calls
     if logprobs:
@@ -311,6 +366,8 @@ def show_model(store: Any, entry: Any, verbose: bool = False) -> dict:
     capabilities = ["completion", "embedding"]
     if template and "tools" in template:
         capabilities.append("tools")
+    if thinking.supported_by(template):
+        capabilities.append("thinking")
     return {
         "license": license_ or "",
         "modelfile": to_modelfile(store, entry),  # the same text `show --modelfile` prints: it round-trips

@@ -6,7 +6,11 @@ the native machinery (`native.generation`, the same scheduler jobs): `max_tokens
 `max_completion_tokens` -> num_predict, `stop`, `seed`, `temperature` and `top_p`
 (1.0 when absent, as Ollama does), penalties, `response_format` (json_object ->
 "json", json_schema -> its schema, both decoded under a constraint), `tools` ->
-`tool_calls`. Streams are SSE (`data: {...}` events, then `data: [DONE]`), with a usage
+`tool_calls`, `reasoning_effort` -> think ("none" turns it off; a model that cannot think
+ignores it), `logprobs` / `top_logprobs` -> `logprobs.content` with the real alternatives.
+The model's thinking comes back as `reasoning_content` (and `reasoning`, Ollama's name) in
+the message or delta, its tokens counted as `completion_tokens_details.reasoning_tokens`.
+Streams are SSE (`data: {...}` events, then `data: [DONE]`), with a usage
 chunk when `stream_options.include_usage`. Errors use OpenAI's shape (daemon.py).
 Never imports mlx.
 """
@@ -25,7 +29,7 @@ from mlxlite import names, options
 from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.sched import GenerateJob
 from mlxlite.server import wire
-from mlxlite.server.native import Calls, embed_vectors, generation, resolve
+from mlxlite.server.native import Calls, Text, embed_vectors, generation, resolve
 from mlxlite.server.wire import Reply, Stream, Summary
 
 FINGERPRINT = "fp_mlxlite"
@@ -136,6 +140,9 @@ def _messages(value: Any) -> tuple[dict, ...]:
                     raise BadRequest(f"invalid messages[{i}].tool_calls: arguments are not JSON") from None
                 native.append({"id": call.get("id"), "function": {"name": fn["name"], "arguments": args}})
             msg["tool_calls"] = native
+        for key in ("reasoning_content", "reasoning"):     # an earlier turn's thinking
+            if isinstance(m.get(key), str) and m[key] and role == "assistant":
+                msg.setdefault("thinking", m[key])
         if isinstance(m.get("tool_call_id"), str):
             msg["tool_call_id"] = m["tool_call_id"]
         if isinstance(m.get("name"), str):
@@ -150,6 +157,8 @@ def _usage(summary: Summary) -> dict:
     cached = summary.prompt_tokens - summary.prompt_eval_tokens
     if cached > 0:
         usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    if summary.thinking_tokens:
+        usage["completion_tokens_details"] = {"reasoning_tokens": summary.thinking_tokens}
     return usage
 
 
@@ -170,11 +179,10 @@ def _openai_calls(calls: list, *, streamed: bool) -> list[dict]:
     return out
 
 
-def _logprob(item: Any) -> list[dict]:
-    """OpenAI's per-token logprob entry (no alternatives: top_logprobs come back empty)."""
-    if getattr(item, "logprob", None) is None:
-        return []
-    return [{"token": item.text, "logprob": item.logprob, "bytes": list(item.text.encode()), "top_logprobs": []}]
+def _reasoning(text: str) -> dict:
+    """Thinking text under both names clients read: `reasoning_content` (DeepSeek's, vLLM's)
+    and `reasoning` (Ollama's)."""
+    return {"reasoning_content": text, "reasoning": text}
 
 
 def _include_usage(body: dict) -> bool:
@@ -197,27 +205,31 @@ def handle_chat_completions(ctx: Any) -> Reply | Stream:
     fmt = _response_format(body)
     stream = wire.get(body, "stream", bool, False)
     usage = _include_usage(body)
-    want_logprobs = wire.get(body, "logprobs", bool, False)
-    if not 0 <= wire.get(body, "top_logprobs", int, 0) <= 20:
+    top = wire.get(body, "top_logprobs", int, 0)
+    if not 0 <= top <= 20:
         raise BadRequest("invalid top_logprobs: must be between 0 and 20")
+    want_logprobs = wire.get(body, "logprobs", bool, False) or top > 0
+    think = wire.reasoning_effort(body.get("reasoning_effort"), "reasoning_effort")
     entry = resolve(ctx, name)
-    spec = wire.PromptSpec(name.display, messages=messages, tools=tools)
-    job = GenerateJob(entry, spec, overrides, wire.keep_alive(body), fmt)
+    spec = wire.PromptSpec(name.display, messages=messages, tools=tools, think=think, think_strict=False)
+    job = GenerateJob(entry, spec, overrides, wire.keep_alive(body), fmt, top_logprobs=top)
     tool_names = [t["function"]["name"] for t in tools] if tools else None
     cid, created, model = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), name.display
     summary = Summary()
-    items = generation(ctx, job, summary, tool_names)
+    items = generation(ctx, job, summary, tool_names, want_logprobs)
     if not stream:
-        texts, calls, logprobs = [], [], []
+        texts, thoughts, calls, logprobs = [], [], [], []
         for item in items:
             if isinstance(item, Calls):
                 calls.extend(item.calls)
-            else:
-                texts.append(item.text)
-                logprobs.extend(_logprob(item))
+                continue
+            (thoughts if item.thinking else texts).append(item.text)
+            logprobs.extend(item.logprobs)
         text = "".join(texts)
         # OpenAI sends `content: null` beside tool calls when the model wrote no text.
         message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+        if thoughts:
+            message.update(_reasoning("".join(thoughts)))
         if calls:
             message["tool_calls"] = _openai_calls(calls, streamed=False)
         return Reply({"id": cid, "object": "chat.completion", "created": created, "model": model,
@@ -241,9 +253,11 @@ def handle_chat_completions(ctx: Any) -> Reply | Stream:
                 any_calls = True
                 delta["tool_calls"] = _openai_calls(item.calls, streamed=True)
                 delta.setdefault("content", None)
+            elif item.thinking:
+                delta.update(_reasoning(item.text))
             else:
                 delta["content"] = item.text
-            yield chunk(delta, lp=_logprob(item) if want_logprobs and not isinstance(item, Calls) else None)
+            yield chunk(delta, lp=list(item.logprobs) if isinstance(item, Text) and item.logprobs else None)
         yield chunk({"role": "assistant", "content": ""} if first else {},
                     _finish_reason(summary, any_calls))
         if usage:
@@ -272,7 +286,7 @@ def handle_completions(ctx: Any) -> Reply | Stream:
     fmt = _response_format(body)
     entry = resolve(ctx, name)
     # Completions are raw: the prompt goes to the model as written, like Ollama's raw mode.
-    spec = wire.PromptSpec(name.display, prompt=prompt, raw=True, suffix=suffix)
+    spec = wire.PromptSpec(name.display, prompt=prompt, raw=True, suffix=suffix, think=False)
     job = GenerateJob(entry, spec, overrides, wire.keep_alive(body), fmt)
     cid, created, model = f"cmpl-{secrets.token_hex(12)}", int(time.time()), name.display
     summary = Summary()

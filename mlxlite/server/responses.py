@@ -6,9 +6,14 @@ string, or `message` / `function_call` / `function_call_output` items) and
 `instructions` -> chat messages with tool calls and tool results; `max_output_tokens`
 -> num_predict; `temperature`, `top_p`; `text.format` (json_object -> "json",
 json_schema -> its schema, decoded under a constraint); function `tools` -> tool calls
-parsed by `formats.tools`. The answer is a `response` object whose `output` holds a
-`message` item (`output_text`) and `function_call` items, with `usage` and `status`
-("incomplete" with reason max_output_tokens when the token budget ran out). Streams are
+parsed by `formats.tools`; `reasoning.effort` -> think ("none" turns it off; a model
+that cannot think ignores it); `top_logprobs` and `include: ["message.output_text.logprobs"]`
+-> logprobs on the text. The answer is a `response` object whose `output` holds a
+`reasoning` item (the model's thinking as its summary text, its tokens counted as
+`reasoning_tokens`) when the model thought, a `message` item (`output_text`) and
+`function_call` items, with `usage` and `status` ("incomplete" with reason
+max_output_tokens when the token budget ran out). A reasoning item sent back in `input`
+becomes the thinking of the assistant turn after it. Streams are
 SSE events named by their `type`, numbered by `sequence_number`, in the order the
 `openai` package's typed stream expects. Nothing is stored: `previous_response_id`,
 `conversation` and `background` are refused with a 400 that says so; `store` is
@@ -92,6 +97,34 @@ def _text_format(body: dict) -> tuple[str | dict | None, dict]:
     raise BadRequest(f"invalid text.format.type {kind!r}: expected text, json_object or json_schema")
 
 
+_LOGPROBS = "message.output_text.logprobs"
+
+
+def _reasoning(body: dict) -> tuple[bool | str | None, dict]:
+    """(think, the `reasoning` object echoed back) from the request's `reasoning`."""
+    value = body.get("reasoning")
+    if value is None:
+        return None, {"effort": None, "summary": None}
+    if not isinstance(value, dict):
+        raise BadRequest("invalid reasoning: expected an object")
+    summary = value.get("summary")
+    if summary is not None and summary not in ("auto", "concise", "detailed"):
+        raise BadRequest('invalid reasoning.summary: expected "auto", "concise" or "detailed"')
+    return wire.reasoning_effort(value.get("effort"), "reasoning.effort"), {"effort": value.get("effort"),
+                                                                             "summary": summary}
+
+
+def _logprobs(body: dict) -> tuple[bool, int]:
+    """(logprobs wanted, top_logprobs) from `include` and `top_logprobs`."""
+    include = wire.get(body, "include", list, [])
+    if not all(isinstance(i, str) for i in include):
+        raise BadRequest("invalid include: expected an array of strings")
+    top = wire.get(body, "top_logprobs", int, 0)
+    if not 0 <= top <= 20:
+        raise BadRequest("invalid top_logprobs: must be between 0 and 20")
+    return _LOGPROBS in include or top > 0, top
+
+
 def _tools(body: dict) -> tuple[dict, ...] | None:
     """Responses' flat function tools -> the chat shape the templates and parser know."""
     value = body.get("tools")
@@ -163,6 +196,14 @@ def _messages(body: dict) -> tuple[dict, ...]:
     system = [instructions] if instructions else []
     turns: list[dict] = []
     call_names: dict[str, str] = {}
+    thought: list[str] = []         # reasoning items, for the assistant turn that follows them
+
+    def assistant(turn: dict) -> dict:
+        if thought:
+            turn["thinking"] = "\n".join(thought)
+            thought.clear()
+        turns.append(turn)
+        return turn
     for i, item in enumerate(value):
         where = f"input[{i}]"
         if not isinstance(item, dict):
@@ -173,7 +214,9 @@ def _messages(body: dict) -> tuple[dict, ...]:
             content = _text(f"{where}.content", item.get("content"))
             if role in ("system", "developer"):
                 system.append(content)
-            elif role in ("user", "assistant"):
+            elif role == "assistant":
+                assistant({"role": role, "content": content})
+            elif role == "user":
                 turns.append({"role": role, "content": content})
             else:
                 raise BadRequest(f"invalid {where}.role: expected user, assistant, system or developer")
@@ -183,10 +226,10 @@ def _messages(body: dict) -> tuple[dict, ...]:
                 raise BadRequest(f"invalid {where}: a function_call needs a name and a call_id")
             call = {"id": call_id, "function": {"name": name, "arguments": _arguments(where, item.get("arguments"))}}
             call_names[call_id] = name
-            if turns and turns[-1]["role"] == "assistant":
+            if turns and turns[-1]["role"] == "assistant" and not thought:
                 turns[-1].setdefault("tool_calls", []).append(call)
             else:
-                turns.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                assistant({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "function_call_output":
             call_id = item.get("call_id")
             if not isinstance(call_id, str):
@@ -196,7 +239,7 @@ def _messages(body: dict) -> tuple[dict, ...]:
                 msg["tool_name"] = call_names[call_id]
             turns.append(msg)
         elif kind == "reasoning":
-            continue        # we never emit reasoning items; one from another model carries nothing we can use
+            thought.extend(_reasoning_text(f"{where}", item))
         elif kind == "item_reference":
             raise BadRequest(f"invalid {where}: item_reference needs stored items, and nothing is stored")
         else:
@@ -212,13 +255,34 @@ def _usage(summary: Summary) -> dict:
     return {"input_tokens": summary.prompt_tokens,
             "input_tokens_details": {"cached_tokens": max(summary.prompt_tokens - summary.prompt_eval_tokens, 0)},
             "output_tokens": summary.eval_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": summary.thinking_tokens},
             "total_tokens": summary.prompt_tokens + summary.eval_tokens}
 
 
-def _message_item(item_id: str, text: str, status: str) -> dict:
-    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status != "in_progress" else []
+def _reasoning_text(where: str, item: dict) -> list[str]:
+    """The text of a reasoning input item: its summary (what we send), else its content
+    (reasoning_text parts); encrypted content from another server carries nothing we can use."""
+    texts = []
+    for key in ("summary", "content"):
+        parts = item.get(key) or []
+        if not isinstance(parts, list):
+            raise BadRequest(f"invalid {where}.{key}: expected an array")
+        texts = [p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        if texts:
+            break
+    return texts
+
+
+def _message_item(item_id: str, text: str, status: str, logprobs: list | None = None) -> dict:
+    content = ([{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]
+               if status != "in_progress" else [])
     return {"id": item_id, "type": "message", "status": status, "role": "assistant", "content": content}
+
+
+def _reasoning_item(item_id: str, text: str | None, status: str = "completed") -> dict:
+    """The model's thinking as a reasoning item: its text is the summary (`summary_text`)."""
+    summary = [{"type": "summary_text", "text": text}] if text is not None else []
+    return {"id": item_id, "type": "reasoning", "summary": summary, "status": status}
 
 
 def _call_item(call: dict, status: str = "completed") -> dict:
@@ -242,17 +306,20 @@ def handle_responses(ctx: Any) -> Reply | Stream:
     truncation = wire.get(body, "truncation", str, "disabled")
     if truncation not in ("auto", "disabled"):
         raise BadRequest('invalid truncation: expected "auto" or "disabled"')
+    think, reasoning = _reasoning(body)
+    want_logprobs, top = _logprobs(body)
     entry = resolve(ctx, name)
-    spec = wire.PromptSpec(name.display, messages=messages, tools=tools)
-    job = GenerateJob(entry, spec, overrides, wire.keep_alive(body), fmt, truncate=truncation == "auto")
+    spec = wire.PromptSpec(name.display, messages=messages, tools=tools, think=think, think_strict=False)
+    job = GenerateJob(entry, spec, overrides, wire.keep_alive(body), fmt, truncate=truncation == "auto",
+                      top_logprobs=top)
     tool_names = [t["function"]["name"] for t in tools] if tools else None
     summary = Summary()
-    items = generation(ctx, job, summary, tool_names)
+    items = generation(ctx, job, summary, tool_names, want_logprobs)
     base = {"id": f"resp_{secrets.token_hex(12)}", "object": "response", "created_at": int(time.time()),
             "model": name.display, "instructions": body.get("instructions"),
             "max_output_tokens": body.get("max_output_tokens"), "metadata": metadata,
             "parallel_tool_calls": parallel,
-            "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
+            "previous_response_id": None, "reasoning": reasoning, "store": False,
             "temperature": overrides["temperature"], "top_p": overrides["top_p"], "text": text_echo,
             "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
             "truncation": truncation, "user": body.get("user"), "error": None}
@@ -265,15 +332,18 @@ def handle_responses(ctx: Any) -> Reply | Stream:
                 "output": output, "usage": _usage(summary)}
 
     if not stream:
-        texts, calls = [], []
+        texts, thoughts, calls, logprobs = [], [], [], []
         for item in items:
             if isinstance(item, Calls):
                 calls.extend(item.calls)
-            else:
-                texts.append(item.text)
+                continue
+            (thoughts if item.thinking else texts).append(item.text)
+            logprobs.extend(item.logprobs)
         text = "".join(texts)
         status = "incomplete" if summary.reason == "length" else "completed"
-        output = [] if calls and not text else [_message_item(f"msg_{secrets.token_hex(12)}", text, status)]
+        output = [_reasoning_item(f"rs_{secrets.token_hex(12)}", "".join(thoughts))] if thoughts else []
+        if text or not calls:
+            output.append(_message_item(f"msg_{secrets.token_hex(12)}", text, status, logprobs))
         output.extend(_call_item(c) for c in calls)
         return Reply(finished(output))
     return Stream(_events(items, base, summary, finished), sse=True, named_events=True)
@@ -295,7 +365,25 @@ def _events(items: Iterator[Any], base: dict, summary: Summary,
         yield event("response.created", response=snapshot)
         yield event("response.in_progress", response=snapshot)
         output: list[dict] = []
-        msg_id, msg_index, texts = f"msg_{secrets.token_hex(12)}", -1, []
+        msg_id, msg_index, texts, logprobs = f"msg_{secrets.token_hex(12)}", -1, [], []
+        rs_id, rs_index, thoughts = f"rs_{secrets.token_hex(12)}", -1, []
+
+        def open_reasoning() -> Iterator[dict]:
+            nonlocal rs_index
+            rs_index = len(output)
+            output.append(_reasoning_item(rs_id, None, "in_progress"))
+            yield event("response.output_item.added", output_index=rs_index, item=output[rs_index])
+            yield event("response.reasoning_summary_part.added", item_id=rs_id, output_index=rs_index,
+                        summary_index=0, part={"type": "summary_text", "text": ""})
+
+        def close_reasoning() -> Iterator[dict]:
+            text = "".join(thoughts)
+            output[rs_index] = done = _reasoning_item(rs_id, text)
+            yield event("response.reasoning_summary_text.done", item_id=rs_id, output_index=rs_index,
+                        summary_index=0, text=text)
+            yield event("response.reasoning_summary_part.done", item_id=rs_id, output_index=rs_index,
+                        summary_index=0, part=done["summary"][0])
+            yield event("response.output_item.done", output_index=rs_index, item=done)
 
         def open_message() -> Iterator[dict]:
             nonlocal msg_index
@@ -308,25 +396,44 @@ def _events(items: Iterator[Any], base: dict, summary: Summary,
         def close_message() -> Iterator[dict]:
             text = "".join(texts)
             status = "incomplete" if summary.reason == "length" else "completed"
-            output[msg_index] = done = _message_item(msg_id, text, status)
+            output[msg_index] = done = _message_item(msg_id, text, status, logprobs)
             yield event("response.output_text.done", item_id=msg_id, output_index=msg_index, content_index=0,
-                        text=text, logprobs=[])
+                        text=text, logprobs=logprobs)
             yield event("response.content_part.done", item_id=msg_id, output_index=msg_index, content_index=0,
                         part=done["content"][0])
             yield event("response.output_item.done", output_index=msg_index, item=done)
 
         calls: list[dict] = []
+        thinking_open = False
+        carried: list[dict] = []        # logprobs of thinking tokens: they ride on the text's first delta
         for item in itertools.chain([first] if first is not None else [], items):
             if isinstance(item, Calls):
                 calls.extend(item.calls)
                 continue
+            if item.thinking:
+                if rs_index < 0:
+                    thinking_open = True
+                    yield from open_reasoning()
+                thoughts.append(item.text)
+                carried.extend(item.logprobs)
+                yield event("response.reasoning_summary_text.delta", item_id=rs_id, output_index=rs_index,
+                            summary_index=0, delta=item.text)
+                continue
+            if thinking_open:
+                thinking_open = False
+                yield from close_reasoning()
             if msg_index < 0:
                 yield from open_message()
             texts.append(item.text)
+            delta_logprobs, carried = carried + list(item.logprobs), []
+            logprobs.extend(delta_logprobs)
             yield event("response.output_text.delta", item_id=msg_id, output_index=msg_index, content_index=0,
-                        delta=item.text, logprobs=[])
+                        delta=item.text, logprobs=delta_logprobs)
+        if thinking_open:
+            yield from close_reasoning()
         if msg_index < 0 and not calls:
-            yield from open_message()       # an empty answer is still one (empty) message
+            yield from open_message()       # an empty answer (or only thinking) is still one message
+        logprobs.extend(carried)
         if msg_index >= 0:
             yield from close_message()
         for call in calls:

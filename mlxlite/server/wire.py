@@ -6,6 +6,11 @@ response is written. `PromptSpec.render` turns a request's prompt into token ids
 MLX thread (the chat template lives on the loaded model); a chat longer than num_ctx
 loses its oldest whole messages (never the system prompt, never the latest message, never
 part of one) unless the request says `truncate: false`, and `Rendered` says how many.
+`think` (true, false or a level) renders the template with `enable_thinking` (and
+`reasoning_effort` for a level) where the template supports thinking; asked of one that
+does not, it is a 400 (`"x" does not support thinking`, as Ollama says) or, for routes
+whose clients send it by default, ignored. `Rendered.thinking` says whether the prompt
+ends inside an opened `<think>` section.
 `Reply` and `Stream` are what route handlers return to `daemon.py`. Shapes follow
 Ollama's `docs/api.md`: durations in nanoseconds, `created_at` RFC 3339 in UTC.
 Never imports mlx.
@@ -25,7 +30,7 @@ from typing import Any
 from mlxlite import config, names, options
 from mlxlite.constrain import compile_spec
 from mlxlite.errors import BadRequest, Unsupported
-from mlxlite.formats import templates
+from mlxlite.formats import templates, thinking
 from mlxlite.names import ModelName
 
 
@@ -158,13 +163,30 @@ def request_options(body: dict) -> dict:
     return options.parse_partial(body.get("options"))
 
 
-def check_think(body: dict, model: str) -> None:
+THINK_LEVELS = ("low", "medium", "high", "max")
+
+
+def check_think(body: dict) -> bool | str | None:
+    """The request's `think`: None (the model's default), true, false or a level. Whether
+    the model can think is known once its template is (`PromptSpec.render`)."""
     think = body.get("think")
-    if think in (None, False):
-        return
-    if think is True or think in ("low", "medium", "high", "max"):
-        raise BadRequest(f'"{model}" does not support thinking')
+    if think is None or isinstance(think, bool) or think in THINK_LEVELS:
+        return think
     raise BadRequest('invalid think: expected a boolean or "low", "medium", "high", "max"')
+
+
+_EFFORTS = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "max",
+            "max": "max"}
+
+
+def reasoning_effort(value: Any, key: str) -> bool | str | None:
+    """OpenAI's reasoning effort as a `think` value: "none" turns thinking off, a level asks
+    for it (and is handed to templates that read `reasoning_effort`)."""
+    if value is None:
+        return None
+    if value not in _EFFORTS:
+        raise BadRequest(f"invalid {key}: expected one of {', '.join(_EFFORTS)}")
+    return _EFFORTS[value]
 
 
 def check_images(value: Any, key: str = "images") -> None:
@@ -179,10 +201,12 @@ def check_images(value: Any, key: str = "images") -> None:
 _GO_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
 
 
-def render_go_template(template: str, system: str, prompt: str) -> str:
+def render_go_template(template: str, system: str, prompt: str, think: bool | str | None = None) -> str:
     """The subset of Ollama's Go templates that simple prompts use: `{{ .System }}`,
-    `{{ .Prompt }}`, `{{ .Response }}`, `{{ if .X }}...{{ else }}...{{ end }}`, trim markers."""
-    values = {".System": system, ".Prompt": prompt, ".Response": ""}
+    `{{ .Prompt }}`, `{{ .Response }}`, `{{ .Think }}`, `{{ .ThinkLevel }}`,
+    `{{ if .X }}...{{ else }}...{{ end }}`, trim markers."""
+    values = {".System": system, ".Prompt": prompt, ".Response": "", ".Think": "true" if think else "",
+              ".ThinkLevel": think if isinstance(think, str) else ""}
     out: list[str] = []
     stack: list[tuple[bool, bool]] = []      # (parent emitting, this branch emitting)
     emitting = True
@@ -212,7 +236,7 @@ def render_go_template(template: str, system: str, prompt: str) -> str:
             emitting = stack.pop()[0]
         else:
             raise BadRequest(f"unsupported template action {{{{ {action} }}}}: only .System, .Prompt, "
-                             ".Response, if/else/end are supported")
+                             ".Response, .Think, .ThinkLevel, if/else/end are supported")
         if m.group(3):
             out.append(None)  # type: ignore[arg-type]
     if stack:
@@ -233,12 +257,25 @@ def supports_tools(template: Any) -> bool:
     return "tools" in (getattr(template, "source", "") or "")
 
 
+def supports_thinking(template: Any) -> bool:
+    flag = getattr(template, "supports_thinking", None)
+    if flag is not None:
+        return bool(flag)
+    return thinking.supported_by(getattr(template, "source", "") or "")
+
+
 @dataclass(frozen=True)
 class Rendered:
-    """A prompt as token ids, and how many of the chat's oldest messages were left out."""
+    """A prompt as token ids, how many of the chat's oldest messages were left out, and
+    whether it ends inside a thinking section its template opened (`<think>`)."""
 
     tokens: list[int]
     truncated_messages: int = 0
+    thinking: bool = False
+
+
+def _opens_thinking(text: str) -> bool:
+    return text.rstrip().endswith(thinking.OPENING)
 
 
 def output_room(num_ctx: int, num_predict: int) -> int:
@@ -262,6 +299,8 @@ class PromptSpec:
     tools: tuple[dict, ...] | None = None
     context: tuple[int, ...] = ()
     fit: bool = True                            # chat: drop the oldest messages to fit num_ctx
+    think: bool | str | None = None             # None: the template's default
+    think_strict: bool = True                   # think asked of a model that can't: 400, else ignored
 
     def to_tokens(self, loaded: Any, engine: Any) -> list[int]:
         return self.render(loaded, engine).tokens
@@ -275,25 +314,43 @@ class PromptSpec:
             raise BadRequest(f'"{self.model}" does not support insert')
         if self.tools and not supports_tools(loaded.template):
             raise BadRequest(f'"{self.model}" does not support tools')
+        think, thinks = self.think, supports_thinking(loaded.template)
+        if think not in (None, False) and not thinks:
+            if self.think_strict:
+                raise BadRequest(f'"{self.model}" does not support thinking')
+            think = None
         context = list(self.context)
         if self.raw:
             return Rendered(context + engine.tokenize(loaded, self.prompt or "", add_special=not context))
         system = self.system if self.system is not None else loaded.system
         if self.template is not None:
-            text = render_go_template(self.template, system or "", self.prompt or "")
-            return Rendered(context + engine.tokenize(loaded, text, add_special=not context))
+            # As in Ollama, `.Think` is true by default for a model that can think.
+            text = render_go_template(self.template, system or "", self.prompt or "",
+                                      think if think is not None else thinks)
+            return Rendered(context + engine.tokenize(loaded, text, add_special=not context),
+                            thinking=_opens_thinking(text))
         chat = list(self.messages) if self.messages is not None else [{"role": "user", "content": self.prompt or ""}]
-        messages = templates.assemble(chat, system, loaded.messages)
+        # Jinja templates (Qwen3's) read an earlier turn's reasoning as `reasoning_content`.
+        messages = [{**m, "reasoning_content": m["thinking"]} if m.get("thinking") and "reasoning_content" not in m
+                    else m for m in templates.assemble(chat, system, loaded.messages)]
         tools = list(self.tools) if self.tools else None
+        extra: dict[str, Any] = {}
+        if think is not None and thinks:
+            extra["enable_thinking"] = bool(think)
+            if isinstance(think, str):
+                extra["reasoning_effort"] = think
+        opened = [False]
 
         def tokens_of(msgs: list[dict]) -> list[int]:
-            text = loaded.template.render(msgs, tools=tools, add_generation_prompt=True)
+            text = loaded.template.render(msgs, tools=tools, add_generation_prompt=True, **extra)
+            opened[0] = _opens_thinking(text)
             return context + engine.tokenize(loaded, text, add_special=False)
 
         tokens = tokens_of(messages)
         if self.messages is None or not self.fit or num_ctx <= 0 or len(tokens) < num_ctx:
-            return Rendered(tokens)
-        return _fit_chat(messages, tokens_of, num_ctx, output_room(num_ctx, num_predict))
+            return Rendered(tokens, thinking=opened[0])
+        fitted = _fit_chat(messages, tokens_of, num_ctx, output_room(num_ctx, num_predict))
+        return Rendered(fitted.tokens, fitted.truncated_messages, opened[0])
 
 
 def _fit_chat(messages: list[dict], tokens_of: Any, num_ctx: int, room: int) -> Rendered:
@@ -343,14 +400,14 @@ class GenerateRequest:
     keep_alive: float | None
     truncate: bool
     logprobs: bool
+    top_logprobs: int
     empty: bool                     # empty prompt: load (or unload with keep_alive 0)
 
 
 _ROLES = {"system", "user", "assistant", "tool"}
 
 
-def _common(body: dict, name: ModelName) -> dict:
-    check_think(body, name.display)
+def _common(body: dict) -> dict:
     logprobs = get(body, "logprobs", bool, False)
     top = get(body, "top_logprobs", int, 0)
     if not 0 <= top <= 20:
@@ -362,13 +419,15 @@ def _common(body: dict, name: ModelName) -> dict:
         "keep_alive": keep_alive(body),
         "truncate": get(body, "truncate", bool, False),
         "logprobs": logprobs or top > 0,
+        "top_logprobs": top,
     }
 
 
 def parse_generate(body: Any) -> GenerateRequest:
     body = body_object(body)
     name = model_name(body)
-    common = _common(body, name)
+    common = _common(body)
+    think = check_think(body)
     prompt = get(body, "prompt", str, "")
     system = get(body, "system", str)
     template = get(body, "template", str)
@@ -381,7 +440,7 @@ def parse_generate(body: Any) -> GenerateRequest:
         raise BadRequest("raw mode does not support template, system, or context")
     check_images(body.get("images"))
     spec = PromptSpec(name.display, prompt=prompt, system=system, template=template or None, raw=raw,
-                      suffix=suffix, context=tuple(context))
+                      suffix=suffix, context=tuple(context), think=think)
     return GenerateRequest(name, spec, empty=not prompt and not suffix and not context, **common)
 
 
@@ -428,13 +487,15 @@ def parse_tools(value: Any, key: str = "tools") -> tuple[dict, ...] | None:
 def parse_chat(body: Any) -> GenerateRequest:
     body = body_object(body)
     name = model_name(body)
-    common = _common(body, name)
+    common = _common(body)
+    think = check_think(body)
     messages = get(body, "messages", list, [])
     parsed = tuple(_message(i, m) for i, m in enumerate(messages))
     tools = parse_tools(body.get("tools"))
     # A chat is fitted to num_ctx by whole messages (Ollama's default); `truncate: false`
     # refuses instead. The engine never cuts a chat's tokens.
-    spec = PromptSpec(name.display, messages=parsed, tools=tools, fit=body.get("truncate") is not False)
+    spec = PromptSpec(name.display, messages=parsed, tools=tools, fit=body.get("truncate") is not False,
+                      think=think)
     common["truncate"] = False
     return GenerateRequest(name, spec, empty=not parsed, **common)
 
@@ -513,6 +574,7 @@ class Summary:
     prompt_seconds: float = 0.0
     eval_seconds: float = 0.0
     truncated_messages: int = 0     # the chat's oldest messages left out to fit num_ctx
+    thinking_tokens: int = 0        # generated tokens that went into the thinking section
     started: float = field(default_factory=time.perf_counter)
     tokens: list[int] = field(default_factory=list)     # prompt + output ids (for `context`)
 

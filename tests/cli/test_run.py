@@ -223,3 +223,20 @@ def test_serve_preloads_openblas_and_answers_a_piped_run(tmp_path, tiny_gguf_pat
     bindings = "".join(p.read_text(errors="replace") for p in tmp_path.glob("ld.*"))
     sgemm = [line for line in bindings.splitlines() if "libmlx.so" in line and "`cblas_sgemm'" in line]
     assert sgemm and all("libopenblas" in line for line in sgemm), sgemm
+
+
+def test_through_a_daemon_the_thinking_it_splits_off_is_still_shown(run_cli, store, monkeypatch):
+    """The daemon moves a thinking model's `<think>` section into `thinking`; `run` shows it
+    in its tags before the answer, as the in-process runner (which does not split) does."""
+    from tests.fake_engine import FakeEngine, add_fake_model
+
+    _stdin(monkeypatch, "")
+    add_fake_model(store)
+    with RunningServer(FakeEngine("<think>plan</think>answer", thinking=True), store) as srv:
+        monkeypatch.setenv("MLXLITE_HOST", f"{srv.host}:{srv.port}")
+        code, out, err = run_cli("run", "fake", "hi")
+        assert code == 0, err
+        assert re.fullmatch(r"<think>\s*plan\s*</think>\s*answer\s*", out), out
+        srv.engine.reply = "<think>only a plan"        # cut off while thinking: the tag is still closed
+        code, out, err = run_cli("run", "fake", "hi")
+        assert code == 0 and re.fullmatch(r"<think>\s*only a plan\s*</think>\s*", out), out

@@ -32,7 +32,8 @@ def tiny(tmp_path_factory, tiny_gguf_path):
 def alone(loaded, ids, **kw):
     from mlxlite.engine import runner
 
-    items = list(runner.generate(loaded, ids, opts(**kw)))
+    top = kw.pop("top_logprobs", 0)
+    items = list(runner.generate(loaded, ids, opts(**kw), top_logprobs=top))
     return items[:-1], items[-1]
 
 
@@ -195,3 +196,25 @@ def test_a_request_alone_in_the_batch_path_is_exactly_generate(tiny, kw):
     assert [(p.token, p.text, p.logprob) for p in got_pieces] == [(p.token, p.text, p.logprob) for p in pieces]
     assert (got_finish.reason, got_finish.eval_tokens, got_finish.text_tail) == \
         (finish.reason, finish.eval_tokens, finish.text_tail)
+
+
+def test_top_logprobs_in_a_batch_are_each_members_own_log_softmax(tiny):
+    """Members asking for 0, 3 and 5 alternatives decode together; each gets its own, equal
+    to numpy's log-softmax of the model's logits (one full forward pass) at every step."""
+    from mlxlite.engine import runner
+    from tests.engine.test_runner import assert_top_matches
+
+    ids = [runner.tokenize(tiny, p) for p in PROMPTS[:3]]
+    dec = runner.decoder(tiny, 8)
+    for k, (prompt, top) in enumerate(zip(ids, (0, 3, 5), strict=True)):
+        dec.add(k, prompt, opts(num_predict=6, **GREEDY), top_logprobs=top)
+    got = drive(dec)
+    assert all(p.top == () for p in got[0][0])
+    for k, top in ((1, 3), (2, 5)):
+        pieces = got[k][0]
+        assert len(pieces) == 6 and all(len(p.top) == top for p in pieces)
+        assert_top_matches(tiny, ids[k], pieces, top)
+    # Alone, a member asking for alternatives gets exactly what generate gives.
+    dec.add("alone", ids[2], opts(num_predict=6, **GREEDY), top_logprobs=5)
+    want, _ = alone(tiny, ids[2], num_predict=6, top_logprobs=5, **GREEDY)
+    assert [(p.token, p.top) for p in drive(dec)["alone"][0]] == [(p.token, p.top) for p in want]

@@ -56,8 +56,10 @@ def run(loaded, prompt, cancel=None, **kw):
 
     truncate = kw.pop("truncate", False)
     constraint = kw.pop("constraint", None)
+    top = kw.pop("top_logprobs", 0)
     ids = runner.tokenize(loaded, prompt) if isinstance(prompt, str) else prompt
-    items = list(runner.generate(loaded, ids, opts(**kw), cancel, truncate=truncate, constraint=constraint))
+    items = list(runner.generate(loaded, ids, opts(**kw), cancel, truncate=truncate, constraint=constraint,
+                                 top_logprobs=top))
     return items[:-1], items[-1]
 
 
@@ -573,3 +575,53 @@ def test_default_model_matches_an_independent_dequantization_and_answers_paris(d
         assert mx.argmax(a).item() == mx.argmax(b).item()
     finally:
         runner.unload(ours)
+
+
+# ---- logprobs ----------------------------------------------------------------------------------
+def reference_top(loaded, tokens, k):
+    """The k most likely next tokens after `tokens` and their logprobs: numpy's log-softmax of
+    the model's logits from one full forward pass (no KV cache)."""
+    import mlx.core as mx
+
+    from mlxlite.engine import runner
+
+    logits = np.array(loaded.model(mx.array(tokens)[None])[0, -1].astype(mx.float32), dtype=np.float64)
+    shifted = logits - logits.max()
+    logprobs = shifted - np.log(np.exp(shifted).sum())
+    ids = np.argsort(-logprobs, kind="stable")[:k]
+    return [(runner.token_piece(loaded, int(i)), float(logprobs[i])) for i in ids]
+
+
+def assert_top_matches(loaded, prompt_ids, pieces, k):
+    seen = list(prompt_ids)
+    for p in pieces:
+        want = reference_top(loaded, seen, k)
+        assert [b for b, _ in p.top] == [b for b, _ in want]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(p.top, want, strict=True)) < 1e-4
+        assert p.top[0][0] == p.raw and abs(p.top[0][1] - p.logprob) < 1e-6   # greedy: the chosen is the top
+        seen.append(p.token)
+
+
+def test_top_logprobs_are_the_log_softmax_of_the_logits_at_each_step(tiny):
+    from mlxlite.engine import runner
+
+    ids = runner.tokenize(tiny, "The quick brown fox")
+    pieces, _ = run(tiny, ids, top_logprobs=5, num_predict=6, **GREEDY)
+    assert len(pieces) == 6 and all(len(p.top) == 5 for p in pieces)
+    assert_top_matches(tiny, ids, pieces, 5)
+    assert all(p.raw == runner.token_bytes(tiny)[p.token] for p in pieces)
+    plain, _ = run(tiny, ids, num_predict=6, **GREEDY)      # not asked: none computed, same tokens
+    assert [p.token for p in plain] == [p.token for p in pieces] and all(p.top == () for p in plain)
+
+
+def test_top_logprobs_name_special_tokens_and_leave_out_masked_ones(tiny):
+    from mlxlite.constrain import tokens as constrain
+    from mlxlite.engine import runner
+
+    eos = min(tiny.eos_token_ids)
+    assert runner.token_piece(tiny, eos) == b"<|im_end|>"       # prints nothing, but has a name
+    con = constrain.TokenConstraint({"enum": ["yes"]}, runner.token_bytes(tiny), tiny.eos_token_ids)
+    pieces, _ = run(tiny, "Hello", top_logprobs=20, num_predict=8, constraint=con, **GREEDY)
+    # Under the constraint few tokens are allowed: the masked ones (-inf) are not alternatives.
+    assert pieces and all(1 <= len(p.top) < 20 for p in pieces)
+    assert all(np.isfinite(v) for p in pieces for _, v in p.top)

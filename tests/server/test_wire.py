@@ -24,7 +24,7 @@ def test_generate_defaults_and_fields():
     ({"model": "m", "options": {"stop": [None]}}, "stop"), ({"model": "m", "options": []}, "options"),
     ({"model": "m", "keep_alive": "soon"}, "duration"),
     ({"model": "m", "format": "yaml"}, "format"), ({"model": "m", "raw": True, "system": "x"}, "raw mode"),
-    ({"model": "m", "top_logprobs": 21}, "between 0 and 20"), ({"model": "m", "think": True}, "thinking"),
+    ({"model": "m", "top_logprobs": 21}, "between 0 and 20"), ({"model": "m", "think": "sometimes"}, "invalid think"),
     ({"model": "m", "context": [1, "x"]}, "context"),
 ])
 def test_generate_rejects_bad_fields_naming_them(body, match):
@@ -86,6 +86,46 @@ def test_prompt_spec_uses_model_system_messages_and_template():
     loaded.template.supports_tools = False
     with pytest.raises(BadRequest, match="does not support tools"):
         api.PromptSpec("m", messages=(), tools=({"function": {"name": "f"}},)).to_tokens(loaded, engine)
+
+
+def test_think_renders_the_template_accordingly_and_is_a_400_for_a_model_that_cannot():
+    """`think` reaches a thinking template as `enable_thinking` (and a level as
+    `reasoning_effort`); asked of a template without thinking it is Ollama's 400 (or, for
+    the routes whose clients send it by default, ignored); `false` is never an error."""
+    engine = FakeEngine(thinking=True)
+    loaded = FakeLoaded("m", "sha256:0", template=engine.template)
+    chat = ({"role": "user", "content": "q"},)
+    for think, extra in [(None, {}), (True, {"enable_thinking": True}), (False, {"enable_thinking": False}),
+                         ("high", {"enable_thinking": True, "reasoning_effort": "high"})]:
+        out = api.PromptSpec("m", messages=chat, think=think).render(loaded, engine)
+        assert engine.template.extras[-1] == extra and not out.thinking
+        text = engine.detokenize(loaded, out.tokens)
+        assert text.endswith("<|assistant|><think>\n\n</think>\n\n" if think is False else "<|assistant|>")
+    engine.template.opens = True        # DeepSeek-R1's: the generation prompt opens the section
+    assert api.PromptSpec("m", messages=chat).render(loaded, engine).thinking
+    # An earlier turn's thinking reaches jinja templates as `reasoning_content` (Qwen3's name).
+    seen = []
+    engine.template.render = lambda msgs, **kw: seen.extend(msgs) or "x"
+    api.PromptSpec("m", messages=({"role": "assistant", "content": "a", "thinking": "t"},)).render(loaded, engine)
+    assert seen[0]["reasoning_content"] == "t"
+
+    plain = FakeLoaded("m", "sha256:0")
+    for think in (True, "low"):
+        with pytest.raises(BadRequest, match='"m" does not support thinking'):
+            api.PromptSpec("m", messages=chat, think=think).render(plain, engine)
+        with pytest.raises(BadRequest, match="does not support thinking"):
+            api.PromptSpec("m", prompt="p", raw=True, think=think).render(plain, engine)
+        lenient = api.PromptSpec("m", messages=chat, think=think, think_strict=False).render(plain, engine)
+        assert engine.detokenize(plain, lenient.tokens).endswith("<|assistant|>")
+    assert api.PromptSpec("m", messages=chat, think=False).render(plain, engine).tokens
+    assert plain.template.extras == [{}, {}, {}]         # nothing passed to a template that can't think
+    # A request's own Go template reads .Think (true by default for a model that can think).
+    go = "{{ if .Think }}T{{ else }}F{{ end }}:{{ .ThinkLevel }}:{{ .Prompt }}"
+    for think, model, want in [(None, loaded, "T::p"), (False, loaded, "F::p"), ("low", loaded, "T:low:p"),
+                               (None, plain, "F::p")]:
+        tokens = api.PromptSpec("m", prompt="p", template=go, think=think).to_tokens(model, engine)
+        assert engine.detokenize(model, tokens) == want
+    assert [api.check_think({"think": v}) for v in (None, True, False, "medium")] == [None, True, False, "medium"]
 
 
 def _turns(n: int, size: int = 100) -> list[dict]:
