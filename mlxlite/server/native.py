@@ -48,6 +48,31 @@ class Calls:
     calls: list
 
 
+@dataclass(frozen=True)
+class Whole:
+    """A generation gathered for a non-streamed reply: text, reasoning, calls, logprobs."""
+
+    text: str
+    thinking: str
+    calls: list
+    logprobs: list
+
+
+def gather(items: Iterator[Text | Calls]) -> Whole:
+    """Drain `generation()`'s items into one `Whole` (the OpenAI and Responses routes)."""
+    texts: list[str] = []
+    thoughts: list[str] = []
+    calls: list = []
+    logprobs: list = []
+    for item in items:
+        if isinstance(item, Calls):
+            calls.extend(item.calls)
+            continue
+        (thoughts if item.thinking else texts).append(item.text)
+        logprobs.extend(item.logprobs)
+    return Whole("".join(texts), "".join(thoughts), calls, logprobs)
+
+
 def resolve(ctx: Any, name: Any) -> Any:
     ctx.log["model"] = getattr(name, "display", str(name))     # logged even when it is not found
     entry = ctx.app.store.resolve(name)

@@ -29,7 +29,7 @@ from mlxlite import names, options
 from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.sched import GenerateJob
 from mlxlite.server import wire
-from mlxlite.server.native import Calls, Text, embed_vectors, generation, resolve
+from mlxlite.server.native import Calls, Text, embed_vectors, gather, generation, resolve
 from mlxlite.server.wire import Reply, Stream, Summary
 
 FINGERPRINT = "fp_mlxlite"
@@ -218,18 +218,12 @@ def handle_chat_completions(ctx: Any) -> Reply | Stream:
     summary = Summary()
     items = generation(ctx, job, summary, tool_names, want_logprobs)
     if not stream:
-        texts, thoughts, calls, logprobs = [], [], [], []
-        for item in items:
-            if isinstance(item, Calls):
-                calls.extend(item.calls)
-                continue
-            (thoughts if item.thinking else texts).append(item.text)
-            logprobs.extend(item.logprobs)
-        text = "".join(texts)
+        whole = gather(items)
+        text, thinking, calls, logprobs = whole.text, whole.thinking, whole.calls, whole.logprobs
         # OpenAI sends `content: null` beside tool calls when the model wrote no text.
         message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
-        if thoughts:
-            message.update(_reasoning("".join(thoughts)))
+        if thinking:
+            message.update(_reasoning(thinking))
         if calls:
             message["tool_calls"] = _openai_calls(calls, streamed=False)
         return Reply({"id": cid, "object": "chat.completion", "created": created, "model": model,

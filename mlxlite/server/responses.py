@@ -33,7 +33,7 @@ from mlxlite import options
 from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.sched import GenerateJob
 from mlxlite.server import wire
-from mlxlite.server.native import Calls, generation, resolve
+from mlxlite.server.native import Calls, gather, generation, resolve
 from mlxlite.server.wire import Reply, Stream, Summary
 
 _STATEFUL = {
@@ -332,16 +332,10 @@ def handle_responses(ctx: Any) -> Reply | Stream:
                 "output": output, "usage": _usage(summary)}
 
     if not stream:
-        texts, thoughts, calls, logprobs = [], [], [], []
-        for item in items:
-            if isinstance(item, Calls):
-                calls.extend(item.calls)
-                continue
-            (thoughts if item.thinking else texts).append(item.text)
-            logprobs.extend(item.logprobs)
-        text = "".join(texts)
+        whole = gather(items)
+        text, thinking, calls, logprobs = whole.text, whole.thinking, whole.calls, whole.logprobs
         status = "incomplete" if summary.reason == "length" else "completed"
-        output = [_reasoning_item(f"rs_{secrets.token_hex(12)}", "".join(thoughts))] if thoughts else []
+        output = [_reasoning_item(f"rs_{secrets.token_hex(12)}", thinking)] if thinking else []
         if text or not calls:
             output.append(_message_item(f"msg_{secrets.token_hex(12)}", text, status, logprobs))
         output.extend(_call_item(c) for c in calls)
