@@ -3,9 +3,10 @@
 Contract: `load_gguf(path, dequantize)` returns `(model, tokenizer_wrapper, spec, header,
 config)`. Arrays come from `mx.load`: Q4_0/Q4_1/Q8_0 arrive packed (affine, group size
 32), bits inferred per module from the shapes (files mix types: the default model's
-embedding is Q8_0, the rest Q4_1). llama-family Q/K rows are un-permuted back to the
-Hugging Face layout (llama.cpp permuted them for GGML's interleaved RoPE), so mlx-lm's
-default RoPE applies. With `dequantize` (CPU, fits the budget) quantized weights become
+embedding is Q8_0, the rest Q4_1). Names and llama.cpp's conversion quirks come from the
+family's `Arch` (`formats/archs/`): Q/K rows un-permuted back to the Hugging Face layout
+(llama.cpp permuted them for GGML's interleaved RoPE) so mlx-lm's default RoPE applies,
+norm offsets subtracted (gemma), `rope_freqs` factors turned into the layers' RoPE. With `dequantize` (CPU, fits the budget) quantized weights become
 float32 at load; otherwise they stay quantized and, on CPU, scales are float32 anyway
 (float16 quantized matmul on CPU is ~45x slower).
 """
@@ -20,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlxlite.errors import BadRequest, Unsupported
-from mlxlite.formats import gguf
+from mlxlite.formats import archs, gguf
 
 
 def _unpermute(w: mx.array, heads: int) -> mx.array:
@@ -62,20 +63,57 @@ def read_weights(path: Path, header: gguf.Header, config: dict) -> dict[str, mx.
         raw = mx.load(str(path), format="gguf")  # blobs have no extension
     except (RuntimeError, ValueError) as exc:
         raise BadRequest(f"cannot load GGUF tensors from {path.name}: {exc}") from None
-    weights = {gguf.map_name(name): arr for name, arr in raw.items()}
-    if header.architecture in gguf.PERMUTED_QK:
+    return to_mlx_names(raw, header, config)
+
+
+ROPE_FREQS = "rope_freqs.weight"  # kept under its GGUF name: `build_model` turns it into RoPE
+
+
+def to_mlx_names(raw: dict[str, mx.array], header: gguf.Header, config: dict) -> dict[str, mx.array]:
+    """GGUF tensors -> mlx-lm names, undoing what the family's `Arch` says llama.cpp did."""
+    arch = archs.get(header.architecture)
+    weights = {(name if name == ROPE_FREQS else arch.map_name(name)): arr for name, arr in raw.items()}
+    if arch.permute_qk:
         for i in range(config["num_hidden_layers"]):
             for proj, heads in (("q_proj", config["num_attention_heads"]), ("k_proj", config["num_key_value_heads"])):
                 for suffix in ("weight", "scales", "biases", "bias"):
                     key = f"model.layers.{i}.self_attn.{proj}.{suffix}"
                     if key in weights:
                         weights[key] = _unpermute(weights[key], heads)
+    if arch.norm_offset:  # norms are F32/F16 vectors in every GGUF, never packed
+        for key in [k for k in weights if k.endswith("norm.weight")]:
+            weights[key] = weights[key].astype(mx.float32) - arch.norm_offset
     return weights
+
+
+class FactorRoPE(nn.Module):
+    """RoPE whose per-frequency periods are multiplied by GGUF `rope_freqs` factors, as
+    llama.cpp applies them (llama3 scaling is stored this way, not as metadata)."""
+
+    def __init__(self, dims: int, base: float, factors: mx.array) -> None:
+        super().__init__()
+        self.dims = dims
+        periods = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+        self._freqs = periods * factors.astype(mx.float32)  # underscore: not a parameter
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+
+
+def _apply_rope_freqs(model: nn.Module, config: dict, factors: mx.array) -> None:
+    dims = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if factors.size != dims // 2:
+        raise Unsupported(f"GGUF rope_freqs has {factors.size} factors for head size {dims}")
+    for layer in model.layers:
+        layer.self_attn.rope = FactorRoPE(dims, float(config["rope_theta"]), factors)
 
 
 def build_model(config: dict, weights: dict[str, mx.array], *, dequantize: bool, on_cpu: bool) -> nn.Module:
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     model = module.Model(module.ModelArgs.from_dict(config))
+    rope_freqs = weights.pop(ROPE_FREQS, None)
+    if hasattr(model, "sanitize"):  # as mlx-lm's own loader: drops a tied lm_head, marks gemma3's tie
+        weights = model.sanitize(weights)
     bits = quantized_bits(weights)
     if dequantize:
         for prefix, b in bits.items():
@@ -95,6 +133,8 @@ def build_model(config: dict, weights: dict[str, mx.array], *, dequantize: bool,
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as exc:
         raise Unsupported(f"GGUF tensors do not fit the {config['model_type']} model: {exc}") from None
+    if rope_freqs is not None:
+        _apply_rope_freqs(model, config, rope_freqs)
     mx.eval(model.parameters())
     return model
 

@@ -7,7 +7,8 @@ Contract:
   - `check_supported(header)` raises `Unsupported` naming the architecture or the tensor
     type (and one tensor of it) that the runner cannot load.
   - `model_config(header)` turns metadata into an mlx-lm `config.json`-style dict;
-    `map_name(name)` maps a GGUF tensor name to mlx-lm's (llama / qwen2 layout).
+    `map_name(name, architecture)` maps a GGUF tensor name to mlx-lm's. Both dispatch
+    through the family's `Arch` in `formats/archs/` (keyed by `general.architecture`).
   - `build_tokenizer(meta)` builds a `tokenizers.Tokenizer` (byte-level BPE for `gpt2`
     vocabularies, SPM-style BPE with byte fallback for `llama` ones) plus its specials.
 Never imports mlx (importers and `show` use it); `tokenizers` is imported lazily.
@@ -16,13 +17,13 @@ Never imports mlx (importers and `show` use it); `tokenizers` is imported lazily
 from __future__ import annotations
 
 import mmap
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlxlite.errors import BadRequest, Unsupported
+from mlxlite.formats import archs
 
 MAGIC = b"GGUF"
 
@@ -52,10 +53,11 @@ FILE_TYPES = {
     29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
 }
 
-# GGUF architecture -> mlx-lm model_type. mistral/smollm files use llama's layout.
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "smollm": "llama", "qwen2": "qwen2"}
-# llama.cpp's converter permutes Q/K rows for these (interleaved RoPE); qwen2 is NEOX-style.
-PERMUTED_QK = {"llama", "mistral", "smollm"}
+# GGUF architecture -> mlx-lm model_type, and the families whose Q/K rows llama.cpp permuted
+# (views of the per-family registry in `formats/archs/`, which owns them).
+ARCHITECTURES = {name: arch.model_type for name, arch in archs.REGISTRY.items()}
+PERMUTED_QK = {name for name, arch in archs.REGISTRY.items() if arch.permute_qk}
+TOKENIZER_MODELS = ("gpt2", "llama")  # tokenizer.ggml.model values `build_tokenizer` builds
 
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
            10: "<Q", 11: "<q", 12: "<d"}
@@ -204,82 +206,31 @@ def file_type_name(file_type: Any) -> str:
 
 def check_supported(header: Header) -> str:
     """The mlx-lm model_type for this file, or `Unsupported` naming what is not."""
-    arch = header.architecture
-    if arch not in ARCHITECTURES:
-        supported = ", ".join(sorted(ARCHITECTURES))
-        raise Unsupported(f"GGUF architecture {arch or '(none)'!r} is not supported (supported: {supported})")
+    arch = archs.get(header.architecture)
     for t in header.tensors:
         if t.type not in SUPPORTED_TYPES:
             raise Unsupported(f"GGUF tensor type {t.type_name} (tensor {t.name!r}) is not supported; "
                               "supported: F32, F16, Q4_0, Q4_1, Q8_0, Q2_K, Q4_K, Q6_K")
-        if t.name == "rope_freqs.weight":
-            raise Unsupported("GGUF with rope_freqs (llama3-style RoPE scaling) is not supported")
+        if t.name == "rope_freqs.weight" and not arch.rope_freqs:
+            raise Unsupported(f"GGUF {header.architecture} with rope_freqs (llama3-style RoPE scaling) "
+                              "is not supported")
     tok = header.metadata.get("tokenizer.ggml.model")
-    if tok not in ("gpt2", "llama"):
-        raise Unsupported(f"GGUF tokenizer type {tok!r} is not supported (gpt2 and llama are)")
-    return ARCHITECTURES[arch]
+    if tok not in TOKENIZER_MODELS:
+        raise Unsupported(f"GGUF tokenizer type {tok!r} is not supported ({', '.join(TOKENIZER_MODELS)} are)")
+    return arch.model_type
 
 
-# ---- tensor names --------------------------------------------------------------------
-_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_NAME = re.compile(r"(?:blk\.(\d+)\.)?([a-z_]+)\.(weight|bias|scales|biases)\Z")
-
-
-def map_name(name: str) -> str:
-    """GGUF tensor name -> mlx-lm parameter name (exact match per part, suffix kept)."""
-    m = _NAME.match(name)
-    if m:
-        block, part, suffix = m.groups()
-        if block is None and part in _TOP:
-            return f"{_TOP[part]}.{suffix}"
-        if block is not None and part in _BLOCK:
-            return f"model.layers.{block}.{_BLOCK[part]}.{suffix}"
-    raise Unsupported(f"GGUF tensor {name!r} has no mlx-lm equivalent")
+def map_name(name: str, architecture: str = "llama") -> str:
+    """GGUF tensor name -> mlx-lm parameter name for this architecture's family."""
+    return archs.get(architecture).map_name(name)
 
 
 def model_config(header: Header) -> dict[str, Any]:
-    """An mlx-lm config.json dict from GGUF metadata (llama and qwen2 layouts)."""
-    model_type = check_supported(header)
-    meta, arch = header.metadata, header.architecture
-
-    def get(key: str, default: Any = None) -> Any:
-        return meta.get(f"{arch}.{key}", default)
-
-    try:
-        heads = int(get("attention.head_count"))
-        hidden = int(get("embedding_length"))
-        cfg: dict[str, Any] = {
-            "model_type": model_type,
-            "hidden_size": hidden,
-            "num_hidden_layers": int(get("block_count")),
-            "intermediate_size": int(get("feed_forward_length")),
-            "num_attention_heads": heads,
-            "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-            "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-            "rope_theta": float(get("rope.freq_base", 10000.0 if model_type == "llama" else 1e6)),
-            "max_position_embeddings": int(get("context_length", 4096)),
-            "vocab_size": int(get("vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])),
-        }
-    except (TypeError, ValueError):
-        raise BadRequest(f"{header.path}: GGUF metadata lacks the {arch} model dimensions") from None
-    names = {t.name for t in header.tensors}
-    cfg["tie_word_embeddings"] = "output.weight" not in names
-    if model_type == "llama":
-        head_dim = get("attention.key_length")
-        cfg["head_dim"] = int(head_dim) if head_dim else hidden // heads
-        cfg["attention_bias"] = "blk.0.attn_q.bias" in names
-    kind = get("rope.scaling.type")
-    if kind in ("linear",) and get("rope.scaling.factor"):
-        cfg["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
-    elif kind not in (None, "none"):
-        raise Unsupported(f"GGUF RoPE scaling {kind!r} is not supported")
-    return cfg
+    """An mlx-lm config.json dict from GGUF metadata, through the family's `Arch`."""
+    check_supported(header)
+    arch = archs.get(header.architecture)
+    meta = archs.Meta(header.metadata, header.architecture, frozenset(t.name for t in header.tensors), header.path)
+    return arch.make_config(meta)
 
 
 def parameter_count(header: Header) -> int:

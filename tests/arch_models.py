@@ -1,0 +1,289 @@
+"""Tiny random models of every GGUF family we run, written the way llama.cpp writes them.
+
+`make_family(name, qtype, root)` builds a tiny transformers model of the family (random
+weights, norms and biases included, seeded), converts it to GGUF as llama.cpp's
+`convert_hf_to_gguf.py` would, and returns a `Built`:
+  - tensor names come from the `gguf` package's own `TensorNameMap` (llama.cpp's table,
+    not ours), metadata keys from `GGUFWriter`'s typed `add_*` methods;
+  - the value quirks of llama.cpp's converter are applied here, independently of the
+    loader: Q/K rows permuted (llama, granite), norms stored as 1 + w (gemma), experts
+    stacked per layer (`ffn_{gate,up,down}_exps`), llama3 RoPE scaling as `rope_freqs`;
+  - 2-D and 3-D weights are written in `qtype` (F32, Q4_0, Q4_1, Q8_0, by `gguf.quants`);
+    norms, biases and the MoE router stay F32, as llama.cpp keeps them;
+  - `reference` is the same transformers model holding exactly the values the GGUF holds
+    (dequantized by `gguf.quants` and un-transformed), for families transformers cannot
+    read from GGUF itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tests.tiny_models import build_tokenizer, gguf_tokenizer_metadata
+
+HIDDEN, INTER, HEADS, KV, HEAD_DIM, LAYERS, CTX = 64, 128, 4, 2, 16, 2, 256
+
+
+@dataclass
+class Family:
+    arch: str                       # general.architecture
+    hf: dict[str, Any]              # transformers config
+    permute_qk: bool = False        # llama.cpp's LlamaModel.permute on Q/K rows
+    norm_shift: float = 0.0         # llama.cpp writes norm weights + this (gemma)
+    transformers_gguf: bool = True  # transformers' GGUF reader knows this family
+    meta: dict[str, Any] = field(default_factory=dict)  # extra GGUFWriter add_* calls
+    llama3_rope: bool = False
+
+
+def _base(model_type: str, **kw) -> dict[str, Any]:
+    cfg = dict(model_type=model_type, hidden_size=HIDDEN, num_hidden_layers=LAYERS, intermediate_size=INTER,
+               num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HEAD_DIM, max_position_embeddings=CTX,
+               rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    cfg.update(kw)
+    return cfg
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", _base("llama", attention_bias=False), permute_qk=True),
+    "llama3": Family("llama", _base("llama", rope_theta=500000.0, tie_word_embeddings=True, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}), permute_qk=True, llama3_rope=True),
+    "qwen2": Family("qwen2", _base("qwen2", rope_theta=1e6, tie_word_embeddings=True)),
+    "qwen3": Family("qwen3", _base("qwen3", rope_theta=1e6, head_dim=32)),
+    "qwen3moe": Family("qwen3moe", _base("qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         decoder_sparse_step=1, norm_topk_prob=True, mlp_only_layers=[])),
+    "gemma2": Family("gemma2", _base("gemma2", head_dim=32, query_pre_attn_scalar=32, sliding_window=4096,
+                                     attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                     hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True),
+                     norm_shift=1.0),
+    "gemma3": Family("gemma3", _base("gemma3_text", num_hidden_layers=6, head_dim=32, query_pre_attn_scalar=32,
+                                     sliding_window=4, rope_theta=1e6, rope_local_base_freq=10000.0,
+                                     hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                                     final_logit_softcapping=None, attn_logit_softcapping=None),
+                     norm_shift=1.0),
+    "phi3": Family("phi3", _base("phi3", partial_rotary_factor=0.5, pad_token_id=0)),
+    "granite": Family("granite", _base("granite", embedding_multiplier=12.0, residual_multiplier=0.22,
+                                       attention_multiplier=0.0078125, logits_scaling=8.0),
+                      permute_qk=True, transformers_gguf=False),
+    "olmo2": Family("olmo2", _base("olmo2", rope_theta=500000.0), transformers_gguf=False),
+    "starcoder2": Family("starcoder2", _base("starcoder2", norm_epsilon=1e-5, rope_theta=100000.0, use_bias=True,
+                                             tie_word_embeddings=True)),
+}
+QTYPES = ("F32", "Q4_0", "Q4_1", "Q8_0")
+
+
+@dataclass
+class Built:
+    path: Path                  # the GGUF file
+    reference: Any              # transformers model holding the GGUF's values (float32)
+    config: Any                 # its transformers config
+
+
+def _llama_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's `LlamaModel.permute` (convert_hf_to_gguf.py)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama_unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(cfg: Any) -> np.ndarray:
+    """llama.cpp's `rope_freqs` for rope_type llama3 (LlamaModel.generate_extra_tensors)."""
+    rs = cfg.rope_parameters
+    base, dim = rs["rope_theta"], cfg.head_dim
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], \
+        rs["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old / low, old / high
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            out.append(1)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def _randomize(model, seed: int) -> None:
+    """Random weights everywhere, norms and biases included (an all-ones norm hides offset bugs)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in name:
+                p.add_(0.2 * noise)  # keeps the family's own base (1 for most, 0 for gemma)
+            elif name.endswith("bias") or "sinks" in name:
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(noise * (0.5 if "embed" in name else 0.15))
+
+
+def _expert_tensors(hf_name: str, w: np.ndarray) -> list[tuple[str, np.ndarray]] | None:
+    """transformers 5 keeps experts fused per layer; llama.cpp writes gate, up, down stacked."""
+    parts = hf_name.split(".")
+    if ".mlp.experts.gate_up_proj" in hf_name:
+        half = w.shape[1] // 2
+        return [(f"blk.{parts[2]}.ffn_gate_exps.weight", w[:, :half]), (f"blk.{parts[2]}.ffn_up_exps.weight", w[:, half:])]
+    if ".mlp.experts.down_proj" in hf_name:
+        return [(f"blk.{parts[2]}.ffn_down_exps.weight", w)]
+    return None
+
+
+def _gguf_name(name_map, hf_name: str) -> str:
+    base, _, suffix = hf_name.rpartition(".")
+    found = name_map.get_name(base)
+    if found is None:
+        raise KeyError(f"gguf's TensorNameMap has no name for {hf_name}")
+    return f"{found}.{suffix}"
+
+
+def _put_metadata(w, fam: Family, cfg: Any, vocab_meta: dict) -> None:
+    c = cfg
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    rope = c.rope_parameters
+    theta = rope["full_attention"]["rope_theta"] if "full_attention" in rope else rope["rope_theta"]
+    w.add_rope_freq_base(float(theta))
+    if fam.arch == "starcoder2":
+        w.add_layer_norm_eps(c.norm_epsilon)
+    else:
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    rot = int(head_dim * getattr(c, "partial_rotary_factor", 1.0))
+    w.add_rope_dimension_count(rot)
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(0)
+    if fam.arch == "qwen3moe":
+        w.add_expert_count(c.num_experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    if fam.arch == "gemma2":
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
+        w.add_sliding_window(c.sliding_window)
+    if fam.arch == "gemma3":
+        w.add_sliding_window(c.sliding_window)
+    if fam.arch == "granite":
+        w.add_attention_scale(c.attention_multiplier)
+        w.add_embedding_scale(c.embedding_multiplier)
+        w.add_residual_scale(c.residual_multiplier)
+        w.add_logit_scale(c.logits_scaling)
+    for key, value in vocab_meta.items():
+        if isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        elif isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_array(key, value)
+
+
+def make_family(name: str, qtype: str, root: Path, seed: int = 0) -> Built:
+    import gguf
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fam = FAMILIES[name]
+    tok = build_tokenizer()
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    hf_cfg = dict(fam.hf)
+    model_type = hf_cfg.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab, bos_token_id=None, eos_token_id=None, **hf_cfg)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval()
+    _randomize(model, seed)
+
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == fam.arch)
+    name_map = gguf.get_tensor_name_map(arch_enum, cfg.num_hidden_layers)
+    q = getattr(gguf.GGMLQuantizationType, qtype)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"tiny-{name}-{qtype}.gguf"
+    writer = gguf.GGUFWriter(str(path), fam.arch)
+    _put_metadata(writer, fam, cfg, {k: v for k, v in gguf_tokenizer_metadata(tok).items()
+                                     if k != "tokenizer.ggml.add_bos_token"})
+
+    state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    if getattr(cfg, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    held: dict[str, np.ndarray] = {}  # HF name -> the values the GGUF holds, in HF layout
+    for hf_name, w in state.items():
+        pieces = _expert_tensors(hf_name, w)
+        if pieces is None:
+            pieces = [(_gguf_name(name_map, hf_name), w)]
+        stored_parts = []
+        for gname, arr in pieces:
+            arr = np.ascontiguousarray(arr)
+            heads = {".attn_q.": cfg.num_attention_heads, ".attn_k.": cfg.num_key_value_heads}
+            perm = next((h for key, h in heads.items() if key in gname), None) if fam.permute_qk else None
+            if perm:
+                arr = _llama_permute(arr, perm)
+            if fam.norm_shift and gname.endswith("norm.weight"):
+                arr = arr + np.float32(fam.norm_shift)
+            keep_f32 = arr.ndim == 1 or "ffn_gate_inp" in gname or qtype == "F32"
+            if keep_f32:
+                writer.add_tensor(gname, arr.astype(np.float32))
+                back = arr.astype(np.float32)
+            else:
+                data = gguf.quants.quantize(arr, q)
+                writer.add_tensor(gname, data, raw_dtype=q)
+                back = gguf.quants.dequantize(data, q).reshape(arr.shape)
+            if perm:
+                back = _llama_unpermute(back, perm)
+            if fam.norm_shift and gname.endswith("norm.weight"):
+                back = back - np.float32(fam.norm_shift)
+            stored_parts.append(back)
+        held[hf_name] = np.concatenate(stored_parts, axis=1) if len(stored_parts) > 1 else stored_parts[0]
+    if fam.llama3_rope:
+        writer.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    with torch.no_grad():
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in held.items()}, strict=False)
+    return Built(path, model, cfg)
+
+
+def transformers_reference(built: Built):
+    """The family's transformers model with the tensors transformers' own GGUF reader takes
+    from the file (its names, Q/K un-permute, norm offsets, `gguf`'s dequantization), or
+    None where that reader does not know the family."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    model = AutoModelForCausalLM.from_config(built.config, torch_dtype=torch.float32).eval()
+    parsed = load_gguf_checkpoint(str(built.path), return_tensors=True, model_to_load=model)
+    result = model.load_state_dict(parsed["tensors"], strict=False)
+    tied = {"lm_head.weight"} if getattr(built.config, "tie_word_embeddings", False) else set()
+    missing = set(result.missing_keys) - tied
+    if missing:
+        raise AssertionError(f"transformers' GGUF reader left {sorted(missing)} unset")
+    return model
+
+
+def torch_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
