@@ -140,13 +140,18 @@ def build_model(config: dict, weights: dict[str, mx.array], *, dequantize: bool,
 
 
 def build_tokenizer(spec: gguf.TokenizerSpec) -> Any:
-    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer, TokenizerWrapper
+    from mlx_lm.tokenizer_utils import (
+        BPEStreamingDetokenizer,
+        NaiveStreamingDetokenizer,
+        SPMStreamingDetokenizer,
+        TokenizerWrapper,
+    )
     from transformers import PreTrainedTokenizerFast
 
     hf = PreTrainedTokenizerFast(tokenizer_object=spec.tokenizer, bos_token=spec.bos_token,
                                  eos_token=spec.eos_token, unk_token=spec.unk_token, pad_token=spec.pad_token,
                                  chat_template=spec.chat_template)
-    detok = BPEStreamingDetokenizer if spec.kind == "bpe" else SPMStreamingDetokenizer
+    detok = {"bpe": BPEStreamingDetokenizer, "spm": SPMStreamingDetokenizer}.get(spec.kind, NaiveStreamingDetokenizer)
     return TokenizerWrapper(hf, detok, eos_token_ids=sorted(spec.eos_token_ids))
 
 

@@ -9,8 +9,8 @@ Contract:
   - `model_config(header)` turns metadata into an mlx-lm `config.json`-style dict;
     `map_name(name, architecture)` maps a GGUF tensor name to mlx-lm's. Both dispatch
     through the family's `Arch` in `formats/archs/` (keyed by `general.architecture`).
-  - `build_tokenizer(meta)` builds a `tokenizers.Tokenizer` (byte-level BPE for `gpt2`
-    vocabularies, SPM-style BPE with byte fallback for `llama` ones) plus its specials.
+  - `build_tokenizer(meta)` (from `formats/vocab.py`, which owns it) builds a
+    `tokenizers.Tokenizer` plus its specials from `tokenizer.ggml.*` metadata.
 Never imports mlx (importers and `show` use it); `tokenizers` is imported lazily.
 """
 
@@ -24,6 +24,11 @@ from typing import Any
 
 from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.formats import archs
+from mlxlite.formats.vocab import PRE_SPLITS as PRE_SPLITS  # the tokenizer lives in `vocab`;
+from mlxlite.formats.vocab import TOKENIZER_MODELS  # its names stay importable from here
+from mlxlite.formats.vocab import TokenizerSpec as TokenizerSpec
+from mlxlite.formats.vocab import build_tokenizer as build_tokenizer
+from mlxlite.formats.vocab import bytes_to_unicode as bytes_to_unicode
 
 MAGIC = b"GGUF"
 
@@ -57,7 +62,6 @@ FILE_TYPES = {
 # (views of the per-family registry in `formats/archs/`, which owns them).
 ARCHITECTURES = {name: arch.model_type for name, arch in archs.REGISTRY.items()}
 PERMUTED_QK = {name for name, arch in archs.REGISTRY.items() if arch.permute_qk}
-TOKENIZER_MODELS = ("gpt2", "llama")  # tokenizer.ggml.model values `build_tokenizer` builds
 
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
            10: "<Q", 11: "<q", 12: "<d"}
@@ -241,136 +245,3 @@ def parameter_count(header: Header) -> int:
             n *= d
         total += n
     return total
-
-
-# ---- tokenizer -------------------------------------------------------------------------
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# tokenizer.ggml.pre -> split regex (llama.cpp's table, as transformers mirrors it).
-PRE_SPLITS = {
-    "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-    "falcon3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "megrez": _QWEN2_SPLIT,
-    "gpt-4o": _GPT4O_SPLIT, "llama4": _GPT4O_SPLIT,
-}
-CONTROL, USER_DEFINED, BYTE = 3, 4, 6  # tokenizer.ggml.token_type values
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (byte-level BPE's alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
-@dataclass(frozen=True)
-class TokenizerSpec:
-    tokenizer: Any              # tokenizers.Tokenizer
-    kind: str                   # "bpe" (byte-level) or "spm"
-    bos_token: str | None
-    eos_token: str | None
-    unk_token: str | None
-    pad_token: str | None
-    eos_token_ids: frozenset[int]
-    add_bos: bool
-    chat_template: str | None
-    special_ids: frozenset[int]
-
-
-def _merges_from_vocab(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """SPM vocabularies without merges: every split into two in-vocab pieces, best score first."""
-    vocab = {t: i for i, t in enumerate(tokens)}
-    merges = []
-    for token, score in zip(tokens, scores, strict=False):
-        local = [(token[:i], token[i:], score) for i in range(1, len(token))
-                 if token[:i] in vocab and token[i:] in vocab]
-        local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
-        merges.extend(local)
-    merges.sort(key=lambda x: (x[2], len(x[0]), len(x[1])), reverse=True)
-    return [(a, b) for a, b, _ in merges]
-
-
-def build_tokenizer(meta: dict[str, Any]) -> TokenizerSpec:
-    """A `tokenizers.Tokenizer` equivalent to the GGUF's vocabulary (see module doc)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    kind = meta.get("tokenizer.ggml.model")
-    tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
-    if not tokens:
-        raise BadRequest("GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
-    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-
-    def tok_at(key: str) -> str | None:
-        i = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
-
-    bos, eos, unk, pad = (tok_at(k) for k in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"))
-    if kind == "gpt2":
-        alphabet = set(bytes_to_unicode().values())
-        spell = bytes_to_unicode()
-        # Tokens outside the byte alphabet are respelled (transformers does the same).
-        vocab = {(t if set(t) <= alphabet else "".join(spell[b] for b in t.encode())): i
-                 for i, t in enumerate(tokens)}
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
-        pre = meta.get("tokenizer.ggml.pre")
-        if pre == "smollm":  # llama.cpp and SmolLM's tokenizer.json: each digit alone, then gpt2's regex
-            tok.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-        elif pre in PRE_SPLITS:
-            tok.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(PRE_SPLITS[pre]), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        else:  # gpt2's own regex
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        tok.decoder = decoders.ByteLevel()
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-        control = [t for t, ty in zip(tokens, types, strict=False) if ty == CONTROL and set(t) <= alphabet]
-        out_kind = "bpe"
-    elif kind == "llama":
-        vocab = {t: i for i, t in enumerate(tokens)}
-        merges_raw = meta.get("tokenizer.ggml.merges")
-        if merges_raw:
-            merges = [tuple(m.split(" ", 1)) for m in merges_raw]
-        else:
-            merges = _merges_from_vocab(tokens, list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)))
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True,
-                                   unk_token=unk, ignore_merges=False))
-        prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
-                                                     split=False)
-        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-        if prefix:
-            steps.append(decoders.Strip(" ", 1, 0))
-        tok.decoder = decoders.Sequence(steps)
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
-        control = [t for t, ty in zip(tokens, types, strict=False) if ty == CONTROL]
-        out_kind = "spm"
-    else:
-        raise Unsupported(f"GGUF tokenizer type {kind!r} is not supported (gpt2 and llama are)")
-    if control:
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-    user = [t for t, ty in zip(tokens, types, strict=False) if ty == USER_DEFINED and t in vocab]
-    if user:
-        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
-    bos_id = meta.get("tokenizer.ggml.bos_token_id")
-    if add_bos and bos is not None:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(bos_id))])
-    eos_ids = {int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                                      "tokenizer.ggml.eom_token_id") if isinstance(meta.get(k), int)}
-    special = {i for i, ty in enumerate(types) if ty == CONTROL}
-    return TokenizerSpec(tok, out_kind, bos, eos, unk, pad, frozenset(eos_ids), add_bos,
-                         meta.get("tokenizer.chat_template"), frozenset(special))
