@@ -71,6 +71,9 @@ FAMILIES: dict[str, Family] = {
                                        attention_multiplier=0.0078125, logits_scaling=8.0),
                       permute_qk=True, transformers_gguf=False),
     "olmo2": Family("olmo2", _base("olmo2", rope_theta=500000.0), transformers_gguf=False),
+    "gpt-oss": Family("gpt-oss", _base("gpt_oss", num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
+                                       sliding_window=4, rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
+                      transformers_gguf=False),
     "starcoder2": Family("starcoder2", _base("starcoder2", norm_epsilon=1e-5, rope_theta=100000.0, use_bias=True,
                                              tie_word_embeddings=True)),
 }
@@ -130,14 +133,31 @@ def _randomize(model, seed: int) -> None:
                 p.copy_(noise * (0.5 if "embed" in name else 0.15))
 
 
-def _expert_tensors(hf_name: str, w: np.ndarray) -> list[tuple[str, np.ndarray]] | None:
-    """transformers 5 keeps experts fused per layer; llama.cpp writes gate, up, down stacked."""
-    parts = hf_name.split(".")
-    if ".mlp.experts.gate_up_proj" in hf_name:
+def _expert_tensors(hf_name: str, w: np.ndarray, in_out: bool):
+    """transformers 5 keeps experts fused per layer; llama.cpp writes gate, up and down stacked
+    as [experts, out, in]. Returns ([(gguf name, array)], inverse(*stored) -> HF array), or
+    None for any other tensor. `in_out`: the checkpoint stores experts [experts, in, out] with
+    gate/up interleaved (gpt-oss); otherwise [experts, out, in], gate before up (qwen3moe)."""
+    blk = f"blk.{hf_name.split('.')[2]}." if hf_name.startswith("model.layers.") else ""
+    if hf_name.endswith(".mlp.experts.gate_up_proj_bias"):
+        return ([(blk + "ffn_gate_exps.bias", w[:, ::2]), (blk + "ffn_up_exps.bias", w[:, 1::2])],
+                lambda g, u: np.stack([g, u], axis=-1).reshape(w.shape))
+    if hf_name.endswith(".mlp.experts.down_proj_bias"):
+        return [(blk + "ffn_down_exps.bias", w)], lambda d: d
+    if hf_name.endswith(".mlp.experts.gate_up_proj") and in_out:
+        t = w.transpose(0, 2, 1)
+        return ([(blk + "ffn_gate_exps.weight", t[:, ::2]), (blk + "ffn_up_exps.weight", t[:, 1::2])],
+                lambda g, u: np.stack([g, u], axis=2).reshape(t.shape).transpose(0, 2, 1))
+    if hf_name.endswith(".mlp.experts.gate_up_proj"):
         half = w.shape[1] // 2
-        return [(f"blk.{parts[2]}.ffn_gate_exps.weight", w[:, :half]), (f"blk.{parts[2]}.ffn_up_exps.weight", w[:, half:])]
-    if ".mlp.experts.down_proj" in hf_name:
-        return [(f"blk.{parts[2]}.ffn_down_exps.weight", w)]
+        return ([(blk + "ffn_gate_exps.weight", w[:, :half]), (blk + "ffn_up_exps.weight", w[:, half:])],
+                lambda g, u: np.concatenate([g, u], axis=1))
+    if hf_name.endswith(".mlp.experts.down_proj") and in_out:
+        return [(blk + "ffn_down_exps.weight", w.transpose(0, 2, 1))], lambda d: d.transpose(0, 2, 1)
+    if hf_name.endswith(".mlp.experts.down_proj"):
+        return [(blk + "ffn_down_exps.weight", w)], lambda d: d
+    if hf_name.endswith(".self_attn.sinks"):  # llama.cpp appends .weight to the bare parameter
+        return [(blk + "attn_sinks.weight", w)], lambda x: x
     return None
 
 
@@ -175,6 +195,11 @@ def _put_metadata(w, fam: Family, cfg: Any, vocab_meta: dict) -> None:
         w.add_expert_count(c.num_experts)
         w.add_expert_used_count(c.num_experts_per_tok)
         w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    if fam.arch == "gpt-oss":
+        w.add_expert_count(c.num_local_experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+        w.add_expert_feed_forward_length(c.intermediate_size)
+        w.add_sliding_window(c.sliding_window)
     if fam.arch == "gemma2":
         w.add_attn_logit_softcapping(c.attn_logit_softcapping)
         w.add_final_logit_softcapping(c.final_logit_softcapping)
@@ -226,9 +251,8 @@ def make_family(name: str, qtype: str, root: Path, seed: int = 0) -> Built:
         state.pop("lm_head.weight", None)
     held: dict[str, np.ndarray] = {}  # HF name -> the values the GGUF holds, in HF layout
     for hf_name, w in state.items():
-        pieces = _expert_tensors(hf_name, w)
-        if pieces is None:
-            pieces = [(_gguf_name(name_map, hf_name), w)]
+        expert = _expert_tensors(hf_name, w, fam.arch == "gpt-oss")
+        pieces, inverse = expert if expert else ([(_gguf_name(name_map, hf_name), w)], lambda x: x)
         stored_parts = []
         for gname, arr in pieces:
             arr = np.ascontiguousarray(arr)
@@ -238,7 +262,9 @@ def make_family(name: str, qtype: str, root: Path, seed: int = 0) -> Built:
                 arr = _llama_permute(arr, perm)
             if fam.norm_shift and gname.endswith("norm.weight"):
                 arr = arr + np.float32(fam.norm_shift)
-            keep_f32 = arr.ndim == 1 or "ffn_gate_inp" in gname or qtype == "F32"
+            # llama.cpp quantizes only `*.weight` matrices, never the router
+            keep_f32 = arr.ndim == 1 or not gname.endswith(".weight") or "ffn_gate_inp" in gname or "sinks" in gname \
+                or qtype == "F32"
             if keep_f32:
                 writer.add_tensor(gname, arr.astype(np.float32))
                 back = arr.astype(np.float32)
@@ -251,7 +277,7 @@ def make_family(name: str, qtype: str, root: Path, seed: int = 0) -> Built:
             if fam.norm_shift and gname.endswith("norm.weight"):
                 back = back - np.float32(fam.norm_shift)
             stored_parts.append(back)
-        held[hf_name] = np.concatenate(stored_parts, axis=1) if len(stored_parts) > 1 else stored_parts[0]
+        held[hf_name] = inverse(*stored_parts)
     if fam.llama3_rope:
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg))
     writer.write_header_to_file()

@@ -5,7 +5,8 @@ and its logits compared with transformers' forward pass of the same weights.
 The reference is independent of our loader: where transformers' own GGUF reader knows the
 family (llama, qwen2/3, qwen3moe, gemma2/3, phi3, starcoder2) the reference model holds the
 tensors *that reader* takes from the file (its names, Q/K un-permute, norm offsets, `gguf`'s
-dequantization); for granite and olmo2 it holds the values the converter wrote, un-transformed.
+dequantization); for granite, olmo2 and gpt-oss (whose llama.cpp expert layout transformers'
+reader does not know) it holds the values the converter wrote, un-transformed.
 Both sides compute in float32 from identical values, so only summation order differs:
 measured <= 3e-5 on logits up to ~30, against 1e-3 allowed here. A wrong name, permutation,
 norm offset, scale or soft-cap moves logits by whole units.
@@ -73,7 +74,7 @@ def test_gguf_family_logits_match_transformers(store, built, name, qtype, monkey
         runner.unload(loaded)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3moe", "gemma3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3moe", "gemma3", "gpt-oss"])
 def test_quantized_families_stay_packed_on_the_quantized_path(store, built, name, monkeypatch):
     """With float32 off, Q4_0 weights (experts included) stay packed and still match."""
     import mlx.core as mx
@@ -90,8 +91,9 @@ def test_quantized_families_stay_packed_on_the_quantized_path(store, built, name
         assert loaded.info["weights"] == "quantized"
         layer = loaded.model.model.layers[0]
         assert isinstance(layer.self_attn.o_proj, nn.QuantizedLinear) and layer.self_attn.o_proj.bits == 4
-        if name == "qwen3moe":
-            assert type(layer.mlp.switch_mlp.gate_proj).__name__ == "QuantizedSwitchLinear"
+        experts = {"qwen3moe": lambda: layer.mlp.switch_mlp.gate_proj, "gpt-oss": lambda: layer.mlp.experts.down_proj}
+        if name in experts:
+            assert type(experts[name]()).__name__ == "QuantizedSwitchLinear"
         ours = np.array(loaded.model(mx.array(IDS)[None])[0])
         # quantized_matmul sums in another order than a float32 matmul: measured ~1e-5.
         assert np.abs(ours - torch_logits(b.reference, IDS)).max() < 1e-3

@@ -24,7 +24,7 @@ BLOCK = {
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_NAME = re.compile(r"(?:blk\.(\d+)\.)?([a-z0-9_]+)\.(weight|bias|scales|biases)\Z")
+_NAME = re.compile(r"(?:blk\.(\d+)\.)?([a-z0-9_]+)(?:\.(weight|bias|scales|biases))?\Z")
 
 
 class Meta:
@@ -61,16 +61,18 @@ class Arch:
     permute_qk: bool = False    # llama.cpp permuted Q/K rows for interleaved RoPE: un-permute them
     norm_offset: float = 0.0    # llama.cpp stored norm weights as w + offset (gemma): subtract it
     rope_freqs: bool = False    # a `rope_freqs.weight` tensor (llama3 scaling) scales RoPE's periods
-    rope_freqs_note: str = ""
+    bare: frozenset[str] = frozenset()  # parts whose mlx-lm parameter has no `.weight` (gpt-oss sinks)
 
     def map_name(self, name: str) -> str:
         """GGUF tensor name -> mlx-lm parameter name (exact part match, suffix kept)."""
         m = _NAME.match(name)
         if m:
             block, part, suffix = m.groups()
-            if block is None and part in self.top:
+            if part in self.bare and suffix in (None, "weight"):
+                return f"model.layers.{block}.{self.block[part]}" if block is not None else self.top[part]
+            if suffix and block is None and part in self.top:
                 return f"{self.top[part]}.{suffix}"
-            if block is not None and part in self.block:
+            if suffix and block is not None and part in self.block:
                 return f"model.layers.{block}.{self.block[part]}.{suffix}"
         raise Unsupported(f"GGUF tensor {name!r} has no mlx-lm equivalent in the {self.names[0]} family")
 
