@@ -74,6 +74,20 @@ FAMILIES: dict[str, Family] = {
     "gpt-oss": Family("gpt-oss", _base("gpt_oss", num_local_experts=4, num_experts_per_tok=2, intermediate_size=32,
                                        sliding_window=4, rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
                       transformers_gguf=False),
+    "deepseek2": Family("deepseek2", _base("deepseek_v2", num_attention_heads=4, num_key_value_heads=4,
+                                           moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
+                                           num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=32,
+                                           q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+                                           topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.5,
+                                           rms_norm_eps=1e-6, head_dim=16),
+                        transformers_gguf=False),
+    "deepseek2-qlora": Family("deepseek2", _base("deepseek_v2", num_attention_heads=4, num_key_value_heads=4,
+                                                 moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=2,
+                                                 num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=64,
+                                                 q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32,
+                                                 v_head_dim=32, topk_method="greedy", n_group=1, topk_group=1,
+                                                 rms_norm_eps=1e-6, head_dim=16),
+                              transformers_gguf=False),
     "starcoder2": Family("starcoder2", _base("starcoder2", norm_epsilon=1e-5, rope_theta=100000.0, use_bias=True,
                                              tie_word_embeddings=True)),
 }
@@ -161,6 +175,18 @@ def _expert_tensors(hf_name: str, w: np.ndarray, in_out: bool):
     return None
 
 
+def _mla_split(hf_name: str, w: np.ndarray, cfg: Any):
+    """llama.cpp's DeepseekV2Model: kv_b_proj -> k_b (transposed per head) and v_b."""
+    if not hf_name.endswith("self_attn.kv_b_proj.weight"):
+        return None
+    heads, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+    kv = w.reshape(heads, nope + v, w.shape[-1])
+    blk = f"blk.{hf_name.split('.')[2]}."
+    return ([(blk + "attn_k_b.weight", np.ascontiguousarray(kv[:, :nope].transpose(0, 2, 1))),
+             (blk + "attn_v_b.weight", np.ascontiguousarray(kv[:, nope:]))],
+            lambda k_b, v_b: np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(w.shape))
+
+
 def _gguf_name(name_map, hf_name: str) -> str:
     base, _, suffix = hf_name.rpartition(".")
     found = name_map.get_name(base)
@@ -170,6 +196,8 @@ def _gguf_name(name_map, hf_name: str) -> str:
 
 
 def _put_metadata(w, fam: Family, cfg: Any, vocab_meta: dict) -> None:
+    import gguf
+
     c = cfg
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     w.add_context_length(c.max_position_embeddings)
@@ -177,7 +205,7 @@ def _put_metadata(w, fam: Family, cfg: Any, vocab_meta: dict) -> None:
     w.add_block_count(c.num_hidden_layers)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_head_count_kv(1 if fam.arch == "deepseek2" else c.num_key_value_heads)
     rope = c.rope_parameters
     theta = rope["full_attention"]["rope_theta"] if "full_attention" in rope else rope["rope_theta"]
     w.add_rope_freq_base(float(theta))
@@ -185,10 +213,27 @@ def _put_metadata(w, fam: Family, cfg: Any, vocab_meta: dict) -> None:
         w.add_layer_norm_eps(c.norm_epsilon)
     else:
         w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    rot = int(head_dim * getattr(c, "partial_rotary_factor", 1.0))
-    w.add_rope_dimension_count(rot)
+    if fam.arch == "deepseek2":  # llama.cpp's DeepseekV2Model: MLA as MQA with wide heads
+        w.add_key_length(c.kv_lora_rank + c.qk_rope_head_dim)
+        w.add_value_length(c.kv_lora_rank)
+        w.add_key_length_mla(c.qk_nope_head_dim + c.qk_rope_head_dim)
+        w.add_value_length_mla(c.v_head_dim)
+        w.add_rope_dimension_count(c.qk_rope_head_dim)
+        w.add_leading_dense_block_count(c.first_k_dense_replace)
+        if c.q_lora_rank:
+            w.add_q_lora_rank(c.q_lora_rank)
+        w.add_kv_lora_rank(c.kv_lora_rank)
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+        w.add_expert_count(c.n_routed_experts)
+        w.add_expert_shared_count(c.n_shared_experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+        w.add_expert_weights_scale(c.routed_scaling_factor)
+        w.add_expert_weights_norm(c.norm_topk_prob)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+    else:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_dimension_count(int(head_dim * getattr(c, "partial_rotary_factor", 1.0)))
     w.add_vocab_size(c.vocab_size)
     w.add_file_type(0)
     if fam.arch == "qwen3moe":
@@ -251,7 +296,7 @@ def make_family(name: str, qtype: str, root: Path, seed: int = 0) -> Built:
         state.pop("lm_head.weight", None)
     held: dict[str, np.ndarray] = {}  # HF name -> the values the GGUF holds, in HF layout
     for hf_name, w in state.items():
-        expert = _expert_tensors(hf_name, w, fam.arch == "gpt-oss")
+        expert = _expert_tensors(hf_name, w, fam.arch == "gpt-oss") or _mla_split(hf_name, w, cfg)
         pieces, inverse = expert if expert else ([(_gguf_name(name_map, hf_name), w)], lambda x: x)
         stored_parts = []
         for gname, arr in pieces:

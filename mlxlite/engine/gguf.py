@@ -83,7 +83,32 @@ def to_mlx_names(raw: dict[str, mx.array], header: gguf.Header, config: dict) ->
     if arch.norm_offset:  # norms are F32/F16 vectors in every GGUF, never packed
         for key in [k for k in weights if k.endswith("norm.weight")]:
             weights[key] = weights[key].astype(mx.float32) - arch.norm_offset
+    if arch.mla_kv_b:
+        _join_kv_b(weights, config)
     return weights
+
+
+def _dense(weights: dict[str, mx.array], prefix: str) -> mx.array | None:
+    """Pop one module's weight as float32, dequantizing it if it arrived packed."""
+    w = weights.pop(f"{prefix}.weight", None)
+    scales = weights.pop(f"{prefix}.scales", None)
+    biases = weights.pop(f"{prefix}.biases", None)
+    if w is None or scales is None:
+        return None if w is None else w.astype(mx.float32)
+    return mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=32,
+                         bits=w.shape[-1] // scales.shape[-1])
+
+
+def _join_kv_b(weights: dict[str, mx.array], config: dict) -> None:
+    """llama.cpp writes DeepSeek's kv_b_proj as k_b [heads, kv_lora, nope] (transposed per head)
+    and v_b [heads, v, kv_lora] for its MLA kernels; mlx-lm wants [heads * (nope + v), kv_lora]."""
+    for i in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{i}.self_attn"
+        k_b, v_b = _dense(weights, f"{prefix}.k_b_proj"), _dense(weights, f"{prefix}.v_b_proj")
+        if k_b is None or v_b is None or f"{prefix}.kv_b_proj.weight" in weights:
+            continue
+        kv = mx.concatenate([k_b.swapaxes(1, 2), v_b], axis=1)
+        weights[f"{prefix}.kv_b_proj.weight"] = kv.reshape(-1, kv.shape[-1])
 
 
 class FactorRoPE(nn.Module):

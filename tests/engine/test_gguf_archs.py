@@ -5,7 +5,7 @@ and its logits compared with transformers' forward pass of the same weights.
 The reference is independent of our loader: where transformers' own GGUF reader knows the
 family (llama, qwen2/3, qwen3moe, gemma2/3, phi3, starcoder2) the reference model holds the
 tensors *that reader* takes from the file (its names, Q/K un-permute, norm offsets, `gguf`'s
-dequantization); for granite, olmo2 and gpt-oss (whose llama.cpp expert layout transformers'
+dequantization); for granite, olmo2, gpt-oss and deepseek2 (whose llama.cpp layouts transformers'
 reader does not know) it holds the values the converter wrote, un-transformed.
 Both sides compute in float32 from identical values, so only summation order differs:
 measured <= 3e-5 on logits up to ~30, against 1e-3 allowed here. A wrong name, permutation,

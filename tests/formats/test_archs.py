@@ -23,8 +23,8 @@ def _header(arch: str, tensors: tuple[str, ...] = (), **keys) -> gguf.Header:
 
 def test_every_family_is_registered_by_its_gguf_name():
     assert set(archs.REGISTRY) == {"llama", "mistral", "smollm", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3",
-                                   "phi3", "granite", "olmo2", "starcoder2", "gpt-oss"}
-    with pytest.raises(Unsupported, match=r"'mamba' is not supported \(supported: gemma2, gemma3, gpt-oss"):
+                                   "phi3", "granite", "olmo2", "starcoder2", "gpt-oss", "deepseek2"}
+    with pytest.raises(Unsupported, match=r"'mamba' is not supported \(supported: deepseek2, gemma2, gemma3"):
         archs.get("mamba")
 
 
@@ -104,3 +104,37 @@ def test_missing_dimensions_are_a_bad_request_naming_the_key():
     moe = _header("qwen3moe", **{"expert_count": 8, "expert_used_count": 2})
     with pytest.raises(BadRequest, match="expert_feed_forward_length"):
         gguf.model_config(moe)
+
+
+def _deepseek(**keys) -> gguf.Header:
+    dims = {"attention.head_count": 16, "attention.head_count_kv": 1, "attention.key_length": 576,
+            "attention.value_length": 512, "attention.key_length_mla": 192, "attention.value_length_mla": 128,
+            "rope.dimension_count": 64, "attention.kv_lora_rank": 512, "expert_count": 64, "expert_used_count": 6,
+            "expert_shared_count": 2, "expert_feed_forward_length": 1408, "leading_dense_block_count": 1,
+            "expert_weights_scale": 1.0, "expert_gating_func": 1}
+    return _header("deepseek2", ("output.weight",), **{**dims, **keys})
+
+
+def test_deepseek2_reads_mla_sizes_experts_and_yarn_mscale():
+    """V2-Lite's shape, with the head sizes llama.cpp's MLA files state under *_mla."""
+    cfg = gguf.model_config(_deepseek(**{"rope.scaling.type": "yarn", "rope.scaling.factor": 40.0,
+                                         "rope.scaling.original_context_length": 4096,
+                                         "rope.scaling.yarn_log_multiplier": 0.0707}))
+    assert cfg["model_type"] == "deepseek_v2" and cfg["q_lora_rank"] is None
+    assert (cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]) == \
+        (128, 64, 128, 512)
+    assert (cfg["n_routed_experts"], cfg["n_shared_experts"], cfg["num_experts_per_tok"]) == (64, 2, 6)
+    assert cfg["first_k_dense_replace"] == 1 and cfg["topk_method"] == "greedy"
+    assert cfg["rope_scaling"]["factor"] == 40.0 and cfg["rope_scaling"]["mscale_all_dim"] == pytest.approx(0.707)
+    old = gguf.model_config(_deepseek(**{"attention.key_length": 192, "attention.value_length": 128,
+                                         "attention.key_length_mla": 0, "attention.value_length_mla": 0}))
+    assert (old["qk_nope_head_dim"], old["v_head_dim"]) == (128, 128)  # files from before the MLA split
+
+
+def test_deepseek_v3_routing_is_refused_by_name():
+    with pytest.raises(Unsupported, match="sigmoid expert routing"):
+        gguf.model_config(_deepseek(expert_gating_func=2))
+    h = _deepseek()
+    v3 = gguf.Header(h.path, 3, h.metadata, (*h.tensors, gguf.TensorInfo("blk.3.exp_probs_b.bias", (64,), 0, 0)))
+    with pytest.raises(Unsupported, match="DeepSeek-V3"):
+        gguf.model_config(v3)

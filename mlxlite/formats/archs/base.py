@@ -62,6 +62,7 @@ class Arch:
     norm_offset: float = 0.0    # llama.cpp stored norm weights as w + offset (gemma): subtract it
     rope_freqs: bool = False    # a `rope_freqs.weight` tensor (llama3 scaling) scales RoPE's periods
     bare: frozenset[str] = frozenset()  # parts whose mlx-lm parameter has no `.weight` (gpt-oss sinks)
+    mla_kv_b: bool = False      # llama.cpp split MLA's kv_b_proj into k_b (transposed) + v_b: join them
 
     def map_name(self, name: str) -> str:
         """GGUF tensor name -> mlx-lm parameter name (exact part match, suffix kept)."""
