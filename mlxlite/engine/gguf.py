@@ -41,8 +41,8 @@ def float32_bytes(weights: dict[str, mx.array]) -> int:
         if name.endswith((".scales", ".biases")):
             continue
         prefix = name[: -len(".weight")] if name.endswith(".weight") else None
-        if prefix and f"{prefix}.scales" in weights:
-            total += w.shape[0] * weights[f"{prefix}.scales"].shape[-1] * 32 * 4
+        if prefix and f"{prefix}.scales" in weights:  # one scale per 32 values, experts' 3-D stacks included
+            total += weights[f"{prefix}.scales"].size * 32 * 4
         else:
             total += w.size * 4
     return total

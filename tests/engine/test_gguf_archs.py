@@ -99,3 +99,18 @@ def test_quantized_families_stay_packed_on_the_quantized_path(store, built, name
         assert np.abs(ours - torch_logits(b.reference, IDS)).max() < 1e-3
     finally:
         runner.unload(loaded)
+
+
+def test_float32_budget_counts_every_expert_of_a_stacked_tensor(built):
+    """The CPU float32 decision must see a MoE model's real size: a [experts, rows, cols]
+    packed stack is experts * rows * cols floats, not experts * cols."""
+    import mlx.core as mx
+
+    from mlxlite.engine import gguf as engine_gguf
+
+    raw = mx.load(str(built("qwen3moe", "Q4_0").path))
+    packed = {k: v for k, v in raw.items() if k.startswith("blk.1.ffn_up_exps.")}
+    stack = packed["blk.1.ffn_up_exps.weight"]
+    dense = mx.dequantize(stack, packed["blk.1.ffn_up_exps.scales"], packed["blk.1.ffn_up_exps.biases"],
+                          group_size=32, bits=4)
+    assert stack.ndim == 3 and engine_gguf.float32_bytes(packed) == dense.size * 4
