@@ -72,7 +72,8 @@ ROPE_FREQS = "rope_freqs.weight"  # kept under its GGUF name: `build_model` turn
 def to_mlx_names(raw: dict[str, mx.array], header: gguf.Header, config: dict) -> dict[str, mx.array]:
     """GGUF tensors -> mlx-lm names, undoing what the family's `Arch` says llama.cpp did."""
     arch = archs.get(header.architecture)
-    weights = {(name if name == ROPE_FREQS else arch.map_name(name)): arr for name, arr in raw.items()}
+    weights = {(name if name == ROPE_FREQS else arch.map_name(name)): arr for name, arr in raw.items()
+               if arch.reads(name)}
     if arch.permute_qk:
         for i in range(config["num_hidden_layers"]):
             for proj, heads in (("q_proj", config["num_attention_heads"]), ("k_proj", config["num_key_value_heads"])):

@@ -114,3 +114,20 @@ def test_float32_budget_counts_every_expert_of_a_stacked_tensor(built):
     dense = mx.dequantize(stack, packed["blk.1.ffn_up_exps.scales"], packed["blk.1.ffn_up_exps.biases"],
                           group_size=32, bits=4)
     assert stack.ndim == 3 and engine_gguf.float32_bytes(packed) == dense.size * 4
+
+
+def test_gemma3_files_with_an_inline_vision_tower_load_as_text(built):
+    """Ollama's gemma3 files carry the vision tower (`v.*`, `mm.*`) inline; the text model skips it."""
+    import mlx.core as mx
+
+    from mlxlite.engine import gguf as engine_gguf
+    from mlxlite.formats import gguf
+
+    b = built("gemma3", "F32")
+    header = gguf.read_gguf(b.path)
+    raw = mx.load(str(b.path))
+    raw["v.blk.0.attn_k.weight"] = mx.zeros((8, 8))
+    raw["mm.input_projection.weight"] = mx.zeros((8, 8))
+    weights = engine_gguf.to_mlx_names(raw, header, gguf.model_config(header))
+    assert "model.layers.0.self_attn.q_norm.weight" in weights
+    assert not any(k.startswith(("v.", "mm.")) or ".v." in k for k in weights)

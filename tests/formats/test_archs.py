@@ -138,3 +138,8 @@ def test_deepseek_v3_routing_is_refused_by_name():
     v3 = gguf.Header(h.path, 3, h.metadata, (*h.tensors, gguf.TensorInfo("blk.3.exp_probs_b.bias", (64,), 0, 0)))
     with pytest.raises(Unsupported, match="DeepSeek-V3"):
         gguf.model_config(v3)
+
+
+def test_gemma3_reads_ollamas_rope_base_names_too():
+    cfg = gguf.model_config(_header("gemma3", **{"rope.global.freq_base": 1e6, "rope.local.freq_base": 5000.0}))
+    assert (cfg["rope_theta"], cfg["rope_local_base_freq"]) == (1e6, 5000.0)

@@ -63,6 +63,10 @@ class Arch:
     rope_freqs: bool = False    # a `rope_freqs.weight` tensor (llama3 scaling) scales RoPE's periods
     bare: frozenset[str] = frozenset()  # parts whose mlx-lm parameter has no `.weight` (gpt-oss sinks)
     mla_kv_b: bool = False      # llama.cpp split MLA's kv_b_proj into k_b (transposed) + v_b: join them
+    skip: tuple[str, ...] = ()  # tensor name prefixes the text model never reads (a vision tower)
+
+    def reads(self, name: str) -> bool:
+        return not name.startswith(self.skip)
 
     def map_name(self, name: str) -> str:
         """GGUF tensor name -> mlx-lm parameter name (exact part match, suffix kept)."""
