@@ -4,11 +4,14 @@ Contract: `load_gguf(path, dequantize)` returns `(model, tokenizer_wrapper, spec
 config)`. Arrays come from `mx.load`: Q4_0/Q4_1/Q8_0 arrive packed (affine, group size
 32), bits inferred per module from the shapes (files mix types: the default model's
 embedding is Q8_0, the rest Q4_1). Names and llama.cpp's conversion quirks come from the
-family's `Arch` (`formats/archs/`): Q/K rows un-permuted back to the Hugging Face layout
-(llama.cpp permuted them for GGML's interleaved RoPE) so mlx-lm's default RoPE applies,
-norm offsets subtracted (gemma), `rope_freqs` factors turned into the layers' RoPE. With `dequantize` (CPU, fits the budget) quantized weights become
-float32 at load; otherwise they stay quantized and, on CPU, scales are float32 anyway
-(float16 quantized matmul on CPU is ~45x slower).
+family's `Arch` (`formats/archs/`), applied here by `to_mlx_names` and `build_model`: Q/K
+rows un-permuted back to the Hugging Face layout (llama.cpp permuted them for GGML's
+interleaved RoPE) so mlx-lm's default RoPE applies; norm offsets subtracted (gemma);
+DeepSeek's split k_b/v_b joined back into kv_b_proj; tensors the text model never reads
+skipped; a `rope_freqs` tensor turned into the layers' RoPE (llama3 scaling). With
+`dequantize` (CPU, fits the budget) quantized weights become float32 at load; otherwise
+they stay quantized and, on CPU, scales are float32 anyway (float16 quantized matmul on
+CPU is ~45x slower).
 """
 
 from __future__ import annotations

@@ -73,8 +73,8 @@ class Arch:
         m = _NAME.match(name)
         if m:
             block, part, suffix = m.groups()
-            if part in self.bare and suffix in (None, "weight"):
-                return f"model.layers.{block}.{self.block[part]}" if block is not None else self.top[part]
+            if part in self.bare and block is not None and suffix in (None, "weight"):
+                return f"model.layers.{block}.{self.block[part]}"
             if suffix and block is None and part in self.top:
                 return f"{self.top[part]}.{suffix}"
             if suffix and block is not None and part in self.block:
