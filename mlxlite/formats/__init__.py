@@ -1,6 +1,8 @@
 """The formats wing: pure readers of the formats models arrive in, with no I/O policy.
 
-Owns the GGUF header, metadata, tensor table and tokenizer spec (`gguf`), chat templates
+Owns the GGUF header, metadata and tensor table (`gguf`), the per-architecture maps onto
+mlx-lm's model classes (`archs/`, one module per family), the tokenizer spec from GGUF
+metadata (`vocab`), chat templates
 (`templates`: the model's jinja template in a sandbox, fallbacks, prompt assembly), tool
 calls in generated text (`tools`) and thinking sections in it (`thinking`). Callers use
 the modules (`gguf.read_gguf(path)`) and the types exported here. Imports only the standard library, jinja2/tokenizers where

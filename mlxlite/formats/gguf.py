@@ -7,22 +7,28 @@ Contract:
   - `check_supported(header)` raises `Unsupported` naming the architecture or the tensor
     type (and one tensor of it) that the runner cannot load.
   - `model_config(header)` turns metadata into an mlx-lm `config.json`-style dict;
-    `map_name(name)` maps a GGUF tensor name to mlx-lm's (llama / qwen2 layout).
-  - `build_tokenizer(meta)` builds a `tokenizers.Tokenizer` (byte-level BPE for `gpt2`
-    vocabularies, SPM-style BPE with byte fallback for `llama` ones) plus its specials.
+    `map_name(name, architecture)` maps a GGUF tensor name to mlx-lm's. Both dispatch
+    through the family's `Arch` in `formats/archs/` (keyed by `general.architecture`).
+  - `build_tokenizer(meta)` (from `formats/vocab.py`, which owns it) builds a
+    `tokenizers.Tokenizer` plus its specials from `tokenizer.ggml.*` metadata.
 Never imports mlx (importers and `show` use it); `tokenizers` is imported lazily.
 """
 
 from __future__ import annotations
 
 import mmap
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlxlite.errors import BadRequest, Unsupported
+from mlxlite.formats import archs
+from mlxlite.formats.vocab import PRE_SPLITS as PRE_SPLITS  # the tokenizer lives in `vocab`;
+from mlxlite.formats.vocab import TOKENIZER_MODELS  # its names stay importable from here
+from mlxlite.formats.vocab import TokenizerSpec as TokenizerSpec
+from mlxlite.formats.vocab import build_tokenizer as build_tokenizer
+from mlxlite.formats.vocab import bytes_to_unicode as bytes_to_unicode
 
 MAGIC = b"GGUF"
 
@@ -52,10 +58,10 @@ FILE_TYPES = {
     29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
 }
 
-# GGUF architecture -> mlx-lm model_type. mistral/smollm files use llama's layout.
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "smollm": "llama", "qwen2": "qwen2"}
-# llama.cpp's converter permutes Q/K rows for these (interleaved RoPE); qwen2 is NEOX-style.
-PERMUTED_QK = {"llama", "mistral", "smollm"}
+# GGUF architecture -> mlx-lm model_type, and the families whose Q/K rows llama.cpp permuted
+# (views of the per-family registry in `formats/archs/`, which owns them).
+ARCHITECTURES = {name: arch.model_type for name, arch in archs.REGISTRY.items()}
+PERMUTED_QK = {name for name, arch in archs.REGISTRY.items() if arch.permute_qk}
 
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
            10: "<Q", 11: "<q", 12: "<d"}
@@ -204,82 +210,31 @@ def file_type_name(file_type: Any) -> str:
 
 def check_supported(header: Header) -> str:
     """The mlx-lm model_type for this file, or `Unsupported` naming what is not."""
-    arch = header.architecture
-    if arch not in ARCHITECTURES:
-        supported = ", ".join(sorted(ARCHITECTURES))
-        raise Unsupported(f"GGUF architecture {arch or '(none)'!r} is not supported (supported: {supported})")
+    arch = archs.get(header.architecture)
     for t in header.tensors:
         if t.type not in SUPPORTED_TYPES:
             raise Unsupported(f"GGUF tensor type {t.type_name} (tensor {t.name!r}) is not supported; "
                               "supported: F32, F16, Q4_0, Q4_1, Q8_0, Q2_K, Q4_K, Q6_K")
-        if t.name == "rope_freqs.weight":
-            raise Unsupported("GGUF with rope_freqs (llama3-style RoPE scaling) is not supported")
+        if t.name == "rope_freqs.weight" and not arch.rope_freqs:
+            raise Unsupported(f"GGUF {header.architecture} with rope_freqs (llama3-style RoPE scaling) "
+                              "is not supported")
     tok = header.metadata.get("tokenizer.ggml.model")
-    if tok not in ("gpt2", "llama"):
-        raise Unsupported(f"GGUF tokenizer type {tok!r} is not supported (gpt2 and llama are)")
-    return ARCHITECTURES[arch]
+    if tok not in TOKENIZER_MODELS:
+        raise Unsupported(f"GGUF tokenizer type {tok!r} is not supported ({', '.join(TOKENIZER_MODELS)} are)")
+    return arch.model_type
 
 
-# ---- tensor names --------------------------------------------------------------------
-_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_BLOCK = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_NAME = re.compile(r"(?:blk\.(\d+)\.)?([a-z_]+)\.(weight|bias|scales|biases)\Z")
-
-
-def map_name(name: str) -> str:
-    """GGUF tensor name -> mlx-lm parameter name (exact match per part, suffix kept)."""
-    m = _NAME.match(name)
-    if m:
-        block, part, suffix = m.groups()
-        if block is None and part in _TOP:
-            return f"{_TOP[part]}.{suffix}"
-        if block is not None and part in _BLOCK:
-            return f"model.layers.{block}.{_BLOCK[part]}.{suffix}"
-    raise Unsupported(f"GGUF tensor {name!r} has no mlx-lm equivalent")
+def map_name(name: str, architecture: str = "llama") -> str:
+    """GGUF tensor name -> mlx-lm parameter name for this architecture's family."""
+    return archs.get(architecture).map_name(name)
 
 
 def model_config(header: Header) -> dict[str, Any]:
-    """An mlx-lm config.json dict from GGUF metadata (llama and qwen2 layouts)."""
-    model_type = check_supported(header)
-    meta, arch = header.metadata, header.architecture
-
-    def get(key: str, default: Any = None) -> Any:
-        return meta.get(f"{arch}.{key}", default)
-
-    try:
-        heads = int(get("attention.head_count"))
-        hidden = int(get("embedding_length"))
-        cfg: dict[str, Any] = {
-            "model_type": model_type,
-            "hidden_size": hidden,
-            "num_hidden_layers": int(get("block_count")),
-            "intermediate_size": int(get("feed_forward_length")),
-            "num_attention_heads": heads,
-            "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-            "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-            "rope_theta": float(get("rope.freq_base", 10000.0 if model_type == "llama" else 1e6)),
-            "max_position_embeddings": int(get("context_length", 4096)),
-            "vocab_size": int(get("vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])),
-        }
-    except (TypeError, ValueError):
-        raise BadRequest(f"{header.path}: GGUF metadata lacks the {arch} model dimensions") from None
-    names = {t.name for t in header.tensors}
-    cfg["tie_word_embeddings"] = "output.weight" not in names
-    if model_type == "llama":
-        head_dim = get("attention.key_length")
-        cfg["head_dim"] = int(head_dim) if head_dim else hidden // heads
-        cfg["attention_bias"] = "blk.0.attn_q.bias" in names
-    kind = get("rope.scaling.type")
-    if kind in ("linear",) and get("rope.scaling.factor"):
-        cfg["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
-    elif kind not in (None, "none"):
-        raise Unsupported(f"GGUF RoPE scaling {kind!r} is not supported")
-    return cfg
+    """An mlx-lm config.json dict from GGUF metadata, through the family's `Arch`."""
+    check_supported(header)
+    arch = archs.get(header.architecture)
+    meta = archs.Meta(header.metadata, header.architecture, frozenset(t.name for t in header.tensors), header.path)
+    return arch.make_config(meta)
 
 
 def parameter_count(header: Header) -> int:
@@ -290,136 +245,3 @@ def parameter_count(header: Header) -> int:
             n *= d
         total += n
     return total
-
-
-# ---- tokenizer -------------------------------------------------------------------------
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT4O_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-# tokenizer.ggml.pre -> split regex (llama.cpp's table, as transformers mirrors it).
-PRE_SPLITS = {
-    "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
-    "falcon3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT,
-    "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "megrez": _QWEN2_SPLIT,
-    "gpt-4o": _GPT4O_SPLIT, "llama4": _GPT4O_SPLIT,
-}
-CONTROL, USER_DEFINED, BYTE = 3, 4, 6  # tokenizer.ggml.token_type values
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (byte-level BPE's alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
-@dataclass(frozen=True)
-class TokenizerSpec:
-    tokenizer: Any              # tokenizers.Tokenizer
-    kind: str                   # "bpe" (byte-level) or "spm"
-    bos_token: str | None
-    eos_token: str | None
-    unk_token: str | None
-    pad_token: str | None
-    eos_token_ids: frozenset[int]
-    add_bos: bool
-    chat_template: str | None
-    special_ids: frozenset[int]
-
-
-def _merges_from_vocab(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
-    """SPM vocabularies without merges: every split into two in-vocab pieces, best score first."""
-    vocab = {t: i for i, t in enumerate(tokens)}
-    merges = []
-    for token, score in zip(tokens, scores, strict=False):
-        local = [(token[:i], token[i:], score) for i in range(1, len(token))
-                 if token[:i] in vocab and token[i:] in vocab]
-        local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
-        merges.extend(local)
-    merges.sort(key=lambda x: (x[2], len(x[0]), len(x[1])), reverse=True)
-    return [(a, b) for a, b, _ in merges]
-
-
-def build_tokenizer(meta: dict[str, Any]) -> TokenizerSpec:
-    """A `tokenizers.Tokenizer` equivalent to the GGUF's vocabulary (see module doc)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    kind = meta.get("tokenizer.ggml.model")
-    tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
-    if not tokens:
-        raise BadRequest("GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)")
-    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-
-    def tok_at(key: str) -> str | None:
-        i = meta.get(f"tokenizer.ggml.{key}")
-        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
-
-    bos, eos, unk, pad = (tok_at(k) for k in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"))
-    if kind == "gpt2":
-        alphabet = set(bytes_to_unicode().values())
-        spell = bytes_to_unicode()
-        # Tokens outside the byte alphabet are respelled (transformers does the same).
-        vocab = {(t if set(t) <= alphabet else "".join(spell[b] for b in t.encode())): i
-                 for i, t in enumerate(tokens)}
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
-        pre = meta.get("tokenizer.ggml.pre")
-        if pre == "smollm":  # llama.cpp and SmolLM's tokenizer.json: each digit alone, then gpt2's regex
-            tok.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-        elif pre in PRE_SPLITS:
-            tok.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(PRE_SPLITS[pre]), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        else:  # gpt2's own regex
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        tok.decoder = decoders.ByteLevel()
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-        control = [t for t, ty in zip(tokens, types, strict=False) if ty == CONTROL and set(t) <= alphabet]
-        out_kind = "bpe"
-    elif kind == "llama":
-        vocab = {t: i for i, t in enumerate(tokens)}
-        merges_raw = meta.get("tokenizer.ggml.merges")
-        if merges_raw:
-            merges = [tuple(m.split(" ", 1)) for m in merges_raw]
-        else:
-            merges = _merges_from_vocab(tokens, list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)))
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True,
-                                   unk_token=unk, ignore_merges=False))
-        prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
-                                                     split=False)
-        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-        if prefix:
-            steps.append(decoders.Strip(" ", 1, 0))
-        tok.decoder = decoders.Sequence(steps)
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", True))
-        control = [t for t, ty in zip(tokens, types, strict=False) if ty == CONTROL]
-        out_kind = "spm"
-    else:
-        raise Unsupported(f"GGUF tokenizer type {kind!r} is not supported (gpt2 and llama are)")
-    if control:
-        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-    user = [t for t, ty in zip(tokens, types, strict=False) if ty == USER_DEFINED and t in vocab]
-    if user:
-        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
-    bos_id = meta.get("tokenizer.ggml.bos_token_id")
-    if add_bos and bos is not None:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(bos_id))])
-    eos_ids = {int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                                      "tokenizer.ggml.eom_token_id") if isinstance(meta.get(k), int)}
-    special = {i for i, ty in enumerate(types) if ty == CONTROL}
-    return TokenizerSpec(tok, out_kind, bos, eos, unk, pad, frozenset(eos_ids), add_bos,
-                         meta.get("tokenizer.chat_template"), frozenset(special))

@@ -1,0 +1,42 @@
+"""GGUF architectures onto mlx-lm's model classes: one module per family, one registry.
+
+Each family module (`llama`, `qwen2`, `qwen3`, `qwen3moe`, `gemma2`, `gemma3`, `phi3`,
+`granite`, `olmo2`, `starcoder2`, `gpt_oss`, `deepseek2`) defines `ARCH`, an `Arch` saying which mlx-lm class the
+family runs on, how its metadata becomes that class's config, how its tensor names map,
+and which of llama.cpp's conversion quirks the engine must undo (Q/K row permutation, norm
+offsets, `rope_freqs`, MLA's split kv_b). `get(name)` looks one up by `general.architecture`. Adding a family
+means adding one module and one line below. Pure: never imports mlx or reads files.
+"""
+
+from __future__ import annotations
+
+from mlxlite.errors import Unsupported
+from mlxlite.formats.archs import (
+    deepseek2,
+    gemma2,
+    gemma3,
+    gpt_oss,
+    granite,
+    llama,
+    olmo2,
+    phi3,
+    qwen2,
+    qwen3,
+    qwen3moe,
+    starcoder2,
+)
+from mlxlite.formats.archs.base import Arch, Meta
+
+FAMILIES = (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, olmo2, starcoder2, gpt_oss, deepseek2)
+REGISTRY: dict[str, Arch] = {name: family.ARCH for family in FAMILIES for name in family.ARCH.names}
+
+
+def get(name: str) -> Arch:
+    """The `Arch` for a `general.architecture` value, or `Unsupported` listing those we run."""
+    if name not in REGISTRY:
+        raise Unsupported(f"GGUF architecture {name or '(none)'!r} is not supported "
+                          f"(supported: {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[name]
+
+
+__all__ = ["Arch", "Meta", "REGISTRY", "get"]

@@ -1,0 +1,133 @@
+"""Every GGUF family we run, end to end: a tiny random model of the family is written as
+llama.cpp writes it (tests/arch_models.py), imported into the store, loaded by the runner,
+and its logits compared with transformers' forward pass of the same weights.
+
+The reference is independent of our loader: where transformers' own GGUF reader knows the
+family (llama, qwen2/3, qwen3moe, gemma2/3, phi3, starcoder2) the reference model holds the
+tensors *that reader* takes from the file (its names, Q/K un-permute, norm offsets, `gguf`'s
+dequantization); for granite, olmo2, gpt-oss and deepseek2 (whose llama.cpp layouts transformers'
+reader does not know) it holds the values the converter wrote, un-transformed.
+Both sides compute in float32 from identical values, so only summation order differs:
+measured <= 3e-5 on logits up to ~30, against 1e-3 allowed here. A wrong name, permutation,
+norm offset, scale or soft-cap moves logits by whole units.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.arch_models import FAMILIES, QTYPES, make_family, torch_logits, transformers_reference
+
+pytest.importorskip("torch", reason="the reference is transformers' forward pass")
+pytest.importorskip("gguf", reason="the tiny files are written by the gguf package")
+
+# A prompt longer than gemma3's tiny sliding window (4), so the window is exercised.
+IDS = [5, 17, 100, 3, 42, 7, 250, 1, 9, 60, 61, 62, 300, 11]
+TOLERANCE = {
+    # mlx-lm's starcoder2 uses exact GELU where transformers and llama.cpp use its tanh
+    # approximation: measured 3.4e-3 on logits ~14. Still far below a mapping error.
+    "starcoder2": 2e-2,
+}
+CASES = [(name, q) for name in FAMILIES for q in QTYPES]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache: dict = {}
+
+    def get(name: str, qtype: str):
+        if (name, qtype) not in cache:
+            cache[name, qtype] = make_family(name, qtype, tmp_path_factory.mktemp(f"{name}-{qtype}"))
+        return cache[name, qtype]
+
+    return get
+
+
+def _reference_logits(name: str, b) -> np.ndarray:
+    held = torch_logits(b.reference, IDS)
+    if not FAMILIES[name].transformers_gguf:
+        return held
+    theirs = torch_logits(transformers_reference(b), IDS)
+    # transformers' reader and our test converter agree on what the file holds.
+    assert np.abs(theirs - held).max() < 1e-5
+    return theirs
+
+
+@pytest.mark.parametrize(("name", "qtype"), CASES)
+def test_gguf_family_logits_match_transformers(store, built, name, qtype, monkeypatch):
+    import mlx.core as mx
+
+    from mlxlite.engine import runner
+    from mlxlite.store.importers import import_path
+
+    b = built(name, qtype)
+    ref = _reference_logits(name, b)
+    import_path(store, b.path, f"tiny-{name}")
+    loaded = runner.load(store, store.resolve(f"tiny-{name}"))
+    try:
+        assert loaded.info["architecture"] == FAMILIES[name].arch
+        ours = np.array(loaded.model(mx.array(IDS)[None])[0])
+        assert np.abs(ours - ref).max() < TOLERANCE.get(name, 1e-3)
+        assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    finally:
+        runner.unload(loaded)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3moe", "gemma3", "gpt-oss"])
+def test_quantized_families_stay_packed_on_the_quantized_path(store, built, name, monkeypatch):
+    """With float32 off, Q4_0 weights (experts included) stay packed and still match."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mlxlite.engine import runner
+    from mlxlite.store.importers import import_path
+
+    monkeypatch.setenv("MLXLITE_FLOAT32_ON_CPU", "0")
+    b = built(name, "Q4_0")
+    import_path(store, b.path, f"tiny-{name}-q")
+    loaded = runner.load(store, store.resolve(f"tiny-{name}-q"))
+    try:
+        assert loaded.info["weights"] == "quantized"
+        layer = loaded.model.model.layers[0]
+        assert isinstance(layer.self_attn.o_proj, nn.QuantizedLinear) and layer.self_attn.o_proj.bits == 4
+        experts = {"qwen3moe": lambda: layer.mlp.switch_mlp.gate_proj, "gpt-oss": lambda: layer.mlp.experts.down_proj}
+        if name in experts:
+            assert type(experts[name]()).__name__ == "QuantizedSwitchLinear"
+        ours = np.array(loaded.model(mx.array(IDS)[None])[0])
+        # quantized_matmul sums in another order than a float32 matmul: measured ~1e-5.
+        assert np.abs(ours - torch_logits(b.reference, IDS)).max() < 1e-3
+    finally:
+        runner.unload(loaded)
+
+
+def test_float32_budget_counts_every_expert_of_a_stacked_tensor(built):
+    """The CPU float32 decision must see a MoE model's real size: a [experts, rows, cols]
+    packed stack is experts * rows * cols floats, not experts * cols."""
+    import mlx.core as mx
+
+    from mlxlite.engine import gguf as engine_gguf
+
+    raw = mx.load(str(built("qwen3moe", "Q4_0").path))
+    packed = {k: v for k, v in raw.items() if k.startswith("blk.1.ffn_up_exps.")}
+    stack = packed["blk.1.ffn_up_exps.weight"]
+    dense = mx.dequantize(stack, packed["blk.1.ffn_up_exps.scales"], packed["blk.1.ffn_up_exps.biases"],
+                          group_size=32, bits=4)
+    assert stack.ndim == 3 and engine_gguf.float32_bytes(packed) == dense.size * 4
+
+
+def test_gemma3_files_with_an_inline_vision_tower_load_as_text(built):
+    """Ollama's gemma3 files carry the vision tower (`v.*`, `mm.*`) inline; the text model skips it."""
+    import mlx.core as mx
+
+    from mlxlite.engine import gguf as engine_gguf
+    from mlxlite.formats import gguf
+
+    b = built("gemma3", "F32")
+    header = gguf.read_gguf(b.path)
+    raw = mx.load(str(b.path))
+    raw["v.blk.0.attn_k.weight"] = mx.zeros((8, 8))
+    raw["mm.input_projection.weight"] = mx.zeros((8, 8))
+    weights = engine_gguf.to_mlx_names(raw, header, gguf.model_config(header))
+    assert "model.layers.0.self_attn.q_norm.weight" in weights
+    assert not any(k.startswith(("v.", "mm.")) or ".v." in k for k in weights)

@@ -1,0 +1,145 @@
+"""The per-family GGUF maps (formats/archs): metadata -> mlx-lm config, names, refusals.
+
+The end-to-end proof (logits against transformers) is tests/engine/test_gguf_archs.py; these
+pin the metadata rules that the tiny models cannot reach (real-size switches such as Gemma's
+27B query scaling, YaRN keys) and the clear refusals.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mlxlite.errors import BadRequest, Unsupported
+from mlxlite.formats import archs, gguf
+
+
+def _header(arch: str, tensors: tuple[str, ...] = (), **keys) -> gguf.Header:
+    meta = {"general.architecture": arch, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a"] * 100}
+    base = {"embedding_length": 2048, "block_count": 4, "feed_forward_length": 8192, "attention.head_count": 8,
+            "attention.head_count_kv": 2, "context_length": 8192}
+    meta.update({f"{arch}.{k}": v for k, v in {**base, **keys}.items()})
+    return gguf.Header("x.gguf", 3, meta, tuple(gguf.TensorInfo(t, (1,), 0, 0) for t in tensors))
+
+
+def test_every_family_is_registered_by_its_gguf_name():
+    assert set(archs.REGISTRY) == {"llama", "mistral", "smollm", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3",
+                                   "phi3", "granite", "olmo2", "starcoder2", "gpt-oss", "deepseek2"}
+    with pytest.raises(Unsupported, match=r"'mamba' is not supported \(supported: deepseek2, gemma2, gemma3"):
+        archs.get("mamba")
+
+
+def test_gemma_query_scaling_follows_llama_cpp_by_model_size():
+    """llama.cpp scales queries by 1/sqrt(head_dim), except Gemma 2 27B (46 layers) and
+    Gemma 3 27B (62 layers), which use hidden/heads (HF's query_pre_attn_scalar 144 and 168)."""
+    g2_9b = gguf.model_config(_header("gemma2", block_count=42, embedding_length=3584, **{"attention.head_count": 16,
+                                                                                        "attention.key_length": 256}))
+    g2_27b = gguf.model_config(_header("gemma2", block_count=46, embedding_length=4608, **{"attention.head_count": 32,
+                                                                                         "attention.key_length": 128}))
+    g3_27b = gguf.model_config(_header("gemma3", block_count=62, embedding_length=5376, **{"attention.head_count": 32,
+                                                                                         "attention.key_length": 128}))
+    assert (g2_9b["query_pre_attn_scalar"], g2_27b["query_pre_attn_scalar"], g3_27b["query_pre_attn_scalar"]) == \
+        (256, 144, 168)
+    assert g2_9b["model_type"] == "gemma2" and g2_9b["final_logit_softcapping"] == 30.0
+    assert g3_27b["model_type"] == "gemma3_text" and g3_27b["rope_local_base_freq"] == 10000.0
+
+
+def test_gemma3_reads_linear_rope_scaling_and_window_keys():
+    cfg = gguf.model_config(_header("gemma3", **{"rope.scaling.type": "linear", "rope.scaling.factor": 8.0,
+                                                 "attention.sliding_window": 1024, "rope.freq_base": 1e6}))
+    assert cfg["rope_scaling"] == {"type": "linear", "factor": 8.0}
+    assert (cfg["sliding_window"], cfg["sliding_window_pattern"], cfg["rope_theta"]) == (1024, 6, 1e6)
+
+
+def test_gpt_oss_reads_yarn_experts_and_alternating_windows():
+    cfg = gguf.model_config(_header("gpt-oss", ("output.weight",), block_count=4, **{
+        "expert_count": 32, "expert_used_count": 4, "expert_feed_forward_length": 2880,
+        "attention.sliding_window": 128, "rope.scaling.type": "yarn", "rope.scaling.factor": 32.0,
+        "rope.scaling.original_context_length": 4096}))
+    assert cfg["model_type"] == "gpt_oss" and cfg["tie_word_embeddings"] is False
+    assert (cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["intermediate_size"]) == (32, 4, 2880)
+    assert cfg["layer_types"] == ["sliding_attention", "full_attention"] * 2
+    assert cfg["rope_scaling"] == {"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096}
+
+
+def test_family_names_map_exactly():
+    assert gguf.map_name("blk.2.attn_q_norm.weight", "qwen3") == "model.layers.2.self_attn.q_norm.weight"
+    assert gguf.map_name("blk.0.ffn_up_exps.scales", "qwen3moe") == "model.layers.0.mlp.switch_mlp.up_proj.scales"
+    assert gguf.map_name("blk.1.ffn_norm.weight", "gemma2") == "model.layers.1.pre_feedforward_layernorm.weight"
+    assert gguf.map_name("blk.1.ffn_norm.weight", "llama") == "model.layers.1.post_attention_layernorm.weight"
+    assert gguf.map_name("blk.0.attn_qkv.weight", "phi3") == "model.layers.0.self_attn.qkv_proj.weight"
+    assert gguf.map_name("blk.0.ffn_up.weight", "phi3") == "model.layers.0.mlp.gate_up_proj.weight"
+    assert gguf.map_name("blk.0.ffn_up.bias", "starcoder2") == "model.layers.0.mlp.c_fc.bias"
+    assert gguf.map_name("blk.0.post_ffw_norm.weight", "olmo2") == "model.layers.0.post_feedforward_layernorm.weight"
+    assert gguf.map_name("blk.3.attn_sinks.weight", "gpt-oss") == "model.layers.3.self_attn.sinks"
+    for arch, bad in (("olmo2", "blk.0.attn_norm.weight"), ("llama", "blk.0.attn_q_norm.weight"),
+                      ("starcoder2", "blk.0.ffn_gate.weight"), ("qwen3", "blk.0.attn_sinks.weight")):
+        with pytest.raises(Unsupported, match=f"in the {arch} family"):
+            gguf.map_name(bad, arch)
+
+
+def test_quirks_are_declared_per_family():
+    assert {n for n, a in archs.REGISTRY.items() if a.permute_qk} == {"llama", "mistral", "smollm", "granite"}
+    assert {n for n, a in archs.REGISTRY.items() if a.norm_offset} == {"gemma2", "gemma3"}
+    assert {n for n, a in archs.REGISTRY.items() if a.rope_freqs} == {"llama", "mistral", "smollm"}
+
+
+def test_rope_freqs_is_refused_where_the_family_has_no_use_for_it():
+    with pytest.raises(Unsupported, match="qwen3 with rope_freqs"):
+        gguf.check_supported(_header("qwen3", ("rope_freqs.weight",)))
+    gguf.check_supported(_header("llama", ("rope_freqs.weight",)))
+
+
+def test_phi3_longrope_and_unknown_scaling_are_refused_by_name():
+    with pytest.raises(Unsupported, match="LongRoPE"):
+        gguf.model_config(_header("phi3", ("rope_factors_long.weight",)))
+    with pytest.raises(Unsupported, match="RoPE scaling 'su'"):
+        gguf.model_config(_header("llama", **{"rope.scaling.type": "su", "rope.scaling.factor": 2.0}))
+
+
+def test_missing_dimensions_are_a_bad_request_naming_the_key():
+    h = _header("qwen3")
+    del h.metadata["qwen3.block_count"]
+    with pytest.raises(BadRequest, match="lacks qwen3.block_count"):
+        gguf.model_config(h)
+    moe = _header("qwen3moe", **{"expert_count": 8, "expert_used_count": 2})
+    with pytest.raises(BadRequest, match="expert_feed_forward_length"):
+        gguf.model_config(moe)
+
+
+def _deepseek(**keys) -> gguf.Header:
+    dims = {"attention.head_count": 16, "attention.head_count_kv": 1, "attention.key_length": 576,
+            "attention.value_length": 512, "attention.key_length_mla": 192, "attention.value_length_mla": 128,
+            "rope.dimension_count": 64, "attention.kv_lora_rank": 512, "expert_count": 64, "expert_used_count": 6,
+            "expert_shared_count": 2, "expert_feed_forward_length": 1408, "leading_dense_block_count": 1,
+            "expert_weights_scale": 1.0, "expert_gating_func": 1}
+    return _header("deepseek2", ("output.weight",), **{**dims, **keys})
+
+
+def test_deepseek2_reads_mla_sizes_experts_and_yarn_mscale():
+    """V2-Lite's shape, with the head sizes llama.cpp's MLA files state under *_mla."""
+    cfg = gguf.model_config(_deepseek(**{"rope.scaling.type": "yarn", "rope.scaling.factor": 40.0,
+                                         "rope.scaling.original_context_length": 4096,
+                                         "rope.scaling.yarn_log_multiplier": 0.0707}))
+    assert cfg["model_type"] == "deepseek_v2" and cfg["q_lora_rank"] is None
+    assert (cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]) == \
+        (128, 64, 128, 512)
+    assert (cfg["n_routed_experts"], cfg["n_shared_experts"], cfg["num_experts_per_tok"]) == (64, 2, 6)
+    assert cfg["first_k_dense_replace"] == 1 and cfg["topk_method"] == "greedy"
+    assert cfg["rope_scaling"]["factor"] == 40.0 and cfg["rope_scaling"]["mscale_all_dim"] == pytest.approx(0.707)
+    old = gguf.model_config(_deepseek(**{"attention.key_length": 192, "attention.value_length": 128,
+                                         "attention.key_length_mla": 0, "attention.value_length_mla": 0}))
+    assert (old["qk_nope_head_dim"], old["v_head_dim"]) == (128, 128)  # files from before the MLA split
+
+
+def test_deepseek_v3_routing_is_refused_by_name():
+    with pytest.raises(Unsupported, match="sigmoid expert routing"):
+        gguf.model_config(_deepseek(expert_gating_func=2))
+    h = _deepseek()
+    v3 = gguf.Header(h.path, 3, h.metadata, (*h.tensors, gguf.TensorInfo("blk.3.exp_probs_b.bias", (64,), 0, 0)))
+    with pytest.raises(Unsupported, match="DeepSeek-V3"):
+        gguf.model_config(v3)
+
+
+def test_gemma3_reads_ollamas_rope_base_names_too():
+    cfg = gguf.model_config(_header("gemma3", **{"rope.global.freq_base": 1e6, "rope.local.freq_base": 5000.0}))
+    assert (cfg["rope_theta"], cfg["rope_local_base_freq"]) == (1e6, 5000.0)
