@@ -8,7 +8,8 @@ family's `Arch` (`formats/archs/`), applied here by `to_mlx_names` and `build_mo
 rows un-permuted back to the Hugging Face layout (llama.cpp permuted them for GGML's
 interleaved RoPE) so mlx-lm's default RoPE applies; norm offsets subtracted (gemma);
 DeepSeek's split k_b/v_b joined back into kv_b_proj; tensors the text model never reads
-skipped; a `rope_freqs` tensor turned into the layers' RoPE (llama3 scaling). With
+skipped; a `rope_freqs` tensor turned into the layers' RoPE (llama3 scaling). Encoder
+families (bert, nomic-bert) are built by `encoder.build_encoder` instead, dequantized. With
 `dequantize` (CPU, fits the budget) quantized weights become float32 at load; otherwise
 they stay quantized and, on CPU, scales are float32 anyway (float16 quantized matmul on
 CPU is ~45x slower).
@@ -23,6 +24,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxlite.engine.encoder import build_encoder
 from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.formats import archs, gguf
 
@@ -137,6 +139,16 @@ def _apply_rope_freqs(model: nn.Module, config: dict, factors: mx.array) -> None
         layer.self_attn.rope = FactorRoPE(dims, float(config["rope_theta"]), factors)
 
 
+def dequantize_all(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Every packed module's weight as float32, in place (its scales and biases dropped)."""
+    for prefix, b in quantized_bits(weights).items():
+        scales = weights.pop(f"{prefix}.scales").astype(mx.float32)
+        biases = weights.pop(f"{prefix}.biases").astype(mx.float32)
+        weights[f"{prefix}.weight"] = mx.dequantize(weights[f"{prefix}.weight"], scales, biases,
+                                                    group_size=32, bits=b)
+    return weights
+
+
 def build_model(config: dict, weights: dict[str, mx.array], *, dequantize: bool, on_cpu: bool) -> nn.Module:
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     model = module.Model(module.ModelArgs.from_dict(config))
@@ -145,11 +157,7 @@ def build_model(config: dict, weights: dict[str, mx.array], *, dequantize: bool,
         weights = model.sanitize(weights)
     bits = quantized_bits(weights)
     if dequantize:
-        for prefix, b in bits.items():
-            scales = weights.pop(f"{prefix}.scales").astype(mx.float32)
-            biases = weights.pop(f"{prefix}.biases").astype(mx.float32)
-            weights[f"{prefix}.weight"] = mx.dequantize(weights[f"{prefix}.weight"], scales, biases,
-                                                        group_size=32, bits=b)
+        dequantize_all(weights)
     elif bits:
         nn.quantize(model, class_predicate=lambda p, m: (
             {"group_size": 32, "bits": bits[p]} if p in bits else False))
@@ -190,7 +198,10 @@ def load_gguf(path: Path, *, on_cpu: bool, float32: bool, budget: int) -> tuple[
     config = gguf.model_config(header)  # Unsupported names the architecture / type
     spec = gguf.build_tokenizer(header.metadata)
     weights = read_weights(path, header, config)
-    dequantize = float32 and float32_bytes(weights) <= budget
-    model = build_model(config, weights, dequantize=dequantize, on_cpu=on_cpu)
+    if archs.get(header.architecture).encoder:  # bert family: our encoder, float32 (small models)
+        model, dequantize = build_encoder(config, dequantize_all(weights)), True
+    else:
+        dequantize = float32 and float32_bytes(weights) <= budget
+        model = build_model(config, weights, dequantize=dequantize, on_cpu=on_cpu)
     config["_dequantized"] = dequantize
     return model, build_tokenizer(spec), spec, header, config

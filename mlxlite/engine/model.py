@@ -10,7 +10,8 @@ Contract:
     show it: its bytes, or a special token's name).
   - Per-sequence building blocks shared by `runner.generate` and `batch.Decoder`:
     `context_window`, `new_cache`, `prefill` (chunked, cancellable between chunks) and
-    `check_prompt` (empty or too long for num_ctx is a `BadRequest`, unless truncating).
+    `check_prompt` (empty or too long for num_ctx is a `BadRequest`, unless truncating; so
+    is any prompt to an embedding-only model, `info["capabilities"] == ["embedding"]`).
 Called on the scheduler's MLX thread only.
 """
 
@@ -32,7 +33,7 @@ from mlxlite.engine import blas
 from mlxlite.engine.gguf import load_gguf
 from mlxlite.engine.text import token_table
 from mlxlite.errors import BadRequest, IntegrityError, MlxliteError, Unsupported
-from mlxlite.formats import templates
+from mlxlite.formats import archs, templates
 from mlxlite.options import Options
 from mlxlite.store import (
     MEDIA_GGUF,
@@ -182,6 +183,8 @@ def load(store: Store, entry: ModelEntry) -> Loaded:
             eos_ids = frozenset(spec.eos_token_ids) | frozenset(tokenizer.eos_token_ids)
             info.setdefault("format", "gguf")
             info["architecture"] = header.architecture
+            if archs.is_encoder(header.architecture):
+                info["capabilities"] = ["embedding"]
         else:
             model, tokenizer, cfg, dequantized, view = _load_safetensors(store, entry, f32)
             text_cfg = cfg.get("text_config") or {}
@@ -236,6 +239,11 @@ def unload(loaded: Loaded) -> None:
     loaded.table = []
     gc.collect()
     mx.clear_cache()
+
+
+def is_embedding_only(loaded: Loaded) -> bool:
+    """An encoder (bert family): it embeds and never generates."""
+    return loaded.info.get("capabilities") == ["embedding"]
 
 
 # ---- tokens -------------------------------------------------------------------------------
@@ -299,6 +307,8 @@ def prefill(loaded: Loaded, tokens: list[int], cache: list[Any], step: int,
 
 
 def check_prompt(loaded: Loaded, prompt: list[int], num_ctx: int, options: Options, truncate: bool) -> list[int]:
+    if is_embedding_only(loaded):
+        raise BadRequest(f"model '{loaded.name}' is an embedding model and does not generate")
     if not prompt:
         raise BadRequest("the prompt is empty")
     if len(prompt) < num_ctx:

@@ -12,7 +12,8 @@ Contract:
     step and their logprobs (computed only then).
     A prompt that is empty, or longer than num_ctx without `truncate`, is a `BadRequest`
     before any work.
-  - `embed(loaded, texts, truncate)` -> one normalized vector per text.
+  - `embed(loaded, texts, truncate)` -> one normalized vector per text (bert-family
+    encoders pool as their GGUF says; a generate request to one is a `BadRequest`).
   - `decoder(loaded, max_batch, keep_caches)`: continuous batching (`batch.Decoder`), whose
     sequences produce what `generate` would alone; `cache_nbytes`, `cache_prefix`,
     `save_cache`, `load_cache` for the scheduler's prefix cache.
@@ -31,6 +32,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlxlite.engine.batch import Decoder, cache_nbytes, cache_prefix, load_cache, save_cache
+from mlxlite.engine.encoder import Encoder
 from mlxlite.engine.model import (
     Loaded,
     alternatives,
@@ -174,7 +176,10 @@ def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel:
 
 # ---- embeddings ---------------------------------------------------------------------------
 def embed(loaded: Loaded, texts: list[str], truncate: bool = True) -> list[list[float]]:
-    """Mean-pooled, L2-normalized final hidden states (after the final norm, before lm_head)."""
+    """One L2-normalized vector per text: an encoder's own pooling (bert family), else the
+    mean of a decoder's final hidden states (after the final norm, before lm_head)."""
+    if isinstance(loaded.model, Encoder):
+        return _encode(loaded, texts, truncate)
     inner = getattr(loaded.model, "model", None)
     if inner is None or not callable(inner):
         raise Unsupported(f"model '{loaded.name}' does not expose hidden states for embeddings")
@@ -191,6 +196,36 @@ def embed(loaded: Loaded, texts: list[str], truncate: bool = True) -> list[list[
         pooled = hidden[0].mean(axis=0)
         pooled = pooled / mx.maximum(mx.linalg.norm(pooled), 1e-12)
         out.append(pooled.tolist())
+    return out
+
+
+ENCODE_BATCH_TOKENS = 8192  # padded tokens per encoder forward pass (bounds its memory)
+
+
+def _encode(loaded: Loaded, texts: list[str], truncate: bool) -> list[list[float]]:
+    """Encoder embeddings, inputs of similar length batched together (padding is masked)."""
+    batch_ids = []
+    for text in texts:
+        if not isinstance(text, str):
+            raise BadRequest("input must be a string or a list of strings")
+        ids = tokenize(loaded, text)
+        if len(ids) > loaded.context_length:
+            if not truncate:
+                raise BadRequest(f"input is {len(ids)} tokens, longer than the context length {loaded.context_length}")
+            ids = ids[: loaded.context_length - 1] + ids[-1:]  # keep the closing [SEP]
+        batch_ids.append(ids)
+    order = sorted(range(len(batch_ids)), key=lambda i: len(batch_ids[i]))
+    out: list[list[float]] = [[] for _ in texts]
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * len(batch_ids[order[end]]) <= ENCODE_BATCH_TOKENS:
+            end += 1
+        chunk = order[start:end]
+        vectors = loaded.model.pooled([batch_ids[i] for i in chunk]).tolist()
+        for i, vec in zip(chunk, vectors, strict=True):
+            out[i] = vec
+        start = end
     return out
 
 

@@ -11,7 +11,8 @@ Owns the three vocabulary kinds llama.cpp writes and how each splits text:
     `▁`, merges ranked by position (their scores do not follow merge order). Phi-3: the prefix
     space comes from a normalizer (before every text run), as its tokenizer.json does.
   - `bert`: WordPiece over llama.cpp's "phantom space" spelling (`▁word` starts a word, a bare
-    piece continues one), BERT's uncased normalizer, `[CLS] ... [SEP]` around every input.
+    piece continues one), BERT's normalizer (uncased, stripping accents, unless the
+    vocabulary has capitals), `[CLS] ... [SEP]` around every input.
 These follow transformers' GGUF tokenizer where it has the vocabulary kind (ids equal on hard
 strings; tests/formats/test_vocab.py), llama.cpp's tables where it does not (deepseek, tekken,
 smollm, bert). Pure: `tokenizers` is imported inside `build_tokenizer` (start-up time of the
@@ -129,6 +130,18 @@ def _phantom_to_wordpiece(token: str) -> str:
     return token[1:] if token.startswith("\u2581") else "##" + token
 
 
+def _uncased(meta: dict[str, Any], words: list[str]) -> bool:
+    """Whether a WordPiece vocabulary lowercases (and strips accents from) its input: the
+    metadata's say if it has one, else the vocabulary's (an uncased one has no capitals;
+    a cased one, bert-base-cased say, has thousands)."""
+    said = meta.get("tokenizer.ggml.lowercase", meta.get("tokenizer.ggml.do_lower_case"))
+    if isinstance(said, bool):
+        return said
+    plain = [w for w in words if not (w.startswith("[") and w.endswith("]"))]
+    capitals = sum(1 for w in plain if any(c.isupper() for c in w))
+    return capitals <= len(plain) // 200
+
+
 def build_tokenizer(meta: dict[str, Any]) -> TokenizerSpec:
     """A `tokenizers.Tokenizer` equivalent to the GGUF's vocabulary (see module doc)."""
     # lazy: `tokenizers` is only needed to run a model, not to list or show one
@@ -197,10 +210,13 @@ def build_tokenizer(meta: dict[str, Any]) -> TokenizerSpec:
         unk = tok_at("unknown_token_id")
         unk = _phantom_to_wordpiece(unk) if unk else "[UNK]"
         tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token=unk, max_input_chars_per_word=100))
-        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                    lowercase=_uncased(meta, tokens))
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")
         control = [_phantom_to_wordpiece(t) for t in control]
+        if unk in vocab and unk not in control:  # BERT's tokenizers match "[UNK]" in text as the token too
+            control.append(unk)
         bos = tokens[meta["tokenizer.ggml.cls_token_id"]] if isinstance(meta.get("tokenizer.ggml.cls_token_id"), int) \
             else bos
         sep_id = meta.get("tokenizer.ggml.seperator_token_id", meta.get("tokenizer.ggml.eos_token_id"))

@@ -23,7 +23,7 @@ from typing import Any
 from mlxlite import __version__
 from mlxlite import store as st
 from mlxlite.errors import MlxliteError
-from mlxlite.formats import gguf, thinking, tools
+from mlxlite.formats import archs, gguf, thinking, tools
 from mlxlite.modelfile import to_modelfile
 from mlxlite.sched import Done, Embedded, EmbedJob, GenerateJob, LoadJob, Ready, is_finish
 from mlxlite.server import wire
@@ -388,7 +388,10 @@ def show_model(store: Any, entry: Any, verbose: bool = False) -> dict:
         model_info.setdefault("general.parameter_count", info["parameter_count"])
     if info.get("context_length"):
         model_info.setdefault("general.context_length", info["context_length"])
-    capabilities = ["completion", "embedding"]
+    if archs.is_encoder(str(info.get("architecture") or "")):  # bert family: embeds, never generates
+        capabilities = ["embedding"]
+    else:
+        capabilities = ["completion", "embedding"]
     if template and "tools" in template:
         capabilities.append("tools")
     if thinking.supported_by(template):

@@ -23,8 +23,9 @@ def _header(arch: str, tensors: tuple[str, ...] = (), **keys) -> gguf.Header:
 
 def test_every_family_is_registered_by_its_gguf_name():
     assert set(archs.REGISTRY) == {"llama", "mistral", "smollm", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3",
-                                   "phi3", "granite", "olmo2", "starcoder2", "gpt-oss", "deepseek2"}
-    with pytest.raises(Unsupported, match=r"'mamba' is not supported \(supported: deepseek2, gemma2, gemma3"):
+                                   "phi3", "granite", "olmo2", "starcoder2", "gpt-oss", "deepseek2",
+                                   "bert", "nomic-bert"}
+    with pytest.raises(Unsupported, match=r"'mamba' is not supported \(supported: bert, deepseek2, gemma2"):
         archs.get("mamba")
 
 

@@ -1,7 +1,7 @@
 """GGUF architectures onto mlx-lm's model classes: one module per family, one registry.
 
 Each family module (`llama`, `qwen2`, `qwen3`, `qwen3moe`, `gemma2`, `gemma3`, `phi3`,
-`granite`, `olmo2`, `starcoder2`, `gpt_oss`, `deepseek2`) defines `ARCH`, an `Arch` saying which mlx-lm class the
+`granite`, `olmo2`, `starcoder2`, `gpt_oss`, `deepseek2`; the encoders `bert` and `nomic_bert`) defines `ARCH`, an `Arch` saying which mlx-lm class the
 family runs on, how its metadata becomes that class's config, how its tensor names map,
 and which of llama.cpp's conversion quirks the engine must undo (Q/K row permutation, norm
 offsets, `rope_freqs`, MLA's split kv_b). `get(name)` looks one up by `general.architecture`. Adding a family
@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from mlxlite.errors import Unsupported
 from mlxlite.formats.archs import (
+    bert,
     deepseek2,
     gemma2,
     gemma3,
     gpt_oss,
     granite,
     llama,
+    nomic_bert,
     olmo2,
     phi3,
     qwen2,
@@ -27,7 +29,8 @@ from mlxlite.formats.archs import (
 )
 from mlxlite.formats.archs.base import Arch, Meta
 
-FAMILIES = (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, olmo2, starcoder2, gpt_oss, deepseek2)
+FAMILIES = (llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, olmo2, starcoder2, gpt_oss, deepseek2,
+            bert, nomic_bert)
 REGISTRY: dict[str, Arch] = {name: family.ARCH for family in FAMILIES for name in family.ARCH.names}
 
 
@@ -39,4 +42,12 @@ def get(name: str) -> Arch:
     return REGISTRY[name]
 
 
-__all__ = ["Arch", "Meta", "REGISTRY", "get"]
+
+
+def is_encoder(name: str) -> bool:
+    """True for an embedding-only family (bert, nomic-bert): it embeds and never generates."""
+    arch = REGISTRY.get(name)
+    return arch is not None and arch.encoder
+
+
+__all__ = ["Arch", "Meta", "REGISTRY", "get", "is_encoder"]

@@ -64,6 +64,7 @@ class Arch:
     bare: frozenset[str] = frozenset()  # parts whose mlx-lm parameter has no `.weight` (gpt-oss sinks)
     mla_kv_b: bool = False      # llama.cpp split MLA's kv_b_proj into k_b (transposed) + v_b: join them
     skip: tuple[str, ...] = ()  # tensor name prefixes the text model never reads (a vision tower)
+    encoder: bool = False       # an embedding encoder (bert family): built by engine/encoder.py, never generates
 
     def reads(self, name: str) -> bool:
         return not name.startswith(self.skip)
