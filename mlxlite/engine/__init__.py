@@ -4,8 +4,9 @@ Owns running a stored model on MLX. `runner` is the engine's protocol, what the 
 drives on its one MLX thread: `load`, `generate`, `embed`, `decoder` (continuous batching)
 and the prefix-cache pieces; behind it `model` (a loaded model and its primitives),
 `batch` (the batch decoder), `gguf` (GGUF tensors onto mlx-lm's model classes),
-`sampling` (Ollama's options as mlx-lm samplers, the constraint mask) and `text` (token
-bytes, streaming text, stop strings). `blas` preloads OpenBLAS and must run before mlx
+`encoder` (the bert-family embedding encoder mlx-lm lacks), `sampling` (Ollama's
+options as mlx-lm samplers, the constraint mask) and `text` (token bytes, streaming
+text, stop strings). `blas` preloads OpenBLAS and must run before mlx
 is imported, so this file imports nothing: callers import the module they need
 (`from mlxlite.engine import runner`), and importing the wing costs nothing. Never imports
 the scheduler, the server or the CLI.

@@ -330,3 +330,27 @@ def test_pooling_and_sizes_come_from_metadata_and_rank_is_refused():
     assert gguf.model_config(header("bert", 1))["rope_theta"] is None
     with pytest.raises(Unsupported, match="pooling type 4"):
         gguf.model_config(header("bert", 4))
+
+
+def test_quantized_encoder_weights_are_dequantized_at_load(store, tmp_path):
+    """Q8_0 and Q4_0 matrices (Hugging Face's quantized embedders) become float32 exactly as
+    ggml dequantizes them."""
+    from mlxlite.engine import runner
+    from tests.tiny_models import quantize_rows
+
+    words, vocab_txt = wordpiece(tmp_path, cased=False)
+    weights = nomic_weights(len(words), seed=2)
+    tensors = []
+    for i, (name, w) in enumerate(weights.items()):
+        if w.ndim == 2 and w.shape[1] % 32 == 0 and name != "token_types.weight":
+            data, weights[name] = quantize_rows(w, ("Q8_0", "Q4_0")[i % 2])
+            tensors.append((name, w.shape, ("Q8_0", "Q4_0")[i % 2], data))
+        else:
+            tensors.append(f32(name, w))
+    path = tmp_path / "nomic-q.gguf"
+    write_gguf(path, {**arch_meta("nomic-bert", 1, len(words)), **tokenizer_meta(words)}, tensors)
+    loaded = load(store, path, "nomic-q")
+    hf = hf_tokenizer(vocab_txt, cased=False)
+    for text, vec in zip(TEXTS, runner.embed(loaded, TEXTS), strict=True):
+        ref = pool(nomic_reference(weights, hf(text)["input_ids"]), "mean")
+        np.testing.assert_allclose(vec, ref, atol=5e-5)
