@@ -4,9 +4,10 @@ Contract:
   - `parse(text) -> Template` checks the whole text (Go's grammar: `{{ }}` actions with `-`
     trim markers, `{{/* comments */}}`, pipelines with `|`, `$x :=`/`$x =` variables, field
     chains, `if`/`else if`/`else`/`end`, `range` (with `$i, $x :=`, `else`, `break`,
-    `continue`), `with`, `define`/`template`/`block`). Functions are checked at parse time:
-    Go's builtins (`and or not len index slice eq ne lt le gt ge print printf println html
-    js urlquery call`) and Ollama's (`json currentDate yesterdayDate toTypeScriptType`).
+    `continue`), `with` (and Go 1.23's `else with`), `define`/`template`/`block`). Functions
+    are checked at parse time: Go's builtins (`and or not len index slice eq ne lt le gt ge
+    print printf println html js urlquery call`) and Ollama's (`json currentDate
+    yesterdayDate toTypeScriptType`). Ranges over an int run as Go 1.22 runs them.
   - `Template.execute(data, funcs=True) -> str` runs it the way Go's `text/template` does with
     `missingkey=zero`: Go's truthiness, comparisons and `fmt` printing (`<no value>` for a
     missing map key, `map[k:v]`, `[a b]`, floats as `%v` writes them), maps ranged in key
@@ -1145,7 +1146,7 @@ class _Parser:
             return BreakNode(tok.pos) if typ == BREAK else ContinueNode(tok.pos)
         if typ == ELSE:
             peek = self.peek_non_space()
-            if peek.typ == IF:
+            if peek.typ in (IF, WITH):      # `else if`, and Go 1.23's `else with`
                 return _ElseNode(peek.pos)
             return _ElseNode(self.expect(RIGHT_DELIM, "else").pos)
         if typ == END:
@@ -1175,6 +1176,9 @@ class _Parser:
                 if allow_else_if and self.peek().typ == IF:
                     self.next()
                     else_list = ListNode(nxt.pos, [IfNode(*self.control(True, "if"))])
+                elif context == "with" and self.peek().typ == WITH:
+                    self.next()
+                    else_list = ListNode(nxt.pos, [WithNode(*self.control(False, "with"))])
                 else:
                     else_list, nxt = self.item_list()
                     if not isinstance(nxt, _EndNode):

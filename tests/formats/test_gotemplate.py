@@ -212,3 +212,11 @@ def test_go_values_print_and_marshal_as_go_does():
     assert gotemplate.go_float(1e-7, "json") == "1e-7" and gotemplate.go_float(0.5, "json") == "0.5"
     assert gotemplate.go_json({"b": [1, 2.0, None], "a": "<&>"}) == '{"a":"\\u003c\\u0026\\u003e","b":[1,2,null]}'
     assert gotemplate.fmt_v({"b": [1.0, None], "a": True}) == "map[a:true b:[1 <nil>]]"
+
+
+def test_newer_go_forms_that_ollamas_go_accepts():
+    """Go 1.22 ranges over an int, Go 1.23 has `else with`; Ollama builds with a newer Go than
+    Debian's reference, so these are checked here rather than against it."""
+    t = gotemplate.parse("{{ with .a }}A{{ else with .b }}B{{ . }}{{ else }}C{{ end }}")
+    assert t.execute({"b": "x"}) == "Bx" and t.execute({}) == "C" and t.execute({"a": 1}) == "A"
+    assert gotemplate.parse("{{ range 3 }}{{ . }}{{ end }}|{{ range $i := 2 }}{{ $i }}{{ end }}").execute({}) == "012|01"
