@@ -32,7 +32,7 @@ class FakeTemplate:
     supports_tools = True
 
     def render(self, messages: list[dict], tools: list | None = None,
-               add_generation_prompt: bool = True) -> str:
+               add_generation_prompt: bool = True, **extra: Any) -> str:
         out = "".join(f"<|{m.get('role')}|>{m.get('content') or ''}\n" for m in messages)
         if tools:
             out = f"<|tools|>{len(tools)}\n" + out

@@ -176,56 +176,6 @@ def check_images(value: Any, key: str = "images") -> None:
 
 
 # ---- prompts -------------------------------------------------------------------------
-_GO_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
-
-
-def render_go_template(template: str, system: str, prompt: str) -> str:
-    """The subset of Ollama's Go templates that simple prompts use: `{{ .System }}`,
-    `{{ .Prompt }}`, `{{ .Response }}`, `{{ if .X }}...{{ else }}...{{ end }}`, trim markers."""
-    values = {".System": system, ".Prompt": prompt, ".Response": ""}
-    out: list[str] = []
-    stack: list[tuple[bool, bool]] = []      # (parent emitting, this branch emitting)
-    emitting = True
-    pos = 0
-    for m in _GO_ACTION.finditer(template):
-        text = template[pos:m.start()]
-        if m.group(1):
-            text = text.rstrip()
-        if out and out[-1] is None:          # previous action had a right trim marker
-            out.pop()
-            text = text.lstrip()
-        if emitting:
-            out.append(text)
-        action = m.group(2)
-        pos = m.end()
-        if action in values:
-            if emitting:
-                out.append(values[action])
-        elif action.startswith("if ") and action[3:].strip() in values:
-            cond = bool(values[action[3:].strip()])
-            stack.append((emitting, cond))
-            emitting = emitting and cond
-        elif action == "else" and stack:
-            parent, cond = stack[-1]
-            emitting = parent and not cond
-        elif action == "end" and stack:
-            emitting = stack.pop()[0]
-        else:
-            raise BadRequest(f"unsupported template action {{{{ {action} }}}}: only .System, .Prompt, "
-                             ".Response, if/else/end are supported")
-        if m.group(3):
-            out.append(None)  # type: ignore[arg-type]
-    if stack:
-        raise BadRequest("invalid template: unclosed {{ if }}")
-    tail = template[pos:]
-    if out and out[-1] is None:
-        out.pop()
-        tail = tail.lstrip()
-    if emitting:
-        out.append(tail)
-    return "".join(out)
-
-
 def supports_tools(template: Any) -> bool:
     flag = getattr(template, "supports_tools", None)
     if flag is not None:
@@ -262,6 +212,7 @@ class PromptSpec:
     tools: tuple[dict, ...] | None = None
     context: tuple[int, ...] = ()
     fit: bool = True                            # chat: drop the oldest messages to fit num_ctx
+    think: bool | None = None                   # False when the request says `think: false`
 
     def to_tokens(self, loaded: Any, engine: Any) -> list[int]:
         return self.render(loaded, engine).tokens
@@ -279,16 +230,26 @@ class PromptSpec:
         if self.raw:
             return Rendered(context + engine.tokenize(loaded, self.prompt or "", add_special=not context))
         system = self.system if self.system is not None else loaded.system
+        template = loaded.template
         if self.template is not None:
-            text = render_go_template(self.template, system or "", self.prompt or "")
+            # Ollama's generate with its own template: [system,] (the model's MESSAGEs unless
+            # there is a context,) the prompt, run as an Ollama Go template.
+            template = templates.GoChatTemplate(self.template, name="request")
+            turns = [] if context else list(loaded.messages or [])
+            chat = [*([{"role": "system", "content": system}] if system else []), *turns,
+                    {"role": "user", "content": self.prompt or ""}]
+            text = template.render(chat, tools=[], think=self.think)
             return Rendered(context + engine.tokenize(loaded, text, add_special=not context))
         chat = list(self.messages) if self.messages is not None else [{"role": "user", "content": self.prompt or ""}]
         messages = templates.assemble(chat, system, loaded.messages)
-        tools = list(self.tools) if self.tools else None
+        # /api/generate passes an empty tool list, /api/chat the request's (Ollama's rule).
+        tools = list(self.tools) if self.tools else ([] if self.messages is None else None)
+        extra = {"think": self.think} if self.think is not None else {}
+        add_special = bool(getattr(template, "add_special", False)) and not context
 
         def tokens_of(msgs: list[dict]) -> list[int]:
-            text = loaded.template.render(msgs, tools=tools, add_generation_prompt=True)
-            return context + engine.tokenize(loaded, text, add_special=False)
+            text = template.render(msgs, tools=tools, add_generation_prompt=True, **extra)
+            return context + engine.tokenize(loaded, text, add_special=add_special)
 
         tokens = tokens_of(messages)
         if self.messages is None or not self.fit or num_ctx <= 0 or len(tokens) < num_ctx:
@@ -381,7 +342,7 @@ def parse_generate(body: Any) -> GenerateRequest:
         raise BadRequest("raw mode does not support template, system, or context")
     check_images(body.get("images"))
     spec = PromptSpec(name.display, prompt=prompt, system=system, template=template or None, raw=raw,
-                      suffix=suffix, context=tuple(context))
+                      suffix=suffix, context=tuple(context), think=False if body.get("think") is False else None)
     return GenerateRequest(name, spec, empty=not prompt and not suffix and not context, **common)
 
 
@@ -434,7 +395,8 @@ def parse_chat(body: Any) -> GenerateRequest:
     tools = parse_tools(body.get("tools"))
     # A chat is fitted to num_ctx by whole messages (Ollama's default); `truncate: false`
     # refuses instead. The engine never cuts a chat's tokens.
-    spec = PromptSpec(name.display, messages=parsed, tools=tools, fit=body.get("truncate") is not False)
+    spec = PromptSpec(name.display, messages=parsed, tools=tools, fit=body.get("truncate") is not False,
+                      think=False if body.get("think") is False else None)
     common["truncate"] = False
     return GenerateRequest(name, spec, empty=not parsed, **common)
 

@@ -137,16 +137,24 @@ def test_chat_truncate_false_refuses_and_the_engine_never_cuts_a_chat():
     ("{{ if .System }}<s>{{ .System }}</s>{{ end }}{{ .Prompt }}", "<s>S</s>P"),
     ("A  {{- .Prompt -}}  B", "APB"),
     ("{{ if .Response }}x{{ else }}y{{ end }}", "y"),
+    # What the old subset refused: a request's own template is Ollama's whole language.
+    ("{{ range .Messages }}<{{ .Role }}>{{ .Content }}{{ end }}|{{ len .Messages }}", "<system>S<user>P|2"),
+    ("{{ $n := 0 }}{{ with .System }}{{ printf \"%q\" . }}{{ end }}", '"S"'),
 ])
-def test_go_template_subset(template, expected):
-    assert api.render_go_template(template, "S", "P") == expected
+def test_a_request_template_runs_as_ollama_runs_it(template, expected):
+    engine, loaded = FakeEngine(), FakeLoaded("m", "sha256:0")
+    spec = api.PromptSpec("m", prompt="P", system="S", template=template)
+    tokens = spec.to_tokens(loaded, engine)
+    assert engine.detokenize(loaded, tokens) == expected
+    assert tokens[0] == 256     # the tokenizer adds BOS: Ollama's templates never write it
 
 
-def test_go_template_rejects_what_it_cannot_run():
-    with pytest.raises(BadRequest, match="unsupported template action"):
-        api.render_go_template("{{ range .Messages }}{{ end }}", "", "")
-    with pytest.raises(BadRequest, match="unclosed"):
-        api.render_go_template("{{ if .System }}", "", "")
+def test_a_request_template_that_does_not_parse_or_run_is_a_400():
+    engine, loaded = FakeEngine(), FakeLoaded("m", "sha256:0")
+    with pytest.raises(BadRequest, match=r"invalid Go template \(request\): unexpected EOF"):
+        api.PromptSpec("m", prompt="P", template="{{ if .System }}").to_tokens(loaded, engine)
+    with pytest.raises(BadRequest, match=r"failed to render: template: 1:13: .*can't evaluate field X in type"):
+        api.PromptSpec("m", prompt="P", template="{{ .Messages.X }}").to_tokens(loaded, engine)
 
 
 def test_embed_inputs_and_resize():
