@@ -5,7 +5,7 @@ every template x data set must match byte for byte.
 
 The templates in gotemplates/ are written out from Ollama's library (they are public text,
 reproduced as faithfully as memory allows, not downloaded); harmony-style.gotmpl is written
-for these tests."""
+for these tests; smollm2 is the catalog's own (`remote/catalog.py`)."""
 
 import json
 from pathlib import Path
@@ -14,10 +14,12 @@ import pytest
 
 from mlxlite.errors import BadRequest
 from mlxlite.formats import GoChatTemplate
+from mlxlite.remote.catalog import SMOLLM2_TEMPLATE
 
 HERE = Path(__file__).resolve().parent / "gotemplates"
 # A file's last newline is the file's, not the template's (library templates end without one).
 TEMPLATES = {p.stem: p.read_text(encoding="utf-8").removesuffix("\n") for p in sorted(HERE.glob("*.gotmpl"))}
+TEMPLATES["smollm2-catalog"] = SMOLLM2_TEMPLATE
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather <in> a city & its \"area\"",
