@@ -1839,7 +1839,7 @@ class _State:
             return self.eval_call(dot, _Func(receiver.go_string), node, name, args, final)
         has_args = (args is not None and len(args) > 1) or final is not _NOFINAL
         if isinstance(receiver, GoStruct):
-            if any(name == n for n, _ in receiver._go_fields):
+            if name in receiver.__dict__ and not name.startswith("_"):
                 if has_args:
                     raise self.error(f"{name} has arguments but cannot be invoked as function")
                 return getattr(receiver, name)

@@ -199,7 +199,17 @@ def _properties(d: Any) -> _Properties:
 
 
 class _JSONStruct(GoStruct):
-    """A struct whose String() is its JSON, as Ollama's tool types print."""
+    """A struct whose String() is its JSON, as Ollama's api.Tool, api.ToolFunction and
+    api.ToolFunctionParameters print. (The copies Ollama's template package makes of the
+    last two lost their String() in 2026, so there `{{ .Function }}` prints Go's struct
+    syntax; qwen2.5-style templates were written for the JSON, which is what they get here.)
+    Tool values never change once built, so the JSON is made once."""
+
+    def go_json(self) -> str:
+        text = self.__dict__.get("_json")
+        if text is None:
+            text = self.__dict__["_json"] = GoStruct.go_json(self)
+        return text
 
     def go_string(self) -> str:
         return self.go_json()
@@ -327,6 +337,7 @@ class GoChatTemplate:
             parsed = parsed.with_response()     # Ollama appends {{ .Response }} to such templates
         self._template = parsed
         self._cut: gotemplate.Template | None = None
+        self._tools: tuple[Any, _Tools] | None = None   # (the request's list, its Go values)
         self.source = source
         self.name = name
         self.legacy = "messages" not in names
@@ -338,6 +349,18 @@ class GoChatTemplate:
         except gotemplate.TemplateError as exc:
             raise BadRequest(f"chat template ({self.name}) failed to render: {exc}") from None
 
+    def _go_tools(self, tools: list[dict] | None) -> _Tools:
+        """The tools as Go values; the same list again (a chat fitted to num_ctx renders a
+        few times) reuses them."""
+        if tools is None:
+            return _Tools(nil=True)
+        cached = self._tools
+        if cached is not None and cached[0] is tools:
+            return cached[1]
+        converted = _Tools([_tool(t) for t in tools])
+        self._tools = (tools, converted)
+        return converted
+
     def render(self, messages: list[dict], tools: list[dict] | None = None,
                add_generation_prompt: bool = True, think: bool | str | None = None, **extra: Any) -> str:
         """The prompt for `messages`: Go templates always end where the reply starts, so
@@ -348,8 +371,7 @@ class GoChatTemplate:
         flags = _think_values(think)
         if not self.legacy:
             return self._run(self._template, {
-                "System": system, "Messages": GoList(collated, nil=not collated),
-                "Tools": _Tools([_tool(t) for t in tools], nil=False) if tools is not None else _Tools(nil=True),
+                "System": system, "Messages": GoList(collated, nil=not collated), "Tools": self._go_tools(tools),
                 "Response": "", **flags})
         out: list[str] = []
         pair = {"System": "", "Prompt": "", "Response": ""}
