@@ -213,10 +213,11 @@ def load(store: Store, entry: ModelEntry) -> Loaded:
     if source is None:
         fallback = templates.fallback(backend.get_vocab(with_added_tokens=True))
         template = templates.ChatTemplate(templates.FALLBACKS[fallback], bos_token=bos, eos_token=eos, name=fallback)
+    elif source is template_override:       # the model's template layer
+        template = templates.load(source, go=go_template, bos_token=bos, eos_token=eos,
+                                  name="ollama" if go_template else "modelfile")
     else:
-        go = go_template and source is template_override
-        template = templates.load(source, go=go, bos_token=bos, eos_token=eos,
-                                  name=("ollama" if go else "modelfile") if source is template_override else "model")
+        template = templates.ChatTemplate(source, bos_token=bos, eos_token=eos, name="model")
     info.update({
         "context_length": context_length,
         "device": "cpu" if on_cpu() else "gpu",

@@ -723,6 +723,9 @@ class _LexFail(Exception):
 _ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\"}
 
 
+_HEX_ESCAPE = {"x": 2, "u": 4, "U": 8}
+
+
 def _unquote(token: str) -> str:
     """strconv.Unquote of a "..." or `...` string, or a '...' character constant."""
     if token.startswith("`"):
@@ -742,20 +745,18 @@ def _unquote(token: str) -> str:
             out += _ESCAPES[e].encode()
         elif e == quote:
             out += e.encode()
-        elif e == "x" and re.fullmatch(r"[0-9a-fA-F]{2}", body[i:i + 2]):
-            out.append(int(body[i:i + 2], 16))
-            i += 2
-        elif e in "01234567" and e and re.fullmatch(r"[0-7]{2}", body[i:i + 2]) and int(e + body[i:i + 2], 8) < 256:
+        elif e in _HEX_ESCAPE and re.fullmatch("[0-9a-fA-F]{%d}" % _HEX_ESCAPE[e], body[i:i + _HEX_ESCAPE[e]]):  # noqa: UP031
+            code = int(body[i:i + _HEX_ESCAPE[e]], 16)
+            i += _HEX_ESCAPE[e]
+            if e == "x":
+                out.append(code)            # a byte, as Go strings hold bytes
+            elif code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+                raise ValueError("invalid syntax")
+            else:
+                out += chr(code).encode()
+        elif e and e in "01234567" and re.fullmatch("[0-7]{2}", body[i:i + 2]) and int(e + body[i:i + 2], 8) < 256:
             out.append(int(e + body[i:i + 2], 8))
             i += 2
-        elif e in ("u", "U") and re.fullmatch("[0-9a-fA-F]+", body[i:i + (4 if e == "u" else 8)] or "-") \
-                and len(body[i:i + (4 if e == "u" else 8)]) == (4 if e == "u" else 8):
-            n = 4 if e == "u" else 8
-            code = int(body[i:i + n], 16)
-            if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
-                raise ValueError("invalid syntax")
-            out += chr(code).encode()
-            i += n
         else:
             raise ValueError("invalid syntax")
     return out.decode("utf-8", "replace")

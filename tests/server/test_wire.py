@@ -149,6 +149,17 @@ def test_a_request_template_runs_as_ollama_runs_it(template, expected):
     assert tokens[0] == 256     # the tokenizer adds BOS: Ollama's templates never write it
 
 
+def test_a_models_go_template_gets_the_tokenizers_bos_and_a_jinja_one_does_not():
+    from mlxlite.formats import GoChatTemplate
+
+    engine, loaded = FakeEngine(), FakeLoaded("m", "sha256:0")
+    spec = api.PromptSpec("m", messages=({"role": "user", "content": "hi"},))
+    assert spec.to_tokens(loaded, engine)[0] != 256         # the fake's template stands for jinja: it writes BOS
+    loaded.template = GoChatTemplate("{{ range .Messages }}{{ .Content }}{{ end }}")
+    assert spec.to_tokens(loaded, engine) == [256, *b"hi"]
+    assert api.PromptSpec("m", messages=spec.messages, context=(7,)).to_tokens(loaded, engine) == [7, *b"hi"]
+
+
 def test_a_request_template_that_does_not_parse_or_run_is_a_400():
     engine, loaded = FakeEngine(), FakeLoaded("m", "sha256:0")
     with pytest.raises(BadRequest, match=r"invalid Go template \(request\): unexpected EOF"):
