@@ -9,8 +9,9 @@ if [ "$(id -u)" != "0" ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; f
 if command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   # OpenBLAS makes MLX's CPU matmul ~30x faster; docker-registry and skopeo are real
-  # OCI peers for the pull/push and package tests; curl is the pull benchmark's baseline.
-  PACKAGES="libopenblas0-pthread docker-registry skopeo curl"
+  # OCI peers for the pull/push and package tests; curl is the pull benchmark's baseline;
+  # golang-go is Go's own text/template, the reference for Ollama's Go templates.
+  PACKAGES="libopenblas0-pthread docker-registry skopeo curl golang-go"
   if ! dpkg -s $PACKAGES >/dev/null 2>&1; then
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends $PACKAGES >/dev/null

@@ -103,7 +103,7 @@ class LocalBackend:
         options = loaded.defaults.merged(overrides)
         full = assemble(messages, loaded.system, loaded.messages)
         prompt = loaded.template.render(full, add_generation_prompt=True)
-        tokens = runner.tokenize(loaded, prompt, add_special=False)
+        tokens = runner.tokenize(loaded, prompt, add_special=loaded.template.add_special)
         constraint = None
         if fmt is not None:
             from mlxlite.constrain import TokenConstraint  # lazy: numpy, for --format only

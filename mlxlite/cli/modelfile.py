@@ -14,7 +14,6 @@ from typing import Any
 from mlxlite.errors import BadRequest, MlxliteError
 from mlxlite.modelfile import (
     Modelfile,
-    Template,
     check,
     create,
     parse,
@@ -36,13 +35,6 @@ def _read_modelfile(path_text: str | None) -> tuple[Modelfile, Path]:
     return parse(data, source=str(path)), path.resolve().parent
 
 
-def _notes(mf: Modelfile, source: str) -> None:
-    for t in mf.instructions:
-        if isinstance(t, Template) and t.family:
-            print(f"note: {source}:{t.line}:{t.column}: Go template mapped to the {t.family} jinja template",
-                  flush=True)
-
-
 def _located(mf: Modelfile, source: str, exc: MlxliteError) -> MlxliteError:
     """A FROM problem found at create time, pointed at the FROM line."""
     if not str(exc).startswith("FROM "):
@@ -53,7 +45,6 @@ def _located(mf: Modelfile, source: str, exc: MlxliteError) -> MlxliteError:
 
 def cmd_create(args: Any) -> int:
     mf, base_dir = _read_modelfile(args.file)
-    _notes(mf, args.file)
     try:
         create(Store(), args.name, spec_from_modelfile(mf), base_dir=base_dir,
                say=lambda line: print(line, flush=True))
@@ -64,7 +55,6 @@ def cmd_create(args: Any) -> int:
 
 def cmd_validate(args: Any) -> int:
     mf, base_dir = _read_modelfile(args.file)
-    _notes(mf, args.file)
     try:
         summary = check(Store(), spec_from_modelfile(mf), base_dir)
     except MlxliteError as exc:

@@ -3,7 +3,9 @@
 Contract:
   - `load(store, entry) -> Loaded`: integrity first (`store.check_integrity`), then GGUF
     (`engine/gguf.py`) or safetensors through mlx-lm from `store.view(entry)`; the Modelfile
-    layers (params -> `defaults`, system, messages, jinja template override) are read.
+    layers (params -> `defaults`, system, messages) are read. The prompt template is the
+    model's template layer (an Ollama Go template, run as Go does, or jinja), else its own
+    jinja template, else a fallback that fits its vocabulary.
     On the CPU device quantized weights become float32 when that fits the memory budget
     (`float32_on_cpu`); activations, scales and norms are float32 on CPU.
   - `unload`, `tokenize`, `detokenize`, `token_bytes`, `token_piece` (a token as logprobs
@@ -38,9 +40,9 @@ from mlxlite.options import Options
 from mlxlite.store import (
     MEDIA_GGUF,
     MEDIA_MESSAGES,
+    MEDIA_OLLAMA_TEMPLATE,
     MEDIA_PARAMS,
     MEDIA_SYSTEM,
-    MEDIA_TEMPLATE,
     ModelEntry,
     Store,
 )
@@ -52,7 +54,7 @@ class Loaded:
     digest: str
     model: Any
     tokenizer: Any
-    template: templates.ChatTemplate
+    template: templates.ChatTemplate | templates.GoChatTemplate
     eos_token_ids: frozenset[int]
     context_length: int
     size_bytes: int
@@ -87,7 +89,15 @@ def _layer_text(store: Store, entry: ModelEntry, media: str) -> str | None:
     return store.read_blob(layers[-1].digest).decode("utf-8", errors="replace")
 
 
-def _modelfile_layers(store: Store, entry: ModelEntry) -> tuple[Options, str | None, list[dict], str | None]:
+def _template_layer(store: Store, entry: ModelEntry) -> tuple[str | None, bool]:
+    """(text, whether it is an Ollama Go template) of the model's template layer, if any."""
+    layer = entry.manifest.template_layer()
+    if layer is None:
+        return None, False
+    return store.read_blob(layer.digest).decode("utf-8", errors="replace"), layer.media_type == MEDIA_OLLAMA_TEMPLATE
+
+
+def _modelfile_layers(store: Store, entry: ModelEntry) -> tuple[Options, str | None, list[dict]]:
     display = entry.name.display
     defaults = Options()
     params = _layer_text(store, entry, MEDIA_PARAMS)
@@ -110,7 +120,7 @@ def _modelfile_layers(store: Store, entry: ModelEntry) -> tuple[Options, str | N
             raise IntegrityError(f"model '{display}' has a messages layer that is not JSON") from None
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise IntegrityError(f"model '{display}' has a messages layer that is not a list of messages")
-    return defaults, system, messages, _layer_text(store, entry, MEDIA_TEMPLATE)
+    return defaults, system, messages
 
 
 def _gguf_layer(entry: ModelEntry) -> Any:
@@ -167,7 +177,8 @@ def load(store: Store, entry: ModelEntry) -> Loaded:
     """Load a stored model into MLX (see module doc). Errors are MlxliteErrors."""
     store.check_integrity(entry)
     info = dict(store.read_config(entry))
-    defaults, system, messages, template_override = _modelfile_layers(store, entry)
+    defaults, system, messages = _modelfile_layers(store, entry)
+    template_override, go_template = _template_layer(store, entry)
     f32 = bool(config.get("float32_on_cpu")) and on_cpu()
     layer = _gguf_layer(entry)
     try:
@@ -206,9 +217,11 @@ def load(store: Store, entry: ModelEntry) -> Loaded:
     if source is None:
         fallback = templates.fallback(backend.get_vocab(with_added_tokens=True))
         template = templates.ChatTemplate(templates.FALLBACKS[fallback], bos_token=bos, eos_token=eos, name=fallback)
+    elif source is template_override:       # the model's template layer
+        template = templates.load(source, go=go_template, bos_token=bos, eos_token=eos,
+                                  name="ollama" if go_template else "modelfile")
     else:
-        template = templates.ChatTemplate(source, bos_token=bos, eos_token=eos,
-                                          name="modelfile" if template_override else "model")
+        template = templates.ChatTemplate(source, bos_token=bos, eos_token=eos, name="model")
     info.update({
         "context_length": context_length,
         "device": "cpu" if on_cpu() else "gpu",

@@ -1,7 +1,7 @@
 """The modelfile wing: Ollama's Modelfile syntax, and building models from layers.
 
-Owns `parser` (the Modelfile grammar: instructions with their positions, quoting, Go
-template detection) and `build` (`create`: a base model's layers, shared, plus small new
+Owns `parser` (the Modelfile grammar: instructions with their positions, quoting, templates
+checked as Go or jinja) and `build` (`create`: a base model's layers, shared, plus small new
 layers for parameters, system, template, messages, licenses; `check` is `validate`;
 `to_modelfile` prints what `create` takes back to the same digest). Used by the CLI
 (`create`, `validate`, `show --modelfile`) and `/api/create`. Imports the store, the
@@ -30,7 +30,7 @@ from mlxlite.modelfile.parser import (
     Requires,
     System,
     Template,
-    convert_template,
+    check_template,
     is_semver,
     parse,
 )
@@ -38,5 +38,5 @@ from mlxlite.modelfile.parser import (
 __all__ = [
     "CreateSpec", "check", "create", "read_messages", "read_params", "settings_of", "spec_from_modelfile",
     "to_modelfile", "From", "License", "Message", "Modelfile", "ModelfileError", "Parameter", "Requires",
-    "System", "Template", "parse", "normalize_params", "convert_template", "is_semver",
+    "System", "Template", "parse", "normalize_params", "check_template", "is_semver",
 ]

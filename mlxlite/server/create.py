@@ -137,7 +137,7 @@ def spec_from_request(body: Any) -> tuple[names.ModelName, modelfile.CreateSpec,
     if template is not None:
         if not isinstance(template, str):
             raise BadRequest("invalid 'template': expected a string")
-        template = modelfile.convert_template(template)[0]
+        modelfile.check_template(template)     # Go (kept as Ollama's layer) or jinja; a 400 if neither parses
     system = body.get("system")
     if system is not None and not isinstance(system, str):
         raise BadRequest("invalid 'system': expected a string")

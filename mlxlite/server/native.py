@@ -23,7 +23,7 @@ from typing import Any
 from mlxlite import __version__
 from mlxlite import store as st
 from mlxlite.errors import MlxliteError
-from mlxlite.formats import archs, gguf, thinking, tools
+from mlxlite.formats import archs, gguf, templates, thinking, tools
 from mlxlite.modelfile import to_modelfile
 from mlxlite.sched import Done, Embedded, EmbedJob, GenerateJob, LoadJob, Ready, is_finish
 from mlxlite.server import wire
@@ -350,9 +350,23 @@ def _gguf_meta(store: Any, entry: Any) -> dict:
     return gguf.read_metadata(store.blob_path(layer.digest))
 
 
+def _capabilities(template: str | None, go: bool) -> list[str]:
+    """What the model's template lets it do: "tools" when it renders the request's tools."""
+    capabilities = ["completion", "embedding"]
+    if template:
+        try:
+            if templates.load(template, go=go, name="show").supports_tools:
+                capabilities.append("tools")
+        except MlxliteError:
+            pass        # a template that does not parse renders nothing
+    return capabilities
+
+
 def show_model(store: Any, entry: Any, verbose: bool = False) -> dict:
     info = store.read_config(entry)
-    template = _layer_text(store, entry, st.MEDIA_TEMPLATE, st.MEDIA_OLLAMA_TEMPLATE)
+    own = entry.manifest.template_layer()
+    template = store.read_blob(own.digest).decode("utf-8", "replace") if own is not None else None
+    go = bool(template) and own.media_type == st.MEDIA_OLLAMA_TEMPLATE
     system = _layer_text(store, entry, st.MEDIA_SYSTEM)
     license_ = _layer_text(store, entry, st.MEDIA_LICENSE)
     params: dict = {}
@@ -391,9 +405,7 @@ def show_model(store: Any, entry: Any, verbose: bool = False) -> dict:
     if archs.is_encoder(str(info.get("architecture") or "")):  # bert family: embeds, never generates
         capabilities = ["embedding"]
     else:
-        capabilities = ["completion", "embedding"]
-    if template and "tools" in template:
-        capabilities.append("tools")
+        capabilities = _capabilities(template, go)
     if thinking.supported_by(template):
         capabilities.append("thinking")
     return {

@@ -198,58 +198,6 @@ def check_images(value: Any, key: str = "images") -> None:
 
 
 # ---- prompts -------------------------------------------------------------------------
-_GO_ACTION = re.compile(r"\{\{(-?)\s*(.*?)\s*(-?)\}\}", re.S)
-
-
-def render_go_template(template: str, system: str, prompt: str, think: bool | str | None = None) -> str:
-    """The subset of Ollama's Go templates that simple prompts use: `{{ .System }}`,
-    `{{ .Prompt }}`, `{{ .Response }}`, `{{ .Think }}`, `{{ .ThinkLevel }}`,
-    `{{ if .X }}...{{ else }}...{{ end }}`, trim markers."""
-    values = {".System": system, ".Prompt": prompt, ".Response": "", ".Think": "true" if think else "",
-              ".ThinkLevel": think if isinstance(think, str) else ""}
-    out: list[str] = []
-    stack: list[tuple[bool, bool]] = []      # (parent emitting, this branch emitting)
-    emitting = True
-    pos = 0
-    for m in _GO_ACTION.finditer(template):
-        text = template[pos:m.start()]
-        if m.group(1):
-            text = text.rstrip()
-        if out and out[-1] is None:          # previous action had a right trim marker
-            out.pop()
-            text = text.lstrip()
-        if emitting:
-            out.append(text)
-        action = m.group(2)
-        pos = m.end()
-        if action in values:
-            if emitting:
-                out.append(values[action])
-        elif action.startswith("if ") and action[3:].strip() in values:
-            cond = bool(values[action[3:].strip()])
-            stack.append((emitting, cond))
-            emitting = emitting and cond
-        elif action == "else" and stack:
-            parent, cond = stack[-1]
-            emitting = parent and not cond
-        elif action == "end" and stack:
-            emitting = stack.pop()[0]
-        else:
-            raise BadRequest(f"unsupported template action {{{{ {action} }}}}: only .System, .Prompt, "
-                             ".Response, .Think, .ThinkLevel, if/else/end are supported")
-        if m.group(3):
-            out.append(None)  # type: ignore[arg-type]
-    if stack:
-        raise BadRequest("invalid template: unclosed {{ if }}")
-    tail = template[pos:]
-    if out and out[-1] is None:
-        out.pop()
-        tail = tail.lstrip()
-    if emitting:
-        out.append(tail)
-    return "".join(out)
-
-
 def supports_tools(template: Any) -> bool:
     flag = getattr(template, "supports_tools", None)
     if flag is not None:
@@ -323,28 +271,39 @@ class PromptSpec:
         if self.raw:
             return Rendered(context + engine.tokenize(loaded, self.prompt or "", add_special=not context))
         system = self.system if self.system is not None else loaded.system
+        template = loaded.template
         if self.template is not None:
-            # As in Ollama, `.Think` is true by default for a model that can think.
-            text = render_go_template(self.template, system or "", self.prompt or "",
-                                      think if think is not None else thinks)
+            # Ollama's generate with its own template: [system,] (the model's MESSAGEs unless
+            # there is a context,) the prompt, run as an Ollama Go template. As in Ollama,
+            # `.Think` is true by default for a model that can think.
+            template = templates.GoChatTemplate(self.template, name="request")
+            turns = [] if context else list(loaded.messages or [])
+            chat = [*([{"role": "system", "content": system}] if system else []), *turns,
+                    {"role": "user", "content": self.prompt or ""}]
+            text = template.render(chat, tools=[], think=think if think is not None else thinks)
             return Rendered(context + engine.tokenize(loaded, text, add_special=not context),
                             thinking=_opens_thinking(text))
         chat = list(self.messages) if self.messages is not None else [{"role": "user", "content": self.prompt or ""}]
         # Jinja templates (Qwen3's) read an earlier turn's reasoning as `reasoning_content`.
         messages = [{**m, "reasoning_content": m["thinking"]} if m.get("thinking") and "reasoning_content" not in m
                     else m for m in templates.assemble(chat, system, loaded.messages)]
-        tools = list(self.tools) if self.tools else None
+        # /api/generate passes an empty tool list, /api/chat the request's (Ollama's rule).
+        tools = list(self.tools) if self.tools else ([] if self.messages is None else None)
         extra: dict[str, Any] = {}
         if think is not None and thinks:
-            extra["enable_thinking"] = bool(think)
-            if isinstance(think, str):
-                extra["reasoning_effort"] = think
+            if isinstance(template, templates.GoChatTemplate):
+                extra["think"] = think                  # Ollama's templates read .Think, .ThinkLevel
+            else:
+                extra["enable_thinking"] = bool(think)  # jinja: Qwen3's, SmolLM3's
+                if isinstance(think, str):
+                    extra["reasoning_effort"] = think
+        add_special = bool(getattr(template, "add_special", False)) and not context
         opened = [False]
 
         def tokens_of(msgs: list[dict]) -> list[int]:
-            text = loaded.template.render(msgs, tools=tools, add_generation_prompt=True, **extra)
+            text = template.render(msgs, tools=tools, add_generation_prompt=True, **extra)
             opened[0] = _opens_thinking(text)
-            return context + engine.tokenize(loaded, text, add_special=False)
+            return context + engine.tokenize(loaded, text, add_special=add_special)
 
         tokens = tokens_of(messages)
         if self.messages is None or not self.fit or num_ctx <= 0 or len(tokens) < num_ctx:

@@ -98,7 +98,9 @@ def gguf_config(path: Path) -> dict:
 
 
 def import_gguf(store: Store, path: Path, name: ModelName | None = None, say: Say = _quiet,
-                known_digest: str | None = None) -> ImportResult:
+                known_digest: str | None = None, extra: tuple[tuple[str, bytes], ...] = ()) -> ImportResult:
+    """Import a GGUF file; `extra` are small layers (media type, bytes) to add after it,
+    such as a template the catalog gives the model."""
     path = Path(path)
     name = name or default_name(path)
     config = gguf_config(path)
@@ -106,8 +108,9 @@ def import_gguf(store: Store, path: Path, name: ModelName | None = None, say: Sa
     with store.writing():
         collector = _Collector(store)
         layer = collector.add(path, title, MEDIA_GGUF, known_digest)
+        small = [Layer(media, store.put_bytes(data), len(data)) for media, data in extra]
         config["files"] = [title]
-        return _commit(store, name, config, [layer], collector)
+        return _commit(store, name, config, [layer, *small], collector)
 
 
 # ---- model directories ---------------------------------------------------------------

@@ -129,6 +129,11 @@ class Manifest:
     def layers_of(self, media_type: str) -> list[Layer]:
         return [layer for layer in self.layers if layer.media_type == media_type]
 
+    def template_layer(self) -> Layer | None:
+        """The model's prompt template: the last jinja or Ollama Go template layer."""
+        found = [layer for layer in self.layers if layer.media_type in (MEDIA_TEMPLATE, MEDIA_OLLAMA_TEMPLATE)]
+        return found[-1] if found else None
+
 
 def build_manifest(config_layer: Layer, layers: list[Layer]) -> bytes:
     """Canonical OCI manifest bytes (sorted keys, so the same model -> same digest)."""

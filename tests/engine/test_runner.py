@@ -15,6 +15,7 @@ from mlxlite import options as options_mod
 from mlxlite.errors import BadRequest, IntegrityError, Unsupported
 from mlxlite.store import (
     MEDIA_MESSAGES,
+    MEDIA_OLLAMA_TEMPLATE,
     MEDIA_PARAMS,
     MEDIA_SYSTEM,
     MEDIA_TEMPLATE,
@@ -220,6 +221,28 @@ def test_modelfile_layers_set_defaults_system_messages_and_template(store, tiny_
     finally:
         runner.unload(loaded)
 
+
+
+def test_an_ollama_go_template_layer_is_run_as_go_runs_it(store, tiny_gguf_model):
+    from mlxlite.engine import runner
+    from mlxlite.server import wire
+
+    entry = store.resolve(tiny_gguf_model)
+    go = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+          "{{- if .Tools }}<|im_start|>tools\n{{ range .Tools }}{{ .Function.Name }} {{ end }}<|im_end|>\n{{ end -}}"
+          "<|im_start|>assistant\n")
+    layer = Layer(MEDIA_OLLAMA_TEMPLATE, store.put_bytes(go.encode()), len(go.encode()))
+    store.write_manifest("tiny-go", build_manifest(entry.manifest.config, [*entry.manifest.layers, layer]))
+    loaded = runner.load(store, store.resolve("tiny-go"))
+    try:
+        assert loaded.info["template"] == "ollama" and loaded.template.supports_tools
+        chat = ({"role": "user", "content": "hi"}, {"role": "user", "content": "there"})
+        text = loaded.template.render(list(chat), tools=[{"type": "function", "function": {"name": "f"}}])
+        assert text == "<|im_start|>user\nhi\n\nthere<|im_end|>\n<|im_start|>tools\nf <|im_end|>\n<|im_start|>assistant\n"
+        spec = wire.PromptSpec("tiny-go", messages=chat, tools=({"type": "function", "function": {"name": "f"}},))
+        assert spec.to_tokens(loaded, runner) == runner.tokenize(loaded, text, add_special=True)
+    finally:
+        runner.unload(loaded)
 
 def test_model_without_weights_is_a_clear_error(store):
     from mlxlite.engine import runner

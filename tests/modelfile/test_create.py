@@ -251,13 +251,29 @@ def test_from_errors_found_at_create_time_point_at_the_from_line(run_cli, tmp_pa
     assert code == 1 and ":1:1: FROM" in err and "comment must be on a line of its own" in err
 
 
-def test_go_template_mapping_is_announced(store, default_model, run_cli, tmp_path):
-    (tmp_path / "Modelfile").write_text(
-        'FROM smollm2:135m\nTEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n'
-        '{{ end }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n"""\n')
+GO_CHATML = ('{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n'
+             '{{ end }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n')
+
+
+def test_a_go_template_is_stored_as_written_as_ollama_stores_it(store, default_model, run_cli, tmp_path):
+    (tmp_path / "Modelfile").write_text(f'FROM smollm2:135m\nTEMPLATE """{GO_CHATML}"""\n')
     code, out, err = run_cli("create", "chatml", "-f", str(tmp_path / "Modelfile"))
     assert code == 0, err
-    assert out.startswith(f"note: {tmp_path / 'Modelfile'}:2:1: Go template mapped to the chatml jinja template")
+    entry = store.resolve("chatml")
+    (layer,) = entry.manifest.layers_of(st.MEDIA_OLLAMA_TEMPLATE)
+    assert store.read_blob(layer.digest).decode() == GO_CHATML      # no mapping: the text itself
+    assert not entry.manifest.layers_of(st.MEDIA_TEMPLATE)
+    assert cr.settings_of(store, entry).template == GO_CHATML
+    # show --modelfile prints it, and creating from that gives the same model back.
+    text = cr.to_modelfile(store, entry)
+    assert text.count("TEMPLATE") == 1 and f"FROM {default_model}@" in text
+    again, _ = _create(store, "chatml-again", text)
+    assert again.digest == entry.digest
+    # A jinja template over it replaces it, and a Go one over that jinja one replaces it back.
+    jinja, _ = _create(store, "jinja", 'FROM chatml\nTEMPLATE "{% for m in messages %}{{ m.content }}{% endfor %}"\n')
+    assert not jinja.manifest.layers_of(st.MEDIA_OLLAMA_TEMPLATE) and jinja.manifest.layers_of(st.MEDIA_TEMPLATE)
+    back, _ = _create(store, "back", f'FROM jinja\nTEMPLATE """{GO_CHATML}"""\n')
+    assert back.digest == entry.digest
 
 
 def test_from_a_catalog_name_fetches_the_base_first(store, default_gguf):

@@ -79,20 +79,28 @@ def test_mario_example_parses_as_ollama_reads_it():
     assert mf.instructions[-1] == System(mf.system, 8, 1)
 
 
-def test_show_output_example_maps_its_llama3_go_template_and_collects_stops():
+def test_show_output_example_keeps_its_llama3_go_template_and_collects_stops():
+    from mlxlite.formats import GoChatTemplate
+
     mf = modelfile.parse(SHOWN_LLAMA32)
     template = next(i for i in mf.instructions if isinstance(i, modelfile.Template))
-    assert template.family == "llama3" and template.line == 5
-    assert "{% for message in messages %}" in mf.template
+    assert template.go and template.line == 5
+    assert mf.template.startswith("{{ if .System }}<|start_header_id|>system") and mf.template.endswith("<|eot_id|>")
+    # Kept as written and run as Go: a legacy template, one pass per prompt/response pair.
+    prompt = GoChatTemplate(mf.template).render(
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}])
+    assert prompt == ("<|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|><|start_header_id|>user"
+                      "<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     assert mf.parameters["stop"] == ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                                      "<|reserved_special_token"]
 
 
-def test_chatml_go_template_maps_to_jinja_that_renders():
-    from mlxlite.formats import ChatTemplate
+def test_chatml_go_template_is_kept_and_renders_as_go_does():
+    from mlxlite.formats import GoChatTemplate
 
     mf = modelfile.parse(CHATML_TEMPLATE)
-    prompt = ChatTemplate(mf.template).render(
+    assert mf.template == CHATML_TEMPLATE.split('"""')[1]
+    prompt = GoChatTemplate(mf.template).render(
         [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}])
     assert prompt == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
@@ -207,8 +215,10 @@ BROKEN = [
     ("FROM x\nPARSER qwen3\n", 2, 1, "PARSER is not supported"),
     ("FROM x\nREQUIRES abc\n", 2, 10, "semantic version"),
     ("FROM x\nREQUIRES 1.2.3.4\n", 2, 10, "semantic version"),
-    ('FROM x\nTEMPLATE """### User:\n{{ .Prompt }}\n### Response:\n"""\n', 3, 1, "Go template"),
-    ('FROM x\nTEMPLATE {{ .Prompt }}\n', 2, 10, "Go template"),
+    ('FROM x\nTEMPLATE """### User:\n{{ .Prompt }\n### Response:\n"""\n', 3, 1, "Go template"),
+    ('FROM x\nTEMPLATE {{ .Prompt | nosuch }}\n', 2, 10, 'function "nosuch" not defined'),
+    ('FROM x\nTEMPLATE """{{ range .Messages }}\n{{ .Content }}\n{{ else if }}{{ end }}"""\n', 4, 1, "Go template"),
+    ('FROM x\nTEMPLATE """{{ .System }}\n{{ template "x" }}"""\n', 3, 1, "undefined template specified"),
     ('FROM x\nTEMPLATE """{% for m in messages %}\n{{ m.content }}\n{% endfor\n"""\n', 4, 1, "jinja"),
     ('FROM x\nTEMPLATE """{% if %}"""\n', 2, 10, "jinja"),
     ('FROM x\nTEMPLATE ""\n', 2, 10, "empty"),
@@ -239,10 +249,12 @@ def test_invalid_utf8_is_located():
     assert (info.value.line, info.value.column) == (2, 13)
 
 
-def test_go_template_errors_are_marked_unsupported():
+def test_go_templates_are_supported_and_only_unsupported_instructions_say_so():
+    mf = modelfile.parse('FROM x\nTEMPLATE "{{ .Prompt }}"\n')
+    assert mf.template == "{{ .Prompt }}" and mf.instructions[1].go
     with pytest.raises(ModelfileError) as info:
-        modelfile.parse('FROM x\nTEMPLATE "{{ .Prompt }}"\n')
-    assert info.value.unsupported
+        modelfile.parse('FROM x\nTEMPLATE "{{ .Prompt"\n')
+    assert not info.value.unsupported
     with pytest.raises(ModelfileError) as info:
         modelfile.parse("FROM x\nADAPTER a.gguf\n")
     assert info.value.unsupported

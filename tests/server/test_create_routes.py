@@ -86,14 +86,15 @@ def test_ollama_client_create_from_a_model(server, store, default_model):
     client = ollama.Client(host=server.url)
     result = client.create(model="quiz", from_=default_model, template=modelfile.parse(
         'FROM x\nTEMPLATE "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
-        '<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n"').instructions[1].original,
+        '<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n"').instructions[1].text,
         messages=[{"role": "user", "content": "Is Toronto in Canada?"}, {"role": "assistant", "content": "yes"}])
     assert result.status == "success"
     entry = store.resolve("quiz")
     assert entry.manifest.layers_of(st.MEDIA_GGUF) == store.resolve(default_model).manifest.layers_of(st.MEDIA_GGUF)
     settings = cr.settings_of(store, entry)
     assert settings.messages == (("user", "Is Toronto in Canada?"), ("assistant", "yes"))
-    assert "{% for message in messages %}" in settings.template  # the chatml Go template, mapped
+    assert settings.template.startswith("{{ if .System }}<|im_start|>system")  # Ollama's Go template, as sent
+    assert entry.manifest.layers_of(st.MEDIA_OLLAMA_TEMPLATE) and not entry.manifest.layers_of(st.MEDIA_TEMPLATE)
     shown = client.show("quiz")
     assert shown is not None
 
@@ -103,7 +104,7 @@ def test_ollama_client_create_from_a_model(server, store, default_model):
     ({"model": "x"}, 400, "neither"),
     ({"model": "x", "from": "smollm2:135m", "parameters": {"bogus": 1}}, 400, "unknown option"),
     ({"model": "x", "from": "smollm2:135m", "parameters": {"top_p": 5}}, 400, "outside"),
-    ({"model": "x", "from": "smollm2:135m", "template": "### User: {{ .Prompt }}"}, 400, "Go template"),
+    ({"model": "x", "from": "smollm2:135m", "template": "### User: {{ .Prompt }"}, 400, "Go template"),
     ({"model": "x", "from": "smollm2:135m", "quantize": "q4_K_M"}, 400, "quantize"),
     ({"model": "x", "from": "smollm2:135m", "adapters": {"a.gguf": "sha256:" + "1" * 64}}, 400, "adapters"),
     ({"model": "x", "files": {"m.gguf": "sha256:" + "1" * 64}}, 400, "was not uploaded"),

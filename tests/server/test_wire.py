@@ -119,9 +119,10 @@ def test_think_renders_the_template_accordingly_and_is_a_400_for_a_model_that_ca
         assert engine.detokenize(plain, lenient.tokens).endswith("<|assistant|>")
     assert api.PromptSpec("m", messages=chat, think=False).render(plain, engine).tokens
     assert plain.template.extras == [{}, {}, {}]         # nothing passed to a template that can't think
-    # A request's own Go template reads .Think (true by default for a model that can think).
+    # A request's own Go template reads .Think (true by default for a model that can think;
+    # a true think's .ThinkLevel is "medium", as Ollama's ThinkValue prints it).
     go = "{{ if .Think }}T{{ else }}F{{ end }}:{{ .ThinkLevel }}:{{ .Prompt }}"
-    for think, model, want in [(None, loaded, "T::p"), (False, loaded, "F::p"), ("low", loaded, "T:low:p"),
+    for think, model, want in [(None, loaded, "T:medium:p"), (False, loaded, "F::p"), ("low", loaded, "T:low:p"),
                                (None, plain, "F::p")]:
         tokens = api.PromptSpec("m", prompt="p", template=go, think=think).to_tokens(model, engine)
         assert engine.detokenize(model, tokens) == want
@@ -177,16 +178,35 @@ def test_chat_truncate_false_refuses_and_the_engine_never_cuts_a_chat():
     ("{{ if .System }}<s>{{ .System }}</s>{{ end }}{{ .Prompt }}", "<s>S</s>P"),
     ("A  {{- .Prompt -}}  B", "APB"),
     ("{{ if .Response }}x{{ else }}y{{ end }}", "y"),
+    # What the old subset refused: a request's own template is Ollama's whole language.
+    ("{{ range .Messages }}<{{ .Role }}>{{ .Content }}{{ end }}|{{ len .Messages }}", "<system>S<user>P|2"),
+    ("{{ $n := 0 }}{{ with .System }}{{ printf \"%q\" . }}{{ end }}", '"S"'),
 ])
-def test_go_template_subset(template, expected):
-    assert api.render_go_template(template, "S", "P") == expected
+def test_a_request_template_runs_as_ollama_runs_it(template, expected):
+    engine, loaded = FakeEngine(), FakeLoaded("m", "sha256:0")
+    spec = api.PromptSpec("m", prompt="P", system="S", template=template)
+    tokens = spec.to_tokens(loaded, engine)
+    assert engine.detokenize(loaded, tokens) == expected
+    assert tokens[0] == 256     # the tokenizer adds BOS: Ollama's templates never write it
 
 
-def test_go_template_rejects_what_it_cannot_run():
-    with pytest.raises(BadRequest, match="unsupported template action"):
-        api.render_go_template("{{ range .Messages }}{{ end }}", "", "")
-    with pytest.raises(BadRequest, match="unclosed"):
-        api.render_go_template("{{ if .System }}", "", "")
+def test_a_models_go_template_gets_the_tokenizers_bos_and_a_jinja_one_does_not():
+    from mlxlite.formats import GoChatTemplate
+
+    engine, loaded = FakeEngine(), FakeLoaded("m", "sha256:0")
+    spec = api.PromptSpec("m", messages=({"role": "user", "content": "hi"},))
+    assert spec.to_tokens(loaded, engine)[0] != 256         # the fake's template stands for jinja: it writes BOS
+    loaded.template = GoChatTemplate("{{ range .Messages }}{{ .Content }}{{ end }}")
+    assert spec.to_tokens(loaded, engine) == [256, *b"hi"]
+    assert api.PromptSpec("m", messages=spec.messages, context=(7,)).to_tokens(loaded, engine) == [7, *b"hi"]
+
+
+def test_a_request_template_that_does_not_parse_or_run_is_a_400():
+    engine, loaded = FakeEngine(), FakeLoaded("m", "sha256:0")
+    with pytest.raises(BadRequest, match=r"invalid Go template \(request\): unexpected EOF"):
+        api.PromptSpec("m", prompt="P", template="{{ if .System }}").to_tokens(loaded, engine)
+    with pytest.raises(BadRequest, match=r"failed to render: template: 1:13: .*can't evaluate field X in type"):
+        api.PromptSpec("m", prompt="P", template="{{ .Messages.X }}").to_tokens(loaded, engine)
 
 
 def test_embed_inputs_and_resize():
