@@ -12,6 +12,8 @@
 - `tiny_gguf_bad_arch`: a GGUF whose architecture is "mamba" (unsupported).
 - `tiny_qwen2_files`: {"gguf", "safetensors"}: a tiny qwen2 GGUF (q/k/v biases, no Q/K
   permutation) and the same network as an mlx-lm directory.
+- `tiny_kquant_gguf`: a tiny llama GGUF of random K-quant (and Q5_x, MXFP4, IQ4, BF16) blocks,
+  hidden size 256, written by `make_kquant_model` with `random_blocks`.
 - `tiny_gguf_model` / `tiny_safetensors_model`: the files imported into the test's store.
 """
 
@@ -44,7 +46,34 @@ CORPUS = [
 
 
 # ---- GGUF writing (the subset of the format our runner reads) ----------------------------
-GGML = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+GGML = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
+        "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ2_XXS": 16, "IQ4_NL": 20, "IQ4_XS": 23, "BF16": 30, "TQ1_0": 34,
+        "TQ2_0": 35, "MXFP4": 39}
+# Where each type without a quantizer in `gguf` keeps its float16 super-scale(s) d (and dmin),
+# and the largest |value| per unit of d (dmin is set to center the values around zero).
+_D_FIELDS = {"Q2_K": ((80, 82), 45.0), "Q3_K": ((108,), 128.0), "Q4_K": ((0, 2), 945.0),
+             "Q5_K": ((0, 2), 1953.0), "Q6_K": ((208,), 4064.0), "IQ4_NL": ((0,), 127.0),
+             "IQ4_XS": ((0,), 4064.0)}
+_DMIN_PER_D = {"Q2_K": 1.5, "Q4_K": 7.5, "Q5_K": 15.5}  # mean sc*q over mean m
+
+
+def random_blocks(kind: str, rows: int, cols: int, rng, amplitude: float = 0.1) -> bytes:
+    """Valid GGUF blocks of `kind` for a [rows, cols] matrix whose values stay near +-amplitude:
+    `gguf`'s own quantizer where it has one, else random bytes with sane float16 scales."""
+    import gguf as gguf_py
+
+    qtype = gguf_py.GGMLQuantizationType[kind]
+    per, size = gguf_py.GGML_QUANT_SIZES[qtype]
+    if kind not in _D_FIELDS:
+        w = (rng.standard_normal((rows, cols)) * amplitude / 3).astype(np.float32)
+        return gguf_py.quants.quantize(w, qtype).tobytes()
+    blocks = rng.integers(0, 256, (rows * cols // per, size), dtype=np.uint8)
+    fields, reach = _D_FIELDS[kind]
+    d = (amplitude / reach * rng.uniform(0.5, 1.5, (blocks.shape[0], 1))).astype(np.float32)
+    blocks[:, fields[0]:fields[0] + 2] = d.astype(np.float16).view(np.uint8)
+    if len(fields) > 1:
+        blocks[:, fields[1]:fields[1] + 2] = (d * _DMIN_PER_D[kind]).astype(np.float16).view(np.uint8)
+    return blocks.tobytes()
 
 
 def _f16(x: np.ndarray) -> np.ndarray:
@@ -302,6 +331,122 @@ def make_qwen2(root: Path) -> dict[str, Path]:
     return {"gguf": path, "safetensors": st}
 
 
+KCONFIG = {**CONFIG, "hidden_size": 256, "intermediate_size": 512, "head_dim": 64, "tie_word_embeddings": False}
+# One model, every loading path: repacked K-quants and legacy types, re-quantized K-quants,
+# MXFP4, dequantized IQ4, float F32/F16/BF16 norms, an untied Q6_K output like Q4_K_M's.
+KQUANT_TYPES = {
+    "token_embd.weight": "Q4_K", "output.weight": "Q6_K", "output_norm.weight": "F32",
+    "blk.0.attn_norm.weight": "F32", "blk.0.ffn_norm.weight": "F16",
+    "blk.0.attn_q.weight": "Q4_K", "blk.0.attn_k.weight": "Q5_K", "blk.0.attn_v.weight": "Q6_K",
+    "blk.0.attn_output.weight": "Q4_K", "blk.0.ffn_gate.weight": "Q4_K", "blk.0.ffn_up.weight": "Q5_K",
+    "blk.0.ffn_down.weight": "Q6_K",
+    "blk.1.attn_norm.weight": "F32", "blk.1.ffn_norm.weight": "BF16",
+    "blk.1.attn_q.weight": "Q3_K", "blk.1.attn_k.weight": "Q2_K", "blk.1.attn_v.weight": "Q5_0",
+    "blk.1.attn_output.weight": "IQ4_NL", "blk.1.ffn_gate.weight": "MXFP4", "blk.1.ffn_up.weight": "IQ4_XS",
+    "blk.1.ffn_down.weight": "Q5_1",
+}
+
+
+def make_kquant_model(root: Path, types: dict[str, str] | None = None) -> Path:
+    """A tiny llama GGUF (hidden 256: K-quant rows) whose tensors are random blocks of `types`
+    (default KQUANT_TYPES), Q/K stored in llama.cpp's permuted layout as any converter writes them."""
+    import gguf as gguf_py
+
+    types = types or KQUANT_TYPES
+    tok = build_tokenizer()
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    c = KCONFIG
+    h, inter = c["hidden_size"], c["intermediate_size"]
+    q_out, kv_out = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    shapes = {"token_embd": (vocab, h), "output": (vocab, h), "attn_q": (q_out, h), "attn_k": (kv_out, h),
+              "attn_v": (kv_out, h), "attn_output": (h, q_out), "ffn_gate": (inter, h), "ffn_up": (inter, h),
+              "ffn_down": (h, inter)}
+    rng = np.random.default_rng(7)
+    tensors = []
+    for name, kind in types.items():
+        part = name.split(".")[-2]
+        if part.endswith("norm"):
+            w = (1 + 0.1 * rng.standard_normal(h)).astype(np.float32)
+            data = gguf_py.quants.quantize(w, gguf_py.GGMLQuantizationType[kind]).tobytes() if kind == "BF16" \
+                else w.astype(np.float16 if kind == "F16" else np.float32).tobytes()
+            tensors.append((name, (h,), kind, data))
+        else:
+            rows, cols = shapes[part]
+            amplitude = 0.05 if part in ("token_embd", "output") else 0.3
+            tensors.append((name, (rows, cols), kind, random_blocks(kind, rows, cols, rng, amplitude)))
+    meta = {
+        "general.architecture": "llama", "general.name": "tiny-kquants", "general.file_type": 15,
+        "general.alignment": 32,
+        "llama.context_length": c["max_position_embeddings"], "llama.embedding_length": h,
+        "llama.block_count": c["num_hidden_layers"], "llama.feed_forward_length": inter,
+        "llama.attention.head_count": c["num_attention_heads"],
+        "llama.attention.head_count_kv": c["num_key_value_heads"],
+        "llama.attention.layer_norm_rms_epsilon": c["rms_norm_eps"], "llama.rope.freq_base": c["rope_theta"],
+        "llama.rope.dimension_count": c["head_dim"], "llama.vocab_size": vocab,
+        **gguf_tokenizer_metadata(tok),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "tiny-kquants.gguf"
+    write_gguf(path, meta, tensors)
+    return path
+
+
+def write_q4_k_m(path: Path, layers: int, hidden: int, inter: int, heads: int, kv_heads: int, vocab: int) -> int:
+    """A Q4_K_M-shaped GGUF (llama.cpp's choice of types: Q6_K for output, and for attn_v and
+    ffn_down in the layers its `use_more_bits` picks; Q4_K elsewhere). Each quantized tensor
+    starts with random blocks (one pattern per type) and the rest is a hole, read back as
+    zero blocks: a multi-GB file costs a few MB of disk and no time to write. Returns its size."""
+
+    def more_bits(i):
+        return i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2
+
+    hd = hidden // heads
+    shapes = [("token_embd.weight", (vocab, hidden), "Q4_K"), ("output_norm.weight", (hidden,), "F32"),
+              ("output.weight", (vocab, hidden), "Q6_K")]
+    for i in range(layers):
+        p = f"blk.{i}."
+        shapes += [(p + "attn_norm.weight", (hidden,), "F32"), (p + "ffn_norm.weight", (hidden,), "F32"),
+                   (p + "attn_q.weight", (heads * hd, hidden), "Q4_K"),
+                   (p + "attn_k.weight", (kv_heads * hd, hidden), "Q4_K"),
+                   (p + "attn_v.weight", (kv_heads * hd, hidden), "Q6_K" if more_bits(i) else "Q4_K"),
+                   (p + "attn_output.weight", (hidden, heads * hd), "Q4_K"),
+                   (p + "ffn_gate.weight", (inter, hidden), "Q4_K"), (p + "ffn_up.weight", (inter, hidden), "Q4_K"),
+                   (p + "ffn_down.weight", (hidden, inter), "Q6_K" if more_bits(i) else "Q4_K")]
+    tok = build_tokenizer()  # a tiny vocabulary: only the tensors need the real shape
+    meta = {"general.architecture": "llama", "general.file_type": 15, "general.alignment": 32,
+            "llama.context_length": 4096, "llama.embedding_length": hidden, "llama.block_count": layers,
+            "llama.feed_forward_length": inter, "llama.attention.head_count": heads,
+            "llama.attention.head_count_kv": kv_heads, "llama.rope.freq_base": 500000.0,
+            "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": vocab,
+            **gguf_tokenizer_metadata(tok)}
+    rng = np.random.default_rng(0)
+    sizes = {"Q4_K": (256, 144), "Q6_K": (256, 210), "F32": (1, 4)}
+    pattern = {k: random_blocks(k, 64, 4096, rng, 0.05) for k in ("Q4_K", "Q6_K")}
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(shapes), len(meta)) + b"".join(_kv_bytes(k, v) for k, v in meta.items())
+    offset, infos, places = 0, [], []
+    for name, shape, kind in shapes:
+        raw = name.encode()
+        dims = tuple(reversed(shape))
+        infos.append(struct.pack("<Q", len(raw)) + raw + struct.pack("<I", len(dims))
+                     + b"".join(struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", GGML[kind], offset))
+        per, size = sizes[kind]
+        nbytes = int(np.prod(shape)) // per * size
+        places.append((offset, nbytes, kind))
+        offset += nbytes + (-nbytes) % 32
+    head += b"".join(infos)
+    head += b"\0" * ((-len(head)) % 32)
+    with open(path, "wb") as fh:
+        fh.write(head)
+        for off, nbytes, kind in places:
+            fh.seek(len(head) + off)
+            if kind == "F32":
+                fh.write(np.ones(nbytes // 4, np.float32).tobytes())
+            else:
+                fh.write(pattern[kind][:nbytes])
+        fh.truncate(len(head) + offset)
+    return path.stat().st_size
+
+
 def permute_qk_inverse(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -314,6 +459,11 @@ def tiny_files(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_qwen2_files(tmp_path_factory) -> dict[str, Path]:
     return make_qwen2(tmp_path_factory.mktemp("tiny_qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_kquant_gguf(tmp_path_factory) -> Path:
+    return make_kquant_model(tmp_path_factory.mktemp("tiny_kquants"))
 
 
 @pytest.fixture(scope="session")

@@ -107,17 +107,18 @@ def model_summary(store, entry) -> dict:
             out[key] = "\n".join(parts)
     for layer in entry.manifest.layers_of(st.MEDIA_PARAMS):
         out["parameters_set"] = json.loads(store.read_blob(layer.digest))
-    if info.get("format") == "gguf" and ("template" not in out or "license" not in out):
+    if info.get("format") == "gguf":
         from mlxlite.formats import gguf  # lazy: only GGUF models need the reader
 
         files = entry.manifest.files()
         path = next((store.blob_path(layer.digest) for title, layer in files.items()
                      if title.endswith(".gguf") or layer.media_type == st.MEDIA_GGUF), None)
         if path is not None:
-            meta = gguf.read_metadata(path)
-            out.setdefault("template", meta.get("tokenizer.chat_template"))
-            if meta.get("general.license"):
-                out.setdefault("license", meta.get("general.license"))
+            header = gguf.read_gguf(path)
+            out.setdefault("template", header.metadata.get("tokenizer.chat_template"))
+            if header.metadata.get("general.license"):
+                out.setdefault("license", header.metadata.get("general.license"))
+            out.update(_load_plan_text(gguf, header))
     elif "template" not in out:
         view = store.view(entry)
         for candidate in ("chat_template.jinja", "tokenizer_config.json"):
@@ -127,6 +128,20 @@ def model_summary(store, entry) -> dict:
                 out["template"] = text if candidate.endswith(".jinja") else json.loads(text).get("chat_template")
                 break
     return {k: v for k, v in out.items() if v not in (None, "")}
+
+
+def _load_plan_text(gguf, header) -> dict:
+    """What loading will do to the tensors, from the header alone: the re-quantized and the
+    dequantized ones (`show` says it so nobody has to load the model to find out)."""
+    ids = {name: t for t, name in gguf.GGML_TYPES.items()}
+    plan = gguf.load_plan(header)
+    out = {}
+    for how in ("requantized", "dequantized"):
+        counts = plan.get(how, {})
+        kinds = [f"{k} -> {gguf.LOADS[ids[k]][1]} bits" if how == "requantized" else k for k in sorted(counts)]
+        n = sum(counts.values())
+        out[f"{how}_at_load"] = f"{n} tensor{'s' * (n != 1)} ({', '.join(kinds)})" if n else "none"
+    return out
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -146,7 +161,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     print("  Model")
     for label, key in (("architecture", "architecture"), ("parameters", "parameters"),
                        ("context length", "context_length"), ("quantization", "quantization"),
-                       ("format", "format"), ("digest", "digest"), ("size", "size")):
+                       ("format", "format"), ("requantized at load", "requantized_at_load"),
+                       ("dequantized at load", "dequantized_at_load"), ("digest", "digest"), ("size", "size")):
         if key in summary:
             value = human_bytes(summary[key]) if key == "size" else summary[key]
             print(f"    {label:<20}{value}")

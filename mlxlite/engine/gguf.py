@@ -1,18 +1,21 @@
 """GGUF -> an mlx-lm model and tokenizer, on MLX. Used by `model.load`.
 
 Contract: `load_gguf(path, dequantize)` returns `(model, tokenizer_wrapper, spec, header,
-config)`. Arrays come from `mx.load`: Q4_0/Q4_1/Q8_0 arrive packed (affine, group size
-32), bits inferred per module from the shapes (files mix types: the default model's
-embedding is Q8_0, the rest Q4_1). Names and llama.cpp's conversion quirks come from the
-family's `Arch` (`formats/archs/`), applied here by `to_mlx_names` and `build_model`: Q/K
+config)`. Arrays come from `quants.read_tensor`, tensor by tensor: quantized types stay
+packed (MLX affine, group size 32: K-quants repacked or re-quantized, see that module), bits
+inferred per module from the shapes (files mix types: the default model's embedding is
+Q8_0, the rest Q4_1); `config["_tensors"]` says how each type was loaded. Names and
+llama.cpp's conversion quirks come from the family's `Arch` (`formats/archs/`), applied here
+by `read_weights` (and `to_mlx_names` for tensors already in memory) and `build_model`: Q/K
 rows un-permuted back to the Hugging Face layout (llama.cpp permuted them for GGML's
 interleaved RoPE) so mlx-lm's default RoPE applies; norm offsets subtracted (gemma);
 DeepSeek's split k_b/v_b joined back into kv_b_proj; tensors the text model never reads
 skipped; a `rope_freqs` tensor turned into the layers' RoPE (llama3 scaling). Encoder
-families (bert, nomic-bert) are built by `encoder.build_encoder` instead, dequantized. With
-`dequantize` (CPU, fits the budget) quantized weights become float32 at load; otherwise
-they stay quantized and, on CPU, scales are float32 anyway (float16 quantized matmul on
-CPU is ~45x slower).
+families (bert, nomic-bert) are built by `encoder.build_encoder` instead, in float. With
+`dequantize` (CPU, fits the budget) quantized weights become float32 at load (the decision
+is made from the header, before reading); otherwise they stay quantized with float16
+scales, on CPU too (float16 *activations* are what is ~45x slower there), except the
+embedding's, whose dtype its output takes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlxlite.engine import quants
 from mlxlite.engine.encoder import build_encoder
 from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.formats import archs, gguf
@@ -39,20 +43,6 @@ def _unpermute(w: mx.array, heads: int) -> mx.array:
     return w.reshape(heads, d // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def float32_bytes(weights: dict[str, mx.array]) -> int:
-    """Bytes the weights take once every quantized matrix is float32."""
-    total = 0
-    for name, w in weights.items():
-        if name.endswith((".scales", ".biases")):
-            continue
-        prefix = name[: -len(".weight")] if name.endswith(".weight") else None
-        if prefix and f"{prefix}.scales" in weights:  # one scale per 32 values, experts' 3-D stacks included
-            total += weights[f"{prefix}.scales"].size * 32 * 4
-        else:
-            total += w.size * 4
-    return total
-
-
 def quantized_bits(weights: dict[str, mx.array]) -> dict[str, int]:
     """{module path: bits} for every packed module (group size is 32 for GGUF)."""
     out = {}
@@ -63,35 +53,73 @@ def quantized_bits(weights: dict[str, mx.array]) -> dict[str, int]:
     return out
 
 
-def read_weights(path: Path, header: gguf.Header, config: dict) -> dict[str, mx.array]:
-    try:
-        raw = mx.load(str(path), format="gguf")  # blobs have no extension
-    except (RuntimeError, ValueError) as exc:
-        raise BadRequest(f"cannot load GGUF tensors from {path.name}: {exc}") from None
-    return to_mlx_names(raw, header, config)
+def read_weights(path: Path, header: gguf.Header, config: dict, *, dequantize: bool = False, on_cpu: bool = False,
+                 report: dict | None = None) -> dict[str, mx.array]:
+    """Every tensor the family reads, through `quants.read_tensor` one at a time, under mlx-lm's
+    names; `report` gets {GGUF name: Tensor with its arrays dropped} (how each was loaded,
+    the error of re-quantizing)."""
+    arch = archs.get(header.architecture)
+    weights: dict[str, mx.array] = {}
+    for info in header.tensors:
+        if not arch.reads(info.name):
+            continue
+        name = _mlx_name(arch, info.name)
+        prefix = name.rpartition(".")[0]
+        # An embedding's scales set its output dtype, and float16 activations are slow on CPU.
+        scale_dtype = mx.float32 if on_cpu and prefix == "model.embed_tokens" else mx.float16
+        try:
+            t = quants.read_tensor(path, info, header.data_offset, dequantize=dequantize,
+                                   float_dtype=mx.float32 if on_cpu else mx.float16, scale_dtype=scale_dtype)
+        except (OSError, ValueError) as exc:
+            raise BadRequest(f"cannot load GGUF tensor {info.name!r} from {path.name}: {exc}") from None
+        arrays = t.arrays(prefix) if t.scales is not None else {name: t.weight}
+        heads = _qk_heads(arch, config, prefix)
+        if heads:
+            arrays = {k: _unpermute(v, heads) for k, v in arrays.items()}
+            mx.eval(arrays)  # now, so the permuted copy is freed tensor by tensor
+        weights.update(arrays)
+        if report is not None:
+            t.weight = t.scales = t.biases = None
+            report[info.name] = t
+    _undo_quirks(weights, arch, config)
+    return weights
 
 
 ROPE_FREQS = "rope_freqs.weight"  # kept under its GGUF name: `build_model` turns it into RoPE
 
 
+def _mlx_name(arch: archs.Arch, name: str) -> str:
+    return name if name == ROPE_FREQS else arch.map_name(name)
+
+
+def _qk_heads(arch: archs.Arch, config: dict, prefix: str) -> int | None:
+    """The head count to un-permute a q/k projection's rows by, or None for other tensors."""
+    if not arch.permute_qk or ".self_attn." not in prefix:
+        return None
+    return {"q_proj": config["num_attention_heads"],
+            "k_proj": config["num_key_value_heads"]}.get(prefix.rpartition(".")[2])
+
+
 def to_mlx_names(raw: dict[str, mx.array], header: gguf.Header, config: dict) -> dict[str, mx.array]:
-    """GGUF tensors -> mlx-lm names, undoing what the family's `Arch` says llama.cpp did."""
+    """GGUF tensors already in memory -> mlx-lm names, undoing what the family's `Arch` says
+    llama.cpp did (`read_weights` does the same tensor by tensor from the file)."""
     arch = archs.get(header.architecture)
-    weights = {(name if name == ROPE_FREQS else arch.map_name(name)): arr for name, arr in raw.items()
-               if arch.reads(name)}
-    if arch.permute_qk:
-        for i in range(config["num_hidden_layers"]):
-            for proj, heads in (("q_proj", config["num_attention_heads"]), ("k_proj", config["num_key_value_heads"])):
-                for suffix in ("weight", "scales", "biases", "bias"):
-                    key = f"model.layers.{i}.self_attn.{proj}.{suffix}"
-                    if key in weights:
-                        weights[key] = _unpermute(weights[key], heads)
+    weights = {}
+    for name, arr in raw.items():
+        if arch.reads(name):
+            key = _mlx_name(arch, name)
+            heads = _qk_heads(arch, config, key.rpartition(".")[0])
+            weights[key] = _unpermute(arr, heads) if heads else arr
+    _undo_quirks(weights, arch, config)
+    return weights
+
+
+def _undo_quirks(weights: dict[str, mx.array], arch: archs.Arch, config: dict) -> None:
     if arch.norm_offset:  # norms are F32/F16 vectors in every GGUF, never packed
         for key in [k for k in weights if k.endswith("norm.weight")]:
             weights[key] = weights[key].astype(mx.float32) - arch.norm_offset
     if arch.mla_kv_b:
         _join_kv_b(weights, config)
-    return weights
 
 
 def _dense(weights: dict[str, mx.array], prefix: str) -> mx.array | None:
@@ -149,6 +177,24 @@ def dequantize_all(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return weights
 
 
+def load_report(report: dict) -> dict[str, dict]:
+    """{GGML type: {how, tensors, bits[, max_abs_error[, mean_abs_error]]}} for the model's info."""
+    out: dict[str, dict] = {}
+    sums: dict[str, list[float]] = {}
+    for t in report.values():
+        entry = out.setdefault(t.source, {"how": t.how, "tensors": 0, "bits": t.bits})
+        entry["tensors"] += 1
+        if "max_abs" in t.error:
+            entry["max_abs_error"] = max(entry.get("max_abs_error", 0.0), t.error["max_abs"])
+        if "mean_abs" in t.error:
+            acc = sums.setdefault(t.source, [0.0, 0.0])
+            acc[0] += t.error["mean_abs"] * t.elements
+            acc[1] += t.elements
+    for source, (total, count) in sums.items():
+        out[source]["mean_abs_error"] = total / max(1.0, count)
+    return out
+
+
 def build_model(config: dict, weights: dict[str, mx.array], *, dequantize: bool, on_cpu: bool) -> nn.Module:
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     model = module.Model(module.ModelArgs.from_dict(config))
@@ -160,10 +206,11 @@ def build_model(config: dict, weights: dict[str, mx.array], *, dequantize: bool,
         dequantize_all(weights)
     elif bits:
         nn.quantize(model, class_predicate=lambda p, m: (
-            {"group_size": 32, "bits": bits[p]} if p in bits else False))
-    if on_cpu:  # float16 anything on MLX's CPU backend is far slower than float32
-        weights = {k: (v.astype(mx.float32) if v.dtype in (mx.float16, mx.bfloat16) else v)
-                   for k, v in weights.items()}
+            {"group_size": 32, "bits": bits[p],
+             "mode": "mxfp4" if weights[f"{p}.scales"].dtype == mx.uint8 else "affine"} if p in bits else False))
+    if on_cpu:  # float16 activations on MLX's CPU backend are far slower; float16 scales are not
+        weights = {k: (v.astype(mx.float32) if v.dtype in (mx.float16, mx.bfloat16)
+                       and not k.endswith((".scales", ".biases")) else v) for k, v in weights.items()}
     if config.get("tie_word_embeddings"):
         weights.pop("lm_head.weight", None)
     try:
@@ -197,11 +244,16 @@ def load_gguf(path: Path, *, on_cpu: bool, float32: bool, budget: int) -> tuple[
     header = gguf.read_gguf(path)
     config = gguf.model_config(header)  # Unsupported names the architecture / type
     spec = gguf.build_tokenizer(header.metadata)
-    weights = read_weights(path, header, config)
-    if archs.get(header.architecture).encoder:  # bert family: our encoder, float32 (small models)
-        model, dequantize = build_encoder(config, dequantize_all(weights)), True
+    arch = archs.get(header.architecture)
+    # Encoders (bert family: small) run in float32; the rest stay packed unless float32 fits.
+    dequantize = arch.encoder or (float32 and quants.float32_bytes(header) <= budget)
+    report: dict = {}
+    weights = read_weights(path, header, config, dequantize=dequantize, on_cpu=on_cpu or arch.encoder,
+                           report=report)
+    if arch.encoder:
+        model = build_encoder(config, dequantize_all(weights))
     else:
-        dequantize = float32 and float32_bytes(weights) <= budget
         model = build_model(config, weights, dequantize=dequantize, on_cpu=on_cpu)
     config["_dequantized"] = dequantize
+    config["_tensors"] = load_report(report)
     return model, build_tokenizer(spec), spec, header, config

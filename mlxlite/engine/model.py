@@ -187,6 +187,7 @@ def load(store: Store, entry: ModelEntry) -> Loaded:
             model, tokenizer, spec, header, cfg = load_gguf(
                 path, on_cpu=on_cpu(), float32=f32, budget=memory_budget())
             dequantized = cfg.pop("_dequantized")
+            info["tensors"] = cfg.pop("_tensors")  # per GGML type: repacked / requantized (+ error) / dequantized
             context_length = int(cfg.get("max_position_embeddings") or 4096)
             source = template_override or templates.find_template(None, header.metadata)
             specials = spec.special_ids

@@ -5,7 +5,9 @@ Contract:
     only (mmap + struct): magic, version (2 or 3), metadata key/values, tensor table.
     A truncated, implausible or non-GGUF file is a `BadRequest` naming the file.
   - `check_supported(header)` raises `Unsupported` naming the architecture or the tensor
-    type (and one tensor of it) that the runner cannot load.
+    type (and one tensor of it) that the runner cannot load; `LOADS` says how the engine
+    loads each type (repacked, re-quantized, dequantized, float) and `load_plan(header)`
+    counts a file's tensors that way, without loading anything.
   - `model_config(header)` turns metadata into an mlx-lm `config.json`-style dict;
     `map_name(name, architecture)` maps a GGUF tensor name to mlx-lm's. Both dispatch
     through the family's `Arch` in `formats/archs/` (keyed by `general.architecture`).
@@ -32,7 +34,7 @@ from mlxlite.formats.vocab import bytes_to_unicode as bytes_to_unicode
 
 MAGIC = b"GGUF"
 
-# ggml tensor types (ggml.h); the ones mx.load reads are listed in SUPPORTED_TYPES.
+# ggml tensor types (ggml.h); the ones the engine loads are listed in LOADS.
 GGML_TYPES = {
     0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
     10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
@@ -43,11 +45,20 @@ GGML_TYPES = {
 # (elements per block, bytes per block) of the types whose size we can check.
 BLOCKS = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 36),
           10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
-          24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 30: (1, 2)}
-# mx.load (mlx 0.32): Q4_0/Q4_1/Q8_0 arrive quantized (group 32); F32/F16/I* are copied;
-# Q2_K/Q4_K/Q6_K are dequantized to float16 by gguflib; everything else fails.
-QUANTIZED_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
-SUPPORTED_TYPES = {0, 1, 2, 3, 8, 10, 12, 14, 24, 25, 26}
+          16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110),
+          22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),
+          29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17)}
+# How engine/quants.py puts each type on MLX, as (how, MLX bits), so `show` can say it without
+# loading: "repacked" exactly (affine group 32; MXFP4 onto MLX's mxfp4 mode), "requantized"
+# at group 32 (16-wide sub-blocks have no exact 32-group form), "dequantized" to float (no
+# MLX form), "float" as stored. The IQ1/IQ2/IQ3 types (lattice codebooks) are not loaded.
+LOADS = {0: ("float", 0), 1: ("float", 0), 28: ("float", 0), 30: ("float", 0), 24: ("float", 0),
+         25: ("float", 0), 26: ("float", 0), 27: ("float", 0),
+         2: ("repacked", 4), 3: ("repacked", 4), 6: ("repacked", 5), 7: ("repacked", 5), 8: ("repacked", 8),
+         12: ("repacked", 4), 13: ("repacked", 5), 34: ("repacked", 2), 35: ("repacked", 2), 39: ("repacked", 4),
+         14: ("requantized", 8), 11: ("requantized", 4), 10: ("requantized", 4),
+         20: ("dequantized", 0), 23: ("dequantized", 0)}
+SUPPORTED_TYPES = set(LOADS)
 
 # llama_ftype (general.file_type) -> the name Ollama and llama.cpp show.
 FILE_TYPES = {
@@ -186,7 +197,7 @@ def read_gguf(path: str | Path) -> Header:
                     count *= d
                 end = max(end, data_start + t.offset + -(-count // per) * size)
         if tensors and end > len(buf):
-            # mx.load would read past the end of the file: refuse it here with a clear message.
+            # reading the tensors would run past the end of the file: refuse it here with a clear message.
             raise BadRequest(f"{name}: truncated GGUF file (tensor data needs {end} bytes, file has {len(buf)})")
         return Header(name, version, meta, tuple(tensors), data_start)
     finally:
@@ -213,8 +224,9 @@ def check_supported(header: Header) -> str:
     arch = archs.get(header.architecture)
     for t in header.tensors:
         if t.type not in SUPPORTED_TYPES:
+            supported = ", ".join(GGML_TYPES[k] for k in sorted(LOADS))
             raise Unsupported(f"GGUF tensor type {t.type_name} (tensor {t.name!r}) is not supported; "
-                              "supported: F32, F16, Q4_0, Q4_1, Q8_0, Q2_K, Q4_K, Q6_K")
+                              f"supported: {supported}")
         if t.name == "rope_freqs.weight" and not arch.rope_freqs:
             raise Unsupported(f"GGUF {header.architecture} with rope_freqs (llama3-style RoPE scaling) "
                               "is not supported")
@@ -235,6 +247,16 @@ def model_config(header: Header) -> dict[str, Any]:
     arch = archs.get(header.architecture)
     meta = archs.Meta(header.metadata, header.architecture, frozenset(t.name for t in header.tensors), header.path)
     return arch.make_config(meta)
+
+
+def load_plan(header: Header) -> dict[str, dict[str, int]]:
+    """{how: {type name: tensor count}} as the engine will load this file (see LOADS)."""
+    plan: dict[str, dict[str, int]] = {}
+    for t in header.tensors:
+        how = LOADS.get(t.type, ("unsupported", 0))[0]
+        counts = plan.setdefault(how, {})
+        counts[t.type_name] = counts.get(t.type_name, 0) + 1
+    return plan
 
 
 def parameter_count(header: Header) -> int:

@@ -106,14 +106,20 @@ def test_float32_budget_counts_every_expert_of_a_stacked_tensor(built):
     packed stack is experts * rows * cols floats, not experts * cols."""
     import mlx.core as mx
 
-    from mlxlite.engine import gguf as engine_gguf
+    from mlxlite.engine import quants
+    from mlxlite.formats import gguf
 
-    raw = mx.load(str(built("qwen3moe", "Q4_0").path))
+    path = built("qwen3moe", "Q4_0").path
+    raw = mx.load(str(path))
     packed = {k: v for k, v in raw.items() if k.startswith("blk.1.ffn_up_exps.")}
     stack = packed["blk.1.ffn_up_exps.weight"]
     dense = mx.dequantize(stack, packed["blk.1.ffn_up_exps.scales"], packed["blk.1.ffn_up_exps.biases"],
                           group_size=32, bits=4)
-    assert stack.ndim == 3 and engine_gguf.float32_bytes(packed) == dense.size * 4
+    header = gguf.read_gguf(path)
+    (info,) = [t for t in header.tensors if t.name == "blk.1.ffn_up_exps.weight"]
+    # The decision is made from the header now: the stack counts as every expert's floats.
+    assert stack.ndim == 3 and 4 * dense.size == 4 * int(np.prod(info.shape))
+    assert quants.float32_bytes(header) == sum(4 * int(np.prod(t.shape)) for t in header.tensors)
 
 
 def test_gemma3_files_with_an_inline_vision_tower_load_as_text(built):

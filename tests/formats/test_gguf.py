@@ -69,8 +69,8 @@ def test_unsupported_architecture_and_tensor_type_are_named(tiny_gguf_path, tiny
         gguf.check_supported(gguf.read_gguf(tiny_gguf_bad_arch))
     h = gguf.read_gguf(tiny_gguf_path)
     odd = gguf.Header(h.path, h.version, h.metadata,
-                      (*h.tensors[:1], gguf.TensorInfo("blk.0.ffn_up.weight", (64, 128), 13, 0)))
-    with pytest.raises(Unsupported, match=r"Q5_K \(tensor 'blk.0.ffn_up.weight'\)"):
+                      (*h.tensors[:1], gguf.TensorInfo("blk.0.ffn_up.weight", (256, 128), 16, 0)))
+    with pytest.raises(Unsupported, match=r"IQ2_XXS \(tensor 'blk.0.ffn_up.weight'\).*Q4_K, Q5_K, Q6_K"):
         gguf.check_supported(odd)
 
 
