@@ -26,8 +26,13 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise BadRequest(f"invalid duration: {value!r}")
     if isinstance(value, (int, float)):
-        return float(value)
-    if not isinstance(value, str) or not value.strip():
+        try:
+            return float(value)
+        except OverflowError:  # an int past float's range (JSON allows any length)
+            raise BadRequest("invalid duration: out of range") from None
+    if not isinstance(value, str):  # named by type: the repr of a deeply nested value recurses
+        raise BadRequest(f"invalid duration: expected a number or a string like '5m', got {type(value).__name__}")
+    if not value.strip():
         raise BadRequest(f"invalid duration: {value!r}")
     text = value.strip()
     try:

@@ -29,7 +29,9 @@ _DIGEST = re.compile(r"sha256[:-]([0-9a-fA-F]{64})\Z")
 
 def parse_digest(text: str) -> str:
     """`sha256:<hex>` or `sha256-<hex>` -> canonical `sha256:<lowercase hex>`."""
-    match = _DIGEST.match(text) if isinstance(text, str) else None
+    if not isinstance(text, str):  # named by type: the repr of a deeply nested JSON value recurses
+        raise InvalidName(f"invalid digest: expected sha256:<64 hex digits>, got {type(text).__name__}")
+    match = _DIGEST.match(text)
     if not match:
         raise InvalidName(f"invalid digest {text!r}: expected sha256:<64 hex digits>")
     return "sha256:" + match.group(1).lower()
@@ -92,7 +94,7 @@ class ModelName:
 def parse(text: str) -> ModelName:
     """Parse a model name; raises `InvalidName` with the reason for anything else."""
     if not isinstance(text, str):
-        raise InvalidName(f"invalid model name {text!r}: not a string")
+        raise InvalidName(f"invalid model name: expected a string, got {type(text).__name__}")
     full = text
     if text != text.strip():
         raise InvalidName(f"invalid model name {full!r}: surrounding whitespace")

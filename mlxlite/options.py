@@ -148,7 +148,10 @@ def coerce(name: str, value: Any, *, from_text: bool = False) -> Any:
                 raise BadRequest(f"invalid option {name!r}: expected an integer")
             value = int(value)
     else:
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int past float's range (JSON allows any length)
+            raise BadRequest(f"invalid option {name!r}: outside [{spec.low}, {spec.high}]") from None
         if not math.isfinite(value):
             raise BadRequest(f"invalid option {name!r}: must be finite")
     if (spec.low is not None and value < spec.low) or (spec.high is not None and value > spec.high):

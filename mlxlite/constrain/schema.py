@@ -55,6 +55,7 @@ INF = 1 << 62  # "no upper bound" for counts; an int keeps comparisons cheap
 # JSON nesting in the schema, and of subschemas with each $ref followed. Output nests 64
 # containers at most (recognizer.MAX_DEPTH); an object chain takes two levels per object.
 MAX_SCHEMA_DEPTH = 128
+MAX_ALTERNATIVES = 1000  # values one byte may start, through anyOf/oneOf and $ref (see _check_alternatives)
 
 
 class Node:
@@ -74,7 +75,14 @@ class Node:
 
 def literal(value: Any) -> bytes:
     """The one byte form an enum/const value must take in the output."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _utf8(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # json.loads returns lone surrogates ("\ud800"); no UTF-8 output holds one
+        raise BadRequest("a string in the schema is not valid Unicode (a lone surrogate)") from None
 
 
 ANY = Node("any")
@@ -94,8 +102,14 @@ def compile_spec(spec: Any) -> Node:
         return ANY_OBJECT
     if isinstance(spec, bool) or isinstance(spec, dict):
         _check_depth(spec)
-        return _Compiler(spec).compile(spec, "#")
-    raise BadRequest(f"format must be \"json\" or a JSON schema object, not {json.dumps(spec)[:80]}")
+        try:
+            root = _Compiler(spec).compile(spec, "#")
+            _check_alternatives(root)
+            return root
+        except RecursionError:  # checking enum/const values through recursive $refs
+            raise BadRequest("JSON schema is nested too deeply (or a $ref refers to itself without end)") from None
+    # Named by type: json.dumps of a deeply nested value recurses past the stack.
+    raise BadRequest(f"format must be \"json\" or a JSON schema object, not a {type(spec).__name__}")
 
 
 def _too_deep(where: str) -> BadRequest:
@@ -173,7 +187,9 @@ class _Compiler:
         return self.union([self.typed(t, s, where) for t in dict.fromkeys(types)])
 
     def ref(self, ref: Any, where: str) -> Node:
-        if not isinstance(ref, str) or not ref.startswith("#"):
+        if not isinstance(ref, str):  # named by type: the repr of a deeply nested value recurses
+            raise BadRequest(f"$ref at {where} must be a string, not a {type(ref).__name__}")
+        if not ref.startswith("#"):
             raise Unsupported(f"$ref {ref!r} at {where}: only local references (#/$defs/...) are supported")
         node = self.refs.get(ref)
         if node is not None:
@@ -293,6 +309,52 @@ class _Compiler:
         return Node("number", integer=integer, lo=lo, hi=hi, lo_x=lo_x, hi_x=hi_x)
 
 
+def _children(node: Node) -> list[Node]:
+    kids = [*(node.props or {}).values(), *(node.prefix or ()), *(node.alts or ())]
+    kids += [n for n in (node.additional, node.items, node.target) if isinstance(n, Node)]
+    return kids
+
+
+def _check_alternatives(root: Node) -> None:
+    """Refs and unions consume no byte: the recognizer expands all of them at a value's
+    first byte, recursively. A cycle of them never ends (`a: anyOf [$ref a, ...]`), a long
+    chain recurses past the stack, and a DAG of them multiplies (2 refs per level, 40
+    levels: 2**40 paths). Refused here, counting paths once per node, without recursion."""
+    nodes, todo, seen = [], [root], {id(root)}
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        for kid in _children(node):
+            if id(kid) not in seen:
+                seen.add(id(kid))
+                todo.append(kid)
+    done: dict[int, tuple[int, int]] = {}  # id -> (alternatives, depth of refs and unions)
+    for start in nodes:
+        stack, open_ = [(start, False)], set()
+        while stack:
+            node, finished = stack.pop()
+            eps = [node.target] if node.kind == "ref" else list(node.alts) if node.kind == "union" else []
+            if finished:
+                open_.discard(id(node))
+                alternatives = sum(done[id(k)][0] for k in eps) if eps else 1
+                depth = 1 + max((done[id(k)][1] for k in eps), default=0)
+                if alternatives > MAX_ALTERNATIVES or depth > MAX_SCHEMA_DEPTH:
+                    raise BadRequest(f"JSON schema: anyOf/oneOf/$ref give more than {MAX_ALTERNATIVES} alternatives "
+                                     f"or {MAX_SCHEMA_DEPTH} levels where one value starts")
+                done[id(node)] = (alternatives, depth)
+                continue
+            if id(node) in done:
+                continue
+            open_.add(id(node))
+            stack.append((node, True))
+            for kid in eps:
+                if id(kid) in open_:
+                    raise BadRequest("JSON schema: a $ref reaches itself through anyOf/oneOf without "
+                                     "a value in between (left recursion)")
+                if id(kid) not in done:
+                    stack.append((kid, False))
+
+
 def _regex(s: dict, where: str) -> Regex | None:
     if "pattern" in s and "format" in s:
         raise Unsupported(f"pattern together with format (at {where})")
@@ -316,7 +378,7 @@ def _compiled_regex(pattern: str) -> Regex:
 
 def _key(name: str) -> bytes:
     """A property name as it appears between the quotes in the output."""
-    return json.dumps(name, ensure_ascii=False).encode("utf-8")[1:-1]
+    return _utf8(json.dumps(name, ensure_ascii=False))[1:-1]
 
 
 def _count(s: dict, kw: str, default: int, where: str) -> int:
@@ -391,7 +453,7 @@ def validate_subset(x: Any, s: Any, root: Any) -> bool:
         return False
     if "enum" in s and not any(_same(x, v) for v in s["enum"]):
         return False
-    if "type" in s:
+    if s.get("type") is not None:  # null: no type constraint, as `compile` reads it
         types = [s["type"]] if isinstance(s["type"], str) else s["type"]
         if not any(_is_type(x, t) for t in types):
             return False

@@ -78,6 +78,8 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
            10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _MAX_COUNT = 1 << 28  # no sane header has more entries than this
+_MAX_NESTING = 8  # arrays of arrays: real files use one level; each level is a Python frame
+_MAX_ALIGN = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -133,12 +135,14 @@ class _Reader:
         self.pos += n
         return bytes(raw).decode("utf-8", errors="replace")
 
-    def value(self, kind: int) -> Any:
+    def value(self, kind: int, depth: int = 0) -> Any:
         if kind in _SCALAR:
             return self.unpack(_SCALAR[kind])
         if kind == _STRING:
             return self.string()
         if kind == _ARRAY:
+            if depth >= _MAX_NESTING:
+                raise BadRequest(f"{self.path}: implausible GGUF header (arrays nested over {_MAX_NESTING} deep)")
             item = self.unpack("<I")
             n = self.count()
             if item in _SCALAR:
@@ -148,7 +152,7 @@ class _Reader:
                 values = list(struct.unpack_from(f"<{n}{fmt[1]}", self.buf, self.pos))
                 self.pos += size * n
                 return values
-            return [self.value(item) for _ in range(n)]
+            return [self.value(item, depth + 1) for _ in range(n)]
         raise BadRequest(f"{self.path}: bad GGUF metadata value type {kind}")
 
 
@@ -186,7 +190,10 @@ def read_gguf(path: str | Path) -> Header:
                 raise BadRequest(f"{name}: implausible GGUF tensor {tname!r} ({ndim} dims)")
             shape = tuple(r.unpack("<Q") for _ in range(ndim))
             tensors.append(TensorInfo(tname, shape, r.unpack("<I"), r.unpack("<Q")))
-        align = int(meta.get("general.alignment") or 32)
+        align = meta.get("general.alignment", 32)
+        # llama.cpp asserts a power of two; anything else would misplace every tensor.
+        if type(align) is not int or not 0 < align <= _MAX_ALIGN or align & (align - 1):
+            raise BadRequest(f"{name}: implausible GGUF alignment {align!r} (a power of two is expected)")
         data_start = (r.pos + align - 1) // align * align
         end = data_start
         for t in tensors:
@@ -246,7 +253,13 @@ def model_config(header: Header) -> dict[str, Any]:
     check_supported(header)
     arch = archs.get(header.architecture)
     meta = archs.Meta(header.metadata, header.architecture, frozenset(t.name for t in header.tensors), header.path)
-    return arch.make_config(meta)
+    try:
+        return arch.make_config(meta)
+    # The families read metadata with int()/float(): a string, a list, NaN/inf or zero heads
+    # in a hostile file is metadata no model can be built from, whichever family reads it.
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError, IndexError, KeyError):
+        raise BadRequest(f"{header.path}: GGUF metadata holds {header.architecture} model dimensions "
+                         "of the wrong type or range") from None
 
 
 def load_plan(header: Header) -> dict[str, dict[str, int]]:

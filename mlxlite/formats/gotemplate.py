@@ -965,7 +965,7 @@ def _parse_number(tok: _Item) -> NumberNode:
         return node
     try:
         f = float.fromhex(text) if re.match(r"[+-]?0[xX]", text) else float(text)
-    except ValueError:
+    except (ValueError, OverflowError):  # fromhex overflows where float() gives inf (0x1p99999)
         f = None
     if f is None or math.isinf(f):
         raise ValueError(f"illegal number syntax: {go_quote(text)}")
@@ -1531,7 +1531,8 @@ def _js(*args: Any) -> str:
 
 
 def _urlquery(*args: Any) -> str:
-    return urllib.parse.quote_plus(_eval_args(args), safe="")
+    # surrogatepass: a lone surrogate (Python-only) is escaped as its bytes, never a UnicodeEncodeError
+    return urllib.parse.quote_plus(_eval_args(args), safe="", errors="surrogatepass")
 
 
 def _eval_args(args: tuple) -> str:

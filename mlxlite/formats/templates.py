@@ -90,6 +90,8 @@ class ChatTemplate:
             self._template = env.from_string(source)
         except TemplateError as exc:
             raise BadRequest(f"invalid chat template ({name}): {exc}") from None
+        except (RecursionError, SyntaxError):  # deep nesting: jinja's parser or Python's compiler
+            raise BadRequest(f"invalid chat template ({name}): nested too deeply") from None
         self.source = source
         self.name = name
         self.bos_token = bos_token or ""

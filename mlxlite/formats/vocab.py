@@ -142,8 +142,32 @@ def _uncased(meta: dict[str, Any], words: list[str]) -> bool:
     return capitals <= len(plain) // 200
 
 
+def _check_arrays(meta: dict[str, Any]) -> None:
+    """The metadata arrays the builder iterates hold what it expects (a hostile file may not)."""
+    for key, kinds, what in (("tokens", (str,), "strings"), ("token_type", (int,), "integers"),
+                             ("merges", (str,), "strings"), ("scores", (int, float), "numbers")):
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is not None and (not isinstance(value, list) or not all(
+                isinstance(v, kinds) and not isinstance(v, bool) for v in value)):
+            raise BadRequest(f"GGUF metadata tokenizer.ggml.{key} is not an array of {what}")
+    if not all(" " in m for m in meta.get("tokenizer.ggml.merges") or []):
+        raise BadRequest("GGUF metadata tokenizer.ggml.merges holds a merge without a space")
+    if not isinstance(meta.get("tokenizer.ggml.pre"), (str, type(None))):
+        raise BadRequest("GGUF metadata tokenizer.ggml.pre is not a string")
+
+
 def build_tokenizer(meta: dict[str, Any]) -> TokenizerSpec:
     """A `tokenizers.Tokenizer` equivalent to the GGUF's vocabulary (see module doc)."""
+    _check_arrays(meta)
+    try:
+        return _build_tokenizer(meta)
+    except BadRequest:
+        raise
+    except Exception as exc:  # tokenizers (Rust) refuses what it cannot build with plain Exceptions
+        raise BadRequest(f"GGUF tokenizer metadata cannot be used: {exc}") from None
+
+
+def _build_tokenizer(meta: dict[str, Any]) -> TokenizerSpec:
     # lazy: `tokenizers` is only needed to run a model, not to list or show one
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 

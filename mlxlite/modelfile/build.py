@@ -366,7 +366,10 @@ def to_modelfile(store: Store, entry: ModelEntry) -> str:
             lines.append(f"# PARAMETER {key} {json.dumps(value)} (unknown to mlxlite; inherited)")
             continue
         for item in (value if isinstance(value, list) else [value]):
-            lines.append(f"PARAMETER {key} {parser.format_parameter(item)}")
+            try:
+                lines.append(f"PARAMETER {key} {parser.format_parameter(item)}")
+            except BadRequest:  # e.g. a stop string with a control character: inherited
+                lines.append(f"# PARAMETER {key} (not expressible in Modelfile syntax; inherited from FROM)")
     if settings.messages is not None:
         try:
             if any(role not in parser.ROLES for role, _ in settings.messages):

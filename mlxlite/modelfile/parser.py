@@ -192,6 +192,12 @@ def check_template(text: str) -> bool:
     except TemplateSyntaxError as exc:
         raise TemplateProblem(f"TEMPLATE is not a valid jinja template: {exc.message}",
                               exc.lineno or 1) from None
+    except RecursionError:  # jinja's parser recurses once per nesting level
+        raise TemplateProblem("TEMPLATE is not a valid jinja template: nested too deeply") from None
+    try:  # compiled as the runner will, so what create accepts also loads
+        templates.ChatTemplate(text, name="TEMPLATE")
+    except BadRequest as exc:
+        raise TemplateProblem(f"TEMPLATE cannot be used: {exc}") from None
     return False
 
 
@@ -214,8 +220,16 @@ def _parses_back(quoted: str, value: str) -> bool:
     return False
 
 
+def _check_writable(value: str) -> None:
+    # A parse turns CR into LF and refuses control characters: such a value has no spelling.
+    if "\r" in value or _CONTROL.search(value):
+        raise BadRequest(f"value {value[:40]!r} cannot be written in a Modelfile "
+                         "(it holds a carriage return or a control character)")
+
+
 def quote(value: str) -> str:
     """`value` written so that a parse gives it back exactly (bare when that is safe)."""
+    _check_writable(value)
     if value and value == value.strip() and "\n" not in value and not value.startswith('"'):
         return value
     for candidate in (f'"{value}"', f'"""{value}"""'):
@@ -230,6 +244,7 @@ def format_parameter(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
+        _check_writable(value)
         return f'"{value}"' if _parses_back(f'"{value}"', value) else quote(value)
     if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
         return str(int(value))  # reads back as the same float
@@ -255,15 +270,17 @@ class _Scanner:
 def _decode(data: bytes | str, source: str) -> str:
     if isinstance(data, str):
         return data
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16")
+    # A UTF-16 byte order mark says UTF-16 (Windows editors write it); damaged text of
+    # either kind is reported where it breaks, like any other Modelfile mistake.
+    utf16 = data.startswith((b"\xff\xfe", b"\xfe\xff"))
+    codec = "utf-16" if utf16 else "utf-8-sig"
     try:
-        return data.decode("utf-8-sig")
+        return data.decode(codec)
     except UnicodeDecodeError as exc:
-        head = data[: exc.start]
-        line = head.count(b"\n") + 1
-        col = len(head[head.rfind(b"\n") + 1:].decode("utf-8", "replace")) + 1
-        raise ModelfileError("not valid UTF-8 text", line, col, source) from None
+        head = data[: exc.start].decode(codec, "replace")
+        line = head.count("\n") + 1
+        col = len(head) - (head.rfind("\n") + 1) + 1
+        raise ModelfileError(f"not valid {'UTF-16' if utf16 else 'UTF-8'} text", line, col, source) from None
 
 
 def parse(data: bytes | str, source: str = "Modelfile") -> Modelfile:

@@ -128,7 +128,9 @@ def spec_from_request(body: Any) -> tuple[names.ModelName, modelfile.CreateSpec,
                 "template": mf.template, "system": mf.system, "parameters": mf.parameters or None,
                 "messages": mf.messages or None, "license": mf.licenses or None, "requires": mf.requires}
     source = body.get("from")
-    if source is not None and (not isinstance(source, str) or not names.is_name(source)):
+    if source is not None and not isinstance(source, str):  # named by type: a deep value's repr recurses
+        raise BadRequest(f"invalid 'from': expected a model name, got {type(source).__name__}")
+    if source is not None and not names.is_name(source):
         raise BadRequest(f"invalid 'from': {source!r} is not a model name")
     files = body.get("files") or {}
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
@@ -160,7 +162,9 @@ def spec_from_request(body: Any) -> tuple[names.ModelName, modelfile.CreateSpec,
             raise BadRequest("invalid 'license': expected a string or a list of strings")
         lic = tuple(lic)
     requires = body.get("requires")
-    if requires is not None and (not isinstance(requires, str) or not modelfile.is_semver(requires)):
+    if requires is not None and not isinstance(requires, str):
+        raise BadRequest(f"invalid 'requires': expected a string, got {type(requires).__name__}")
+    if requires is not None and not modelfile.is_semver(requires):
         raise BadRequest(f"invalid 'requires': {requires!r} is not a semantic version like 0.14.0")
     stream = body.get("stream", True)
     if not isinstance(stream, bool):

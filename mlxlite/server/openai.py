@@ -89,7 +89,7 @@ def _response_format(body: dict) -> str | dict | None:
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise BadRequest("invalid response_format: json_schema.schema must be an object")
-        return schema
+        return wire.format_spec(schema, "response_format")  # compiled now: a bad schema is a 400 before any load
     raise BadRequest(f"invalid response_format.type {kind!r}: expected text, json_object or json_schema")
 
 
@@ -122,7 +122,8 @@ def _messages(value: Any) -> tuple[dict, ...]:
         if role == "developer":
             role = "system"
         if role not in ("system", "user", "assistant", "tool"):
-            raise BadRequest(f"invalid messages[{i}].role: {role!r}")
+            shown = repr(role) if isinstance(role, str) else type(role).__name__  # a deep value's repr recurses
+            raise BadRequest(f"invalid messages[{i}].role: {shown}")
         msg: dict[str, Any] = {"role": role, "content": _content(i, m.get("content"))}
         calls = m.get("tool_calls")
         if calls:

@@ -115,7 +115,10 @@ def get(body: dict, key: str, kind: type | tuple[type, ...], default: Any = None
         return default
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int past float's range (JSON allows any length)
+            raise BadRequest(f"invalid {key}: out of range") from None
     ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
     if not ok:
         want = " or ".join(_kind_name(k) for k in kinds)

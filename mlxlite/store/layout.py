@@ -207,14 +207,14 @@ def import_layout_result(store: Store, path: str | Path, name: str | ModelName |
         layout = read_small(source, LAYOUT_FILE, "the oci-layout file")
         try:
             version = json.loads(layout).get("imageLayoutVersion")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, nested too deep
             version = None
         if not isinstance(version, str) or not version.startswith("1."):
             raise BadRequest(f"{path}: oci-layout is not an OCI image layout 1.x marker")
         try:
             index = json.loads(read_small(source, INDEX_FILE, "index.json"))
             descriptors = [d for d in index["manifests"] if isinstance(d, dict)]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested past json's decoder
             raise BadRequest(f"{path}: index.json is not a valid OCI image index") from None
         chosen = _pick(descriptors, ref, str(path))
         media = chosen.get("mediaType")

@@ -96,6 +96,8 @@ class Manifest:
             data = json.loads(raw)
         except ValueError as exc:
             raise IntegrityError(f"manifest is not JSON: {exc}") from None
+        except RecursionError:  # json's decoder recurses per nesting level
+            raise IntegrityError("manifest is not JSON that can be read: nested too deeply") from None
         if not isinstance(data, dict) or data.get("schemaVersion") != 2:
             raise IntegrityError("manifest is not a schemaVersion 2 image manifest")
         layers = data.get("layers")

@@ -77,7 +77,8 @@ def blob_rel(digest: str) -> str:
 
 
 def ref_of(descriptor: dict) -> str | None:
-    ref = (descriptor.get("annotations") or {}).get(REF_NAME)
+    annotations = descriptor.get("annotations")
+    ref = annotations.get(REF_NAME) if isinstance(annotations, dict) else None
     return ref if isinstance(ref, str) and ref else None
 
 
@@ -103,6 +104,8 @@ class DirSource:
             st = (self.root / rel).stat()
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as exc:  # a symlink loop, a name too long, no permission
+            raise BadRequest(f"{self.label}: {rel} cannot be read: {exc.strerror or exc}") from None
         if not stat.S_ISREG(st.st_mode):
             raise BadRequest(f"{self.label}: {rel} is not a regular file")
         return st
