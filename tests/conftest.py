@@ -14,6 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# Before anything imports mlx: in-process engine tests run on OpenBLAS, as `run`/`serve` do
+# (the wheel's reference BLAS makes a long prompt's prefill minutes instead of seconds).
+from mlxlite.engine import blas  # noqa: E402
+
+blas.preload()
+
 pytest_plugins = ["tests.tiny_models", "tests.registry_fixtures", "tests.default_model"]
 
 
