@@ -10,6 +10,7 @@ import pytest
 from mlxlite.errors import BadRequest
 from mlxlite.formats import gotemplate
 from mlxlite.formats.gotemplate import TemplateError
+from mlxlite.formats.gotemplate import execute as go_execute  # where the limits are read
 
 DATA = {
     "s": "hi", "n": 42, "f": 1.5, "b": True, "z": None, "uni": "héllo ☃",
@@ -179,10 +180,10 @@ def test_a_runaway_template_stops_with_an_error(monkeypatch):
         forever.execute({})
     cubic = gotemplate.parse("{{ range .l }}{{ range $.l }}{{ range $.l }}x{{ end }}{{ end }}{{ end }}")
     assert len(cubic.execute({"l": list(range(10))})) == 1000
-    monkeypatch.setattr(gotemplate, "MAX_STEPS", 10_000)
+    monkeypatch.setattr(go_execute, "MAX_STEPS", 10_000)
     with pytest.raises(TemplateError, match="more than 10000 steps"):
         cubic.execute({"l": list(range(1000))})
-    monkeypatch.setattr(gotemplate, "MAX_OUTPUT", 100)
+    monkeypatch.setattr(go_execute, "MAX_OUTPUT", 100)
     with pytest.raises(TemplateError, match="output longer than 100 characters"):
         gotemplate.parse("{{ range .l }}{{ . }}{{ end }}").execute({"l": list(range(1000))})
 
