@@ -23,8 +23,6 @@ from mlxlite.modelfile import (
 )
 from mlxlite.store import ModelEntry, Store
 
-SHOW_FLAGS = ("modelfile", "parameters", "template", "system", "license")
-
 
 def _read_modelfile(path_text: str | None) -> tuple[Modelfile, Path]:
     path = Path(path_text or "Modelfile").expanduser()

@@ -144,12 +144,16 @@ def _load_plan_text(gguf, header) -> dict:
     return out
 
 
+# `show`'s Modelfile-style sections: flag -> what it prints (`cli/modelfile.show_text`).
+SHOW_SECTIONS = {"modelfile": "a Modelfile that recreates the model", "parameters": "its parameters",
+                 "template": "its chat template", "system": "its system prompt", "license": "its license"}
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     store = _store()
     entry = store.resolve(args.model)
     summary = model_summary(store, entry)
-    section = next((k for k in ("modelfile", "parameters", "template", "system", "license")
-                    if getattr(args, k, False)), None)
+    section = next((k for k in SHOW_SECTIONS if getattr(args, k, False)), None)
     if section:  # Modelfile-style sections (issue 7)
         from mlxlite.cli.modelfile import show_text  # lazy: the Modelfile machinery is not for list
 
@@ -470,9 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("show", cmd_show, "show a model's details")
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="print JSON")
-    for flag, what in (("modelfile", "a Modelfile that recreates the model"), ("parameters", "its parameters"),
-                       ("template", "its chat template"), ("system", "its system prompt"),
-                       ("license", "its license")):
+    for flag, what in SHOW_SECTIONS.items():
         p.add_argument("--" + flag, action="store_true", help="print " + what)
     p = verb("create", cmd_create, "create a model from a Modelfile")
     p.add_argument("name")

@@ -251,7 +251,7 @@ def load_gguf(path: Path, *, on_cpu: bool, float32: bool, budget: int) -> tuple[
     weights = read_weights(path, header, config, dequantize=dequantize, on_cpu=on_cpu or arch.encoder,
                            report=report)
     if arch.encoder:
-        model = build_encoder(config, dequantize_all(weights))
+        model = build_encoder(config, weights)  # read as floats: dequantize is on
     else:
         model = build_model(config, weights, dequantize=dequantize, on_cpu=on_cpu)
     config["_dequantized"] = dequantize

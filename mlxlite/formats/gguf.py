@@ -69,11 +69,6 @@ FILE_TYPES = {
     29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0",
 }
 
-# GGUF architecture -> mlx-lm model_type, and the families whose Q/K rows llama.cpp permuted
-# (views of the per-family registry in `formats/archs/`, which owns them).
-ARCHITECTURES = {name: arch.model_type for name, arch in archs.REGISTRY.items()}
-PERMUTED_QK = {name for name, arch in archs.REGISTRY.items() if arch.permute_qk}
-
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
            10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9

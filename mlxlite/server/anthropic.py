@@ -20,7 +20,7 @@ renders the prompt with the model's template and tokenizes it on the MLX thread
 `thinking` setting: `disabled` renders the template with thinking off (where it can be
 turned off) and leaves the output unsplit; `enabled` and `adaptive` leave it to the
 model (agent clients send `enabled` by default, so a model that cannot think is no error).
-Errors use Anthropic's shape (`daemon.error_body`, chosen by route). Never imports mlx.
+Errors use Anthropic's shape (`errors.error_body`, chosen by route). Never imports mlx.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from mlxlite.names import ModelName
 from mlxlite.sched import GenerateJob, Tokenized, TokenizeJob
 from mlxlite.server import wire
 from mlxlite.server.native import Calls, generation, resolve
+from mlxlite.server.prompt import PromptSpec
 from mlxlite.server.wire import Reply, Stream, Summary
 
 
@@ -45,7 +46,7 @@ from mlxlite.server.wire import Reply, Stream, Summary
 @dataclass(frozen=True)
 class MessagesRequest:
     name: ModelName
-    prompt: wire.PromptSpec
+    prompt: PromptSpec
     options: dict
     format: dict | None             # a forced tool call's schema (tool_choice any / tool)
     tool_names: tuple[str, ...] | None
@@ -236,7 +237,7 @@ def parse_messages(body: Any, count_only: bool = False) -> MessagesRequest:
     if system:
         messages = ({"role": "system", "content": system}, *messages)
     think = False if isinstance(setting, dict) and setting.get("type") == "disabled" else None
-    spec = wire.PromptSpec(name.display, messages=messages, tools=offered, think=think, think_strict=False)
+    spec = PromptSpec(name.display, messages=messages, tools=offered, think=think, think_strict=False)
     return MessagesRequest(
         name, spec, overrides, forced,
         tuple(t["function"]["name"] for t in offered) if offered else None, stops,

@@ -1,16 +1,12 @@
-"""The daemon: HTTP on `http.server.ThreadingHTTPServer`, routes as data, errors in one place.
+"""The daemon: HTTP on `http.server.ThreadingHTTPServer`, one request's life, the process's.
 
 Contract:
-  - `ROUTES = {(method, path): handler}`; a path segment `{name}` matches one segment and
-    `{name*}` the rest (slashes included), exposed as `ctx.params[name]`. Other modules
-    add routes by adding entries (e.g. `("POST", "/api/pull"): pull.handle_pull`).
-  - A handler gets a `RequestContext` and returns `wire.Reply` or `wire.Stream`; streams are
-    NDJSON or SSE (events named by their item's type when `named_events`), chunked, flushed per
-    item, so lines reach the client as generated.
-  - `error_body(exc, openai, anthropic)` is the one place an exception becomes a status and
-    JSON (Ollama's, OpenAI's or Anthropic's shape, chosen by route): before the first byte a
-    real status; after it a final error line/event. Never a traceback on the wire (it goes
-    to the log).
+  - `RequestHandler` serves one connection: reads a request within the read clock, checks
+    it (Host, CORS, key, size), finds its handler in `routes.ROUTES`, writes the `wire.Reply`
+    or `wire.Stream` it returns (NDJSON or SSE, events named by their item's type when
+    `named_events`; chunked, flushed per item, so lines reach the client as generated) and
+    maps any exception through `errors.error_body`: before the first byte a real status,
+    after it a final error line/event. Never a traceback on the wire (it goes to the log).
   - Security: Host-header check against DNS rebinding when bound to loopback; CORS for
     localhost origins plus `origins`; `api_key` on every request when set, as a bearer
     token or Anthropic's `x-api-key` (and required to bind a non-loopback address);
@@ -19,8 +15,7 @@ Contract:
     `header_timeout` (an idle keep-alive connection is closed after it), a body may stall
     at most `body_timeout` (408), a response has only a long write timeout; past
     `max_connections` open connections a new one gets a 503 from the accept loop.
-  - One daemon per store: `make_server` holds `DaemonLock` (an flock on the store's
-    `daemon.lock`) until `server_close`; a second gets `Busy` naming the first's URL.
+  - One daemon per store: `make_server` holds `lock.DaemonLock` until `server_close`.
   - One JSON log line per request (id, method, path, model, status, tokens, durations,
     client) to stderr or `log_file`.
   - A client that disconnects (seen by polling its socket while waiting, or by a failed
@@ -30,25 +25,17 @@ This module never imports mlx: the scheduler imports the runner on its own threa
 
 from __future__ import annotations
 
-import fcntl
 import hmac
 import io
-import itertools
 import json
-import os
-import select
 import signal
 import socket
 import sys
 import threading
 import time
 import traceback
-from collections import Counter
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import IO, Any, TextIO
-from urllib.parse import parse_qs, urlsplit
+from typing import Any, TextIO
 
 from mlxlite import __version__, config
 from mlxlite.errors import (
@@ -56,196 +43,20 @@ from mlxlite.errors import (
     Busy,
     Forbidden,
     MlxliteError,
-    PayloadTooLarge,
     RequestTimeout,
     Unauthorized,
-    full_disk,
 )
 from mlxlite.sched import ClientGone, Scheduler
-from mlxlite.server import anthropic as anthropic_api
-from mlxlite.server import create as create_api
-from mlxlite.server import native
-from mlxlite.server import openai as openai_api
-from mlxlite.server import pull as pull_api
-from mlxlite.server import responses as responses_api
 from mlxlite.server.connections import Gate, ReadClock, minimal_response
+from mlxlite.server.context import App, RequestContext, is_anthropic
+from mlxlite.server.errors import error_body
+from mlxlite.server.lock import DaemonLock
+from mlxlite.server.routes import ROUTES
 from mlxlite.server.rules import host_allowed, is_loopback, match, origin_allowed, parse_host_port
-from mlxlite.server.wire import Reply, Stream, replace_lone_surrogates
+from mlxlite.server.wire import Reply, Stream
 from mlxlite.store import Store
 
-__all__ = ["ROUTES", "App", "DaemonLock", "MlxliteServer", "RequestContext", "error_body", "host_allowed",
-           "make_server", "match", "origin_allowed", "parse_host_port", "serve_forever"]
-
-Handler = Callable[["RequestContext"], "Reply | Stream"]
-
-ROUTES: dict[tuple[str, str], Handler] = {
-    ("GET", "/"): native.handle_root,
-    ("HEAD", "/"): native.handle_root,
-    ("GET", "/api/version"): native.handle_version,
-    ("HEAD", "/api/version"): native.handle_version,
-    ("GET", "/api/health"): native.handle_health,
-    ("GET", "/metrics"): native.handle_metrics,
-    ("POST", "/api/generate"): native.handle_generate,
-    ("POST", "/api/chat"): native.handle_chat,
-    ("POST", "/api/embed"): native.handle_embed,
-    ("POST", "/api/embeddings"): native.handle_embeddings,
-    ("GET", "/api/tags"): native.handle_tags,
-    ("HEAD", "/api/tags"): native.handle_tags,
-    ("POST", "/api/show"): native.handle_show,
-    ("GET", "/api/ps"): native.handle_ps,
-    ("POST", "/api/copy"): native.handle_copy,
-    ("DELETE", "/api/delete"): native.handle_delete,
-    ("POST", "/v1/chat/completions"): openai_api.handle_chat_completions,
-    ("POST", "/v1/completions"): openai_api.handle_completions,
-    ("POST", "/v1/embeddings"): openai_api.handle_embeddings,
-    ("POST", "/v1/responses"): responses_api.handle_responses,
-    ("GET", "/v1/models"): openai_api.handle_models,
-    ("GET", "/v1/models/{model*}"): openai_api.handle_model,
-    ("POST", "/v1/messages"): anthropic_api.handle_messages,
-    ("POST", "/v1/messages/count_tokens"): anthropic_api.handle_count_tokens,
-    **create_api.ROUTES,  # /api/create, /api/blobs/:digest
-    **pull_api.ROUTES,  # /api/pull, /api/push
-}
-
-_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-                 499: "invalid_request_error", 503: "api_error"}
-
-_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                    503: "overloaded_error", 529: "overloaded_error"}
-
-
-def error_body(exc: BaseException, openai: bool = False, anthropic: bool = False) -> tuple[int, dict]:
-    """THE mapping of an exception to (status, JSON body)."""
-    exc = full_disk(exc) or exc     # a full disk is the 507 it is, wherever it came from
-    if isinstance(exc, MlxliteError):
-        status, message = exc.status, exc.message
-    elif isinstance(exc, ClientGone):
-        status, message = 499, "request canceled"
-    else:
-        status, message = 500, f"internal error: {type(exc).__name__}"
-    if anthropic:
-        kind = _ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
-        return status, {"type": "error", "error": {"type": kind, "message": message}}
-    if openai:
-        kind = _OPENAI_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
-        return status, {"error": {"message": message, "type": kind, "param": None, "code": None}}
-    return status, {"error": message}
-
-
-# ---- the app (state shared by all requests) ---------------------------------------------
-class App:
-    def __init__(self, store: Any, scheduler: Scheduler, *, api_key: str = "", origins: list[str] | None = None,
-                 max_body: int = 32 << 20, check_host: bool = True, log_stream: TextIO | None = None,
-                 routes: dict | None = None) -> None:
-        self.store = store
-        self.scheduler = scheduler
-        self.api_key = api_key
-        self.origins = list(origins or [])
-        self.max_body = max_body
-        self.check_host = check_host
-        self.routes = routes if routes is not None else ROUTES
-        self.log_stream = log_stream
-        self.log_lock = threading.Lock()
-        self.request_counts: Counter = Counter()
-        self.started = time.time()
-        self.ids = itertools.count(1)
-
-    def log(self, record: dict) -> None:
-        line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
-        with self.log_lock:
-            stream = self.log_stream or sys.stderr
-            try:
-                stream.write(line)
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-
-
-class RequestContext:
-    """What a handler sees of one request."""
-
-    def __init__(self, handler: RequestHandler, app: App, rid: str) -> None:
-        self.handler = handler
-        self.app = app
-        self.id = rid
-        self.method = handler.command
-        url = urlsplit(handler.path)
-        self.path = url.path
-        self.query = parse_qs(url.query)
-        self.headers = handler.headers
-        self.params: dict[str, str] = {}
-        self.log: dict[str, Any] = {}
-        self.openai = self.path.startswith("/v1/")
-        self.anthropic = _is_anthropic(self.path)
-        self.body_pending = self._length() > 0 or "Transfer-Encoding" in self.headers
-        self._body: Any = None
-        self._read = False
-
-    def _length(self) -> int:
-        value = self.headers.get("Content-Length")
-        if value is None:
-            return 0
-        try:
-            n = int(value.strip())
-        except ValueError:
-            n = -1
-        if n < 0 or not value.strip().isdigit():
-            self.handler.close_connection = True
-            raise BadRequest("invalid Content-Length header")
-        return n
-
-    def body(self) -> bytes:
-        """The raw body (at most `max_body_bytes`)."""
-        if self._read:
-            return self._body
-        if "Transfer-Encoding" in self.headers:
-            self.handler.close_connection = True
-            raise BadRequest("chunked request bodies are not supported: send Content-Length")
-        n = self._length()
-        if n > self.app.max_body:
-            self.handler.close_connection = True
-            raise PayloadTooLarge(f"request body is {n} bytes, more than the limit of {self.app.max_body} "
-                                  "(MLXLITE_MAX_BODY_BYTES)")
-        data = self.handler.rfile.read(n) if n else b""
-        if len(data) != n:
-            self.handler.close_connection = True
-            raise ClientGone()
-        self._read, self._body, self.body_pending = True, data, False
-        return data
-
-    def json(self) -> Any:
-        """The body as JSON (None when empty); 400 on anything that isn't JSON."""
-        data = self.body()
-        if not data.strip():
-            return None
-        try:
-            value = json.loads(data, parse_constant=_no_constant)
-        except RecursionError:
-            raise BadRequest("invalid JSON: nested too deeply") from None
-        except ValueError as exc:
-            raise BadRequest(f"invalid JSON: {exc}") from None
-        return replace_lone_surrogates(value, data)
-
-    def gone(self) -> bool:
-        """True when the client has closed its connection (polled while we wait)."""
-        sock = self.handler.connection
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            if not readable:
-                return False
-            return sock.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
-
-
-def _is_anthropic(path: str) -> bool:
-    return path == "/v1/messages" or path.startswith(("/v1/messages/", "/v1/messages?"))
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+__all__ = ["MlxliteServer", "RequestHandler", "make_server", "serve_forever"]
 
 
 class RequestHandler(BaseHTTPRequestHandler):
@@ -305,7 +116,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         start = time.perf_counter()
         ctx = RequestContext.__new__(RequestContext)
         ctx.log, ctx.openai, ctx.path = {}, self.path.startswith("/v1/"), self.path
-        ctx.anthropic = _is_anthropic(self.path)
+        ctx.anthropic = is_anthropic(self.path)
         status, route, error = 500, None, None
         self._cors: list[tuple[str, str]] = []
         self._sent = False
@@ -472,52 +283,6 @@ class RequestHandler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
 
-class DaemonLock:
-    """`daemon.lock` in the store's root, flock-held for as long as a daemon serves that store.
-
-    Two daemons on one store would each keep models resident under their own memory
-    budget and keep-alive, so the second is refused and told where the first listens
-    (the holder writes its URL and pid into the file). The kernel drops the lock when
-    the holder dies, so a killed daemon never blocks the next one.
-    """
-
-    def __init__(self, root: Path | str) -> None:
-        self.path = Path(root) / "daemon.lock"
-        self._fh: IO[str] | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")  # noqa: SIM115 (held open while serving)
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read(4096)
-            fh.close()
-            try:
-                info = json.loads(holder)
-                where = f" on {info['url']} (pid {info['pid']})"
-            except (ValueError, TypeError, KeyError):
-                where = ""  # it has not written its address yet
-            raise Busy(f"another mlxlite daemon is already serving the store {self.path.parent}{where}; "
-                       "stop it first, or give this one its own MLXLITE_HOME") from None
-        self._fh = fh
-
-    def announce(self, url: str) -> None:
-        """Say where this daemon listens, for the message a second one gets."""
-        if self._fh is not None:
-            self._fh.truncate(0)
-            self._fh.write(json.dumps({"url": url, "pid": os.getpid()}))
-            self._fh.flush()
-
-    def release(self) -> None:
-        if self._fh is not None:
-            self._fh.truncate(0)
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
-
-
 class MlxliteServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -626,7 +391,7 @@ def make_server(host_port: str | None = None, *, store: Any = None, scheduler: S
     app = App(store, scheduler, api_key=api_key,
               origins=config.get("origins") if origins is None else origins,
               max_body=int(config.get("max_body_bytes")) if max_body is None else max_body,
-              check_host=loopback, log_stream=log_stream)
+              check_host=loopback, log_stream=log_stream, routes=ROUTES)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if host == "localhost":
         host = "127.0.0.1"

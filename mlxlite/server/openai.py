@@ -30,6 +30,7 @@ from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.sched import GenerateJob
 from mlxlite.server import wire
 from mlxlite.server.native import Calls, Text, embed_vectors, gather, generation, resolve
+from mlxlite.server.prompt import PromptSpec
 from mlxlite.server.wire import Reply, Stream, Summary
 
 FINGERPRINT = "fp_mlxlite"
@@ -212,7 +213,7 @@ def handle_chat_completions(ctx: Any) -> Reply | Stream:
     want_logprobs = wire.get(body, "logprobs", bool, False) or top > 0
     think = wire.reasoning_effort(body.get("reasoning_effort"), "reasoning_effort")
     entry = resolve(ctx, name)
-    spec = wire.PromptSpec(name.display, messages=messages, tools=tools, think=think, think_strict=False)
+    spec = PromptSpec(name.display, messages=messages, tools=tools, think=think, think_strict=False)
     job = GenerateJob(entry, spec, overrides, wire.keep_alive(body), fmt, top_logprobs=top)
     tool_names = [t["function"]["name"] for t in tools] if tools else None
     cid, created, model = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), name.display
@@ -281,7 +282,7 @@ def handle_completions(ctx: Any) -> Reply | Stream:
     fmt = _response_format(body)
     entry = resolve(ctx, name)
     # Completions are raw: the prompt goes to the model as written, like Ollama's raw mode.
-    spec = wire.PromptSpec(name.display, prompt=prompt, raw=True, suffix=suffix, think=False)
+    spec = PromptSpec(name.display, prompt=prompt, raw=True, suffix=suffix, think=False)
     job = GenerateJob(entry, spec, overrides, wire.keep_alive(body), fmt)
     cid, created, model = f"cmpl-{secrets.token_hex(12)}", int(time.time()), name.display
     summary = Summary()

@@ -34,6 +34,7 @@ from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.sched import GenerateJob
 from mlxlite.server import wire
 from mlxlite.server.native import Calls, gather, generation, resolve
+from mlxlite.server.prompt import PromptSpec
 from mlxlite.server.wire import Reply, Stream, Summary
 
 _STATEFUL = {
@@ -309,7 +310,7 @@ def handle_responses(ctx: Any) -> Reply | Stream:
     think, reasoning = _reasoning(body)
     want_logprobs, top = _logprobs(body)
     entry = resolve(ctx, name)
-    spec = wire.PromptSpec(name.display, messages=messages, tools=tools, think=think, think_strict=False)
+    spec = PromptSpec(name.display, messages=messages, tools=tools, think=think, think_strict=False)
     job = GenerateJob(entry, spec, overrides, wire.keep_alive(body), fmt, truncate=truncation == "auto",
                       top_logprobs=top)
     tool_names = [t["function"]["name"] for t in tools] if tools else None

@@ -2,15 +2,9 @@
 
 Contract: `parse_*` functions take a decoded JSON body and return frozen dataclasses or
 raise `BadRequest` naming the field (wrong type, out of range), before any byte of a
-response is written. `PromptSpec.render` turns a request's prompt into token ids on the
-MLX thread (the chat template lives on the loaded model); a chat longer than num_ctx
-loses its oldest whole messages (never the system prompt, never the latest message, never
-part of one) unless the request says `truncate: false`, and `Rendered` says how many.
-`think` (true, false or a level) renders the template with `enable_thinking` (and
-`reasoning_effort` for a level) where the template supports thinking; asked of one that
-does not, it is a 400 (`"x" does not support thinking`, as Ollama says) or, for routes
-whose clients send it by default, ignored. `Rendered.thinking` says whether the prompt
-ends inside an opened `<think>` section.
+response is written; the prompt they carry is a `prompt.PromptSpec` (rendered on the MLX
+thread).
+`think` is true, false or a level (`check_think`); how it renders is `prompt.py`'s.
 `Reply` and `Stream` are what route handlers return to `daemon.py`. Shapes follow
 Ollama's `docs/api.md`: durations in nanoseconds, `created_at` RFC 3339 in UTC.
 Never imports mlx.
@@ -30,8 +24,8 @@ from typing import Any
 from mlxlite import config, names, options
 from mlxlite.constrain import compile_spec
 from mlxlite.errors import BadRequest, Unsupported
-from mlxlite.formats import templates, thinking
 from mlxlite.names import ModelName
+from mlxlite.server.prompt import PromptSpec
 
 
 # ---- what handlers hand back to the server ------------------------------------------
@@ -198,157 +192,6 @@ def check_images(value: Any, key: str = "images") -> None:
     if not isinstance(value, list):
         raise BadRequest(f"invalid {key}: expected an array")
     raise Unsupported("this model does not support images")
-
-
-# ---- prompts -------------------------------------------------------------------------
-def supports_tools(template: Any) -> bool:
-    flag = getattr(template, "supports_tools", None)
-    if flag is not None:
-        return bool(flag)
-    return "tools" in (getattr(template, "source", "") or "")
-
-
-def supports_thinking(template: Any) -> bool:
-    flag = getattr(template, "supports_thinking", None)
-    if flag is not None:
-        return bool(flag)
-    return thinking.supported_by(getattr(template, "source", "") or "")
-
-
-@dataclass(frozen=True)
-class Rendered:
-    """A prompt as token ids, how many of the chat's oldest messages were left out, and
-    whether it ends inside a thinking section its template opened (`<think>`)."""
-
-    tokens: list[int]
-    truncated_messages: int = 0
-    thinking: bool = False
-
-
-def _opens_thinking(text: str) -> bool:
-    return text.rstrip().endswith(thinking.OPENING)
-
-
-def output_room(num_ctx: int, num_predict: int) -> int:
-    """Tokens kept free for the reply when a prompt must shrink to fit: num_predict when
-    set, else half the window (the engine's `truncate` keeps the same room)."""
-    room = num_predict if num_predict > 0 else num_ctx // 2
-    return max(1, min(room, num_ctx // 2))
-
-
-@dataclass(frozen=True)
-class PromptSpec:
-    """A request's prompt before the model's template is known."""
-
-    model: str                                  # display name, for error messages
-    prompt: str | None = None                   # /api/generate
-    messages: tuple[dict, ...] | None = None    # /api/chat
-    system: str | None = None
-    template: str | None = None
-    raw: bool = False
-    suffix: str | None = None
-    tools: tuple[dict, ...] | None = None
-    context: tuple[int, ...] = ()
-    fit: bool = True                            # chat: drop the oldest messages to fit num_ctx
-    think: bool | str | None = None             # None: the template's default
-    think_strict: bool = True                   # think asked of a model that can't: 400, else ignored
-
-    def to_tokens(self, loaded: Any, engine: Any) -> list[int]:
-        return self.render(loaded, engine).tokens
-
-    def render(self, loaded: Any, engine: Any, num_ctx: int = 0, num_predict: int = -1) -> Rendered:
-        """Token ids of the prompt. A chat (`messages`) of num_ctx tokens or more, with
-        `fit`, keeps its system messages and its latest messages: the oldest others are
-        dropped whole until the prompt leaves `output_room` for the reply; if even the
-        latest message alone cannot fit, that is a `BadRequest`."""
-        if self.suffix:
-            raise BadRequest(f'"{self.model}" does not support insert')
-        if self.tools and not supports_tools(loaded.template):
-            raise BadRequest(f'"{self.model}" does not support tools')
-        think, thinks = self.think, supports_thinking(loaded.template)
-        if think not in (None, False) and not thinks:
-            if self.think_strict:
-                raise BadRequest(f'"{self.model}" does not support thinking')
-            think = None
-        context = list(self.context)
-        if self.raw:
-            return Rendered(context + engine.tokenize(loaded, self.prompt or "", add_special=not context))
-        system = self.system if self.system is not None else loaded.system
-        template = loaded.template
-        if self.template is not None:
-            # Ollama's generate with its own template: [system,] (the model's MESSAGEs unless
-            # there is a context,) the prompt, run as an Ollama Go template. As in Ollama,
-            # `.Think` is true by default for a model that can think.
-            template = templates.GoChatTemplate(self.template, name="request")
-            turns = [] if context else list(loaded.messages or [])
-            chat = [*([{"role": "system", "content": system}] if system else []), *turns,
-                    {"role": "user", "content": self.prompt or ""}]
-            text = template.render(chat, tools=[], think=think if think is not None else thinks)
-            return Rendered(context + engine.tokenize(loaded, text, add_special=not context),
-                            thinking=_opens_thinking(text))
-        chat = list(self.messages) if self.messages is not None else [{"role": "user", "content": self.prompt or ""}]
-        # Jinja templates (Qwen3's) read an earlier turn's reasoning as `reasoning_content`.
-        messages = [{**m, "reasoning_content": m["thinking"]} if m.get("thinking") and "reasoning_content" not in m
-                    else m for m in templates.assemble(chat, system, loaded.messages)]
-        # /api/generate passes an empty tool list, /api/chat the request's (Ollama's rule).
-        tools = list(self.tools) if self.tools else ([] if self.messages is None else None)
-        extra: dict[str, Any] = {}
-        if think is not None and thinks:
-            if isinstance(template, templates.GoChatTemplate):
-                extra["think"] = think                  # Ollama's templates read .Think, .ThinkLevel
-            else:
-                extra["enable_thinking"] = bool(think)  # jinja: Qwen3's, SmolLM3's
-                if isinstance(think, str):
-                    extra["reasoning_effort"] = think
-        add_special = bool(getattr(template, "add_special", False)) and not context
-        opened = [False]
-
-        def tokens_of(msgs: list[dict]) -> list[int]:
-            text = template.render(msgs, tools=tools, add_generation_prompt=True, **extra)
-            opened[0] = _opens_thinking(text)
-            return context + engine.tokenize(loaded, text, add_special=add_special)
-
-        tokens = tokens_of(messages)
-        if self.messages is None or not self.fit or num_ctx <= 0 or len(tokens) < num_ctx:
-            return Rendered(tokens, thinking=opened[0])
-        fitted = _fit_chat(messages, tokens_of, num_ctx, output_room(num_ctx, num_predict))
-        return Rendered(fitted.tokens, fitted.truncated_messages, opened[0])
-
-
-def _fit_chat(messages: list[dict], tokens_of: Any, num_ctx: int, room: int) -> Rendered:
-    """The chat without its oldest non-system messages, dropped whole: the fewest that
-    leave `room` tokens for the reply. A cut only ever starts the kept turns at a user
-    message (templates that insist on user/assistant alternation stay happy) or at the
-    latest message. The latest message is always kept; if it cannot fit, a 400."""
-    turns = [i for i, m in enumerate(messages) if m.get("role") != "system"]
-    # cuts[k]: drop turns[:cuts[k]]; ascending, so the prompt shrinks (or stays) along it.
-    cuts = [j for j in range(1, len(turns)) if messages[turns[j]].get("role") == "user"]
-    if turns and (not cuts or cuts[-1] != len(turns) - 1):
-        cuts.append(len(turns) - 1)
-
-    def kept(cut: int) -> list[dict]:
-        gone = set(turns[:cut])
-        return [m for i, m in enumerate(messages) if i not in gone]
-
-    best: Rendered | None = None
-    lo, hi = 0, len(cuts) - 1
-    while lo <= hi:         # the fewest dropped that fit, in log2(len) renders
-        mid = (lo + hi) // 2
-        tokens = tokens_of(kept(cuts[mid]))
-        if len(tokens) + room <= num_ctx:
-            best, hi = Rendered(tokens, cuts[mid]), mid - 1
-        else:
-            lo = mid + 1
-    if best is not None:
-        return best
-    if cuts:                # nothing leaves the whole room: the latest message alone, if it fits at all
-        tokens = tokens_of(kept(cuts[-1]))
-        if len(tokens) < num_ctx:
-            return Rendered(tokens, cuts[-1])
-    else:
-        tokens = tokens_of(messages)
-    raise BadRequest(f"the chat's latest message does not fit the context window: the prompt is {len(tokens)} "
-                     f"tokens with every older message dropped, num_ctx={num_ctx}; shorten it or raise num_ctx")
 
 
 # ---- native requests -----------------------------------------------------------------

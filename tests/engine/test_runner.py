@@ -231,7 +231,7 @@ def test_modelfile_layers_set_defaults_system_messages_and_template(store, tiny_
 
 def test_an_ollama_go_template_layer_is_run_as_go_runs_it(store, tiny_gguf_model):
     from mlxlite.engine import runner
-    from mlxlite.server import wire
+    from mlxlite.server.prompt import PromptSpec
 
     entry = store.resolve(tiny_gguf_model)
     go = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
@@ -245,7 +245,7 @@ def test_an_ollama_go_template_layer_is_run_as_go_runs_it(store, tiny_gguf_model
         chat = ({"role": "user", "content": "hi"}, {"role": "user", "content": "there"})
         text = loaded.template.render(list(chat), tools=[{"type": "function", "function": {"name": "f"}}])
         assert text == "<|im_start|>user\nhi\n\nthere<|im_end|>\n<|im_start|>tools\nf <|im_end|>\n<|im_start|>assistant\n"
-        spec = wire.PromptSpec("tiny-go", messages=chat, tools=({"type": "function", "function": {"name": "f"}},))
+        spec = PromptSpec("tiny-go", messages=chat, tools=({"type": "function", "function": {"name": "f"}},))
         assert spec.to_tokens(loaded, runner) == runner.tokenize(loaded, text, add_special=True)
     finally:
         runner.unload(loaded)

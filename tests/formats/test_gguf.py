@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from mlxlite.errors import BadRequest, Unsupported
-from mlxlite.formats import gguf
+from mlxlite.formats import archs, gguf
 
 
 def test_header_lists_metadata_and_mixed_tensor_types(tiny_gguf_path):
@@ -101,7 +101,7 @@ def test_qwen2_config_has_no_permutation_and_own_defaults(tiny_gguf_path):
     del meta["qwen2.rope.freq_base"]
     cfg = gguf.model_config(gguf.Header(h.path, 3, meta, h.tensors))
     assert cfg["model_type"] == "qwen2" and cfg["rope_theta"] == 1e6
-    assert "qwen2" not in gguf.PERMUTED_QK
+    assert not archs.get("qwen2").permute_qk
 
 
 HARD = "Price: 12345 € café naïve 😀🎉\ttab\t\t<|im_start|>user\nHello   world<|im_end|> 3.14159 ÀÉÎ\r\n"

@@ -8,7 +8,7 @@ import pytest
 from mlxlite.sched import GenerateJob, Scheduler, is_finish
 from mlxlite.sched.metrics import Registry
 from mlxlite.sched.prefix_cache import PrefixCache
-from mlxlite.server.wire import PromptSpec
+from mlxlite.server.prompt import PromptSpec
 from tests.fake_engine import FakeEngine, add_fake_model
 
 

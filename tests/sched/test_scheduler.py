@@ -17,7 +17,7 @@ from mlxlite.sched import (
     TokenizeJob,
     is_finish,
 )
-from mlxlite.server.wire import PromptSpec
+from mlxlite.server.prompt import PromptSpec
 from tests.fake_engine import FakeEngine, add_fake_model, wait_for
 
 

@@ -11,7 +11,7 @@ import pytest
 from mlxlite import options
 from mlxlite.errors import Busy, OutOfMemory
 from mlxlite.server.anthropic import parse_messages
-from mlxlite.server.daemon import error_body
+from mlxlite.server.errors import error_body
 from tests.fake_engine import FakeEngine, RunningServer, add_fake_model
 
 WEATHER = {"name": "get_weather", "description": "Weather in a city",

@@ -417,11 +417,11 @@ def test_metrics_count_requests_by_route_and_status(srv):
 
 
 def test_route_table_is_data_and_extends_with_one_entry(store):
-    from mlxlite.server import daemon as server
+    from mlxlite.server.routes import ROUTES
     from mlxlite.server.wire import Reply
 
-    assert ("POST", "/api/chat") in server.ROUTES
-    routes = dict(server.ROUTES)
+    assert ("POST", "/api/chat") in ROUTES
+    routes = dict(ROUTES)
     routes[("GET", "/api/things/{digest}")] = lambda ctx: Reply({"digest": ctx.params["digest"]})
     with RunningServer(FakeEngine(), store) as srv:
         srv.app.routes = routes
@@ -552,7 +552,7 @@ def test_slow_generations_and_streams_outlive_the_read_timeouts(store):
         waiter.join(30)
         ((status, whole),) = done
         assert status == 200 and whole["response"] == engine.reply
-        assert [r["status"] for r in srv.log_lines()] == [200, 200]
+        assert [r["status"] for r in srv.logged("/api/generate", 2)] == [200, 200]
 
 
 def test_connection_limits_are_settings_with_env_vars(store, monkeypatch):
@@ -576,7 +576,7 @@ def test_a_full_disk_from_anywhere_maps_to_507_naming_where():
     import errno
     import os
 
-    from mlxlite.server.daemon import error_body
+    from mlxlite.server.errors import error_body
 
     exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/srv/models/x")
     assert error_body(exc) == (507, {"error": "no space left on device at /srv/models/x"})

@@ -5,6 +5,7 @@ import pytest
 from mlxlite.errors import BadRequest, InvalidName, Unsupported
 from mlxlite.formats import tools
 from mlxlite.server import wire as api
+from mlxlite.server.prompt import PromptSpec
 from tests.fake_engine import FakeEngine, FakeLoaded
 
 
@@ -72,20 +73,20 @@ def test_prompt_spec_uses_model_system_messages_and_template():
     engine, loaded = FakeEngine(), FakeLoaded("m", "sha256:0")
     loaded.system = "model system"
     loaded.messages = [{"role": "user", "content": "earlier"}]
-    spec = api.PromptSpec("m", messages=({"role": "user", "content": "now"},))
+    spec = PromptSpec("m", messages=({"role": "user", "content": "now"},))
     text = engine.detokenize(loaded, spec.to_tokens(loaded, engine))
     assert text == "<|system|>model system\n<|user|>earlier\n<|user|>now\n<|assistant|>"
-    own = api.PromptSpec("m", prompt="q", system="mine")
+    own = PromptSpec("m", prompt="q", system="mine")
     assert engine.detokenize(loaded, own.to_tokens(loaded, engine)).startswith("<|system|>mine\n<|user|>earlier")
-    given = api.PromptSpec("m", messages=({"role": "system", "content": "req"}, {"role": "user", "content": "x"}))
+    given = PromptSpec("m", messages=({"role": "system", "content": "req"}, {"role": "user", "content": "x"}))
     # A request's own system prompt also goes first (Ollama would put it after the model's
     # MESSAGEs, which makes templates like SmolLM2's inject their default system prompt).
     assert engine.detokenize(loaded, given.to_tokens(loaded, engine)).startswith("<|system|>req\n<|user|>earlier")
     with pytest.raises(BadRequest, match="does not support insert"):
-        api.PromptSpec("m", prompt="a", suffix="b").to_tokens(loaded, engine)
+        PromptSpec("m", prompt="a", suffix="b").to_tokens(loaded, engine)
     loaded.template.supports_tools = False
     with pytest.raises(BadRequest, match="does not support tools"):
-        api.PromptSpec("m", messages=(), tools=({"function": {"name": "f"}},)).to_tokens(loaded, engine)
+        PromptSpec("m", messages=(), tools=({"function": {"name": "f"}},)).to_tokens(loaded, engine)
 
 
 def test_think_renders_the_template_accordingly_and_is_a_400_for_a_model_that_cannot():
@@ -97,34 +98,34 @@ def test_think_renders_the_template_accordingly_and_is_a_400_for_a_model_that_ca
     chat = ({"role": "user", "content": "q"},)
     for think, extra in [(None, {}), (True, {"enable_thinking": True}), (False, {"enable_thinking": False}),
                          ("high", {"enable_thinking": True, "reasoning_effort": "high"})]:
-        out = api.PromptSpec("m", messages=chat, think=think).render(loaded, engine)
+        out = PromptSpec("m", messages=chat, think=think).render(loaded, engine)
         assert engine.template.extras[-1] == extra and not out.thinking
         text = engine.detokenize(loaded, out.tokens)
         assert text.endswith("<|assistant|><think>\n\n</think>\n\n" if think is False else "<|assistant|>")
     engine.template.opens = True        # DeepSeek-R1's: the generation prompt opens the section
-    assert api.PromptSpec("m", messages=chat).render(loaded, engine).thinking
+    assert PromptSpec("m", messages=chat).render(loaded, engine).thinking
     # An earlier turn's thinking reaches jinja templates as `reasoning_content` (Qwen3's name).
     seen = []
     engine.template.render = lambda msgs, **kw: seen.extend(msgs) or "x"
-    api.PromptSpec("m", messages=({"role": "assistant", "content": "a", "thinking": "t"},)).render(loaded, engine)
+    PromptSpec("m", messages=({"role": "assistant", "content": "a", "thinking": "t"},)).render(loaded, engine)
     assert seen[0]["reasoning_content"] == "t"
 
     plain = FakeLoaded("m", "sha256:0")
     for think in (True, "low"):
         with pytest.raises(BadRequest, match='"m" does not support thinking'):
-            api.PromptSpec("m", messages=chat, think=think).render(plain, engine)
+            PromptSpec("m", messages=chat, think=think).render(plain, engine)
         with pytest.raises(BadRequest, match="does not support thinking"):
-            api.PromptSpec("m", prompt="p", raw=True, think=think).render(plain, engine)
-        lenient = api.PromptSpec("m", messages=chat, think=think, think_strict=False).render(plain, engine)
+            PromptSpec("m", prompt="p", raw=True, think=think).render(plain, engine)
+        lenient = PromptSpec("m", messages=chat, think=think, think_strict=False).render(plain, engine)
         assert engine.detokenize(plain, lenient.tokens).endswith("<|assistant|>")
-    assert api.PromptSpec("m", messages=chat, think=False).render(plain, engine).tokens
+    assert PromptSpec("m", messages=chat, think=False).render(plain, engine).tokens
     assert plain.template.extras == [{}, {}, {}]         # nothing passed to a template that can't think
     # A request's own Go template reads .Think (true by default for a model that can think;
     # a true think's .ThinkLevel is "medium", as Ollama's ThinkValue prints it).
     go = "{{ if .Think }}T{{ else }}F{{ end }}:{{ .ThinkLevel }}:{{ .Prompt }}"
     for think, model, want in [(None, loaded, "T:medium:p"), (False, loaded, "F::p"), ("low", loaded, "T:low:p"),
                                (None, plain, "F::p")]:
-        tokens = api.PromptSpec("m", prompt="p", template=go, think=think).to_tokens(model, engine)
+        tokens = PromptSpec("m", prompt="p", template=go, think=think).to_tokens(model, engine)
         assert engine.detokenize(model, tokens) == want
     assert [api.check_think({"think": v}) for v in (None, True, False, "medium")] == [None, True, False, "medium"]
 
@@ -138,14 +139,14 @@ def _turns(n: int, size: int = 100) -> list[dict]:
 def test_a_long_chat_drops_its_oldest_whole_messages_and_keeps_the_system_prompt():
     engine, loaded = FakeEngine(), FakeLoaded("m", "sha256:0")
     chat = ({"role": "system", "content": "S" * 50}, *_turns(3))      # system, u0 a1 u2 a3 u4
-    spec = api.PromptSpec("m", messages=chat)
+    spec = PromptSpec("m", messages=chat)
     full = spec.render(loaded, engine)
     assert len(full.tokens) > 500 and full.truncated_messages == 0
     # 600 tokens, 100 kept for the reply: u0 a1 go (a cut starts at a user message).
     fitted = spec.render(loaded, engine, num_ctx=600, num_predict=100)
     text = engine.detokenize(loaded, fitted.tokens)
     assert fitted.truncated_messages == 2 and len(fitted.tokens) + 100 <= 600
-    assert text == engine.detokenize(loaded, api.PromptSpec("m", messages=(chat[0], *chat[3:])).to_tokens(
+    assert text == engine.detokenize(loaded, PromptSpec("m", messages=(chat[0], *chat[3:])).to_tokens(
         loaded, engine))
     # Without num_predict the reply gets half the window: only the latest message stays.
     alone = spec.render(loaded, engine, num_ctx=600)
@@ -153,14 +154,14 @@ def test_a_long_chat_drops_its_oldest_whole_messages_and_keeps_the_system_prompt
     assert "u4" in engine.detokenize(loaded, alone.tokens) and "a3" not in engine.detokenize(loaded, alone.tokens)
     # A chat that fits is never touched, even with little room left; `fit=False` never drops.
     assert spec.render(loaded, engine, num_ctx=len(full.tokens) + 1, num_predict=400) == full
-    assert api.PromptSpec("m", messages=chat, fit=False).render(loaded, engine, num_ctx=600) == full
+    assert PromptSpec("m", messages=chat, fit=False).render(loaded, engine, num_ctx=600) == full
     # Room for the reply is what it can get when only the latest message is left.
     tight = spec.render(loaded, engine, num_ctx=200, num_predict=150)
     assert tight.truncated_messages == 4 and len(tight.tokens) < 200
     with pytest.raises(BadRequest, match=r"latest message does not fit .* num_ctx=150"):
         spec.render(loaded, engine, num_ctx=150)
     # /api/generate prompts are not chats: left to the engine (400, or `truncate: true`).
-    long = api.PromptSpec("m", prompt="x" * 700)
+    long = PromptSpec("m", prompt="x" * 700)
     assert len(long.render(loaded, engine, num_ctx=600).tokens) > 600
 
 
@@ -184,7 +185,7 @@ def test_chat_truncate_false_refuses_and_the_engine_never_cuts_a_chat():
 ])
 def test_a_request_template_runs_as_ollama_runs_it(template, expected):
     engine, loaded = FakeEngine(), FakeLoaded("m", "sha256:0")
-    spec = api.PromptSpec("m", prompt="P", system="S", template=template)
+    spec = PromptSpec("m", prompt="P", system="S", template=template)
     tokens = spec.to_tokens(loaded, engine)
     assert engine.detokenize(loaded, tokens) == expected
     assert tokens[0] == 256     # the tokenizer adds BOS: Ollama's templates never write it
@@ -194,19 +195,19 @@ def test_a_models_go_template_gets_the_tokenizers_bos_and_a_jinja_one_does_not()
     from mlxlite.formats import GoChatTemplate
 
     engine, loaded = FakeEngine(), FakeLoaded("m", "sha256:0")
-    spec = api.PromptSpec("m", messages=({"role": "user", "content": "hi"},))
+    spec = PromptSpec("m", messages=({"role": "user", "content": "hi"},))
     assert spec.to_tokens(loaded, engine)[0] != 256         # the fake's template stands for jinja: it writes BOS
     loaded.template = GoChatTemplate("{{ range .Messages }}{{ .Content }}{{ end }}")
     assert spec.to_tokens(loaded, engine) == [256, *b"hi"]
-    assert api.PromptSpec("m", messages=spec.messages, context=(7,)).to_tokens(loaded, engine) == [7, *b"hi"]
+    assert PromptSpec("m", messages=spec.messages, context=(7,)).to_tokens(loaded, engine) == [7, *b"hi"]
 
 
 def test_a_request_template_that_does_not_parse_or_run_is_a_400():
     engine, loaded = FakeEngine(), FakeLoaded("m", "sha256:0")
     with pytest.raises(BadRequest, match=r"invalid Go template \(request\): unexpected EOF"):
-        api.PromptSpec("m", prompt="P", template="{{ if .System }}").to_tokens(loaded, engine)
+        PromptSpec("m", prompt="P", template="{{ if .System }}").to_tokens(loaded, engine)
     with pytest.raises(BadRequest, match=r"failed to render: template: 1:13: .*can't evaluate field X in type"):
-        api.PromptSpec("m", prompt="P", template="{{ .Messages.X }}").to_tokens(loaded, engine)
+        PromptSpec("m", prompt="P", template="{{ .Messages.X }}").to_tokens(loaded, engine)
 
 
 def test_embed_inputs_and_resize():
