@@ -59,6 +59,7 @@ def child(args: argparse.Namespace) -> dict:
 
     from mlxlite import options
     from mlxlite.engine import blas, runner
+    from mlxlite.engine.gguf import mlx_lm_tokenizer
     from mlxlite.store import Store
     from mlxlite.store.importers import import_path
 
@@ -72,14 +73,15 @@ def child(args: argparse.Namespace) -> dict:
     short_ids = _prompt(loaded, 16)
     # Both engines must run exactly N tokens: no early EOS on either side.
     loaded.eos_token_ids = frozenset()
-    loaded.tokenizer.eos_token_ids = set()
+    their_tokenizer = mlx_lm_tokenizer(loaded.tokenizer)     # mlx-lm's wrapper of the same tokenizer
+    their_tokenizer.eos_token_ids = set()
 
     def ours(ids, n):
         opts = options.parse({"temperature": 0, "num_predict": n, "num_ctx": 4096})
         return lambda: (p.token for p in runner.generate(loaded, ids, opts) if isinstance(p, runner.Piece))
 
     def theirs(ids, n):
-        return lambda: (r.token for r in mlx_lm.stream_generate(loaded.model, loaded.tokenizer, ids, max_tokens=n,
+        return lambda: (r.token for r in mlx_lm.stream_generate(loaded.model, their_tokenizer, ids, max_tokens=n,
                                                                 prefill_step_size=512))
 
     engines = (("mlxlite", ours), ("mlx_lm", theirs))

@@ -97,6 +97,7 @@ def _start_mlx_lm_server(loaded, gguf: Path, tmp: Path) -> tuple[subprocess.Pope
     try:
         from mlx_lm.utils import save_config, save_model
 
+        from mlxlite.engine.gguf import mlx_lm_tokenizer
         from mlxlite.formats import gguf as gg
 
         model_dir = tmp / "mlx_lm_model"
@@ -112,7 +113,7 @@ def _start_mlx_lm_server(loaded, gguf: Path, tmp: Path) -> tuple[subprocess.Pope
             first = next(iter(quantized.values()))
             cfg["quantization"] = {**first, **quantized}
         save_config(cfg, model_dir / "config.json")
-        loaded.tokenizer._tokenizer.save_pretrained(str(model_dir))
+        mlx_lm_tokenizer(loaded.tokenizer)._tokenizer.save_pretrained(str(model_dir))
         port = _free_port()
         proc = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", str(model_dir), "--port",
                                  str(port), "--max-tokens", "100000"],
@@ -138,13 +139,15 @@ def child(args: argparse.Namespace) -> dict:
 
     from mlxlite import options
     from mlxlite.engine import blas, runner
+    from mlxlite.engine.gguf import mlx_lm_tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="mlxlite-bench-server-"))
     os.environ["MLXLITE_HOME"] = str(tmp / "home")
     # Load through the server (on its MLX thread), then share the very same model object.
     server, host, port, loaded = start_daemon(args.gguf)
     loaded.eos_token_ids = frozenset()          # every engine makes exactly N tokens
-    loaded.tokenizer.eos_token_ids = set()
+    their_tokenizer = mlx_lm_tokenizer(loaded.tokenizer)     # mlx-lm's wrapper of the same tokenizer
+    their_tokenizer.eos_token_ids = set()
     text = WORDS * (1 + args.prompt_tokens // 20)
     opts = options.parse({"temperature": 0, "num_predict": args.tokens, "num_ctx": 4096})
     counter = itertools.count()
@@ -166,7 +169,7 @@ def child(args: argparse.Namespace) -> dict:
 
     def raw_mlx_lm():
         ids = fresh()[1]
-        return _stamps(lambda: mlx_lm.stream_generate(loaded.model, loaded.tokenizer, ids, max_tokens=args.tokens,
+        return _stamps(lambda: mlx_lm.stream_generate(loaded.model, their_tokenizer, ids, max_tokens=args.tokens,
                                                       prefill_step_size=opts.num_batch))
 
     def raw_runner():

@@ -106,7 +106,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("prefix_cache_disk_bytes", "MLXLITE_PREFIX_CACHE_DISK_BYTES", 256 << 20, int,
             "prefix caches saved under MLXLITE_HOME when a model unloads, reused after a restart (0: off)"),
     Setting("memory_budget_bytes", "MLXLITE_MEMORY_BUDGET_BYTES", 0, int,
-            "refuse to load models past this many bytes (0: 75% of physical memory)"),
+            "refuse to load models past this many bytes (0: 90% of the GPU's memory, on the CPU 75% of RAM)"),
     Setting("max_body_bytes", "MLXLITE_MAX_BODY_BYTES", 32 << 20, int,
             "largest JSON request body the daemon accepts, in bytes"),
     Setting("max_connections", "MLXLITE_MAX_CONNECTIONS", 256, int,
@@ -201,11 +201,14 @@ def describe() -> str:
     return "\n".join(lines)
 
 
-def memory_budget(value: int | None = None) -> int:
-    """Bytes of models allowed resident: `value`, else the setting, else 75% of RAM."""
+def memory_budget(value: int | None = None, device_bytes: int | None = None) -> int:
+    """Bytes of models allowed resident: `value`, else the setting, else 90% of the GPU's
+    memory when the engine reports one (`device_bytes`), else 75% of RAM."""
     budget = int(value if value is not None else get("memory_budget_bytes") or 0)
     if budget > 0:
         return budget
+    if device_bytes:
+        return int(device_bytes) * 9 // 10
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 // 4)
     except (ValueError, OSError, AttributeError):

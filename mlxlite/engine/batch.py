@@ -31,7 +31,15 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlxlite.engine.model import alternatives, check_prompt, context_window, new_cache, prefill, token_piece
+from mlxlite.engine.model import (
+    GENERATION_STREAM,
+    alternatives,
+    check_prompt,
+    context_window,
+    new_cache,
+    prefill,
+    token_piece,
+)
 from mlxlite.engine.sampling import allowed_logits, make_processors, make_sampler, top_alternatives
 from mlxlite.engine.text import StopMatcher, TextStream
 from mlxlite.options import Options
@@ -174,8 +182,6 @@ class Decoder:
         return self._mergeable
 
     def _admit(self, is_cancelled: Callable[[Any], bool], out: list) -> None:
-        from mlx_lm.generate import generation_stream
-
         room = self.max_batch if self._can_merge() else 1
         if len(self._batch) >= room and self._waiting:
             self._park_one()
@@ -191,7 +197,7 @@ class Decoder:
                 if seq.t0 is None:
                     seq.t0 = time.perf_counter()
                 end = min(len(seq.prompt) - 1, seq.pos + seq.step)
-                with mx.stream(generation_stream):
+                with mx.stream(GENERATION_STREAM):
                     prefill(self.loaded, seq.prompt[seq.pos:end], seq.cache, seq.step)
                 seq.fed.extend(seq.prompt[seq.pos:end])
                 seq.pos = end
@@ -205,7 +211,6 @@ class Decoder:
         """New short prompts at the head of the queue (each within one chunk) are prefilled
         together in one left-padded forward pass and join at once: concurrent arrivals cost
         one batched pass instead of one pass each. False if there was no such group."""
-        from mlx_lm.generate import generation_stream
         from mlx_lm.models.cache import BatchKVCache
 
         group: list[_Seq] = []
@@ -224,7 +229,7 @@ class Decoder:
         caches = [BatchKVCache(pads) for _ in range(layers)]
         rows = mx.array([[0] * p + s.prompt[:n] for s, p, n in zip(group, pads, lens, strict=True)], dtype=mx.uint32)
         t0 = time.perf_counter()
-        with mx.stream(generation_stream):
+        with mx.stream(GENERATION_STREAM):
             self.loaded.model(rows, cache=caches)
             mx.eval([a for c in caches for a in (c.keys, c.values)])
         for s, n in zip(group, lens, strict=True):
@@ -308,10 +313,8 @@ class Decoder:
         """One decode step's graph for the whole batch: sampled tokens [B] and their logprobs
         [B]; when a member wants top_logprobs, also the top K ids and logprobs [B, K] (K the
         most any member wants)."""
-        from mlx_lm.generate import generation_stream
-
         batch, eos = self._batch, self.loaded.eos_token_ids
-        with mx.stream(generation_stream):
+        with mx.stream(GENERATION_STREAM):
             logits = self.loaded.model(inputs[:, None], cache=self._cache)[:, -1, :]
             if any(s.processors or s.constraint is not None for s in batch):
                 rows = []

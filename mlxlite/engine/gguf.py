@@ -1,8 +1,9 @@
 """GGUF -> an mlx-lm model and tokenizer, on MLX. Used by `model.load`.
 
-Contract: `load_gguf(path, dequantize)` returns `(model, tokenizer_wrapper, spec, header,
-config)`. Arrays come from `quants.read_tensor`, tensor by tensor: quantized types stay
-packed (MLX affine, group size 32: K-quants repacked or re-quantized, see that module), bits
+Contract: `load_gguf(path, dequantize)` returns `(model, tokenizer, spec, header, config)`,
+the tokenizer a `GGUFTokenizer` over `tokenizers` (no transformers; `mlx_lm_tokenizer`
+makes mlx-lm's wrapper of it, to run mlx-lm itself on the model). Arrays come from
+`quants.read_tensor`, tensor by tensor: quantized types stay packed (MLX affine, group size 32: K-quants repacked or re-quantized, see that module), bits
 inferred per module from the shapes (files mix types: the default model's embedding is
 Q8_0, the rest Q4_1); `config["_tensors"]` says how each type was loaded. Names and
 llama.cpp's conversion quirks come from the family's `Arch` (`formats/archs/`), applied here
@@ -223,7 +224,34 @@ def build_model(config: dict, weights: dict[str, mx.array], *, dequantize: bool,
     return model
 
 
-def build_tokenizer(spec: gguf.TokenizerSpec) -> Any:
+class GGUFTokenizer:
+    """What the engine asks of a tokenizer (`encode`, `decode`, `eos_token_ids`, the
+    `tokenizers` backend for the byte table), straight over the `tokenizers.Tokenizer` built
+    from the GGUF metadata. transformers' PreTrainedTokenizerFast wrapped it before and added
+    nothing used here but its import (seconds, torch included where installed)."""
+
+    def __init__(self, spec: gguf.TokenizerSpec) -> None:
+        from tokenizers import AddedToken
+
+        tok = spec.tokenizer
+        named = [t for t in (spec.bos_token, spec.eos_token, spec.unk_token, spec.pad_token) if t]
+        # As PreTrainedTokenizerFast did: the named tokens match whole in text, whatever their type.
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(named)])
+        self.backend_tokenizer = tok
+        self.bos_token, self.eos_token = spec.bos_token, spec.eos_token
+        self.eos_token_ids = sorted(spec.eos_token_ids)
+        self.kind = spec.kind
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend_tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def mlx_lm_tokenizer(tokenizer: GGUFTokenizer) -> Any:
+    """mlx-lm's TokenizerWrapper over the same tokenizer, for running mlx-lm itself on a GGUF
+    model (benchmarks and reference tests compare against it). Imports transformers."""
     from mlx_lm.tokenizer_utils import (
         BPEStreamingDetokenizer,
         NaiveStreamingDetokenizer,
@@ -232,11 +260,10 @@ def build_tokenizer(spec: gguf.TokenizerSpec) -> Any:
     )
     from transformers import PreTrainedTokenizerFast
 
-    hf = PreTrainedTokenizerFast(tokenizer_object=spec.tokenizer, bos_token=spec.bos_token,
-                                 eos_token=spec.eos_token, unk_token=spec.unk_token, pad_token=spec.pad_token,
-                                 chat_template=spec.chat_template)
-    detok = {"bpe": BPEStreamingDetokenizer, "spm": SPMStreamingDetokenizer}.get(spec.kind, NaiveStreamingDetokenizer)
-    return TokenizerWrapper(hf, detok, eos_token_ids=sorted(spec.eos_token_ids))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, bos_token=tokenizer.bos_token,
+                                 eos_token=tokenizer.eos_token)
+    detok = {"bpe": BPEStreamingDetokenizer, "spm": SPMStreamingDetokenizer}.get(tokenizer.kind, NaiveStreamingDetokenizer)
+    return TokenizerWrapper(hf, detok, eos_token_ids=list(tokenizer.eos_token_ids))
 
 
 def load_gguf(path: Path, *, on_cpu: bool, float32: bool, budget: int) -> tuple[Any, Any, gguf.TokenizerSpec, gguf.Header, dict]:
@@ -256,4 +283,4 @@ def load_gguf(path: Path, *, on_cpu: bool, float32: bool, budget: int) -> tuple[
         model = build_model(config, weights, dequantize=dequantize, on_cpu=on_cpu)
     config["_dequantized"] = dequantize
     config["_tensors"] = load_report(report)
-    return model, build_tokenizer(spec), spec, header, config
+    return model, GGUFTokenizer(spec), spec, header, config

@@ -13,15 +13,24 @@ Contract:
   - Per-sequence building blocks shared by `runner.generate` and `batch.Decoder`:
     `context_window`, `new_cache`, `prefill` (chunked, cancellable between chunks) and
     `check_prompt` (empty or too long for num_ctx is a `BadRequest`, unless truncating; so
-    is any prompt to an embedding-only model, `info["capabilities"] == ["embedding"]`).
+    is any prompt to an embedding-only model, `info["capabilities"] == ["embedding"]`);
+    `GENERATION_STREAM`, the (per-thread) stream they compute on.
+  - `memory_budget()`: bytes of weights allowed resident, against the GPU's memory on a GPU
+    (`mx.device_info()`), host RAM on the CPU; `end_thread()`: the MLX thread's last call.
+Importing this module defers mlx-lm's package `__init__` (which imports transformers, and
+torch where installed: seconds) until something asks the package itself for an attribute:
+GGUF models need only mlx-lm's model classes, cache and samplers; safetensors models load
+through `mlx_lm.utils`, which still imports transformers for their tokenizer.
 Called on the scheduler's MLX thread only.
 """
 
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import math
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +57,34 @@ from mlxlite.store import (
 )
 
 
+def _defer_mlx_lm_init() -> None:
+    """Register `mlx_lm` as a package whose `__init__` runs on first use of the package's
+    own attributes (`mlx_lm.load`, `from mlx_lm import ...`), not when a submodule such as
+    `mlx_lm.models.llama` is imported. Nothing changes for code that uses the package."""
+    if "mlx_lm" in sys.modules:
+        return
+    spec = importlib.util.find_spec("mlx_lm")
+    if spec is None or spec.loader is None or not spec.submodule_search_locations:
+        return
+    package = importlib.util.module_from_spec(spec)
+    lock = threading.Lock()
+
+    def __getattr__(name: str) -> Any:
+        with lock:
+            if package.__dict__.pop("__getattr__", None) is not None:
+                spec.loader.exec_module(package)
+        return getattr(package, name)
+
+    package.__getattr__ = __getattr__
+    sys.modules["mlx_lm"] = package
+
+
+_defer_mlx_lm_init()
+
+# Generation's own stream, one per thread (mlx-lm's is in `mlx_lm.generate`, which imports transformers).
+GENERATION_STREAM = mx.new_thread_local_stream(mx.default_device())
+
+
 @dataclass
 class Loaded:
     name: str
@@ -71,8 +108,35 @@ def on_cpu() -> bool:
     return mx.default_device().type == mx.DeviceType.cpu
 
 
+def device_memory() -> int | None:
+    """Bytes of the GPU's memory that MLX may use, when the default device is a GPU: Metal's
+    recommended working set (unified memory, shared with the host), CUDA's total memory."""
+    if on_cpu():
+        return None
+    try:
+        info = mx.device_info()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+    for key in ("max_recommended_working_set_size", "total_memory", "memory_size"):
+        value = info.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def memory_budget() -> int:
-    return config.memory_budget()
+    """The setting when set; else 90% of the GPU's memory on a GPU, 75% of RAM on the CPU."""
+    return config.memory_budget(device_bytes=device_memory())
+
+
+def end_thread() -> None:
+    """The MLX thread's last call before it exits: wait for its work, then free the streams it
+    made. MLX frees them at thread exit otherwise, which races the interpreter's own exit
+    (SIGABRT, "terminate called without an active exception", after a clean shutdown)."""
+    mx.synchronize()
+    clear = getattr(mx, "clear_streams", None)
+    if clear is not None:
+        clear()
 
 
 def _nbytes(model: Any) -> int:

@@ -19,6 +19,8 @@ Contract:
     `save_cache`, `load_cache` for the scheduler's prefix cache.
   - Samplers and text streaming per sequence: `make_sampler`, `make_processors`,
     `allowed_logits`, `TextStream`, `StopMatcher`.
+  - `memory_budget()` (the device's), `end_thread()`: the MLX thread's last call, which frees
+    MLX's per-thread streams before the thread exits (else a clean exit can abort).
 Never called from more than one thread at a time (the scheduler owns the MLX thread).
 """
 
@@ -34,11 +36,13 @@ import mlx.core as mx
 from mlxlite.engine.batch import Decoder, cache_nbytes, cache_prefix, load_cache, save_cache
 from mlxlite.engine.encoder import Encoder
 from mlxlite.engine.model import (
+    GENERATION_STREAM,
     Loaded,
     alternatives,
     check_prompt,
     context_window,
     detokenize,
+    end_thread,
     load,
     memory_budget,
     new_cache,
@@ -59,7 +63,7 @@ __all__ = [
     "Loaded", "Piece", "Finish", "load", "unload", "tokenize", "detokenize", "token_bytes", "token_piece", "generate",
     "embed", "context_window", "make_sampler", "make_processors", "allowed_logits", "new_cache", "prefill",
     "TextStream", "StopMatcher", "on_cpu", "memory_budget", "decoder", "cache_nbytes", "cache_prefix",
-    "save_cache", "load_cache",
+    "save_cache", "load_cache", "end_thread",
 ]
 
 
@@ -75,7 +79,6 @@ def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel:
     it holds the prompt, the generated tokens and possibly one look-ahead token: its
     `offset` says how many, `trim_prompt_cache` cuts it back.
     """
-    from mlx_lm.generate import generation_stream
 
     num_ctx = context_window(loaded, options)
     given = [int(t) for t in prompt_tokens]
@@ -102,7 +105,7 @@ def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel:
     def step(inp: mx.array) -> tuple[mx.array, ...]:
         """(token [1], its logprob [1, 1]) and, with top_logprobs, (ids [1, k], logprobs [1, k])."""
         nonlocal history
-        with mx.stream(generation_stream):
+        with mx.stream(GENERATION_STREAM):
             logits = model(inp[None], cache=cache)[:, -1, :]
             if processors:
                 history = mx.concatenate([history, inp])
@@ -127,7 +130,7 @@ def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel:
         out, hit = stops.feed(text.flush())
         return out if hit else out + stops.flush()
 
-    with mx.stream(generation_stream):
+    with mx.stream(GENERATION_STREAM):
         done = prefill(loaded, prompt[cached_tokens:-1], cache, max(1, options.num_batch), cancel)
     if not done or (cancel is not None and cancel.is_set()):
         yield finish("cancel", 0, None)

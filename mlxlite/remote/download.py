@@ -297,6 +297,7 @@ class _Download:
             os.close(dfd)
         with contextlib.suppress(FileNotFoundError):
             self.journal_path.unlink()
+        self.store.record_verified(self.digest)     # hashed as it came: the first load need not
         self.report(self.size)
 
     def _run_workers(self, units: queue.SimpleQueue, count: int) -> None:

@@ -11,7 +11,8 @@ Contract (used by `scheduler.Scheduler` on its MLX thread only; no mlx import):
     model B interleaves with model A's batch); routes Pieces/Finish to tickets; a finished
     sequence's KV cache goes into the prefix cache; a model whose decoder empties is
     released (its keep-alive starts). A sequence dropped before it ran gets `Failed(Cancelled)`.
-  - `has_work()`, `busy_digests()`, `active()`, `waiting()`, `drop(digest)` (on unload).
+  - `has_work()`, `busy_digests()`, `active()`, `waiting()`, `drop(digest)` (on unload),
+    `cancel_all()` (shutdown, from any thread), `close()` (every model dropped, caches saved).
   - Persistence: when a model unloads, its prefix-cache entries (most recent first, up to
     `prefix_cache_disk_bytes`) are written under `$MLXLITE_HOME/cache/prefix/<digest>/`
     (engine `save_cache`); when it loads again (a restart too) they are read back.
@@ -369,6 +370,11 @@ class Batches:
         except Exception:
             log.exception("saving prefix caches failed")
         self.prefix.drop_model(digest)
+
+    def cancel_all(self) -> None:
+        """Shutting down (any thread): every admitted sequence stops at its next step."""
+        for member in list(self._members.values()):
+            member.ticket.cancel()
 
     def close(self) -> None:
         for digest in list(self._decoders):

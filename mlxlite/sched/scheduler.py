@@ -9,6 +9,12 @@ the runner (or `Embedded`, `Tokenized`), or a single `Failed`. A ticket whose ca
 event is set stops within one engine step (the runner checks it between prefill chunks
 and decode steps); a queued job that is cancelled is dropped without running.
 
+Shutdown: `close()` cancels what runs, refuses what waits, unloads every model (its prefix
+caches are saved, `batch`), then the MLX thread's last call is the engine's `end_thread`
+(MLX's per-thread streams freed before the thread exits) and `close` returns whether the
+thread stopped in time. `on_event(record)`, when set, hears each load and unload (the daemon
+logs them: model, load time).
+
 Residency: a loaded model stays for its keep-alive (request value, else the
 `keep_alive` setting; 0 unloads after the request, negative keeps it forever), at most
 `max_loaded_models` at once, the least recently used idle one evicted first.
@@ -20,8 +26,9 @@ running batch at the next step and leave when done or cancelled; `num_parallel` 
 batch. A model is busy while its decoder holds sequences: only idle models are evicted
 (LRU) or expire; a job for a model that can't be loaded yet (all slots busy, or over
 `memory_budget_bytes` until a busy model goes idle) waits; one that could never fit gets
-`OutOfMemory`. Load/embed jobs run between steps. Models interleave step by step when
-they are loaded together (`max_loaded_models` >= 2, default 3); at 1, a job for another
+`OutOfMemory`. Without a set budget the engine's `memory_budget()` decides on the MLX
+thread (the GPU's memory on a GPU, host RAM on the CPU). Load/embed jobs run between
+steps. Models interleave step by step when they are loaded together (`max_loaded_models` >= 2, default 3); at 1, a job for another
 model waits until the running model's batch drains (its members are not preempted). `max_queue` bounds the jobs queued plus
 those admitted but not yet decoding. This module never imports mlx itself.
 """
@@ -68,6 +75,7 @@ class Resident:
     expires_at: float | None        # wall-clock seconds; None = never
     last_used: float
     token_bytes: list | None = None
+    load_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,7 @@ class ResidentInfo:
     expires_at: float | None
     info: dict
     active: bool
+    load_seconds: float = 0.0       # how long its load took (integrity check, weights, tokenizer)
 
 
 _STOP = object()
@@ -112,6 +121,9 @@ class Scheduler:
         self.counters = {"jobs": 0, "cancelled_in_queue": 0, "loads": 0, "unloads": 0,
                          "prompt_tokens": 0, "eval_tokens": 0, "cached_tokens": 0}
         self.memory_budget = config.memory_budget(memory_budget)
+        # A budget given or set is final; else the engine's, asked on the MLX thread (it knows the device).
+        self._budget_final = memory_budget is not None or int(config.get("memory_budget_bytes") or 0) > 0
+        self.on_event: Callable[[dict], None] | None = None
         self.batches = Batches(
             self, num_parallel if num_parallel is not None else int(config.get("num_parallel")),
             prefix_cache_bytes if prefix_cache_bytes is not None else int(config.get("prefix_cache_bytes")))
@@ -153,15 +165,19 @@ class Scheduler:
         with self._lock:
             return list(self._snapshot)
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Cancel what runs, drop what waits, unload everything, stop the thread."""
+    def close(self, timeout: float = 10.0) -> bool:
+        """Cancel what runs, drop what waits, unload everything, stop the thread; False if
+        the thread is still running after `timeout` seconds."""
         self._closed = True
         active = self._active
         if active is not None:
             active.cancel()
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            self._thread.join(timeout)
+        self.batches.cancel_all()       # decoding stops within one step or prefill chunk
+        if self._thread is None:
+            return True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     # ---- the MLX thread ---------------------------------------------------------------
     @property
@@ -173,6 +189,15 @@ class Scheduler:
         return self._engine
 
     def _loop(self) -> None:
+        try:
+            self._serve_jobs()
+        finally:
+            # Last on this thread: MLX's per-thread streams go before the thread exits (else
+            # their teardown can race the interpreter's exit and abort a clean shutdown).
+            if self._engine is not None and hasattr(self._engine, "end_thread"):
+                self._safe(self._engine.end_thread)
+
+    def _serve_jobs(self) -> None:
         while True:
             items: list[Any] = []
             busy = self.batches.has_work()
@@ -306,25 +331,45 @@ class Scheduler:
         self._make_room(entry)
         if ticket.cancelled:
             raise Cancelled("request canceled")
+        engine = self.engine    # importing it (mlx) on the first load is not the model's load time
         start = time.perf_counter()
-        loaded = self.engine.load(self.store, entry)
+        loaded = engine.load(self.store, entry)
+        seconds = time.perf_counter() - start
         self.counters["loads"] += 1
-        resident = Resident(entry, loaded, None, time.time())
+        resident = Resident(entry, loaded, None, time.time(), load_seconds=seconds)
         self._models[entry.digest] = resident
         self._publish()
-        return resident, time.perf_counter() - start
+        info = getattr(loaded, "info", {}) or {}
+        self._event({"event": "load", "model": entry.name.display, "digest": entry.digest,
+                     "load_ms": round(seconds * 1e3, 2), "size": int(getattr(loaded, "size_bytes", 0)),
+                     "device": info.get("device"), "weights": info.get("weights")})
+        return resident, seconds
+
+    def _event(self, record: dict) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event({"time": round(time.time(), 3), **record})
+            except Exception:   # a log that fails must not fail the job
+                log.exception("scheduler event listener failed")
+
+    def _budget(self) -> int:
+        if not self._budget_final and hasattr(self.engine, "memory_budget"):
+            self.memory_budget = int(self.engine.memory_budget())
+            self._budget_final = True
+        return self.memory_budget
 
     def _make_room(self, entry: Any) -> None:
         """Evict idle models (least recently used first) until `entry` may load: a free slot
         under `max_loaded_models` and its bytes within the memory budget. Busy models are
         never evicted: then the job waits (`_Wait`); past the budget on its own, OutOfMemory."""
         need = int(getattr(entry, "size", 0) or 0)
-        if need > self.memory_budget:
+        budget = self._budget()
+        if need > budget:
             raise OutOfMemory(f"model '{entry.name.display}' needs {need} bytes, more than the memory budget "
-                              f"of {self.memory_budget} bytes (memory_budget_bytes)")
+                              f"of {budget} bytes (memory_budget_bytes)")
         busy = self.batches.busy_digests()
         while (len(self._models) >= self.max_loaded
-               or sum(int(getattr(r.loaded, "size_bytes", 0)) for r in self._models.values()) + need > self.memory_budget):
+               or sum(int(getattr(r.loaded, "size_bytes", 0)) for r in self._models.values()) + need > budget):
             idle = [d for d in self._models if d not in busy]
             if not idle:
                 raise _Wait()
@@ -354,6 +399,7 @@ class Scheduler:
         finally:
             self.counters["unloads"] += 1
             self._publish()
+            self._event({"event": "unload", "model": resident.entry.name.display, "digest": digest})
 
     def _expire(self) -> None:
         now = time.time()
@@ -380,6 +426,7 @@ class Scheduler:
             snap.append(ResidentInfo(
                 name=r.entry.name.display, digest=digest, size=int(getattr(loaded, "size_bytes", 0)),
                 context_length=min(int(getattr(loaded, "context_length", 0)), num_ctx), expires_at=r.expires_at,
-                info=dict(getattr(loaded, "info", {}) or {}), active=digest in active))
+                info=dict(getattr(loaded, "info", {}) or {}), active=digest in active,
+                load_seconds=r.load_seconds))
         with self._lock:
             self._snapshot = snap

@@ -17,7 +17,8 @@ Contract:
     `max_connections` open connections a new one gets a 503 from the accept loop.
   - One daemon per store: `make_server` holds `lock.DaemonLock` until `server_close`.
   - One JSON log line per request (id, method, path, model, status, tokens, durations,
-    client) to stderr or `log_file`.
+    client) to stderr or `log_file`; `serve_forever` adds one per model load (with its load
+    time) and unload.
   - A client that disconnects (seen by polling its socket while waiting, or by a failed
     write) cancels its job. Entry points: `make_server(host_port)` and `serve_forever`.
 This module never imports mlx: the scheduler imports the runner on its own thread.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import hmac
 import io
 import json
+import os
 import signal
 import socket
 import sys
@@ -57,6 +59,8 @@ from mlxlite.server.wire import Reply, Stream
 from mlxlite.store import Store
 
 __all__ = ["MlxliteServer", "RequestHandler", "make_server", "serve_forever"]
+
+SHUTDOWN_SECONDS = 60.0     # for the MLX thread to finish its step, unload and save caches
 
 
 class RequestHandler(BaseHTTPRequestHandler):
@@ -408,8 +412,13 @@ def make_server(host_port: str | None = None, *, store: Any = None, scheduler: S
 
 
 def serve_forever(host_port: str | None = None, **kwargs: Any) -> int:
-    """Run the daemon until SIGINT/SIGTERM; returns an exit status for the CLI."""
+    """Run the daemon until SIGINT/SIGTERM, then stop cleanly: what runs is cancelled, every
+    model unloaded (prefix caches saved), the MLX thread ended before the interpreter exits.
+    Returns an exit status for the CLI: 0, or 1 when the MLX thread did not stop in time."""
     server = make_server(host_port, **kwargs)
+    scheduler = server.app.scheduler
+    if getattr(scheduler, "on_event", False) is None:
+        scheduler.on_event = server.app.log     # model loads (with their load time) and unloads
     print(f"mlxlite {__version__} listening on {server.url}", file=sys.stderr, flush=True)
 
     def stop(signum: int, frame: Any) -> None:
@@ -422,6 +431,11 @@ def serve_forever(host_port: str | None = None, **kwargs: Any) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        server.app.scheduler.close()
+        stopped = scheduler.close(timeout=SHUTDOWN_SECONDS)
         server.server_close()
+    if stopped is False:
+        # Exiting the interpreter under a thread still inside MLX aborts the process: leave at once.
+        print(f"error: the MLX thread did not stop within {SHUTDOWN_SECONDS:.0f} s; exiting without it",
+              file=sys.stderr, flush=True)
+        os._exit(1)
     return 0

@@ -464,6 +464,7 @@ def handle_ps(ctx: Any) -> Reply:
             "name": r.name, "model": r.name, "size": r.size, "digest": st.digest_hex(r.digest),
             "details": wire.details(r.info), "expires_at": wire.rfc3339(expires),
             "size_vram": r.size if on_gpu else 0, "context_length": r.context_length,
+            "load_duration": wire.ns(r.load_seconds),    # ours: how long its load took
         })
     return Reply({"models": models})
 

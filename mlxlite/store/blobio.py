@@ -87,12 +87,14 @@ class BlobWriter:
     """Streams bytes into a temp file in the store, hashing as it goes.
 
     `commit(expected)` fsyncs, checks the digest (and discards the temp on mismatch),
-    and renames into place. The temp file is flock-held so `prune` skips live writers.
-    A full disk raises `InsufficientStorage` naming the blob folder (the caller aborts).
+    and renames into place, then tells `on_commit(digest)` (the store records the blob as
+    verified: it was hashed as it was written). The temp file is flock-held so `prune` skips
+    live writers. A full disk raises `InsufficientStorage` naming the blob folder (the caller aborts).
     """
 
-    def __init__(self, blob_dir: Path) -> None:
+    def __init__(self, blob_dir: Path, on_commit: Callable[[str], None] | None = None) -> None:
         self.blob_dir = blob_dir
+        self.on_commit = on_commit
         with full_disk_at(blob_dir):
             blob_dir.mkdir(parents=True, exist_ok=True)
             self.path = blob_dir / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
@@ -122,6 +124,8 @@ class BlobWriter:
             os.replace(self.path, self.blob_dir / digest_hex(digest))
         fsync_dir(self.blob_dir)
         self.done = True
+        if self.on_commit is not None:
+            self.on_commit(digest)
         return digest
 
     def abort(self) -> None:

@@ -6,13 +6,15 @@ Layout under `$MLXLITE_HOME/models`:
   manifests/<host>/<ns>/<model>/<tag>     OCI image manifest bytes; digest = sha256(bytes)
   views/<manifest hex>/<title>            symlinks to blobs, for loaders that want a dir
   sources.json                            where imported blobs were linked from (`sources.py`)
-  verified.json                           blobs hashed sound, by size + mtime (load-time memo)
+  verified.json                           blobs hashed sound, by size + mtime + inode (load-time memo)
 
 Contract: a blob becomes visible only complete and verified (temp file, hashed while
 written, fsynced, renamed); a manifest is written last, by rename, and only when every
 blob it names is present with its size. A blob found damaged is replaced whole, by
 rename, from bytes that hash right (an import of it again, or `repair_blob` from a
-recorded source). Readers never see partial state. Paths are
+recorded source). Readers never see partial state. A blob hashed on its way in (a
+written blob, an imported file, a pull) is recorded as verified with its size, mtime and
+inode, so the first load does not hash it again. Paths are
 built only from validated digests, names and titles. Under `manifests/` nothing is
 followed through a symlink: each level is opened with O_NOFOLLOW, so a linked folder or
 manifest is refused (`IntegrityError`) for reading and deleting and skipped by `list`.
@@ -32,6 +34,7 @@ import os
 import secrets
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,6 +53,14 @@ from mlxlite.store.manifest import (
     digest_hex,
 )
 from mlxlite.store.sources import Sources
+
+_MEMO_LOCK = threading.Lock()   # one read-modify-write of verified.json at a time in this process
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    """What the memo remembers of a verified blob: a file edited or replaced changes one of these."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_MANIFEST = 4 << 20  # a registry's limit too: a bigger "manifest" is not one
@@ -142,7 +153,7 @@ class Store:
         return size is None or st.st_size == size
 
     def blob_writer(self) -> BlobWriter:
-        return BlobWriter(self.blob_dir)
+        return BlobWriter(self.blob_dir, on_commit=self.record_verified)
 
     def put_bytes(self, data: bytes) -> str:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -175,7 +186,8 @@ class Store:
         path is recorded (`sources.json`) for `verify` and `repair_blob`.
         """
         src = Path(src).resolve()  # link the file, never a symlink (HF snapshots are symlinks)
-        size = src.stat().st_size
+        before = src.stat()
+        size = before.st_size
         digest = names.parse_digest(known_digest) if known_digest else None
         if digest is None:
             digest, size = hash_file(src, progress)
@@ -188,6 +200,9 @@ class Store:
             method = "existing"
         else:
             method = self._link_in(src, digest)
+        # Hashed here and unchanged since: the blob (the same file, or a clone of it) is sound.
+        if hashed and method != "copy" and _stamp(src.stat()) == _stamp(before):
+            self.record_verified(digest)
         self.sources.add(digest, src, method)
         return digest, size, method
 
@@ -233,12 +248,12 @@ class Store:
                 return True
         except FileNotFoundError:
             return False
-        if self._memo().get(digest_hex(digest)) == [st.st_size, st.st_mtime_ns]:
+        if self._memo().get(digest_hex(digest)) == _stamp(st):
             return True
         actual, _ = hash_file(path)
         if actual != digest:
             return False
-        self._remember_verified(digest)
+        self.record_verified(digest)
         return True
 
     def put_json(self, obj: object) -> Layer:
@@ -409,6 +424,7 @@ class Store:
             for digest in gone:
                 freed += self._unlink_blob(digest)
             self.sources.forget(gone)
+            self._forget_verified(*gone, strict=False)
             self._drop_view(entry.digest)
         return freed
 
@@ -470,7 +486,7 @@ class Store:
                 links, linked = self._other_links(digest)
                 bad.append(BadBlob(digest, reason, tuple(sorted(set(models_using))), links, linked))
             else:
-                self._remember_verified(digest)
+                self.record_verified(digest)
         return bad
 
     def _other_links(self, digest: str) -> tuple[int, tuple[str, ...]]:
@@ -539,6 +555,7 @@ class Store:
                         os.unlink(parts[3], dir_fd=fds[-1])
                         removed += 1
             self.sources.forget(gone)
+            self._forget_verified(*gone, strict=False)
             if self.view_root.is_dir():
                 live = {digest_hex(e.digest) for e in self.list()}
                 for view in self.view_root.iterdir():
@@ -559,11 +576,29 @@ class Store:
         except (OSError, ValueError):
             return {}
 
-    def _remember_verified(self, digest: str, memo: dict | None = None) -> None:
-        st = self.blob_path(digest).stat()
-        memo = self._memo() if memo is None else memo
-        memo[digest_hex(digest)] = [st.st_size, st.st_mtime_ns]
-        self._save_memo(memo)
+    @contextlib.contextmanager
+    def _memo_locked(self) -> Iterator[None]:
+        """verified.json's read-modify-write, one at a time across threads and processes
+        (parallel pulls record their blobs at once; a lost record costs a re-hash)."""
+        with _MEMO_LOCK, contextlib.ExitStack() as stack:
+            try:
+                fh = stack.enter_context(open(self.root / ".memo.lock", "a+b"))
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            except OSError:
+                pass                    # best effort, as the memo itself
+            yield
+
+    def record_verified(self, digest: str) -> None:
+        """Remember that the blob present was just hashed sound: loads skip hashing it while
+        its size, mtime and inode stay the same. Best effort (a full disk loses only the memo)."""
+        try:
+            st = self.blob_path(digest).stat()
+        except OSError:
+            return
+        with self._memo_locked():
+            memo = self._memo()
+            memo[digest_hex(digest)] = _stamp(st)
+            self._save_memo(memo)
 
     def _save_memo(self, memo: dict) -> None:
         """Best effort: the memo only saves re-hashing, so a full or read-only disk must not
@@ -576,10 +611,17 @@ class Store:
             with contextlib.suppress(OSError):
                 tmp.unlink()
 
-    def _forget_verified(self, digest: str) -> None:
-        """A blob found bad must be hashed again at the next load, whatever its mtime."""
-        memo = self._memo()
-        if memo.pop(digest_hex(digest), None) is not None:
+    def _forget_verified(self, *digests: str, strict: bool = True) -> None:
+        """A blob found bad (or deleted) must be hashed again at the next load, whatever its
+        stat. `strict`: failing to write that down is an error (a bad blob must not stay trusted)."""
+        with self._memo_locked():
+            memo = self._memo()
+            gone = [memo.pop(digest_hex(d)) for d in digests if digest_hex(d) in memo]
+            if not gone:
+                return
+            if not strict:
+                self._save_memo(memo)
+                return
             tmp = self.root / f"{TMP_PREFIX}memo-{os.getpid()}-{secrets.token_hex(4)}"
             tmp.write_text(json.dumps(memo))
             os.replace(tmp, self._memo_path())
@@ -587,9 +629,10 @@ class Store:
     def check_integrity(self, entry: ModelEntry,
                         progress: Callable[[int], None] | None = None) -> None:
         """Before a load: every blob present with its size; each digest re-checked once
-        (remembered by size + mtime, so an edited or replaced file is hashed again)."""
+        (remembered by size + mtime + inode, so an edited or replaced file is hashed again;
+        blobs hashed on their way into the store are remembered already)."""
         memo = self._memo()
-        changed = False
+        verified: dict[str, list[int]] = {}
         for layer in entry.manifest.blobs:
             path = self.blob_path(layer.digest)
             try:
@@ -602,17 +645,19 @@ class Store:
                 raise IntegrityError(
                     f"model '{entry.name.display}' is damaged: blob {layer.digest} has "
                     f"{st.st_size} bytes, expected {layer.size}")
-            if memo.get(digest_hex(layer.digest)) == [st.st_size, st.st_mtime_ns]:
+            if memo.get(digest_hex(layer.digest)) == _stamp(st):
                 continue
             actual, _ = hash_file(path, progress)
             if actual != layer.digest:
                 raise IntegrityError(
                     f"model '{entry.name.display}' is damaged: blob {layer.digest} is corrupt "
                     f"(content hashes to {actual}); run `mlxlite verify` and pull or import it again")
-            memo[digest_hex(layer.digest)] = [st.st_size, st.st_mtime_ns]
-            changed = True
-        if changed:
-            self._save_memo(memo)
+            verified[digest_hex(layer.digest)] = _stamp(st)
+        if verified:
+            with self._memo_locked():
+                memo = self._memo()
+                memo.update(verified)
+                self._save_memo(memo)
 
     def read_config(self, entry: ModelEntry) -> dict:
         """The model's config blob, normalized: ours as written, Ollama's mapped onto it."""

@@ -269,7 +269,10 @@ def test_greedy_tokens_match_mlx_lm_stream_generate(tiny):
 
     ids = runner.tokenize(tiny, "The capital of France")
     pieces, finish = run(tiny, ids, num_predict=12, **GREEDY)
-    theirs = [r.token for r in mlx_lm.stream_generate(tiny.model, tiny.tokenizer, ids, max_tokens=12)]
+    from mlxlite.engine.gguf import mlx_lm_tokenizer
+
+    theirs = [r.token for r in mlx_lm.stream_generate(tiny.model, mlx_lm_tokenizer(tiny.tokenizer), ids,
+                                                      max_tokens=12)]
     assert [p.token for p in pieces] == theirs[: len(pieces)]
     assert finish.reason == "length" and finish.eval_tokens == 12 == len(pieces)
     assert all(p.logprob <= 0 for p in pieces)
@@ -654,3 +657,47 @@ def test_top_logprobs_name_special_tokens_and_leave_out_masked_ones(tiny):
     # Under the constraint few tokens are allowed: the masked ones (-inf) are not alternatives.
     assert pieces and all(1 <= len(p.top) < 20 for p in pieces)
     assert all(np.isfinite(v) for p in pieces for _, v in p.top)
+# ---- load time and the device ------------------------------------------------------------
+def test_a_gguf_model_loads_and_generates_without_importing_transformers(tiny_gguf_model, mlxlite_home):
+    """transformers (and torch, where installed: seconds) came with every GGUF load through
+    mlx-lm's package __init__ and transformers' tokenizer wrapper; a GGUF needs neither. The
+    package still works for whoever asks it for something (here `mlx_lm.load`)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from mlxlite.engine import runner\n"
+            "from mlxlite.options import Options\n"
+            "from mlxlite.store import Store\n"
+            "store = Store()\n"
+            f"loaded = runner.load(store, store.resolve({tiny_gguf_model!r}))\n"
+            "tokens = runner.tokenize(loaded, 'hello world')\n"
+            "pieces = list(runner.generate(loaded, tokens, Options(num_predict=3)))\n"
+            "print(len(pieces), 'transformers' in sys.modules, 'torch' in sys.modules)\n"
+            "import mlx_lm\n"
+            "print(callable(mlx_lm.load), 'transformers' in sys.modules)\n")
+    root = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300,
+                         env={**os.environ, "MLXLITE_HOME": str(mlxlite_home)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["4", "False", "False", "True", "True"], out.stdout
+
+
+def test_on_a_gpu_the_memory_budget_is_the_devices_memory_not_host_ram(monkeypatch):
+    from mlxlite import config
+    from mlxlite.engine import model
+
+    monkeypatch.delenv("MLXLITE_MEMORY_BUDGET_BYTES", raising=False)
+    host = config.memory_budget()
+    monkeypatch.setattr(model, "on_cpu", lambda: False)
+    cuda = {"device_name": "NVIDIA H200", "total_memory": 140 << 30, "free_memory": 139 << 30}
+    monkeypatch.setattr(model.mx, "device_info", lambda *a: cuda)
+    assert model.memory_budget() == (140 << 30) * 9 // 10
+    metal = {"architecture": "applegpu_g15s", "memory_size": 64 << 30, "max_recommended_working_set_size": 48 << 30}
+    monkeypatch.setattr(model.mx, "device_info", lambda *a: metal)
+    assert model.memory_budget() == (48 << 30) * 9 // 10     # what Metal lets the GPU wire, of unified memory
+    monkeypatch.setenv("MLXLITE_MEMORY_BUDGET_BYTES", str(5 << 30))
+    assert model.memory_budget() == 5 << 30                  # a set budget wins
+    monkeypatch.delenv("MLXLITE_MEMORY_BUDGET_BYTES")
+    monkeypatch.setattr(model, "on_cpu", lambda: True)
+    assert model.memory_budget() == host                     # on the CPU: host RAM, as before

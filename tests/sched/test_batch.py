@@ -3,6 +3,8 @@ scheduler's interleaving across models (fake engine)."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from mlxlite.sched import GenerateJob, Scheduler, is_finish
@@ -41,6 +43,88 @@ def test_a_longer_entry_replaces_its_prefixes_and_lru_keeps_the_budget():
     pc.drop_model("m")
     assert pc.stats()["entries"] == 0 and pc.stats()["bytes"] == 0
     assert not PrefixCache(0).enabled
+
+
+def _shared(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def test_lookup_at_10k_entries_finds_the_longest_shared_prefix_and_never_an_evicted_one():
+    """10,000 entries that share system prompts (as a soak's requests do): every lookup
+    answers what a scan of all entries would, and entries the byte budget evicted are gone."""
+    rng = random.Random(15)
+    systems = [[rng.randrange(50) for _ in range(rng.randint(8, 40))] for _ in range(100)]
+    pc = PrefixCache(10_000 * 10)
+    inserted = []
+    for i in range(10_500):             # the first 500 are evicted by the budget
+        tokens = systems[i % 100] + [rng.randrange(50) for _ in range(rng.randint(1, 12))]
+        pc.insert("m", tokens, i, 10)
+        inserted.append(tokens)
+    pc.insert("other", systems[0] + [7, 7, 7], "other model", 10)
+    live = {cache: tokens for tokens, cache, _ in pc.entries("m")}
+    assert pc.stats()["bytes"] <= 10_000 * 10 and len(live) > 9_000
+    evicted = [t for i, t in enumerate(inserted) if i not in live]
+    queries = [t[:rng.randint(1, len(t))] + [rng.randrange(50)] for t in rng.sample(inserted, 200)]
+    queries += [t + [1, 2] for t in rng.sample(evicted, 20)] + [[99] * 10, systems[3][:3] + [0]]
+    for query in queries:
+        want = max(min(_shared(t, query), len(query) - 1) for t in live.values())
+        hit = pc.lookup("m", query)
+        if want < 4:
+            assert hit is None, query
+            continue
+        assert hit is not None and hit.tokens == want, (query, want, hit)
+        assert hit.cache in live and _shared(live[hit.cache], query) >= want   # a live entry, really shared
+
+
+class _Tok(int):
+    """A token that counts every comparison and hash made of it."""
+
+    ops = 0
+
+    def __eq__(self, other):
+        _Tok.ops += 1
+        return int(self) == int(other)
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    def __hash__(self):
+        _Tok.ops += 1
+        return int.__hash__(self)
+
+
+def _filled(entries: int) -> tuple[PrefixCache, list[int]]:
+    """A cache of `entries` prompts sharing a 30-token system prompt; and that prompt."""
+    rng = random.Random(15)
+    system = [rng.randrange(50) for _ in range(30)]
+    pc = PrefixCache(1 << 40)
+    for i in range(entries):
+        tail = (i // 2500, i // 50 % 50, i % 50, rng.randrange(50))
+        pc.insert("m", [_Tok(x) for x in (*system, *tail)], i, 1)
+    return pc, system
+
+
+def test_lookup_and_insert_cost_does_not_grow_with_the_number_of_entries():
+    """The soak's slowdown (107 -> 17.5 requests/s as the cache reached 11,572 entries) was a
+    scan of every entry per lookup and insert: token comparisons must not depend on it."""
+    costs = []
+    for size in (100, 2_000):
+        pc, system = _filled(size)
+        query = [_Tok(x) for x in (*system, 1, 2, 3, 4, 5)]
+        _Tok.ops = 0
+        assert pc.lookup("m", query).tokens >= 30
+        looked = _Tok.ops
+        _Tok.ops = 0
+        pc.insert("m", query, "new", 1)
+        costs.append((looked, _Tok.ops))
+    (small_lookup, small_insert), (big_lookup, big_insert) = costs
+    assert big_lookup <= 4 * 35 and big_insert <= 8 * 35, costs     # a few per prompt token
+    assert big_lookup <= 2 * small_lookup + 10 and big_insert <= 2 * small_insert + 10, costs
 
 
 # ---- metrics -------------------------------------------------------------------------------

@@ -201,3 +201,60 @@ def test_close_refuses_new_work(store):
     with pytest.raises(Busy):
         s.submit(_job(entry))
     assert s.engine.unloads == ["fake:latest"]
+
+
+class _EndingEngine(FakeEngine):
+    """A fake engine that says which thread unloads and ends, in what order."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.calls: list[tuple[str, str]] = []
+
+    def unload(self, loaded) -> None:
+        super().unload(loaded)
+        self.calls.append(("unload", threading.current_thread().name))
+
+    def end_thread(self) -> None:
+        self.calls.append(("end_thread", threading.current_thread().name))
+
+
+def test_close_unloads_every_model_then_ends_the_mlx_thread_with_end_thread(store):
+    """MLX's per-thread streams must be freed by the MLX thread itself, last, after the models
+    are unloaded (their prefix caches saved): freed at thread exit, they raced the
+    interpreter's exit and `serve` died of SIGABRT after a clean SIGTERM."""
+    engine = _EndingEngine()
+    s = Scheduler(store, engine, keep_alive=300)
+    _text(s.submit(_job(add_fake_model(store))))
+    assert s.close() is True
+    assert engine.calls == [("unload", "mlxlite-mlx"), ("end_thread", "mlxlite-mlx")]
+
+
+def test_close_cancels_a_generation_in_flight_so_the_thread_stops(store):
+    """A prefill that would run for ~1000 s is cancelled between chunks at shutdown, instead
+    of outliving the join (the interpreter would then exit under a thread inside MLX)."""
+    engine = _EndingEngine(prefill_delay=1000.0, prefill_chunks=10_000)
+    s = Scheduler(store, engine, keep_alive=300)
+    ticket = s.submit(_job(add_fake_model(store)))
+    wait_for(lambda: engine.in_prefill == 1, what="the prefill to start")
+    assert s.close(timeout=60) is True
+    assert engine.finished == ["cancel"] and engine.calls[-1] == ("end_thread", "mlxlite-mlx")
+    assert ticket.cancelled
+
+
+def test_without_a_set_budget_the_engine_sizes_it_for_its_device(store, monkeypatch):
+    """On a GPU the budget is the device's memory, which only the engine knows (asked on the
+    MLX thread): here an engine whose device holds 100 bytes refuses a larger model."""
+    monkeypatch.delenv("MLXLITE_MEMORY_BUDGET_BYTES", raising=False)
+
+    class SmallDevice(FakeEngine):
+        def memory_budget(self) -> int:
+            return 100
+
+    s = Scheduler(store, SmallDevice(), keep_alive=300)
+    try:
+        entry = add_fake_model(store)
+        assert entry.size > 100
+        with pytest.raises(MlxliteError, match="more than the memory budget of 100 bytes"):
+            list(s.submit(_job(entry)).events())
+    finally:
+        s.close()

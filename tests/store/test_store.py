@@ -2,6 +2,7 @@
 
 import errno
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -105,6 +106,62 @@ def test_integrity_check_remembers_verified_blobs(store, monkeypatch):
     store.check_integrity(entry)
     assert calls == []  # unchanged size + mtime: not hashed again
 
+
+
+def _count_hashes(monkeypatch) -> list:
+    import mlxlite.store.store as st
+
+    calls: list = []
+    real = st.hash_file
+    monkeypatch.setattr(st, "hash_file", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    return calls
+
+
+def test_blobs_hashed_on_their_way_in_are_not_hashed_again_at_the_first_load(store, tiny_gguf_model, monkeypatch):
+    """An 8B model's first load took 30-40 s against mlx-lm's 9 s, partly re-hashing every
+    file `import` had just hashed: imported files (put_file) and written blobs
+    (BlobWriter.commit: config, Modelfile layers) are recorded as verified."""
+    make_model(store, "written", {"w": b"abc" * 1000})
+    calls = _count_hashes(monkeypatch)
+    for name in (tiny_gguf_model, "written"):
+        store.check_integrity(store.resolve(name))
+    assert calls == []
+
+
+def test_a_pulled_blob_is_not_hashed_again_at_the_first_load(store, monkeypatch):
+    from mlxlite.remote import download
+
+    data = os.urandom(3 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+
+    def opener(start, end, timeout):
+        resp = io.BytesIO(data[start:end])
+        resp.status = 206
+        return resp
+
+    download.fetch(store, digest, len(data), opener, tuning=download.Tuning(streams=2, chunk=64 << 10))
+    config = store.put_json({"format": "safetensors", "files": ["w"]})
+    store.write_manifest(names.parse("pulled"), build_manifest(config, [Layer(MEDIA_FILE, digest, len(data),
+                                                                                {TITLE: "w"})]))
+    calls = _count_hashes(monkeypatch)
+    store.check_integrity(store.resolve("pulled"))
+    assert calls == []
+
+
+def test_a_blob_replaced_by_a_file_of_the_same_size_and_mtime_is_hashed_again(store):
+    """The memo keys on the inode too: a replaced file with the old size and mtime (a restore
+    that kept times, `cp -p` of a damaged copy) is not taken on trust."""
+    make_model(store, "m", {"w": b"abc" * 1000})
+    entry = store.resolve("m")
+    store.check_integrity(entry)
+    blob = store.blob_path(entry.manifest.files()["w"].digest)
+    before = blob.stat()
+    other = blob.with_name("replacement")
+    other.write_bytes(b"abd" * 1000)
+    os.utime(other, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(other, blob)
+    with pytest.raises(IntegrityError, match="corrupt"):
+        store.check_integrity(entry)
 
 def test_prune_removes_unreferenced_and_stale_temps(store):
     make_model(store, "m", {"w": b"keep"})
@@ -280,8 +337,8 @@ def blobs_on_dev_full(monkeypatch) -> None:
 
     real_init = BlobWriter.__init__
 
-    def init(self, blob_dir):
-        real_init(self, blob_dir)
+    def init(self, blob_dir, **kwargs):
+        real_init(self, blob_dir, **kwargs)
         self._fh.close()
         self._fh = open("/dev/full", "wb")  # noqa: SIM115 (closed by commit/abort)
 
@@ -330,6 +387,7 @@ def test_a_load_on_a_full_disk_does_not_fail_for_want_of_its_memo(store, monkeyp
     integrity check (it raised OSError ENOSPC before)."""
     make_model(store, "m", {"w": b"x" * 100})
     entry = store.resolve("m")
+    store._memo_path().unlink(missing_ok=True)  # written blobs are remembered: forget them, so the load must hash
 
     def write_text(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
