@@ -7,6 +7,8 @@ Layout under `$MLXLITE_HOME/models`:
   views/<manifest hex>/<title>            symlinks to blobs, for loaders that want a dir
   sources.json                            where imported blobs were linked from (`sources.py`)
   verified.json                           blobs hashed sound, by size + mtime (load-time memo)
+  .tmp-KIND-PID-*                         a rewrite of those, or create's staging folder (`prune`
+                                          removes them once process PID is gone)
 
 Contract: a blob becomes visible only complete and verified (temp file, hashed while
 written, fsynced, renamed); a manifest is written last, by rename, and only when every
@@ -41,7 +43,16 @@ from typing import BinaryIO
 from mlxlite import config, names
 from mlxlite.errors import BadRequest, Busy, IntegrityError, MlxliteError, ModelNotFound, full_disk_at
 from mlxlite.names import ModelName
-from mlxlite.store.blobio import CHUNK, TMP_PREFIX, BlobWriter, fsync_dir, hash_file, is_stale_temp, reflink
+from mlxlite.store.blobio import (
+    CHUNK,
+    TMP_PREFIX,
+    BlobWriter,
+    fsync_dir,
+    hash_file,
+    is_stale_temp,
+    reflink,
+    writer_gone,
+)
 from mlxlite.store.manifest import (
     CONFIG_MEDIA_TYPE,
     Layer,
@@ -539,9 +550,21 @@ class Store:
                         os.unlink(parts[3], dir_fd=fds[-1])
                         removed += 1
             self.sources.forget(gone)
+            # A memo or sources rewrite, or create's staging folder, of a killed process.
+            for path in self.root.glob(TMP_PREFIX + "*"):
+                if not writer_gone(path):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+                    removed += 1
             if self.view_root.is_dir():
                 live = {digest_hex(e.digest) for e in self.list()}
                 for view in self.view_root.iterdir():
+                    if view.name.startswith(TMP_PREFIX) and not writer_gone(view):
+                        continue        # a view another process is building now
                     if view.name not in live:
                         shutil.rmtree(view, ignore_errors=True)
         return removed, freed

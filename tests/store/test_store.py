@@ -397,3 +397,32 @@ def test_a_manifest_that_is_not_a_file_is_refused_without_hanging(store):
         with pytest.raises(IntegrityError, match="not a file"):
             store.resolve(f"odd:{tag}")
     assert [e.name.display for e in store.list()] == ["real:latest"]
+
+
+def test_prune_removes_what_killed_processes_left_beside_the_blobs_and_keeps_live_ones(store):
+    """kill -9 between writing and renaming sources.json or verified.json, or during
+    /api/create's staging, left `.tmp-*` files and folders in the store's root that prune
+    never removed (tests/attacks/test_kill_verbs.py found the first); and prune deleted a
+    view another process was still building."""
+    import subprocess
+    import sys
+
+    make_model(store, "m", {"w": b"keep"})
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(done.stdout), os.getpid()
+    left = [store.root / f".tmp-sources-{dead}-0123abcd", store.root / f".tmp-memo-{dead}-4567cdef"]
+    for path in left:
+        path.write_text("{")
+    staging = store.root / f".tmp-create-{dead}-0123456789ab"
+    staging.mkdir()
+    (staging / "model.gguf").write_bytes(b"a link to an uploaded blob")
+    half_view = store.view_root / f".tmp-{dead}-89abcdef0123"
+    half_view.mkdir(parents=True)
+    live = [store.root / f".tmp-memo-{alive}-0123abcd", store.view_root / f".tmp-{alive}-0123456789ab"]
+    live[0].write_text("{")
+    live[1].mkdir()
+    removed, _ = store.prune()
+    assert removed == 3
+    assert not any(path.exists() for path in [*left, staging, half_view])
+    assert all(path.exists() for path in live)
+    assert store.verify() == [] and store.exists("m")
