@@ -28,7 +28,7 @@ from mlxlite.errors import BadRequest, IntegrityError, MlxliteError
 from mlxlite.formats import gguf
 from mlxlite.names import ModelName
 from mlxlite.store import layout
-from mlxlite.store.imported import ImportResult, default_name
+from mlxlite.store.imported import ImportResult, default_name, staged
 from mlxlite.store.manifest import MEDIA_FILE, MEDIA_GGUF, TITLE, Layer, Manifest, build_manifest
 from mlxlite.store.store import Store
 
@@ -64,9 +64,11 @@ class _Collector:
 
 
 def _commit(store: Store, name: ModelName, config: dict, layers: list[Layer],
-            collector: _Collector) -> ImportResult:
+            collector: _Collector, commit: bool = True) -> ImportResult:
     config_layer = store.put_json(config)
     raw = build_manifest(config_layer, layers)
+    if not commit:  # the caller writes its own manifest over these blobs (create), under its lock
+        return ImportResult(staged(name, raw), dict(collector.methods), collector.copied)
     store.write_manifest(name, raw)
     return ImportResult(store.resolve(name), dict(collector.methods), collector.copied)
 
@@ -98,7 +100,7 @@ def gguf_config(path: Path) -> dict:
 
 
 def import_gguf(store: Store, path: Path, name: ModelName | None = None, say: Say = _quiet,
-                known_digest: str | None = None) -> ImportResult:
+                known_digest: str | None = None, commit: bool = True) -> ImportResult:
     path = Path(path)
     name = name or default_name(path)
     config = gguf_config(path)
@@ -107,7 +109,7 @@ def import_gguf(store: Store, path: Path, name: ModelName | None = None, say: Sa
         collector = _Collector(store)
         layer = collector.add(path, title, MEDIA_GGUF, known_digest)
         config["files"] = [title]
-        return _commit(store, name, config, [layer], collector)
+        return _commit(store, name, config, [layer], collector, commit)
 
 
 # ---- model directories ---------------------------------------------------------------
@@ -179,7 +181,7 @@ def _model_files(root: Path) -> tuple[dict[str, Path], list[str]]:
 
 
 def import_model_dir(store: Store, root: Path, name: ModelName | None = None, say: Say = _quiet,
-                     known_digests: dict[str, str] | None = None) -> ImportResult:
+                     known_digests: dict[str, str] | None = None, commit: bool = True) -> ImportResult:
     root = Path(root)
     files, skipped = _model_files(root)
     if "config.json" not in files:
@@ -194,7 +196,7 @@ def import_model_dir(store: Store, root: Path, name: ModelName | None = None, sa
     with store.writing():
         collector = _Collector(store)
         layers = [collector.add(path, title, MEDIA_FILE, known.get(title)) for title, path in files.items()]
-        return _commit(store, name, config, layers, collector)
+        return _commit(store, name, config, layers, collector, commit)
 
 
 # ---- Hugging Face cache ----------------------------------------------------------------
@@ -215,7 +217,8 @@ def _hf_repo_and_snapshot(path: Path) -> tuple[Path, Path, str]:
     return repo, snapshots[0], snapshots[0].name[:12]
 
 
-def import_hf_cache(store: Store, path: Path, name: ModelName | None = None, say: Say = _quiet) -> ImportResult:
+def import_hf_cache(store: Store, path: Path, name: ModelName | None = None, say: Say = _quiet,
+                    commit: bool = True) -> ImportResult:
     repo, snapshot, revision = _hf_repo_and_snapshot(Path(path))
     if not snapshot.is_dir():
         raise BadRequest(f"{snapshot} is missing: the cache entry is incomplete")
@@ -236,9 +239,9 @@ def import_hf_cache(store: Store, path: Path, name: ModelName | None = None, say
             listing = ", ".join(p.name for p in ggufs)
             raise BadRequest(f"{repo.name} holds several GGUF files ({listing}); import one of them by path")
         rel = ggufs[0].relative_to(snapshot).as_posix()
-        return import_gguf(store, ggufs[0].resolve(), name, say, known.get(rel))
+        return import_gguf(store, ggufs[0].resolve(), name, say, known.get(rel), commit)
     resolved_dir = snapshot
-    return import_model_dir(store, resolved_dir, name, say, known)
+    return import_model_dir(store, resolved_dir, name, say, known, commit)
 
 
 # ---- Ollama's store ------------------------------------------------------------------
@@ -282,22 +285,28 @@ def _is_layout(path: Path) -> bool:
     return layout.is_layout(path)
 
 
-def import_path(store: Store, path: str | Path, name: str | None = None, say: Say = _quiet) -> list[ImportResult]:
-    """Import whatever `path` is; returns one result per model imported."""
+def import_path(store: Store, path: str | Path, name: str | None = None, say: Say = _quiet,
+                commit: bool = True) -> list[ImportResult]:
+    """Import whatever `path` is; returns one result per model imported. `commit=False`
+    stores the blobs but writes no manifest (`create` writes the one model it makes); the
+    caller holds `store.writing()` until its own manifest names them, or `prune` may take them."""
     src = Path(path).expanduser()
     parsed = names.parse(name) if name else None
     if not src.exists():
         raise BadRequest(f"{src}: no such file or directory")
     if _is_layout(src):
-        return [layout.import_layout_result(store, src, name=parsed, progress=layout.plain_progress(say))]
+        return [layout.import_layout_result(store, src, name=parsed, progress=layout.plain_progress(say),
+                                            commit=commit)]
     if src.is_file():
         real = src.resolve()
         known = "sha256:" + real.name if src.is_symlink() and _HEX64.match(real.name) else None
-        return [import_gguf(store, real, parsed or default_name(src), say, known)]
+        return [import_gguf(store, real, parsed or default_name(src), say, known, commit)]
     if (src / "snapshots").is_dir() or src.parent.name == "snapshots":
-        return [import_hf_cache(store, src, parsed, say)]
+        return [import_hf_cache(store, src, parsed, say, commit)]
     if (src / "manifests").is_dir() and (src / "blobs").is_dir():
         if parsed:
             raise BadRequest("--name does not apply to an Ollama models directory (it imports every model)")
+        if not commit:
+            raise BadRequest(f"{src} is an Ollama models directory: it holds several models; name one")
         return import_ollama(store, src, say)
-    return [import_model_dir(store, src, parsed, say)]
+    return [import_model_dir(store, src, parsed, say, commit=commit)]
