@@ -403,16 +403,17 @@ class Store:
         return out
 
     def copy(self, src: ModelName | str, dst: ModelName | str) -> ModelEntry:
-        entry = self.resolve(src)
         dst_name = names.parse(dst) if isinstance(dst, str) else dst
-        with self.writing():
+        with self.writing():  # src resolved under the lock: an rm cannot take its blobs before the write
+            entry = self.resolve(src)
             self.write_manifest(dst_name, entry.manifest.raw)
-        return self.resolve(dst_name)
+            return self.resolve(dst_name)
 
     def remove(self, name: ModelName | str) -> int:
         """Delete a model and the blobs no other model uses; returns bytes freed."""
-        entry = self.resolve(name)
+        self.resolve(name)  # a name that is not there fails at once, without waiting for the lock
         with self._lock(exclusive=True):
+            entry = self.resolve(name)  # again: another rm, or a new import, may have come first
             self._unlink_manifest(entry.name.key)
             in_use = self._referenced()
             freed = 0
@@ -439,7 +440,7 @@ class Store:
         except _Linked as exc:
             raise self._linked_error(parts, str(exc)) from None
         except (FileNotFoundError, NotADirectoryError):
-            raise ModelNotFound(f"model '{'/'.join(parts)}' not found") from None
+            raise ModelNotFound(f"model '{ModelName(*parts).display}' not found") from None
 
     # ---- integrity and garbage collection -----------------------------------------
     def _referenced(self) -> set[str]:
@@ -476,6 +477,9 @@ class Store:
                     reason = f"content hashes to {actual}"
             except FileNotFoundError:
                 reason = "missing"
+                models_using = [m for m in models_using if self._uses(m, digest)]
+                if not models_using:
+                    continue  # each model using it was removed while we hashed: nothing is damaged
             if reason:
                 self._forget_verified(digest)
                 links, linked = self._other_links(digest)
@@ -483,6 +487,13 @@ class Store:
             else:
                 self._remember_verified(digest)
         return bad
+
+    def _uses(self, name: str, digest: str) -> bool:
+        """Whether model `name` is (still) there and names blob `digest`."""
+        try:
+            return any(layer.digest == digest for layer in self.resolve(name).manifest.blobs)
+        except ModelNotFound:
+            return False
 
     def _other_links(self, digest: str) -> tuple[int, tuple[str, ...]]:
         """How many other hard links the blob's file has, and which of them were recorded
@@ -583,7 +594,10 @@ class Store:
             return {}
 
     def _remember_verified(self, digest: str, memo: dict | None = None) -> None:
-        st = self.blob_path(digest).stat()
+        try:
+            st = self.blob_path(digest).stat()
+        except FileNotFoundError:
+            return  # removed (with its model) since it was hashed: nothing to remember
         memo = self._memo() if memo is None else memo
         memo[digest_hex(digest)] = [st.st_size, st.st_mtime_ns]
         self._save_memo(memo)
