@@ -307,8 +307,9 @@ def create(store: Store, name: str | ModelName, spec: CreateSpec, base_dir: Path
                 say(f"using existing layer {layer.digest}")
         say("writing manifest")
         store.write_manifest(target, result.raw)
+        entry = store.resolve(target)  # under the lock: an rm right after cannot make it "not found"
     say("success")
-    return store.resolve(target)
+    return entry
 
 
 # ---- show --modelfile ----------------------------------------------------------------------

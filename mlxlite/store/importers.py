@@ -269,10 +269,11 @@ def import_ollama(store: Store, root: Path, say: Say = _quiet) -> list[ImportRes
                         raise IntegrityError(f"blob {layer.digest} of {name.display} is missing in {root}")
                     collector.add(blob, "", layer.media_type, layer.digest)
                 store.write_manifest(name, raw)
+                entry = store.resolve(name)  # under the lock: an rm right after cannot make it "not found"
             except MlxliteError as exc:
                 say(f"skipping {name.display}: {exc}")
                 continue
-        results.append(ImportResult(store.resolve(name), dict(collector.methods), collector.copied))
+        results.append(ImportResult(entry, dict(collector.methods), collector.copied))
     return results
 
 

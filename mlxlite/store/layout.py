@@ -247,8 +247,9 @@ def import_layout_result(store: Store, path: str | Path, name: str | ModelName |
                 return ImportResult(staged(model, raw), dict(methods), copied)
             progress({"status": "writing manifest"})
             store.write_manifest(model, raw)
+            entry = store.resolve(model)  # under the lock: an rm right after cannot make it "not found"
         progress({"status": "success"})
-        return ImportResult(store.resolve(model), dict(methods), copied)
+        return ImportResult(entry, dict(methods), copied)
     finally:
         source.close()
 
