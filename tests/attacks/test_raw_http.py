@@ -209,3 +209,26 @@ def test_responses_are_sent_with_nagle_off(srv, monkeypatch, tally):
     conn.close()
     assert seen and all(seen), f"TCP_NODELAY per connection: {seen}"
     tally.add("malformed HTTP at the socket level", tried=3, checks=1)
+
+
+def test_a_request_that_arrived_in_time_is_read_even_when_the_server_is_late(tally):
+    """found by the soak (bench/soak_attacks.py): on a loaded machine a handler thread could
+    make its first read after the header deadline; the request, sent at once and waiting in
+    the socket, counted as never sent, and the connection closed without an answer."""
+    import time
+
+    from mlxlite.errors import RequestTimeout
+    from mlxlite.server.connections import ReadClock
+
+    server_side, client = socket.socketpair()
+    with server_side, client:
+        clock = ReadClock(server_side)
+        clock.headers(0.01)
+        client.sendall(b"GET /api/tags HTTP/1.1\r\n\r\n")
+        time.sleep(0.05)                     # the server is the slow one: past its own deadline
+        buffer = bytearray(100)
+        n = clock.readinto(buffer)
+        assert bytes(buffer[:n]) == b"GET /api/tags HTTP/1.1\r\n\r\n"
+        with pytest.raises(RequestTimeout, match="MLXLITE_HEADER_TIMEOUT"):
+            clock.readinto(buffer)           # nothing more came: now the client is the slow one
+    tally.add("malformed HTTP at the socket level", tried=1, checks=2)
