@@ -239,8 +239,9 @@ class RequestContext:
         """True when the client has closed its connection (polled while we wait)."""
         sock = self.handler.connection
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            if not readable:
+            poller = select.poll()  # not select.select: a descriptor past 1023 raised, read as "gone"
+            poller.register(sock, select.POLLIN)
+            if not poller.poll(0):
                 return False
             return sock.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
