@@ -100,7 +100,8 @@ def handle_blob_post(ctx: Any) -> Reply:
         return Reply(None, 200)
     chunks = _body_chunks(ctx)
     try:
-        with store.blob_writer() as writer:
+        # A writer like any import: prune waits, or it could take the temp file mid-upload.
+        with store.writing(), store.blob_writer() as writer:
             for data in chunks:
                 writer.write(data)
             try:

@@ -4,7 +4,8 @@ A few generations a minute were answered by a closed connection and logged as 49
 disconnected" while their clients waited: the daemon had ~500 descriptors open, most of them
 prefix-cache files restored lazily at each model load (a lazy MLX array holds its file open
 until it is evaluated), so new sockets got descriptors past 1023, where `select.select`
-raises, and the disconnect check read the error as a client gone.
+raises, and the disconnect check read the error as a client gone. And once, a blob upload
+answered 500: a prune had taken its brand-new temp file.
 """
 
 from __future__ import annotations
@@ -70,3 +71,47 @@ def test_restored_prefix_caches_hold_no_file_open(tmp_path):
         path.unlink()                    # the next unload rewrites the folder: these must not matter
     for caches, tokens in restored:
         assert tokens == [1, 2, 3] and caches[0].keys.tolist() == cache[0].keys[..., :3, :].tolist()
+
+
+@needs_proc
+def test_a_blob_upload_and_a_prune_at_the_same_moment(store, monkeypatch):
+    """A blob upload (POST /api/blobs/:digest) was the one store writer that did not hold the
+    writer lock, so a prune in another process could take its temp file between its creation
+    and its flock: a 500 (BlockingIOError in the soak), or the temp deleted under the upload.
+    Here the prune comes at exactly that moment, if the store lets it run then."""
+    import fcntl
+    import hashlib
+    import http.client
+
+    from mlxlite.store import Store
+    from tests.fake_engine import FakeEngine, RunningServer
+
+    real_flock = fcntl.flock
+    pruned = []
+
+    def prune_first(fd, operation):
+        if not pruned and "/blobs/sha256/.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            pruned.append(False)
+            with open(store.root / ".lock", "a+b") as probe:
+                try:
+                    real_flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    pass                     # an upload holds the writer lock: a prune waits
+                else:
+                    real_flock(probe.fileno(), fcntl.LOCK_UN)
+                    Store(store.root).prune()    # nothing holds it: another process's prune runs now
+                    pruned[0] = True
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", prune_first)
+    data = b"weights uploaded for /api/create" * 1000
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with RunningServer(FakeEngine(), store) as srv:
+        conn = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
+        conn.request("POST", f"/api/blobs/{digest}", data)
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+    assert resp.status == 201, body
+    assert store.has_blob(digest, len(data))
+    assert pruned == [False], "the prune ran in the middle of the upload"
