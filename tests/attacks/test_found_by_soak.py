@@ -24,7 +24,7 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_a_client_on_a_descriptor_past_1023_is_not_taken_for_gone():
+def test_a_client_on_a_descriptor_past_1023_is_not_taken_for_gone(tally):
     from mlxlite.server.daemon import RequestContext
 
     server_side, client = socket.socketpair()
@@ -42,6 +42,7 @@ def test_a_client_on_a_descriptor_past_1023_is_not_taken_for_gone():
         client.close()
         conn.recv(1)
         assert ctx.gone() is True           # now it has closed
+        tally.add("the soak's finds, replayed at their moment", tried=3, faults=1, checks=3)
     finally:
         conn.close()
         server_side.close()
@@ -49,7 +50,7 @@ def test_a_client_on_a_descriptor_past_1023_is_not_taken_for_gone():
 
 
 @needs_proc
-def test_restored_prefix_caches_hold_no_file_open(tmp_path):
+def test_restored_prefix_caches_hold_no_file_open(tmp_path, tally):
     import mlx.core as mx
     from mlx_lm.models.cache import KVCache
 
@@ -71,10 +72,11 @@ def test_restored_prefix_caches_hold_no_file_open(tmp_path):
         path.unlink()                    # the next unload rewrites the folder: these must not matter
     for caches, tokens in restored:
         assert tokens == [1, 2, 3] and caches[0].keys.tolist() == cache[0].keys[..., :3, :].tolist()
+    tally.add("the soak's finds, replayed at their moment", tried=20, faults=20, checks=21)
 
 
 @needs_proc
-def test_a_blob_upload_and_a_prune_at_the_same_moment(store, monkeypatch):
+def test_a_blob_upload_and_a_prune_at_the_same_moment(store, monkeypatch, tally):
     """A blob upload (POST /api/blobs/:digest) was the one store writer that did not hold the
     writer lock, so a prune in another process could take its temp file between its creation
     and its flock: a 500 (BlockingIOError in the soak), or the temp deleted under the upload.
@@ -115,3 +117,4 @@ def test_a_blob_upload_and_a_prune_at_the_same_moment(store, monkeypatch):
     assert resp.status == 201, body
     assert store.has_blob(digest, len(data))
     assert pruned == [False], "the prune ran in the middle of the upload"
+    tally.add("the soak's finds, replayed at their moment", tried=1, faults=1, checks=3)
