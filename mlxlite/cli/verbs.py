@@ -245,7 +245,8 @@ def _repair_from_catalog(store, blob) -> str | None:
 def cmd_verify(args: argparse.Namespace) -> int:
     store = _store()
     entries = [store.resolve(n) for n in args.models] if args.models else store.list()
-    wanted = [e.name.full for e in entries]
+    # All: listed again by verify, so a model removed in between is not asked for by name.
+    wanted = [e.name.full for e in entries] if args.models else None
     bad = store.verify(wanted) if entries else []
     for blob in bad:
         print(f"bad blob {blob.digest}: {blob.reason}; used by {', '.join(blob.models)}{_links_note(blob)}")

@@ -455,6 +455,9 @@ def load_cache(path: str) -> tuple[list[Any], list[int]]:
     from mlx_lm.models.cache import KVCache
 
     arrays, meta = mx.load(path, return_metadata=True)
+    # Read now: a lazily loaded array holds its file open until evaluated, and a restore keeps
+    # hundreds of caches (the daemon ran out of descriptors; select() failed past 1023).
+    mx.eval(list(arrays.values()))
     tokens = json.loads(meta["tokens"])
     cache = []
     for i in range(int(meta["layers"])):

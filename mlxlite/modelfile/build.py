@@ -246,7 +246,9 @@ def _stage(store: Store, files: tuple[tuple[str, str], ...]) -> Path:
 
 
 def _import(store: Store, path: Path, name: ModelName, say: Say) -> ModelEntry:
-    results = import_path(store, path, name.full, say=say)
+    # Blobs only: a manifest written now would show `name` half made (without its layers)
+    # until the real one replaces it, and for good if create is killed in between.
+    results = import_path(store, path, name.full, say=say, commit=False)
     if len(results) != 1:
         raise BadRequest(f"FROM {path}: holds {len(results)} models; name one file or model directory")
     return results[0].entry
@@ -254,7 +256,7 @@ def _import(store: Store, path: Path, name: ModelName, say: Say) -> ModelEntry:
 
 def resolve_base(store: Store, name: ModelName, spec: CreateSpec, base_dir: Path | None,
                  say: Say = _quiet) -> ModelEntry:
-    """The base model; files and paths are imported under `name` first (zero-copy)."""
+    """The base model; files and paths are imported first (zero-copy), their blobs only."""
     if spec.files:
         if spec.from_:
             raise BadRequest("give either 'from' or 'files', not both")
@@ -317,8 +319,9 @@ def create(store: Store, name: str | ModelName, spec: CreateSpec, base_dir: Path
                 say(f"using existing layer {layer.digest}")
         say("writing manifest")
         store.write_manifest(target, result.raw)
+        entry = store.resolve(target)  # under the lock: an rm right after cannot make it "not found"
     say("success")
-    return store.resolve(target)
+    return entry
 
 
 # ---- show --modelfile ----------------------------------------------------------------------

@@ -189,5 +189,6 @@ def pull(store: Store, name: ModelName, *, progress: Emit = quiet,
         raw = build_manifest(store.put_json(cfg), layers)
         target = ModelName(name.host, name.namespace, name.model, name.tag)
         store.write_manifest(target, raw)
+        entry = store.resolve(target)  # under the lock: an rm right after cannot make it "not found"
     progress({"status": "success"})
-    return store.resolve(target)
+    return entry

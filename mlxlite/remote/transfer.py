@@ -107,8 +107,9 @@ def pull_registry(store: Store, name: ModelName, *, insecure: bool = False, prog
                 raise IntegrityError(f"blob {lay.digest} vanished before the manifest was written")
         progress({"status": "writing manifest"})
         store.write_manifest(ModelName(name.host, name.namespace, name.model, name.tag), raw)
+        entry = store.resolve(name)  # under the lock: an rm right after cannot make it "not found"
     progress({"status": "success"})
-    return store.resolve(name)
+    return entry
 
 
 # ---- plain URLs --------------------------------------------------------------------------
@@ -155,8 +156,9 @@ def pull_url(store: Store, url: str, *, sha256: str | None = None, progress: Emi
         progress({"status": "writing manifest"})
         raw = build_manifest(store.put_json(cfg), [gguf_layer])
         store.write_manifest(model_name, raw)
+        entry = store.resolve(model_name)  # under the lock: an rm right after cannot make it "not found"
     progress({"status": "success"})
-    return store.resolve(model_name)
+    return entry
 
 
 # ---- push --------------------------------------------------------------------------------

@@ -71,13 +71,12 @@ class ReadClock(io.RawIOBase):
 
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
         if self._deadline is not None:
-            left = self._deadline - time.monotonic()
-            if left <= 0:
-                raise self._expired()
-            self.sock.settimeout(left)
+            # Past the deadline, what has already arrived still counts: on a loaded machine the
+            # server can be the slow one (a request sent at once was closed unanswered).
+            self.sock.settimeout(max(0.0, self._deadline - time.monotonic()))
         try:
             n = self.sock.recv_into(buffer)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             raise self._expired() from None
         self.received += n
         return n

@@ -22,7 +22,7 @@ from mlxlite.errors import (
     BadRequest,
     PayloadTooLarge,
 )
-from mlxlite.sched import ClientGone, Scheduler
+from mlxlite.sched import Scheduler
 from mlxlite.server.wire import replace_lone_surrogates
 
 
@@ -75,6 +75,11 @@ class RequestContext:
         self._read = False
 
     def _length(self) -> int:
+        values = self.headers.get_all("Content-Length") or []
+        if len({v.strip() for v in values}) > 1 or (values and "Transfer-Encoding" in self.headers):
+            # Two framings: which one a proxy in front used is a guess (request smuggling), RFC 9112 §6.3.
+            self.handler.close_connection = True
+            raise BadRequest("conflicting Content-Length / Transfer-Encoding headers")
         value = self.headers.get("Content-Length")
         if value is None:
             return 0
@@ -100,9 +105,9 @@ class RequestContext:
             raise PayloadTooLarge(f"request body is {n} bytes, more than the limit of {self.app.max_body} "
                                   "(MLXLITE_MAX_BODY_BYTES)")
         data = self.handler.rfile.read(n) if n else b""
-        if len(data) != n:
+        if len(data) != n:  # the client shut its side: it may still read why
             self.handler.close_connection = True
-            raise ClientGone()
+            raise BadRequest(f"request body ended after {len(data)} of {n} bytes (Content-Length)")
         self._read, self._body, self.body_pending = True, data, False
         return data
 
@@ -123,8 +128,9 @@ class RequestContext:
         """True when the client has closed its connection (polled while we wait)."""
         sock = self.handler.connection
         try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            if not readable:
+            poller = select.poll()  # not select.select: a descriptor past 1023 raised, read as "gone"
+            poller.register(sock, select.POLLIN)
+            if not poller.poll(0):
                 return False
             return sock.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):

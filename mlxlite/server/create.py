@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -33,6 +34,7 @@ from mlxlite.errors import (
 from mlxlite.server.wire import Reply, Stream, body_object
 
 _CHUNK = 1 << 20
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")  # a chunk's size line (RFC 9112 §7.1)
 
 
 def _digest(ctx: Any) -> str:
@@ -45,14 +47,19 @@ def _digest(ctx: Any) -> str:
 def _body_chunks(ctx: Any) -> Iterator[bytes]:
     """The raw request body, streamed (Content-Length or chunked)."""
     rfile, headers = ctx.handler.rfile, ctx.headers
-    if "chunked" in (headers.get("Transfer-Encoding") or "").lower():
+    coding = (headers.get("Transfer-Encoding") or "").strip().lower()
+    if coding and coding != "chunked":
+        ctx.handler.close_connection = True
+        raise MlxliteError(f"Transfer-Encoding {coding!r} is not supported: send chunked or Content-Length",
+                           status=501)
+    if coding:
         while True:
             line = rfile.readline(1024)
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
+            size_text = line.split(b";")[0].strip()
+            if not _HEX.fullmatch(size_text):  # int(..., 16) also took "-5" (a 500) and "0x5"
                 ctx.handler.close_connection = True
-                raise BadRequest("malformed chunked body") from None
+                raise BadRequest("malformed chunked body")
+            size = int(size_text, 16)
             if size == 0:
                 while rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                     pass
@@ -63,7 +70,9 @@ def _body_chunks(ctx: Any) -> Iterator[bytes]:
                     raise BadRequest("request body ended early")
                 size -= len(data)
                 yield data
-            rfile.readline(16)
+            if rfile.readline(16) not in (b"\r\n", b"\n"):
+                ctx.handler.close_connection = True
+                raise BadRequest("malformed chunked body: a chunk does not end where its size says")
     else:
         left = ctx._length()
         while left:
@@ -91,7 +100,8 @@ def handle_blob_post(ctx: Any) -> Reply:
         return Reply(None, 200)
     chunks = _body_chunks(ctx)
     try:
-        with store.blob_writer() as writer:
+        # A writer like any import: prune waits, or it could take the temp file mid-upload.
+        with store.writing(), store.blob_writer() as writer:
             for data in chunks:
                 writer.write(data)
             try:

@@ -10,7 +10,9 @@ Contract:
   - Security: Host-header check against DNS rebinding when bound to loopback; CORS for
     localhost origins plus `origins`; `api_key` on every request when set, as a bearer
     token or Anthropic's `x-api-key` (and required to bind a non-loopback address);
-    bodies over `max_body_bytes` -> 413; a request with two Host headers -> 400.
+    bodies over `max_body_bytes` -> 413; a request with two Host headers, two framings
+    (Content-Lengths that differ, or one with Transfer-Encoding), an unreadable header line or
+    no HTTP version (0.9) -> 400; TCP_NODELAY on every connection.
   - Slow and many clients (`connections`): a request's line and headers must arrive within
     `header_timeout` (an idle keep-alive connection is closed after it), a body may stall
     at most `body_timeout` (408), a response has only a long write timeout; past
@@ -38,6 +40,7 @@ import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 from mlxlite import __version__, config
 from mlxlite.errors import (
@@ -68,6 +71,9 @@ class RequestHandler(BaseHTTPRequestHandler):
     server_version = f"mlxlite/{__version__}"
     sys_version = ""
     timeout = None                     # the read clock times each phase instead
+    # TCP_NODELAY: a response's head and body (and each streamed chunk) are separate writes;
+    # under Nagle's algorithm each waited for the client's delayed ACK, ~40 ms per keep-alive request.
+    disable_nagle_algorithm = True
     server: MlxliteServer
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -90,6 +96,25 @@ class RequestHandler(BaseHTTPRequestHandler):
                 self.send_error(408, str(exc))
                 self.server.app.log({"time": round(time.time(), 3), "method": self.command or "-",
                                      "status": 408, "error": str(exc), "client": self.client_address[0]})
+
+    def parse_request(self) -> bool:
+        """http.server's parser without three leniencies: empty lines before the request line
+        are skipped (RFC 9112 §2.2; it closed the connection without a word), HTTP/0.9 (no
+        version) is a 400 (it got a bare body back, no status line), and a header line the
+        parser cannot read is a 400 (it silently dropped that line and every header after it)."""
+        for _ in range(8):
+            if self.raw_requestline not in (b"\r\n", b"\n"):
+                break
+            self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline.split()) == 2:
+            self.send_error(400, "HTTP/0.9 requests are not supported: send HTTP/1.1")
+            return False
+        if not super().parse_request():
+            return False
+        if self.headers.defects:
+            self.send_error(400, "malformed header line (no colon, or space before the colon)")
+            return False
+        return True
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Errors http.server finds itself (bad request line, headers): JSON too."""
@@ -174,8 +199,10 @@ class RequestHandler(BaseHTTPRequestHandler):
         if len(self.headers.get_all("Host") or ()) > 1:
             # Which one counts would be a guess (a proxy may read the other): RFC 9112 says 400.
             raise BadRequest("more than one Host header")
-        if app.check_host and not host_allowed(self.headers.get("Host")):
-            raise Forbidden(f"host {self.headers.get('Host')!r} is not allowed (DNS rebinding protection)")
+        # An absolute-form target's own host is the one that counts (RFC 9112 §3.2.2).
+        host = urlsplit(self.path).netloc or self.headers.get("Host")
+        if app.check_host and not host_allowed(host):
+            raise Forbidden(f"host {host!r} is not allowed (DNS rebinding protection)")
         origin = self.headers.get("Origin")
         if origin:
             if not origin_allowed(origin, app.origins):

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import secrets
 import sys
 from collections.abc import Callable
@@ -81,6 +82,25 @@ def is_stale_temp(path: Path) -> bool:
             return True
     except (FileNotFoundError, IsADirectoryError):
         return False
+
+
+_WRITER_PID = re.compile(re.escape(TMP_PREFIX) + r"(?:[a-z]+-)?(?P<pid>[0-9]+)-[0-9a-f]+\Z")
+
+
+def writer_gone(path: Path) -> bool:
+    """Whether the process that made a temp file or folder named `.tmp-[KIND-]PID-HEX` (a
+    memo or sources rewrite, create's staging folder, a view being built) is dead: those
+    are made and renamed or removed by one process, so a dead one's are leftovers."""
+    found = _WRITER_PID.match(path.name)
+    if found is None:
+        return False
+    try:
+        os.kill(int(found["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False                    # alive, and someone else's
+    return False
 
 
 class BlobWriter:

@@ -8,11 +8,13 @@ back. Never imports mlx.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxlite import names
 from mlxlite.names import ModelName
+from mlxlite.store.manifest import Manifest
 from mlxlite.store.store import ModelEntry
 
 
@@ -27,6 +29,12 @@ class ImportResult:
         return (f"imported {self.entry.name.display} ({self.entry.digest[7:19]}, "
                 f"{len(self.entry.manifest.layers)} files: {how}; {self.copied_bytes} bytes copied)")
 
+
+
+def staged(name: ModelName, raw: bytes) -> ModelEntry:
+    """The entry an import would have written (`commit=False`): its blobs are stored, its
+    manifest is not."""
+    return ModelEntry(name, Manifest.parse(raw), time.time())
 
 
 def default_name(path: Path) -> ModelName:

@@ -28,7 +28,7 @@ from mlxlite.errors import BadRequest, IntegrityError, MlxliteError
 from mlxlite.formats import gguf
 from mlxlite.names import ModelName
 from mlxlite.store import layout
-from mlxlite.store.imported import ImportResult, default_name
+from mlxlite.store.imported import ImportResult, default_name, staged
 from mlxlite.store.manifest import MEDIA_FILE, MEDIA_GGUF, TITLE, Layer, Manifest, build_manifest
 from mlxlite.store.store import Store
 
@@ -64,9 +64,11 @@ class _Collector:
 
 
 def _commit(store: Store, name: ModelName, config: dict, layers: list[Layer],
-            collector: _Collector) -> ImportResult:
+            collector: _Collector, commit: bool = True) -> ImportResult:
     config_layer = store.put_json(config)
     raw = build_manifest(config_layer, layers)
+    if not commit:  # the caller writes its own manifest over these blobs (create), under its lock
+        return ImportResult(staged(name, raw), dict(collector.methods), collector.copied)
     store.write_manifest(name, raw)
     return ImportResult(store.resolve(name), dict(collector.methods), collector.copied)
 
@@ -98,7 +100,8 @@ def gguf_config(path: Path) -> dict:
 
 
 def import_gguf(store: Store, path: Path, name: ModelName | None = None, say: Say = _quiet,
-                known_digest: str | None = None, extra: tuple[tuple[str, bytes], ...] = ()) -> ImportResult:
+                known_digest: str | None = None, extra: tuple[tuple[str, bytes], ...] = (),
+                commit: bool = True) -> ImportResult:
     """Import a GGUF file; `extra` are small layers (media type, bytes) to add after it,
     such as a template the catalog gives the model."""
     path = Path(path)
@@ -110,7 +113,7 @@ def import_gguf(store: Store, path: Path, name: ModelName | None = None, say: Sa
         layer = collector.add(path, title, MEDIA_GGUF, known_digest)
         small = [Layer(media, store.put_bytes(data), len(data)) for media, data in extra]
         config["files"] = [title]
-        return _commit(store, name, config, [layer, *small], collector)
+        return _commit(store, name, config, [layer, *small], collector, commit)
 
 
 # ---- model directories ---------------------------------------------------------------
@@ -182,7 +185,7 @@ def _model_files(root: Path) -> tuple[dict[str, Path], list[str]]:
 
 
 def import_model_dir(store: Store, root: Path, name: ModelName | None = None, say: Say = _quiet,
-                     known_digests: dict[str, str] | None = None) -> ImportResult:
+                     known_digests: dict[str, str] | None = None, commit: bool = True) -> ImportResult:
     root = Path(root)
     files, skipped = _model_files(root)
     if "config.json" not in files:
@@ -197,7 +200,7 @@ def import_model_dir(store: Store, root: Path, name: ModelName | None = None, sa
     with store.writing():
         collector = _Collector(store)
         layers = [collector.add(path, title, MEDIA_FILE, known.get(title)) for title, path in files.items()]
-        return _commit(store, name, config, layers, collector)
+        return _commit(store, name, config, layers, collector, commit)
 
 
 # ---- Hugging Face cache ----------------------------------------------------------------
@@ -218,7 +221,8 @@ def _hf_repo_and_snapshot(path: Path) -> tuple[Path, Path, str]:
     return repo, snapshots[0], snapshots[0].name[:12]
 
 
-def import_hf_cache(store: Store, path: Path, name: ModelName | None = None, say: Say = _quiet) -> ImportResult:
+def import_hf_cache(store: Store, path: Path, name: ModelName | None = None, say: Say = _quiet,
+                    commit: bool = True) -> ImportResult:
     repo, snapshot, revision = _hf_repo_and_snapshot(Path(path))
     if not snapshot.is_dir():
         raise BadRequest(f"{snapshot} is missing: the cache entry is incomplete")
@@ -239,9 +243,9 @@ def import_hf_cache(store: Store, path: Path, name: ModelName | None = None, say
             listing = ", ".join(p.name for p in ggufs)
             raise BadRequest(f"{repo.name} holds several GGUF files ({listing}); import one of them by path")
         rel = ggufs[0].relative_to(snapshot).as_posix()
-        return import_gguf(store, ggufs[0].resolve(), name, say, known.get(rel))
+        return import_gguf(store, ggufs[0].resolve(), name, say, known.get(rel), commit=commit)
     resolved_dir = snapshot
-    return import_model_dir(store, resolved_dir, name, say, known)
+    return import_model_dir(store, resolved_dir, name, say, known, commit)
 
 
 # ---- Ollama's store ------------------------------------------------------------------
@@ -269,10 +273,11 @@ def import_ollama(store: Store, root: Path, say: Say = _quiet) -> list[ImportRes
                         raise IntegrityError(f"blob {layer.digest} of {name.display} is missing in {root}")
                     collector.add(blob, "", layer.media_type, layer.digest)
                 store.write_manifest(name, raw)
+                entry = store.resolve(name)  # under the lock: an rm right after cannot make it "not found"
             except MlxliteError as exc:
                 say(f"skipping {name.display}: {exc}")
                 continue
-        results.append(ImportResult(store.resolve(name), dict(collector.methods), collector.copied))
+        results.append(ImportResult(entry, dict(collector.methods), collector.copied))
     return results
 
 
@@ -285,22 +290,28 @@ def _is_layout(path: Path) -> bool:
     return layout.is_layout(path)
 
 
-def import_path(store: Store, path: str | Path, name: str | None = None, say: Say = _quiet) -> list[ImportResult]:
-    """Import whatever `path` is; returns one result per model imported."""
+def import_path(store: Store, path: str | Path, name: str | None = None, say: Say = _quiet,
+                commit: bool = True) -> list[ImportResult]:
+    """Import whatever `path` is; returns one result per model imported. `commit=False`
+    stores the blobs but writes no manifest (`create` writes the one model it makes); the
+    caller holds `store.writing()` until its own manifest names them, or `prune` may take them."""
     src = Path(path).expanduser()
     parsed = names.parse(name) if name else None
     if not src.exists():
         raise BadRequest(f"{src}: no such file or directory")
     if _is_layout(src):
-        return [layout.import_layout_result(store, src, name=parsed, progress=layout.plain_progress(say))]
+        return [layout.import_layout_result(store, src, name=parsed, progress=layout.plain_progress(say),
+                                            commit=commit)]
     if src.is_file():
         real = src.resolve()
         known = "sha256:" + real.name if src.is_symlink() and _HEX64.match(real.name) else None
-        return [import_gguf(store, real, parsed or default_name(src), say, known)]
+        return [import_gguf(store, real, parsed or default_name(src), say, known, commit=commit)]
     if (src / "snapshots").is_dir() or src.parent.name == "snapshots":
-        return [import_hf_cache(store, src, parsed, say)]
+        return [import_hf_cache(store, src, parsed, say, commit)]
     if (src / "manifests").is_dir() and (src / "blobs").is_dir():
         if parsed:
             raise BadRequest("--name does not apply to an Ollama models directory (it imports every model)")
+        if not commit:
+            raise BadRequest(f"{src} is an Ollama models directory: it holds several models; name one")
         return import_ollama(store, src, say)
-    return [import_model_dir(store, src, parsed, say)]
+    return [import_model_dir(store, src, parsed, say, commit=commit)]

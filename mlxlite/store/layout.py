@@ -36,7 +36,7 @@ from mlxlite.errors import BadRequest, IntegrityError, MlxliteError, Unsupported
 from mlxlite.names import ModelName
 from mlxlite.progress import Printer
 from mlxlite.store.blobio import CHUNK, hash_file
-from mlxlite.store.imported import ImportResult, default_name
+from mlxlite.store.imported import ImportResult, default_name, staged
 from mlxlite.store.manifest import CONFIG_MEDIA_TYPE, DOCKER_MANIFEST, OCI_MANIFEST, Layer, Manifest
 from mlxlite.store.oci_layout import (
     DOCKER_LIST,
@@ -195,7 +195,7 @@ def import_layout(store: Store, path: str | Path, name: str | ModelName | None =
 
 
 def import_layout_result(store: Store, path: str | Path, name: str | ModelName | None = None,
-                         ref: str | None = None, progress: Progress = _quiet) -> ImportResult:
+                         ref: str | None = None, progress: Progress = _quiet, commit: bool = True) -> ImportResult:
     path = Path(path).expanduser()
     if not path.exists():
         raise BadRequest(f"{path}: no such file or directory")
@@ -243,10 +243,13 @@ def import_layout_result(store: Store, path: str | Path, name: str | ModelName |
         with store.writing():
             methods, copied = _copy_blobs(store, source, manifest.blobs, progress)
             progress({"status": "verifying sha256 digest"})
+            if not commit:  # the caller writes its own manifest over these blobs (importers.import_path)
+                return ImportResult(staged(model, raw), dict(methods), copied)
             progress({"status": "writing manifest"})
             store.write_manifest(model, raw)
+            entry = store.resolve(model)  # under the lock: an rm right after cannot make it "not found"
         progress({"status": "success"})
-        return ImportResult(store.resolve(model), dict(methods), copied)
+        return ImportResult(entry, dict(methods), copied)
     finally:
         source.close()
 

@@ -179,15 +179,18 @@ def _pack_dir(store: Store, entries: list[ModelEntry], out: Path, progress: Prog
             raise BadRequest(f"{out} exists and is not a directory; use a new path (or one ending in .tar)")
         if (out / LAYOUT_FILE).is_file():
             existing = _read_index(out / INDEX_FILE) if (out / INDEX_FILE).exists() else []
-        elif any(out.iterdir()):
-            raise BadRequest(f"{out} is a non-empty directory without an oci-layout file; "
-                             "pack into a new or empty directory")
+        else:
+            _sweep(out, LAYOUT_FILE, held_elsewhere=False)  # the temp of a pack killed writing the marker
+            if any(out.iterdir()):
+                raise BadRequest(f"{out} is a non-empty directory without an oci-layout file; "
+                                 "pack into a new or empty directory")
     blob_dir = out / "blobs" / "sha256"
     for folder in (out, blob_dir):  # a layout (or empty dir) held by _held_dir: any temp is dead
         _sweep(folder, held_elsewhere=False)
-    blob_dir.mkdir(parents=True, exist_ok=True)
     if not (out / LAYOUT_FILE).is_file():
+        # The marker before anything else: a pack killed after it left a layout it can finish.
         _write_atomic(out / LAYOUT_FILE, layout_bytes())
+    blob_dir.mkdir(parents=True, exist_ok=True)
     methods: Counter[str] = Counter()
     for digest, size, raw in _blobs_of(entries):
         dst = blob_dir / digest_hex(digest)

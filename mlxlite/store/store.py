@@ -7,6 +7,8 @@ Layout under `$MLXLITE_HOME/models`:
   views/<manifest hex>/<title>            symlinks to blobs, for loaders that want a dir
   sources.json                            where imported blobs were linked from (`sources.py`)
   verified.json                           blobs hashed sound, by size + mtime + inode (load-time memo)
+  .tmp-KIND-PID-*                         a rewrite of those, or create's staging folder (`prune`
+                                          removes them once process PID is gone)
 
 Contract: a blob becomes visible only complete and verified (temp file, hashed while
 written, fsynced, renamed); a manifest is written last, by rename, and only when every
@@ -44,7 +46,16 @@ from typing import BinaryIO
 from mlxlite import config, names
 from mlxlite.errors import BadRequest, Busy, IntegrityError, MlxliteError, ModelNotFound, full_disk_at
 from mlxlite.names import ModelName
-from mlxlite.store.blobio import CHUNK, TMP_PREFIX, BlobWriter, fsync_dir, hash_file, is_stale_temp, reflink
+from mlxlite.store.blobio import (
+    CHUNK,
+    TMP_PREFIX,
+    BlobWriter,
+    fsync_dir,
+    hash_file,
+    is_stale_temp,
+    reflink,
+    writer_gone,
+)
 from mlxlite.store.manifest import (
     CONFIG_MEDIA_TYPE,
     Layer,
@@ -407,16 +418,17 @@ class Store:
         return out
 
     def copy(self, src: ModelName | str, dst: ModelName | str) -> ModelEntry:
-        entry = self.resolve(src)
         dst_name = names.parse(dst) if isinstance(dst, str) else dst
-        with self.writing():
+        with self.writing():  # src resolved under the lock: an rm cannot take its blobs before the write
+            entry = self.resolve(src)
             self.write_manifest(dst_name, entry.manifest.raw)
-        return self.resolve(dst_name)
+            return self.resolve(dst_name)
 
     def remove(self, name: ModelName | str) -> int:
         """Delete a model and the blobs no other model uses; returns bytes freed."""
-        entry = self.resolve(name)
+        self.resolve(name)  # a name that is not there fails at once, without waiting for the lock
         with self._lock(exclusive=True):
+            entry = self.resolve(name)  # again: another rm, or a new import, may have come first
             self._unlink_manifest(entry.name.key)
             in_use = self._referenced()
             freed = 0
@@ -444,7 +456,7 @@ class Store:
         except _Linked as exc:
             raise self._linked_error(parts, str(exc)) from None
         except (FileNotFoundError, NotADirectoryError):
-            raise ModelNotFound(f"model '{'/'.join(parts)}' not found") from None
+            raise ModelNotFound(f"model '{ModelName(*parts).display}' not found") from None
 
     # ---- integrity and garbage collection -----------------------------------------
     def _referenced(self) -> set[str]:
@@ -481,6 +493,9 @@ class Store:
                     reason = f"content hashes to {actual}"
             except FileNotFoundError:
                 reason = "missing"
+                models_using = [m for m in models_using if self._uses(m, digest)]
+                if not models_using:
+                    continue  # each model using it was removed while we hashed: nothing is damaged
             if reason:
                 self._forget_verified(digest)
                 links, linked = self._other_links(digest)
@@ -488,6 +503,13 @@ class Store:
             else:
                 self.record_verified(digest)
         return bad
+
+    def _uses(self, name: str, digest: str) -> bool:
+        """Whether model `name` is (still) there and names blob `digest`."""
+        try:
+            return any(layer.digest == digest for layer in self.resolve(name).manifest.blobs)
+        except ModelNotFound:
+            return False
 
     def _other_links(self, digest: str) -> tuple[int, tuple[str, ...]]:
         """How many other hard links the blob's file has, and which of them were recorded
@@ -556,9 +578,21 @@ class Store:
                         removed += 1
             self.sources.forget(gone)
             self._forget_verified(*gone, strict=False)
+            # A memo or sources rewrite, or create's staging folder, of a killed process.
+            for path in self.root.glob(TMP_PREFIX + "*"):
+                if not writer_gone(path):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+                    removed += 1
             if self.view_root.is_dir():
                 live = {digest_hex(e.digest) for e in self.list()}
                 for view in self.view_root.iterdir():
+                    if view.name.startswith(TMP_PREFIX) and not writer_gone(view):
+                        continue        # a view another process is building now
                     if view.name not in live:
                         shutil.rmtree(view, ignore_errors=True)
         return removed, freed

@@ -215,3 +215,22 @@ def test_a_full_disk_is_one_error_line_naming_where(run_cli, store, tmp_path, mo
     assert code == 1
     assert err.strip().splitlines()[-1] == f"error: no space left on device at {where}", err
     assert "Traceback" not in err
+
+
+def test_verify_of_every_model_while_one_is_removed_exits_0(run_cli, store, tmp_path, monkeypatch):
+    """`mlxlite verify` listed the models, then verified them by name: one an rm took in
+    between was "not found" and verify exited 1 on a sound store (tests/attacks found it)."""
+    from mlxlite.store import Store
+
+    run_cli("import", str(make_model_dir(tmp_path / "a")), "--name", "a")
+    run_cli("import", str(make_model_dir(tmp_path / "b")), "--name", "b")
+    real = Store.verify
+
+    def rm_lands_first(self, models=None, progress=None):
+        Store(self.root).remove("b")
+        return real(self, models, progress)
+
+    monkeypatch.setattr(Store, "verify", rm_lands_first)
+    code, out, err = run_cli("verify")
+    assert code == 0, err
+    assert "all ok" in out

@@ -281,3 +281,25 @@ def test_from_a_catalog_name_fetches_the_base_first(store, default_gguf):
     assert lines[0] == "pulling smollm2:135m from the built-in catalog"
     assert store.exists("smollm2:135m")
     assert entry.manifest.layers_of(st.MEDIA_GGUF) == store.resolve("smollm2:135m").manifest.layers_of(st.MEDIA_GGUF)
+
+
+def test_create_from_a_file_shows_the_new_name_only_when_it_is_whole(store, tiny_gguf_path, tmp_path):
+    """create imported the file under the new name first and wrote the real manifest after:
+    in between (and for good, after a kill -9 there: tests/attacks/test_kill_verbs.py) the
+    name was listed without its SYSTEM and PARAMETER layers."""
+    import shutil
+
+    shutil.copyfile(tiny_gguf_path, tmp_path / "w.gguf")
+    listed_while_creating = []
+
+    def say(line: str) -> None:
+        listed_while_creating.append([e.name.display for e in store.list()])
+
+    spec = cr.spec_from_modelfile(modelfile.parse("FROM ./w.gguf\nSYSTEM hi\nPARAMETER top_k 5\n"))
+    entry = cr.create(store, "mine", spec, tmp_path, say=say)
+    assert listed_while_creating[:-1] and all(names == [] for names in listed_while_creating[:-1])
+    assert listed_while_creating[-1] == ["mine:latest"]          # "success", after the manifest
+    assert [e.name.display for e in store.list()] == ["mine:latest"]
+    assert cr.settings_of(store, entry).system == "hi" and cr.settings_of(store, entry).parameters == {"top_k": 5}
+    again = cr.create(store, "mine", spec, tmp_path)
+    assert again.digest == entry.digest

@@ -486,3 +486,38 @@ def test_packed_model_runs_after_rm_and_import(store, tmp_path, run_cli, request
     code, after, err = run_cli(*argv)
     assert code == 0, err
     assert after == before and after.strip()
+
+
+class _Killed(BaseException):
+    """Stands for a kill -9: nothing after it runs (not even `except Exception`)."""
+
+
+@pytest.mark.parametrize("moment", ["writing the marker", "after the marker's temp"])
+def test_a_dir_pack_killed_before_its_marker_is_finished_by_the_next_pack(store, tmp_path, monkeypatch, moment):
+    """pack made blobs/ before writing oci-layout: killed between (tests/attacks/test_kill_verbs.py),
+    it left a folder every later pack refused as "a non-empty directory without an oci-layout
+    file"; so did a kill that left the marker's temp file."""
+    from mlxlite.store import pack as pack_module
+
+    make_model(store)
+    out = tmp_path / "pkg"
+    if moment == "writing the marker":
+        real = pack_module._write_atomic
+
+        def killed_at_the_marker(path: Path, data: bytes) -> None:
+            if path.name == "oci-layout":
+                raise _Killed()
+            real(path, data)
+
+        monkeypatch.setattr(pack_module, "_write_atomic", killed_at_the_marker)
+        with pytest.raises(_Killed):
+            layout.pack(store, "tiny", out)
+        monkeypatch.undo()
+    else:
+        out.mkdir()
+        (out / ".oci-layout.tmp-99999-0123abcd").write_text('{"imageLayoutVersion"')
+    layout.pack(store, "tiny", out)
+    assert sorted(os.listdir(out)) == ["blobs", "index.json", "oci-layout"]
+    digest = store.resolve("tiny").digest
+    store.remove("tiny")
+    assert layout.import_layout(store, out).digest == digest

@@ -455,3 +455,105 @@ def test_a_manifest_that_is_not_a_file_is_refused_without_hanging(store):
         with pytest.raises(IntegrityError, match="not a file"):
             store.resolve(f"odd:{tag}")
     assert [e.name.display for e in store.list()] == ["real:latest"]
+
+
+def test_prune_removes_what_killed_processes_left_beside_the_blobs_and_keeps_live_ones(store):
+    """kill -9 between writing and renaming sources.json or verified.json, or during
+    /api/create's staging, left `.tmp-*` files and folders in the store's root that prune
+    never removed (tests/attacks/test_kill_verbs.py found the first); and prune deleted a
+    view another process was still building."""
+    import subprocess
+    import sys
+
+    make_model(store, "m", {"w": b"keep"})
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(done.stdout), os.getpid()
+    left = [store.root / f".tmp-sources-{dead}-0123abcd", store.root / f".tmp-memo-{dead}-4567cdef"]
+    for path in left:
+        path.write_text("{")
+    staging = store.root / f".tmp-create-{dead}-0123456789ab"
+    staging.mkdir()
+    (staging / "model.gguf").write_bytes(b"a link to an uploaded blob")
+    half_view = store.view_root / f".tmp-{dead}-89abcdef0123"
+    half_view.mkdir(parents=True)
+    live = [store.root / f".tmp-memo-{alive}-0123abcd", store.view_root / f".tmp-{alive}-0123456789ab"]
+    live[0].write_text("{")
+    live[1].mkdir()
+    removed, _ = store.prune()
+    assert removed == 3
+    assert not any(path.exists() for path in [*left, staging, half_view])
+    assert all(path.exists() for path in live)
+    assert store.verify() == [] and store.exists("m")
+
+
+# ---- races that tests/attacks/test_store_race.py found, each played at its moment ----------
+def test_cp_of_a_model_an_rm_takes_first_is_not_found_never_a_missing_blob(store, monkeypatch):
+    """cp resolved its source before taking the writer lock; an rm in between took the
+    source's blobs and cp failed writing: "cannot write manifest: blob ... is missing" (500)."""
+    make_model(store, "src", {"w": b"only src has these bytes"})
+    real = Store.writing
+
+    def rm_lands_first(self):
+        Store(self.root).remove("src")       # another process's rm, just before cp takes the lock
+        monkeypatch.setattr(Store, "writing", real)
+        return real(self)
+
+    monkeypatch.setattr(Store, "writing", rm_lands_first)
+    with pytest.raises(ModelNotFound, match="model 'src:latest' not found"):
+        store.copy("src", "dst")
+    assert store.list() == [] and not list(store.blob_dir.iterdir())
+
+
+@pytest.mark.parametrize("first", ["another rm", "a new import"])
+def test_rm_acts_on_the_model_it_finds_under_its_lock(store, monkeypatch, first):
+    """rm resolved the model before its exclusive lock: a second rm that got there first
+    made it fail with a name spelled as a path ("registry.ollama.ai/library/m/latest"), and a
+    re-import in between was unlinked while the old blobs' list decided what to free, so the
+    new model's blobs stayed behind, unreferenced."""
+    make_model(store, "m", {"w": b"first weights"})
+    make_model(store, "keep", {"k": b"kept"})
+    real = Store._lock
+
+    def someone_first(self, exclusive, timeout=30.0):
+        monkeypatch.setattr(Store, "_lock", real)
+        if first == "another rm":
+            Store(self.root).remove("m")
+        else:
+            make_model(Store(self.root), "m", {"w": b"second weights"})
+        return real(self, exclusive, timeout)
+
+    monkeypatch.setattr(Store, "_lock", someone_first)
+    if first == "another rm":
+        with pytest.raises(ModelNotFound, match=r"^model 'm:latest' not found$"):
+            store.remove("m")
+    else:
+        store.remove("m")
+        # The model removed was the new one: its blobs went with it (the old one's are prune's).
+        assert not store.has_blob("sha256:" + hashlib.sha256(b"second weights").hexdigest())
+    assert [e.name.display for e in store.list()] == ["keep:latest"]
+    assert store.verify() == []
+
+
+@pytest.mark.parametrize("moment", ["before hashing it", "after hashing it"])
+def test_verify_racing_an_rm_reports_nothing_damaged(store, monkeypatch, moment):
+    """verify listed the models, then an rm took one's blobs: verify reported them "missing"
+    (so `mlxlite verify` exited 1 on a sound store), or, hashed just before the rm, failed
+    remembering it with an untyped FileNotFoundError."""
+    from mlxlite.store import store as store_module
+
+    make_model(store, "gone", {"w": b"bytes of a model being removed"})
+    real = store_module.hash_file
+    calls = []
+
+    def rm_meanwhile(path, progress=None):
+        calls.append(path)
+        if len(calls) == 1 and moment == "before hashing it":
+            Store(store.root).remove("gone")
+        result = real(path, progress)
+        if len(calls) == 1 and moment == "after hashing it":
+            Store(store.root).remove("gone")
+        return result
+
+    monkeypatch.setattr(store_module, "hash_file", rm_meanwhile)
+    assert store.verify() == []
+    assert calls and store.list() == []
