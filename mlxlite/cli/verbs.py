@@ -85,6 +85,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 def model_summary(store, entry) -> dict:
     """What `show` prints: the config blob plus template/system/license/params layers."""
     from mlxlite import store as st  # lazy: --help stays fast
+    from mlxlite.modelfile import read_json_layer  # lazy: --help stays fast
 
     info = store.read_config(entry)
     out = {
@@ -106,7 +107,7 @@ def model_summary(store, entry) -> dict:
         if parts:
             out[key] = "\n".join(parts)
     for layer in entry.manifest.layers_of(st.MEDIA_PARAMS):
-        out["parameters_set"] = json.loads(store.read_blob(layer.digest))
+        out["parameters_set"] = read_json_layer(store, entry, layer, "params")
     if info.get("format") == "gguf":
         from mlxlite.formats import gguf  # lazy: only GGUF models need the reader
 

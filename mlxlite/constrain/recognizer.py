@@ -24,12 +24,14 @@ from fractions import Fraction
 
 from mlxlite.constrain import schema as cs
 from mlxlite.constrain.schema import INF
+from mlxlite.errors import Unsupported
 
 F_ROOT, F_OBJ, F_KEY, F_ARR, F_STR, F_NUM, F_LIT = range(7)
 O_OPEN, O_KEY, O_COLON, O_VALUE, O_AFTER, O_COMMA = range(6)
 A_OPEN, A_AFTER, A_COMMA = range(3)
 MAX_INDENT = 20
 MAX_DEPTH = 64
+MAX_ALTERNATIVES = 4096     # live parses of one output at once (see `advance`)
 MAX_INT, MAX_FRAC, MAX_EXP = 16, 16, 2
 BYTE = [bytes((i,)) for i in range(256)]
 WS_BYTES = frozenset(b" \t\n")
@@ -422,12 +424,20 @@ def start(node: cs.Node) -> tuple:
 
 
 def advance(state: tuple, b: int) -> tuple:
-    """The state after byte b; empty when b is not allowed."""
+    """The state after byte b; empty when b is not allowed. `Unsupported` past
+    `MAX_ALTERNATIVES` live parses: a schema whose unions overlap (two array branches that
+    recurse into the same union) doubles them at every `[`, and each byte costs their number."""
     if len(state) == 1:
         nxt = _step(state[0], b)
     else:
         nxt = [s for st in state for s in _step(st, b)]
-    return tuple(dict.fromkeys(nxt)) if len(nxt) > 1 else tuple(nxt)
+    if len(nxt) <= 1:
+        return tuple(nxt)
+    out = tuple(dict.fromkeys(nxt))
+    if len(out) > MAX_ALTERNATIVES:
+        raise Unsupported(f"the schema is too ambiguous to follow: more than {MAX_ALTERNATIVES:,} ways to "
+                          "read the output at once (anyOf branches that overlap)")
+    return out
 
 
 def complete(state: tuple) -> bool:

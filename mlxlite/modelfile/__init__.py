@@ -14,6 +14,7 @@ from mlxlite.modelfile.build import (
     check,
     create,
     normalize_params,
+    read_json_layer,
     read_messages,
     read_params,
     settings_of,
@@ -36,7 +37,7 @@ from mlxlite.modelfile.parser import (
 )
 
 __all__ = [
-    "CreateSpec", "check", "create", "read_messages", "read_params", "settings_of", "spec_from_modelfile",
+    "CreateSpec", "check", "create", "read_json_layer", "read_messages", "read_params", "settings_of", "spec_from_modelfile",
     "to_modelfile", "From", "License", "Message", "Modelfile", "ModelfileError", "Parameter", "Requires",
     "System", "Template", "parse", "normalize_params", "check_template", "is_semver",
 ]

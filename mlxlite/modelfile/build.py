@@ -33,7 +33,7 @@ from typing import Any
 
 from mlxlite import names, options
 from mlxlite import store as st
-from mlxlite.errors import BadRequest, MlxliteError, ModelNotFound
+from mlxlite.errors import BadRequest, IntegrityError, MlxliteError, ModelNotFound
 from mlxlite.formats import templates as template_formats
 from mlxlite.modelfile import parser
 from mlxlite.names import ModelName
@@ -95,15 +95,29 @@ def normalize_params(values: dict[str, Any], strict: bool = True) -> dict[str, A
 
 
 # ---- reading a model's small layers ------------------------------------------------------
+def _text(store: Store, layer: Layer) -> str:
+    # A pulled model's text layer is whatever its author wrote: odd bytes show as U+FFFD.
+    return store.read_blob(layer.digest).decode("utf-8", errors="replace")
+
+
 def _texts(store: Store, entry: ModelEntry, media: str) -> list[str]:
-    return [store.read_blob(layer.digest).decode("utf-8") for layer in entry.manifest.layers_of(media)]
+    return [_text(store, layer) for layer in entry.manifest.layers_of(media)]
+
+
+def read_json_layer(store: Store, entry: ModelEntry, layer: Layer, what: str) -> Any:
+    """A small JSON layer; one that is not JSON is the model's defect, said plainly (as the
+    engine says it at load)."""
+    try:
+        return json.loads(store.read_blob(layer.digest))
+    except (ValueError, RecursionError):
+        raise IntegrityError(f"model '{entry.name.display}' has a {what} layer that is not JSON") from None
 
 
 def read_params(store: Store, entry: ModelEntry) -> dict[str, Any] | None:
     layers = entry.manifest.layers_of(st.MEDIA_PARAMS)
     if not layers:
         return None
-    data = json.loads(store.read_blob(layers[-1].digest))
+    data = read_json_layer(store, entry, layers[-1], "params")
     return data if isinstance(data, dict) else {}
 
 
@@ -111,7 +125,9 @@ def read_messages(store: Store, entry: ModelEntry) -> list[tuple[str, str]] | No
     layers = entry.manifest.layers_of(st.MEDIA_MESSAGES)
     if not layers:
         return None
-    data = json.loads(store.read_blob(layers[-1].digest))
+    data = read_json_layer(store, entry, layers[-1], "messages")
+    if not isinstance(data, list):
+        return []
     return [(str(m.get("role", "")), str(m.get("content") or "")) for m in data if isinstance(m, dict)]
 
 
@@ -126,7 +142,7 @@ def _read_config(store: Store, entry: ModelEntry) -> dict:
 def _template(store: Store, entry: ModelEntry) -> str | None:
     """The model's template layer (Go or jinja) as text."""
     layer = entry.manifest.template_layer()
-    return store.read_blob(layer.digest).decode("utf-8") if layer is not None else None
+    return _text(store, layer) if layer is not None else None
 
 
 def settings_of(store: Store, entry: ModelEntry) -> CreateSpec:

@@ -24,7 +24,7 @@ from mlxlite import __version__
 from mlxlite import store as st
 from mlxlite.errors import MlxliteError
 from mlxlite.formats import archs, gguf, templates, thinking, tools
-from mlxlite.modelfile import to_modelfile
+from mlxlite.modelfile import read_json_layer, to_modelfile
 from mlxlite.sched import Done, Embedded, EmbedJob, GenerateJob, LoadJob, Ready, is_finish
 from mlxlite.server import wire
 from mlxlite.server.wire import Reply, Stream, Summary
@@ -371,10 +371,12 @@ def show_model(store: Any, entry: Any, verbose: bool = False) -> dict:
     license_ = _layer_text(store, entry, st.MEDIA_LICENSE)
     params: dict = {}
     for layer in entry.manifest.layers_of(st.MEDIA_PARAMS):
-        params.update(json.loads(store.read_blob(layer.digest)))
+        value = read_json_layer(store, entry, layer, "params")
+        params.update(value if isinstance(value, dict) else {})
     messages: list = []
     for layer in entry.manifest.layers_of(st.MEDIA_MESSAGES):
-        messages.extend(json.loads(store.read_blob(layer.digest)))
+        value = read_json_layer(store, entry, layer, "messages")
+        messages.extend(m for m in (value if isinstance(value, list) else []) if isinstance(m, dict))
     model_info: dict = {}
     if info.get("format") == "gguf":
         meta = _gguf_meta(store, entry)

@@ -707,3 +707,19 @@ def test_default_model_fills_a_schema(store, default_model):
         assert "paris" in value["city"].lower()
     finally:
         runner.unload(loaded)
+
+
+def test_overlapping_unions_stop_at_a_bound_instead_of_doubling_forever():
+    """Two array branches of one union that recurse into it: each `[` doubles the live parses
+    (65,536 after 16 bytes, seconds per byte, and on: the MLX thread stalled for everyone)."""
+    schema = {"$defs": {"v": {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/v"}},
+                                        {"type": "array", "items": {"$ref": "#/$defs/v"}, "maxItems": 3},
+                                        {"type": "integer"}]}},
+              "$ref": "#/$defs/v"}
+    state = cj.start(compile_spec(schema))
+    for _ in range(12):                         # 2^12 = 4096 parses: still followed
+        state = cj.advance(state, ord("["))
+    assert len(state) == cj.MAX_ALTERNATIVES
+    assert recognize(schema, b"[[[1]],[2]]") == "complete"     # shallow documents are unaffected
+    with pytest.raises(Unsupported, match="too ambiguous"):
+        cj.advance(state, ord("["))

@@ -92,3 +92,31 @@ def test_template_sandbox_blocks_attribute_escapes():
     evil = templates.ChatTemplate("{{ messages.__class__.__mro__ }}")
     with pytest.raises(BadRequest, match="unsafe"):
         evil.render(CHAT)
+
+
+# ---- a jinja render is bounded, as a Go one is ----------------------------------------------
+@pytest.mark.parametrize("source, words", [
+    # Empty nested loops: 10^10 iterations that write nothing (jinja's own range limit is per range).
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "steps"),
+    ("{% set s = 'ab' * 500 %}{% for c in s %}{% for d in s %}{% for e in s %}{% endfor %}{% endfor %}{% endfor %}",
+     "steps"),
+    ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "characters"),
+    ("{{ 'a' * 100000000 }}", "items"),
+    ("{{ [1, 2] * 50000000 }}", "items"),
+    ("{{ 7 ** 100000000 }}", "too large"),
+])
+def test_a_jinja_template_that_would_spin_or_balloon_is_stopped(source, words, monkeypatch):
+    monkeypatch.setattr(templates, "MAX_STEPS", 200_000)
+    monkeypatch.setattr(templates, "MAX_OUTPUT", 1 << 20)
+    with pytest.raises(BadRequest, match=f"stopped: .*{words}"):
+        templates.ChatTemplate(source, name="hostile").render([{"role": "user", "content": "hi"}])
+
+
+def test_the_bounds_leave_a_real_template_and_its_output_unchanged():
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " * 50} for i in range(40)]
+    out = templates.ChatTemplate(SMOL).render(msgs)
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    plain = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(SMOL)
+    assert out == plain.render(messages=msgs, add_generation_prompt=True, bos_token="", eos_token="", tools=None)
+    assert templates.ChatTemplate("{{ 'ab' * 3 }}{{ 2 ** 10 }}").render([]) == "ababab1024"

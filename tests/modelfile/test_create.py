@@ -7,7 +7,7 @@ import os
 import pytest
 
 from mlxlite import store as st
-from mlxlite.errors import BadRequest, ModelNotFound
+from mlxlite.errors import BadRequest, IntegrityError, ModelNotFound
 from mlxlite.modelfile import build as cr
 from mlxlite.modelfile import parser as modelfile
 
@@ -150,6 +150,26 @@ def test_foreign_params_layer_is_kept_byte_for_byte_on_round_trip(store, default
     assert "# PARAMETER num_gqa 8" in printed and "PARAMETER temperature 1\n" in printed
     again, _ = _create(store, "foreign", printed)
     assert again.digest == entry.digest
+
+
+def test_a_foreign_models_damaged_small_layers_show_or_fail_plainly(store, default_model, run_cli):
+    """A pulled model's system layer in Latin-1 and its params layer not JSON: `show
+    --modelfile` printed a traceback (UnicodeDecodeError / JSONDecodeError), /api/show a 500."""
+    from mlxlite.server.native import show_model
+
+    base = store.resolve(default_model)
+    system = "Réponds en français.".encode("latin-1")
+    layers = [st.Layer(st.MEDIA_SYSTEM, store.put_bytes(system), len(system))]
+    store.write_manifest("latin", st.build_manifest(base.manifest.config, [*base.manifest.layers, *layers]))
+    code, out, err = run_cli("show", "latin", "--modelfile")
+    assert code == 0 and 'SYSTEM R\ufffdponds en fran\ufffdais.\n' in out, err
+    bad = b'{"temperature": 0.5,'
+    layers.append(st.Layer(st.MEDIA_PARAMS, store.put_bytes(bad), len(bad)))
+    store.write_manifest("broken", st.build_manifest(base.manifest.config, [*base.manifest.layers, *layers]))
+    code, out, err = run_cli("show", "broken", "--modelfile")
+    assert code == 1 and err.strip() == "error: model 'broken:latest' has a params layer that is not JSON"
+    with pytest.raises(IntegrityError, match="params layer that is not JSON"):
+        show_model(store, store.resolve("broken"))
 
 
 def test_requires_goes_into_the_config(store, default_model):
