@@ -1,0 +1,150 @@
+"""`create --quantize`: a float model (safetensors directory or stored model, or a float GGUF)
+quantized into MLX's q4, q8, mxfp4 and nvfp4, stored as safetensors + config.json that our
+loader and mlx-lm's own `load` read; logits stay near the float model's, files shrink by the
+bits per weight, a quantized source or an unknown type is a clear error."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlxlite import store as st
+from mlxlite.engine import model as engine_model
+from mlxlite.engine.quantize import quantize_model
+from mlxlite.errors import BadRequest
+from mlxlite.modelfile import CreateSpec, create
+from mlxlite.modelfile.quantize import TYPES, parse_type
+
+IDS = [5, 17, 42, 99, 130, 7, 256, 64, 3, 200, 11, 150]
+# Relative RMS error per quantized matrix against its float original (dequantized as MLX
+# does): a Gaussian row's 4-bit affine step over group 64 gives ~0.09, 8 bits ~16x less;
+# e2m1 codes give ~0.115 with mxfp4's power-of-two scales, ~0.095 with nvfp4's e4m3 ones.
+WEIGHT_TOLERANCE = {"q8": 0.008, "q4": 0.1, "mxfp4": 0.13, "nvfp4": 0.11}
+# Relative RMS error of the logits against the float model's: this random 2-layer network
+# amplifies its weights' error ~5-6x (measured: q8 0.036, q4 0.48, mxfp4 0.56, nvfp4 0.56).
+TOLERANCE = {"q8": 0.06, "q4": 0.6, "mxfp4": 0.7, "nvfp4": 0.7}
+# Bits per weight of a quantized matrix: the codes plus the group's scale (and bias for affine),
+# the scales in the source's float32 for affine, one byte for the fp4 formats.
+BPW = {"q4": 4 + 2 * 32 / 64, "q8": 8 + 2 * 32 / 64, "mxfp4": 4 + 8 / 32, "nvfp4": 4 + 8 / 16}
+
+
+def _logits(store, name: str) -> np.ndarray:
+    loaded = engine_model.load(store, store.resolve(name))
+    out = loaded.model(mx.array([IDS]))
+    return np.array(out[0].astype(mx.float32))
+
+
+def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def _weights_bytes(store, name: str) -> int:
+    entry = store.resolve(name)
+    return sum(layer.size for title, layer in entry.manifest.files().items()
+               if title.endswith((".safetensors", ".gguf")))
+
+
+def _quantized(store, base: str, name: str, qtype: str) -> list[str]:
+    lines: list[str] = []
+    create(store, name, CreateSpec(from_=base, quantize=qtype), say=lines.append, quantizer=quantize_model)
+    return lines
+
+
+@pytest.mark.parametrize("qtype", list(TYPES))
+def test_quantized_safetensors_logits_stay_near_the_float_models(store, tiny_safetensors_model, qtype):
+    want = _logits(store, tiny_safetensors_model)
+    lines = _quantized(store, tiny_safetensors_model, f"tiny-{qtype}", qtype)
+    assert lines[0].startswith(f"quantizing float32 safetensors model {tiny_safetensors_model}:latest to {qtype}")
+    assert lines[-2:] == ["writing manifest", "success"]
+    got = _logits(store, f"tiny-{qtype}")
+    err = _rel_err(got, want)
+    assert 0 < err < TOLERANCE[qtype], err
+    mode, bits, group = TYPES[qtype]
+    view = store.view(store.resolve(f"tiny-{qtype}"))
+    cfg = json.loads((view / "config.json").read_text())
+    assert cfg["quantization"] == cfg["quantization_config"] == {"group_size": group, "bits": bits, "mode": mode}
+    floats = mx.load(str(store.view(store.resolve(tiny_safetensors_model)) / "model.safetensors"))
+    packed = mx.load(str(view / "model.safetensors"))
+    matrices = [k for k, v in floats.items() if v.ndim == 2]
+    assert len(matrices) == 15  # the tied embedding and 7 per layer: every one is quantized
+    for key in matrices:
+        prefix = key.removesuffix(".weight")
+        back = mx.dequantize(packed[key], packed[f"{prefix}.scales"], packed.get(f"{prefix}.biases"),
+                             group_size=group, bits=bits, mode=mode).astype(mx.float32)
+        assert _rel_err(np.array(back), np.array(floats[key])) < WEIGHT_TOLERANCE[qtype], key
+    # Every matrix is quantized (norms stay float32): the file shrinks by about the bits per weight.
+    ratio = _weights_bytes(store, f"tiny-{qtype}") / _weights_bytes(store, tiny_safetensors_model)
+    assert BPW[qtype] / 32 < ratio < BPW[qtype] / 32 * 1.15, ratio
+
+
+def test_q8_is_closer_than_q4(store, tiny_safetensors_model):
+    want = _logits(store, tiny_safetensors_model)
+    _quantized(store, tiny_safetensors_model, "t8", "q8")
+    _quantized(store, tiny_safetensors_model, "t4", "q4")
+    assert _rel_err(_logits(store, "t8"), want) * 8 < _rel_err(_logits(store, "t4"), want)
+
+
+def test_show_reports_the_quantization_and_the_rest_is_shared(store, tiny_safetensors_model, run_cli):
+    _quantized(store, tiny_safetensors_model, "tiny-mx", "mxfp4")
+    base, entry = store.resolve(tiny_safetensors_model), store.resolve("tiny-mx")
+    assert store.read_config(entry)["quantization"] == "MXFP4 (group 32)"
+    shared = {t: layer for t, layer in base.manifest.files().items() if t.startswith("tokenizer")}
+    assert shared and all(entry.manifest.files()[t] == layer for t, layer in shared.items())
+    code, out, _ = run_cli("show", "tiny-mx")
+    assert code == 0 and "MXFP4 (group 32)" in out
+    _quantized(store, tiny_safetensors_model, "tiny-q4", "q4")
+    assert store.read_config(store.resolve("tiny-q4"))["quantization"] == "Q4 (group 64)"
+
+
+def test_mlx_lm_loads_the_result(store, tiny_safetensors_model):
+    from mlx_lm import load
+
+    _quantized(store, tiny_safetensors_model, "tiny-nv", "nvfp4")
+    model, tokenizer = load(str(store.view(store.resolve("tiny-nv"))))
+    got = np.array(model(mx.array([IDS]))[0].astype(mx.float32))
+    assert _rel_err(got, _logits(store, "tiny-nv")) < 1e-3
+    assert tokenizer.encode("Hello world")
+
+
+@pytest.mark.parametrize("qtype", ["q4", "q8"])
+def test_a_float_gguf_becomes_an_mlx_model(store, tiny_float_gguf, qtype):
+    from mlx_lm import load
+
+    from mlxlite.store.importers import import_path
+
+    import_path(store, tiny_float_gguf, "tiny-f16")
+    want = _logits(store, "tiny-f16")
+    lines = _quantized(store, "tiny-f16", "tiny-f16-q", qtype)
+    assert lines[0].startswith(f"quantizing F16 GGUF model tiny-f16:latest to {qtype}")
+    entry = store.resolve("tiny-f16-q")
+    assert not entry.manifest.layers_of(st.MEDIA_GGUF)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(entry.manifest.files())
+    assert _rel_err(_logits(store, "tiny-f16-q"), want) < TOLERANCE[qtype]
+    model, tokenizer = load(str(store.view(entry)))
+    assert _rel_err(np.array(model(mx.array([IDS]))[0].astype(mx.float32)), want) < TOLERANCE[qtype]
+    # The tokenizer written from the GGUF's metadata encodes as the GGUF's own does.
+    gguf_loaded = engine_model.load(store, store.resolve("tiny-f16"))
+    text = "Hello world! <|im_start|>user café"
+    assert tokenizer.encode(text, add_special_tokens=False) == engine_model.tokenize(gguf_loaded, text, False)
+    ratio = _weights_bytes(store, "tiny-f16-q") / _weights_bytes(store, "tiny-f16")
+    assert ratio < BPW[qtype] / 16
+
+
+def test_a_quantized_source_is_a_clear_error_and_writes_nothing(store, tiny_safetensors_model, tiny_gguf_model):
+    _quantized(store, tiny_safetensors_model, "tiny-q4", "q4")
+    before = sorted(e.name.display for e in store.list())
+    with pytest.raises(BadRequest, match=r"already quantized \(4-bit affine\)"):
+        _quantized(store, "tiny-q4", "again", "q8")
+    with pytest.raises(BadRequest, match=r"already quantized \(GGUF Q4_0, Q4_1, Q8_0\)"):
+        _quantized(store, tiny_gguf_model, "again", "q4")
+    assert sorted(e.name.display for e in store.list()) == before
+    assert not [p for p in store.root.iterdir() if p.name.startswith(st.TMP_PREFIX)]
+
+
+def test_types_and_ollamas_names():
+    assert parse_type("Q4") == "q4" and parse_type("q4_K_M") == "q4" and parse_type("q8_0") == "q8"
+    assert parse_type("MXFP4") == "mxfp4" and parse_type("nvfp4") == "nvfp4"
+    for bad in ("q3", "fp8", "", 4):
+        with pytest.raises(BadRequest, match="quantization type"):
+            parse_type(bad)
