@@ -311,21 +311,31 @@ def create(store: Store, name: str | ModelName, spec: CreateSpec, base_dir: Path
         raise BadRequest(f"cannot create '{name}': a new model's name has no @digest")
     if spec.parameters:
         spec = replace(spec, parameters=normalize_params(spec.parameters))
-    with store.writing():
-        base = resolve_base(store, target, spec, base_dir, say)
-        if spec.quantize:
-            if quantizer is None:
-                raise BadRequest("quantize needs the engine: this caller gave no quantizer")
-            base = quantized_base(store, base, spec.quantize, quantizer, say)
-        result = plan(store, base, spec)
-        for layer in (*result.layers, result.config):
-            if layer.digest in result.blobs and not store.has_blob(layer.digest, layer.size):
-                store.put_bytes(result.blobs[layer.digest])
-                say(f"creating new layer {layer.digest}")
-            elif layer is not result.config:
-                say(f"using existing layer {layer.digest}")
-        say("writing manifest")
-        store.write_manifest(target, result.raw)
+    before = store.resolve(target).manifest.raw if spec.quantize and store.exists(target) else None
+    imported = False
+    try:
+        with store.writing():
+            base = resolve_base(store, target, spec, base_dir, say)
+            if spec.quantize:
+                imported = base.name.key == target.key  # a file or directory FROM, imported under the name
+                if quantizer is None:
+                    raise BadRequest("quantize needs the engine: this caller gave no quantizer")
+                base = quantized_base(store, base, spec.quantize, quantizer, say)
+            result = plan(store, base, spec)
+            for layer in (*result.layers, result.config):
+                if layer.digest in result.blobs and not store.has_blob(layer.digest, layer.size):
+                    store.put_bytes(result.blobs[layer.digest])
+                    say(f"creating new layer {layer.digest}")
+                elif layer is not result.config:
+                    say(f"using existing layer {layer.digest}")
+            say("writing manifest")
+            store.write_manifest(target, result.raw)
+    except BaseException:
+        # A failed quantize must not leave the unquantized import under the new name, nor
+        # lose the model that had it (outside the writer lock: removing takes it whole).
+        if imported:
+            store.write_manifest(target, before) if before is not None else store.remove(target)
+        raise
     say("success")
     return store.resolve(target)
 

@@ -148,3 +148,24 @@ def test_types_and_ollamas_names():
     for bad in ("q3", "fp8", "", 4):
         with pytest.raises(BadRequest, match="quantization type"):
             parse_type(bad)
+
+
+def test_cli_create_quantizes_a_model_directory(store, tiny_safetensors_dir, tmp_path, run_cli):
+    (tmp_path / "Modelfile").write_text(f"FROM {tiny_safetensors_dir}\nPARAMETER temperature 0\n")
+    code, out, err = run_cli("create", "tiny-cli", "-f", str(tmp_path / "Modelfile"), "--quantize", "nvfp4")
+    assert code == 0, err
+    assert "to nvfp4 (nvfp4, 4 bits, group 16)" in out and out.rstrip().endswith("success")
+    assert store.read_config(store.resolve("tiny-cli"))["quantization"] == "NVFP4 (group 16)"
+    code, out, err = run_cli("create", "tiny-bad", "-f", str(tmp_path / "Modelfile"), "-q", "q5")
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: unknown quantization type 'q5'")
+    (tmp_path / "Modelfile").write_text("FROM tiny-cli\n")
+    code, out, err = run_cli("create", "tiny-bad", "-f", str(tmp_path / "Modelfile"), "-q", "q4")
+    assert code == 1 and "already quantized (4-bit nvfp4)" in err and "Traceback" not in err
+    assert "tiny-bad" not in {e.name.model for e in store.list()}
+
+
+def test_a_failed_quantize_of_a_file_leaves_no_import_behind(store, tiny_gguf_path, tmp_path, run_cli):
+    (tmp_path / "Modelfile").write_text(f"FROM {tiny_gguf_path}\n")
+    code, _, err = run_cli("create", "tiny-q", "-f", str(tmp_path / "Modelfile"), "-q", "q4")
+    assert code == 1 and "already quantized" in err
+    assert store.list() == []
