@@ -183,7 +183,7 @@ print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def test_quantizing_holds_one_tensor_as_float_not_the_model(tmp_path):
-    """A 256 MB float32 model (largest tensor 16 MB) quantizes in a fresh process whose peak
+    """A 285 MB float32 model (largest tensor 16 MB) quantizes in a fresh process whose peak
     grows by far less than the model: the source is mapped lazily, tensor by tensor."""
     import os
     import subprocess
