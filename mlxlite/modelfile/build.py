@@ -36,7 +36,7 @@ from mlxlite import store as st
 from mlxlite.errors import BadRequest, MlxliteError, ModelNotFound
 from mlxlite.formats import templates as template_formats
 from mlxlite.modelfile import parser
-from mlxlite.modelfile.quantize import Quantizer, quantized_base
+from mlxlite.modelfile.quantize import Quantizer, check_source, quantized_base
 from mlxlite.names import ModelName
 from mlxlite.remote import catalog
 from mlxlite.store import Layer, ModelEntry, Store
@@ -266,6 +266,8 @@ def resolve_base(store: Store, name: ModelName, spec: CreateSpec, base_dir: Path
         tmp = _stage(store, spec.files)
         try:
             target = tmp / st.check_title(ggufs[0][0].lstrip("/")) if ggufs else tmp
+            if spec.quantize:   # before importing: a source quantize refuses leaves nothing behind
+                check_source(target)
             return _import(store, target, name, say)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -277,6 +279,8 @@ def resolve_base(store: Store, name: ModelName, spec: CreateSpec, base_dir: Path
         return _from_name(store, spec.from_, say)
     path = _local_path(spec.from_, base_dir)
     if path is not None:
+        if spec.quantize:
+            check_source(path)
         return _import(store, path, name, say)
     if _looks_like_path(spec.from_):
         raise BadRequest(f"FROM {spec.from_!r}: no such file or directory")
@@ -309,33 +313,23 @@ def create(store: Store, name: str | ModelName, spec: CreateSpec, base_dir: Path
     target = names.parse(name) if isinstance(name, str) else name
     if target.digest:
         raise BadRequest(f"cannot create '{name}': a new model's name has no @digest")
+    if spec.quantize and quantizer is None:
+        raise BadRequest("quantize needs the engine: this caller gave no quantizer")
     if spec.parameters:
         spec = replace(spec, parameters=normalize_params(spec.parameters))
-    before = store.resolve(target).manifest.raw if spec.quantize and store.exists(target) else None
-    imported = False
-    try:
-        with store.writing():
-            base = resolve_base(store, target, spec, base_dir, say)
-            if spec.quantize:
-                imported = base.name.key == target.key  # a file or directory FROM, imported under the name
-                if quantizer is None:
-                    raise BadRequest("quantize needs the engine: this caller gave no quantizer")
-                base = quantized_base(store, base, spec.quantize, quantizer, say)
-            result = plan(store, base, spec)
-            for layer in (*result.layers, result.config):
-                if layer.digest in result.blobs and not store.has_blob(layer.digest, layer.size):
-                    store.put_bytes(result.blobs[layer.digest])
-                    say(f"creating new layer {layer.digest}")
-                elif layer is not result.config:
-                    say(f"using existing layer {layer.digest}")
-            say("writing manifest")
-            store.write_manifest(target, result.raw)
-    except BaseException:
-        # A failed quantize must not leave the unquantized import under the new name, nor
-        # lose the model that had it (outside the writer lock: removing takes it whole).
-        if imported:
-            store.write_manifest(target, before) if before is not None else store.remove(target)
-        raise
+    with store.writing():
+        base = resolve_base(store, target, spec, base_dir, say)
+        if spec.quantize:
+            base = quantized_base(store, base, spec.quantize, quantizer, say)
+        result = plan(store, base, spec)
+        for layer in (*result.layers, result.config):
+            if layer.digest in result.blobs and not store.has_blob(layer.digest, layer.size):
+                store.put_bytes(result.blobs[layer.digest])
+                say(f"creating new layer {layer.digest}")
+            elif layer is not result.config:
+                say(f"using existing layer {layer.digest}")
+        say("writing manifest")
+        store.write_manifest(target, result.raw)
     say("success")
     return store.resolve(target)
 

@@ -71,11 +71,17 @@ def _safetensors_header(path: Path) -> dict:
 
 
 def check_source(source: Path) -> str:
-    """What the model directory `source` holds ("F16 GGUF", "float32 safetensors", ...), if
-    `quantize` can take it; else a 400 saying why (already quantized, an embedding model, ...).
-    Reads headers only, so a create fails before its first status line."""
-    ggufs = sorted(p for p in source.iterdir() if p.name.lower().endswith(".gguf"))
-    if not (source / "config.json").is_file() and ggufs:
+    """What `source` holds ("F16 GGUF", "float32 safetensors", ...), a model directory or
+    a .gguf file, if `quantize` can take it; else a 400 saying why (already quantized, an
+    embedding model, ...). Reads headers only, so a create fails before its first status
+    line. Other sources (an HF cache, an Ollama store) are checked once imported."""
+    if source.is_file() and source.name.lower().endswith(".gguf"):
+        ggufs = [source]
+    elif source.is_dir() and ((source / "config.json").is_file() or any(source.glob("*.gguf"))):
+        ggufs = sorted(p for p in source.iterdir() if p.name.lower().endswith(".gguf"))
+    else:
+        return "model"
+    if source.is_file() or not (source / "config.json").is_file():
         header = gguf.read_gguf(ggufs[0])
         gguf.check_supported(header)
         if archs.get(header.architecture).encoder:

@@ -22,10 +22,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import mlxlite.formats.harmony as harmony  # its own line: the one below is often edited
 from mlxlite import __version__
 from mlxlite import store as st
 from mlxlite.errors import MlxliteError
-from mlxlite.formats import archs, gguf, harmony, templates, thinking, tools
+from mlxlite.formats import archs, gguf, templates, thinking, tools
 from mlxlite.modelfile import to_modelfile
 from mlxlite.sched import Done, Embedded, EmbedJob, GenerateJob, LoadJob, Ready, is_finish
 from mlxlite.server import wire
