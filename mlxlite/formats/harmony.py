@@ -15,9 +15,9 @@ prefilled `...<|channel|>final<|message|>partial answer`); `HarmonyParser(opened
 `feed(text) -> [(kind, text)]` (kind "thinking" or "content", in output order, holding back
 only what may still be a tag) and `finish() -> ([(kind, text)], calls)`, calls Ollama-shaped
 `{"function": {"index", "name", "arguments": {...}}}` (the `functions.` namespace dropped).
-Unlike Ollama's, text outside any message is content and a call whose arguments are not a
-JSON object comes back as content: nothing generated is dropped but the markup. Headers cut
-off by the end of generation are markup and are dropped. Pure; no I/O, never imports
+Unlike Ollama's, text outside any message is content, a reply that never wrote a header is
+content, and a call whose arguments are not a JSON object comes back as content: nothing
+generated is dropped but the markup (a header cut off by the end of generation is markup). Pure; no I/O, never imports
 anything above the ground floor.
 """
 
@@ -92,6 +92,9 @@ class HarmonyParser:
         self.content_seen = False   # any content out yet (the thinking before it is counted)
         self.thought = False        # any thinking out yet
         self.feed(opened)           # the prompt's own part of the message: its text is not output
+        # Of the prompt's part, what is still buffered (its unfinished header); -1 once the
+        # output opened a message of its own (a header cut off there is markup).
+        self.opened = len(self.buffer) if self.state == "header" else -1
 
     @property
     def thinking(self) -> bool:
@@ -110,7 +113,7 @@ class HarmonyParser:
                 if at < 0:
                     self.buffer = self.buffer[len(self.buffer) - keep:] if keep else ""
                     return out
-                self.buffer, self.state = self.buffer[at + len(START):], "header"
+                self.buffer, self.state, self.opened = self.buffer[at + len(START):], "header", -1
             elif self.state == "header":
                 at = self.buffer.find(MESSAGE)
                 if at < 0:
@@ -169,5 +172,9 @@ class HarmonyParser:
             self._end_message(out)
         elif self.state == "outside":
             self._body(out, text, route="content")
+        elif self.opened >= 0 and "<|" not in text[self.opened:] and not text[self.opened:].lstrip().startswith("to="):
+            # never a header: a reply that ignored the format (or a constrained JSON one)
+            self.state = "body"
+            self._body(out, text[self.opened:].lstrip(), route="content")
         self.state = "outside"
         return out, self.calls

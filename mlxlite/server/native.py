@@ -152,7 +152,8 @@ def _events(ctx: Any, ticket: Any, job: GenerateJob, summary: Summary, tool_name
         if isinstance(event, Ready):
             if split:
                 thinker = thinking.ThinkingParser(thinking=getattr(event, "thinking", False))
-            if getattr(event, "harmony", None) is not None:
+            if getattr(event, "harmony", None) is not None and job.format is None:
+                # (a constrained reply is the JSON alone, no channels: it passes as it is)
                 channels = harmony.HarmonyParser(event.harmony)
             summary.load_seconds = event.load_seconds
             summary.tokens = list(event.prompt_tokens)

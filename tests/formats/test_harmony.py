@@ -85,3 +85,12 @@ def test_is_harmony():
     assert harmony.is_harmony("<|start|>{{ .Role }}<|channel|>final<|message|>")
     assert not harmony.is_harmony("{% for m in messages %}<|im_start|>{% endfor %}")
     assert not harmony.is_harmony(None)
+
+
+@pytest.mark.parametrize("step", [None, 1])
+def test_a_reply_that_never_writes_a_header_is_content(step):
+    """A model off its format, or a reply constrained to JSON: its text is the answer."""
+    assert run("Hello there", step=step)[:3] == ("", "Hello there", [])
+    assert run('{"a": 1}', step=step)[1] == '{"a": 1}'
+    assert run("<|channel|>analys", step=step)[:2] == ("", "")        # a cut header is markup
+    assert run(" to=functions.get_we", step=step)[:2] == ("", "")

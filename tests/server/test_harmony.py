@@ -113,3 +113,12 @@ def test_a_model_without_harmony_keeps_its_text(store):
     add_fake_model(store)
     with RunningServer(FakeEngine(REPLY), store) as s:
         assert ollama.Client(host=s.url).chat("fake", HI).message.content == REPLY
+
+
+def test_a_json_constrained_reply_passes_as_it_is(srv):
+    srv.engine.reply = '{"greeting": "hello"}'
+    c = ollama.Client(host=srv.url)
+    assert c.chat("fake", HI, format="json").message.content == '{"greeting": "hello"}'
+    parts = list(c.chat("fake", HI, format="json", stream=True))
+    assert "".join(p.message.content for p in parts) == '{"greeting": "hello"}'
+    assert sum(1 for p in parts if p.message.content) > 1     # streamed as it comes, not held to the end
