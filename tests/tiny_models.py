@@ -12,6 +12,7 @@
 - `tiny_gguf_bad_arch`: a GGUF whose architecture is "mamba" (unsupported).
 - `tiny_qwen2_files`: {"gguf", "safetensors"}: a tiny qwen2 GGUF (q/k/v biases, no Q/K
   permutation) and the same network as an mlx-lm directory.
+- `tiny_float_gguf`: the same llama as an F16 GGUF (F32 norms), for `create --quantize`.
 - `tiny_kquant_gguf`: a tiny llama GGUF of random K-quant (and Q5_x, MXFP4, IQ4, BF16) blocks,
   hidden size 256, written by `make_kquant_model` with `random_blocks`.
 - `tiny_gguf_model` / `tiny_safetensors_model`: the files imported into the test's store.
@@ -284,6 +285,37 @@ def make_models(root: Path) -> dict[str, Path]:
     return {"gguf": gguf_path, "bad": bad, "safetensors": st}
 
 
+def make_float_gguf(root: Path, kind: str = "F16") -> Path:
+    """The tiny llama of `make_models` as a float GGUF: every matrix in `kind` (F16 or F32),
+    norms F32, Q/K rows permuted as llama.cpp writes them; what `create --quantize` takes."""
+    tok = build_tokenizer()
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    c = CONFIG
+    tensors = []
+    for name, (w, _) in _tensors(vocab).items():
+        if ".attn_q." in name:
+            w = permute_qk(w, c["num_attention_heads"])
+        elif ".attn_k." in name:
+            w = permute_qk(w, c["num_key_value_heads"])
+        t = kind if w.ndim > 1 else "F32"
+        data = w.astype(np.float16 if t == "F16" else np.float32).tobytes()
+        tensors.append((name, w.shape, t, data))
+    meta = {
+        "general.architecture": "llama", "general.name": "tiny-llama", "general.file_type": 1 if kind == "F16" else 0,
+        "general.alignment": 32, "llama.context_length": c["max_position_embeddings"],
+        "llama.embedding_length": c["hidden_size"], "llama.block_count": c["num_hidden_layers"],
+        "llama.feed_forward_length": c["intermediate_size"], "llama.attention.head_count": c["num_attention_heads"],
+        "llama.attention.head_count_kv": c["num_key_value_heads"],
+        "llama.attention.layer_norm_rms_epsilon": c["rms_norm_eps"], "llama.rope.freq_base": c["rope_theta"],
+        "llama.rope.dimension_count": c["head_dim"], "llama.vocab_size": vocab,
+        **gguf_tokenizer_metadata(tok),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"tiny-llama.{kind}.gguf"
+    write_gguf(path, meta, tensors)
+    return path
+
+
 def make_qwen2(root: Path) -> dict[str, Path]:
     """A tiny qwen2 GGUF (q/k/v biases, no Q/K permutation) and its safetensors reference."""
     import mlx.core as mx
@@ -459,6 +491,11 @@ def tiny_files(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_qwen2_files(tmp_path_factory) -> dict[str, Path]:
     return make_qwen2(tmp_path_factory.mktemp("tiny_qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_float_gguf(tmp_path_factory) -> Path:
+    return make_float_gguf(tmp_path_factory.mktemp("tiny_float_gguf"))
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ Never imports mlx.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from mlxlite.modelfile import (
     check,
     create,
     parse,
+    parse_quantize_type,
     read_params,
     spec_from_modelfile,
     to_modelfile,
@@ -41,11 +43,18 @@ def _located(mf: Modelfile, source: str, exc: MlxliteError) -> MlxliteError:
     return type(exc)(f"{source}:{at.line}:{at.column}: {exc}")
 
 
+def _quantizer(source: Path, qtype: str, out: Path, say: Any) -> None:
+    from mlxlite.engine import quantize  # lazy: mlx only when `create --quantize` runs
+
+    quantize.quantize_model(source, qtype, out, say)
+
+
 def cmd_create(args: Any) -> int:
+    qtype = parse_quantize_type(args.quantize) if getattr(args, "quantize", None) else None
     mf, base_dir = _read_modelfile(args.file)
     try:
-        create(Store(), args.name, spec_from_modelfile(mf), base_dir=base_dir,
-               say=lambda line: print(line, flush=True))
+        create(Store(), args.name, replace(spec_from_modelfile(mf), quantize=qtype), base_dir=base_dir,
+               say=lambda line: print(line, flush=True), quantizer=_quantizer)
     except MlxliteError as exc:
         raise _located(mf, args.file, exc) from None
     return 0

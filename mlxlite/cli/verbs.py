@@ -481,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("create", cmd_create, "create a model from a Modelfile")
     p.add_argument("name")
     p.add_argument("-f", "--file", default="Modelfile", help="path to the Modelfile (default: ./Modelfile)")
+    p.add_argument("-q", "--quantize", metavar="TYPE",
+                   help="quantize a float model's weights: q4, q8 (affine, group 64), mxfp4, nvfp4")
     p = verb("validate", cmd_validate, "check a Modelfile (syntax, parameters, base model) without writing")
     p.add_argument("-f", "--file", default="Modelfile", help="path to the Modelfile (default: ./Modelfile)")
     p = verb("rm", cmd_rm, "remove models")

@@ -6,8 +6,9 @@ and the prefix-cache pieces; behind it `model` (a loaded model and its primitive
 `batch` (the batch decoder), `gguf` (GGUF tensors onto mlx-lm's model classes),
 `encoder` (the bert-family embedding encoder mlx-lm lacks), `quants` (GGUF's quantized
 blocks read and repacked into MLX's formats), `sampling` (Ollama's
-options as mlx-lm samplers, the constraint mask) and `text` (token bytes, streaming
-text, stop strings). `blas` preloads OpenBLAS and must run before mlx
+options as mlx-lm samplers, the constraint mask), `text` (token bytes, streaming
+text, stop strings) and `quantize` (`create --quantize`: a float model into MLX's q4, q8,
+mxfp4, nvfp4; run on the caller's thread, not the scheduler's). `blas` preloads OpenBLAS and must run before mlx
 is imported, so this file imports nothing: callers import the module they need
 (`from mlxlite.engine import runner`), and importing the wing costs nothing. Never imports
 the scheduler, the server or the CLI.

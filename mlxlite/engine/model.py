@@ -5,7 +5,9 @@ Contract:
     (`engine/gguf.py`) or safetensors through mlx-lm from `store.view(entry)`; the Modelfile
     layers (params -> `defaults`, system, messages) are read. The prompt template is the
     model's template layer (an Ollama Go template, run as Go does, or jinja), else its own
-    jinja template, else a fallback that fits its vocabulary.
+    jinja template, else a fallback that fits its vocabulary. A harmony template (gpt-oss)
+    makes its structural special tokens print (`formats.harmony.TAGS`), so its channels can
+    be parsed from the text.
     On the CPU device quantized weights become float32 when that fits the memory budget
     (`float32_on_cpu`); activations, scales and norms are float32 on CPU.
   - `unload`, `tokenize`, `detokenize`, `token_bytes`, `token_piece` (a token as logprobs
@@ -44,7 +46,7 @@ from mlxlite.engine import blas
 from mlxlite.engine.gguf import load_gguf
 from mlxlite.engine.text import token_table
 from mlxlite.errors import BadRequest, IntegrityError, MlxliteError, Unsupported
-from mlxlite.formats import archs, templates
+from mlxlite.formats import archs, harmony, templates
 from mlxlite.options import Options
 from mlxlite.store import (
     MEDIA_GGUF,
@@ -287,6 +289,8 @@ def load(store: Store, entry: ModelEntry) -> Loaded:
                                   name="ollama" if go_template else "modelfile")
     else:
         template = templates.ChatTemplate(source, bos_token=bos, eos_token=eos, name="model")
+    if harmony.is_harmony(getattr(template, "source", "")):
+        _print_tags(table, backend)
     info.update({
         "context_length": context_length,
         "device": "cpu" if on_cpu() else "gpu",
@@ -296,6 +300,16 @@ def load(store: Store, entry: ModelEntry) -> Loaded:
     })
     return Loaded(entry.name.display, entry.digest, model, tokenizer, template, eos_ids, context_length,
                   _nbytes(model), info, defaults, system, messages, table, bos)
+
+
+def _print_tags(table: list[bytes], backend: Any) -> None:
+    """gpt-oss's structural tokens are special (they never print), but its channels are
+    read from them: they print as their text, as Ollama keeps them in the output."""
+    vocab = backend.get_vocab(with_added_tokens=True)
+    for tag in harmony.TAGS:
+        i = vocab.get(tag)
+        if i is not None and 0 <= i < len(table):
+            table[i] = tag.encode()
 
 
 def _backend(tokenizer: Any) -> Any:

@@ -36,6 +36,7 @@ from mlxlite import store as st
 from mlxlite.errors import BadRequest, IntegrityError, MlxliteError, ModelNotFound
 from mlxlite.formats import templates as template_formats
 from mlxlite.modelfile import parser
+from mlxlite.modelfile.quantize import Quantizer, check_source, quantized_base
 from mlxlite.names import ModelName
 from mlxlite.remote import catalog
 from mlxlite.store import Layer, ModelEntry, Store
@@ -62,6 +63,7 @@ class CreateSpec:
     messages: tuple[tuple[str, str], ...] | None = None  # (role, content)
     licenses: tuple[str, ...] | None = None
     requires: str | None = None
+    quantize: str | None = None  # a `quantize.TYPES` name: the weights are quantized on create
 
 
 def spec_from_modelfile(mf: parser.Modelfile) -> CreateSpec:
@@ -282,6 +284,8 @@ def resolve_base(store: Store, name: ModelName, spec: CreateSpec, base_dir: Path
         tmp = _stage(store, spec.files)
         try:
             target = tmp / st.check_title(ggufs[0][0].lstrip("/")) if ggufs else tmp
+            if spec.quantize:   # before importing: a source quantize refuses leaves nothing behind
+                check_source(target)
             return _import(store, target, name, say)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -293,6 +297,8 @@ def resolve_base(store: Store, name: ModelName, spec: CreateSpec, base_dir: Path
         return _from_name(store, spec.from_, say)
     path = _local_path(spec.from_, base_dir)
     if path is not None:
+        if spec.quantize:
+            check_source(path)
         return _import(store, path, name, say)
     if _looks_like_path(spec.from_):
         raise BadRequest(f"FROM {spec.from_!r}: no such file or directory")
@@ -313,19 +319,26 @@ def check(store: Store, spec: CreateSpec, base_dir: Path | None = None) -> str:
             raise BadRequest(f"FROM {spec.from_!r}: no such file or directory")
         base = _from_name(store, spec.from_)
         result = plan(store, base, spec)
-        return f"FROM {base.name.display} ({base.digest[7:19]}): {len(result.layers)} layers"
+        quantized = f", quantized to {spec.quantize} on create" if spec.quantize else ""
+        return f"FROM {base.name.display} ({base.digest[7:19]}): {len(result.layers)} layers{quantized}"
     raise BadRequest("neither 'from' nor 'files' was given (a Modelfile needs FROM)")
 
 
 def create(store: Store, name: str | ModelName, spec: CreateSpec, base_dir: Path | None = None,
-           say: Say = _quiet) -> ModelEntry:
+           say: Say = _quiet, quantizer: Quantizer | None = None) -> ModelEntry:
+    """Build `name` (see module doc); with `spec.quantize`, `quantizer` (the engine's, which
+    this wing cannot import) writes the quantized weights the new model gets instead."""
     target = names.parse(name) if isinstance(name, str) else name
     if target.digest:
         raise BadRequest(f"cannot create '{name}': a new model's name has no @digest")
+    if spec.quantize and quantizer is None:
+        raise BadRequest("quantize needs the engine: this caller gave no quantizer")
     if spec.parameters:
         spec = replace(spec, parameters=normalize_params(spec.parameters))
     with store.writing():
         base = resolve_base(store, target, spec, base_dir, say)
+        if spec.quantize:
+            base = quantized_base(store, base, spec.quantize, quantizer, say)
         result = plan(store, base, spec)
         for layer in (*result.layers, result.config):
             if layer.digest in result.blobs and not store.has_blob(layer.digest, layer.size):

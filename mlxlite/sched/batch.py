@@ -278,7 +278,8 @@ class Batches:
         queue_s = time.monotonic() - ticket.submitted
         ticket.replies.put(Ready(load_seconds, tuple(tokens), queue_seconds=queue_s, batch_size=len(dec),
                                  truncated_messages=rendered.truncated_messages,
-                                 thinking=getattr(rendered, "thinking", False)))
+                                 thinking=getattr(rendered, "thinking", False),
+                                 harmony=getattr(rendered, "harmony", None)))
         self.queue_seconds.observe(queue_s)
 
     # ---- stepping ---------------------------------------------------------------------------

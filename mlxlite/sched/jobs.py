@@ -72,6 +72,7 @@ class Ready:
     batch_size: int = 0             # sequences of this model decoding or waiting, this one included
     truncated_messages: int = 0     # the chat's oldest messages left out to fit num_ctx
     thinking: bool = False          # the prompt opened a thinking section: the output starts inside it
+    harmony: str | None = None      # a harmony prompt (gpt-oss): the message its output continues
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,13 @@
     hash to `digest`; 507 when the disk fills (the rest of the body is read and dropped
     first, so the client gets the answer). No body-size limit beyond the disk.
   - `POST /api/create`: `{model, from | files {name: digest}, template, system,
-    parameters, messages, license, stream}` -> NDJSON `{"status": ...}` lines ending in
+    parameters, messages, license, quantize, stream}` -> NDJSON `{"status": ...}` lines ending in
     `{"status": "success"}` (or the last line alone when `stream` is false). Bad fields
     are a 400 before any line is sent. The older shape `{name, modelfile}` works too
     (FROM must then name a model: the server reads no client paths).
-Never imports mlx; the work is `create.create`.
+`quantize` (q4, q8, mxfp4, nvfp4, or Ollama's q4_K_M / q8_0 names) runs the engine's
+quantizer on the create thread; an unknown type or a quantized source is a 400.
+Imports mlx only for a quantizing create; the work is `modelfile.create`.
 """
 
 from __future__ import annotations
@@ -122,8 +124,8 @@ def spec_from_request(body: Any) -> tuple[names.ModelName, modelfile.CreateSpec,
     """Validate an /api/create body (Ollama's shape) into (name, spec, stream)."""
     body = body_object(body)
     name = names.parse(body.get("model") or body.get("name") or "")
-    if body.get("quantize") or body.get("quantization"):
-        raise Unsupported("quantize is not supported by mlxlite's create")
+    quantize = body.get("quantize") or body.get("quantization")  # Ollama's field, and its older name
+    quantize = modelfile.parse_quantize_type(quantize) if quantize is not None else None
     if body.get("adapters"):
         raise Unsupported("adapters (LoRA) are not supported by mlxlite")
     text = body.get("modelfile")
@@ -181,10 +183,16 @@ def spec_from_request(body: Any) -> tuple[names.ModelName, modelfile.CreateSpec,
         raise BadRequest("invalid 'stream': expected true or false")
     spec = modelfile.CreateSpec(from_=source, files=tuple(sorted(files.items())), template=template, system=system,
                          parameters=params, messages=messages, licenses=lic,
-                         requires=requires.removeprefix("v") if requires else None)
+                         requires=requires.removeprefix("v") if requires else None, quantize=quantize)
     if not spec.from_ and not spec.files:
         raise BadRequest("neither 'from' nor 'files' was given")
     return name, spec, stream
+
+
+def _quantizer(source: Any, qtype: str, out: Any, say: Any) -> None:
+    from mlxlite.engine import quantize  # lazy: mlx only when a create asks to quantize
+
+    quantize.quantize_model(source, qtype, out, say)
 
 
 def _run(store: Any, name: names.ModelName, spec: modelfile.CreateSpec) -> Iterator[dict]:
@@ -194,7 +202,7 @@ def _run(store: Any, name: names.ModelName, spec: modelfile.CreateSpec) -> Itera
 
     def work() -> None:
         try:
-            modelfile.create(store, name, spec, say=lambda text: lines.put({"status": text}))
+            modelfile.create(store, name, spec, say=lambda text: lines.put({"status": text}), quantizer=_quantizer)
         except BaseException as exc:  # handed to the HTTP thread, which maps it
             lines.put(exc)
         lines.put(end)

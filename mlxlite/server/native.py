@@ -7,7 +7,9 @@ wire. Store-only routes (tags, show, copy, delete) never load a model. Generatio
 through `generation()`, shared with the OpenAI and Anthropic routes: it submits a job to
 the scheduler and yields text as it comes, so nothing waits for the end. The output's
 leading `<think>...</think>` section comes out as thinking text (`formats.thinking`)
-unless the request said `think: false`; tool calls are parsed from the rest; with
+unless the request said `think: false`; tool calls are parsed from the rest; a harmony
+prompt (gpt-oss, `Ready.harmony`) has its channels split instead (`formats.harmony`:
+analysis -> thinking, final -> content, a message to `functions.NAME` -> a call); with
 logprobs, every token's entry (`logprob_entry`: token, logprob, bytes, top_logprobs, the
 shape Ollama and OpenAI share) rides on the next item. Never imports mlx.
 """
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import mlxlite.formats.harmony as harmony  # its own line: the one below is often edited
 from mlxlite import __version__
 from mlxlite import store as st
 from mlxlite.errors import MlxliteError
@@ -111,6 +114,7 @@ def _events(ctx: Any, ticket: Any, job: GenerateJob, summary: Summary, tool_name
     thinker = thinking.ThinkingParser() if split else None
     pending: list[dict] = []        # logprobs of tokens whose text is not out yet
     thought, before_content = False, 0
+    channels: harmony.HarmonyParser | None = None   # gpt-oss: its own thinking and calls, always split
 
     def emit(text: str, is_thinking: bool = False) -> Text:
         item = Text(text, is_thinking, tuple(pending))
@@ -119,6 +123,11 @@ def _events(ctx: Any, ticket: Any, job: GenerateJob, summary: Summary, tool_name
 
     def route(text: str, end: bool = False) -> Iterator[Text | Calls]:
         nonlocal thought
+        if channels is not None:
+            yield from _harmony_route(channels, text, end, emit)
+            if end and pending:
+                yield emit("")      # the last tokens' logprobs, when their text was markup
+            return
         parts = thinker.feed(text) if thinker is not None else [("content", text)]
         if end and thinker is not None:
             parts += thinker.finish()
@@ -143,6 +152,9 @@ def _events(ctx: Any, ticket: Any, job: GenerateJob, summary: Summary, tool_name
         if isinstance(event, Ready):
             if split:
                 thinker = thinking.ThinkingParser(thinking=getattr(event, "thinking", False))
+            if getattr(event, "harmony", None) is not None and job.format is None:
+                # (a constrained reply is the JSON alone, no channels: it passes as it is)
+                channels = harmony.HarmonyParser(event.harmony)
             summary.load_seconds = event.load_seconds
             summary.tokens = list(event.prompt_tokens)
             summary.prompt_tokens = len(event.prompt_tokens)    # known now; Finish has the final count
@@ -167,14 +179,28 @@ def _events(ctx: Any, ticket: Any, job: GenerateJob, summary: Summary, tool_name
                            cached_tokens=event.prompt_tokens - event.prompt_eval_tokens,
                            eval_tps=round(event.eval_tokens / event.eval_seconds, 2) if event.eval_seconds > 0 else 0)
             yield from route(event.text_tail, end=True)
+            thought = thought or (channels is not None and channels.thought)
             summary.thinking_tokens = before_content if thought else 0
             return
         summary.tokens.append(event.token)
         if logprobs:
             pending.append(logprob_entry(event, job.top_logprobs))
-        if thinker is not None and thinker.state != "content":
+        if (channels.thinking if channels is not None else thinker is not None and thinker.state != "content"):
             before_content += 1
         yield from route(event.text)
+
+
+def _harmony_route(channels: harmony.HarmonyParser, text: str, end: bool, emit: Any) -> Iterator[Text | Calls]:
+    """gpt-oss's channels: analysis as thinking, final and commentary as content, calls at the end."""
+    parts = channels.feed(text)
+    calls: list = []
+    if end:
+        more, calls = channels.finish()
+        parts += more
+    for kind, part in parts:
+        yield emit(part, kind == "thinking")
+    if calls:
+        yield Calls(calls)
 
 
 def _load_or_unload(ctx: Any, entry: Any, req: wire.GenerateRequest, chat: bool) -> Reply | Stream:

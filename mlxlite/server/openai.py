@@ -7,7 +7,8 @@ the native machinery (`native.generation`, the same scheduler jobs): `max_tokens
 (1.0 when absent, as Ollama does), penalties, `response_format` (json_object ->
 "json", json_schema -> its schema, both decoded under a constraint), `tools` ->
 `tool_calls`, `reasoning_effort` -> think ("none" turns it off; a model that cannot think
-ignores it), `logprobs` / `top_logprobs` -> `logprobs.content` with the real alternatives.
+ignores it), `logprobs` / `top_logprobs` -> `logprobs.content` with the real alternatives
+(on /v1/completions `logprobs` is an int, N alternatives in OpenAI's legacy shape: `_Offsets`).
 The model's thinking comes back as `reasoning_content` (and `reasoning`, Ollama's name) in
 the message or delta, its tokens counted as `completion_tokens_details.reasoning_tokens`.
 Streams are SSE (`data: {...}` events, then `data: [DONE]`), with a usage
@@ -18,6 +19,7 @@ Never imports mlx.
 from __future__ import annotations
 
 import base64
+import codecs
 import json
 import secrets
 import struct
@@ -263,6 +265,35 @@ def handle_chat_completions(ctx: Any) -> Reply | Stream:
     return Stream(chunks(), sse=True, done_marker=True)
 
 
+class _Offsets:
+    """Legacy completions' logprobs (`tokens`, `token_logprobs`, `top_logprobs` as {token:
+    logprob}, `text_offset`) from our entries; offsets count characters of the returned text
+    (no echo: the prompt is not in it), carried across the chunks of a stream."""
+
+    def __init__(self) -> None:
+        # Decoded as the text is: invalid bytes become U+FFFD; a token that completes a
+        # character begun by the previous one sits at that character's start.
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.chars = 0
+
+    def legacy(self, entries: Any) -> dict:
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            raw = bytes(e["bytes"])
+            pending = self.decoder.getstate()[0]     # the start of a character not yet whole
+            joins = pending and not (pending + raw).decode("utf-8", "replace").startswith("\ufffd")
+            out["text_offset"].append(self.chars + (0 if joins else len(pending.decode("utf-8", "replace"))))
+            self.chars += len(self.decoder.decode(raw))
+            out["tokens"].append(e["token"])
+            out["token_logprobs"].append(e["logprob"])
+            top = {}
+            for alt in e["top_logprobs"]:
+                top.setdefault(alt["token"], alt["logprob"])
+            top.setdefault(e["token"], e["logprob"])  # OpenAI: the sampled token always, so up to N + 1
+            out["top_logprobs"].append(top)
+        return out
+
+
 def handle_completions(ctx: Any) -> Reply | Stream:
     body = wire.body_object(ctx.json())
     name = wire.model_name(body)
@@ -280,28 +311,33 @@ def handle_completions(ctx: Any) -> Reply | Stream:
     stream = wire.get(body, "stream", bool, False)
     usage = _include_usage(body)
     fmt = _response_format(body)
+    top = wire.get(body, "logprobs", int)  # legacy: an int, the alternatives per token
+    if top is not None and not 0 <= top <= 20:
+        raise BadRequest("invalid logprobs: must be between 0 and 20")
     entry = resolve(ctx, name)
     # Completions are raw: the prompt goes to the model as written, like Ollama's raw mode.
     spec = PromptSpec(name.display, prompt=prompt, raw=True, suffix=suffix, think=False)
-    job = GenerateJob(entry, spec, overrides, wire.keep_alive(body), fmt)
+    job = GenerateJob(entry, spec, overrides, wire.keep_alive(body), fmt, top_logprobs=top or 0)
     cid, created, model = f"cmpl-{secrets.token_hex(12)}", int(time.time()), name.display
     summary = Summary()
-    items = generation(ctx, job, summary)
+    items = generation(ctx, job, summary, logprobs=top is not None)
+    offsets = _Offsets()
     if not stream:
-        text = "".join(item.text for item in items)
+        whole = gather(items)
         return Reply({"id": cid, "object": "text_completion", "created": created, "model": model,
                       "system_fingerprint": FINGERPRINT,
-                      "choices": [{"text": text, "index": 0, "logprobs": None,
+                      "choices": [{"text": whole.text, "index": 0,
+                                   "logprobs": offsets.legacy(whole.logprobs) if top is not None else None,
                                    "finish_reason": _finish_reason(summary, False)}],
                       "usage": _usage(summary)})
 
     def chunks() -> Iterator[dict]:
-        def chunk(text: str, finish: str | None = None) -> dict:
+        def chunk(text: str, finish: str | None = None, lp: dict | None = None) -> dict:
             return {"id": cid, "object": "text_completion", "created": created, "model": model,
                     "system_fingerprint": FINGERPRINT,
-                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}]}
         for item in items:
-            yield chunk(item.text)
+            yield chunk(item.text, lp=offsets.legacy(item.logprobs) if top is not None else None)
         yield chunk("", _finish_reason(summary, False))
         if usage:
             yield {"id": cid, "object": "text_completion", "created": created, "model": model,

@@ -4,7 +4,8 @@ fitted to num_ctx by whole messages.
 Contract: `PromptSpec` is what a route hands the scheduler; `PromptSpec.render(loaded, engine,
 num_ctx, num_predict)` runs on the MLX thread (the template lives on the loaded model) and
 returns `Rendered` (token ids, how many of the chat's oldest messages were left out, whether
-the prompt itself opened a `<think>` section). A chat longer than num_ctx loses its oldest
+the prompt itself opened a `<think>` section, and for a harmony template (gpt-oss) the
+message the output continues, which the routes parse channels from). A chat longer than num_ctx loses its oldest
 whole messages (never the system prompt, never the latest message, never part of one)
 unless `fit` is off; a latest message that cannot fit is a `BadRequest`. Never imports mlx.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlxlite.errors import BadRequest
-from mlxlite.formats import templates, thinking
+from mlxlite.formats import harmony, templates, thinking
 
 
 # ---- rendering -------------------------------------------------------------------------
@@ -42,6 +43,7 @@ class Rendered:
     tokens: list[int]
     truncated_messages: int = 0
     thinking: bool = False
+    harmony: str | None = None      # a harmony template's prompt: the message the output continues
 
 
 def _opens_thinking(text: str) -> bool:
@@ -120,18 +122,20 @@ class PromptSpec:
                 if isinstance(think, str):
                     extra["reasoning_effort"] = think
         add_special = bool(getattr(template, "add_special", False)) and not context
-        opened = [False]
+        opened: list[Any] = [False, None]
+        is_harmony = harmony.is_harmony(getattr(template, "source", ""))
 
         def tokens_of(msgs: list[dict]) -> list[int]:
             text = template.render(msgs, tools=tools, add_generation_prompt=True, **extra)
             opened[0] = _opens_thinking(text)
+            opened[1] = harmony.open_message(text) if is_harmony else None
             return context + engine.tokenize(loaded, text, add_special=add_special)
 
         tokens = tokens_of(messages)
         if self.messages is None or not self.fit or num_ctx <= 0 or len(tokens) < num_ctx:
-            return Rendered(tokens, thinking=opened[0])
+            return Rendered(tokens, thinking=opened[0], harmony=opened[1])
         fitted = _fit_chat(messages, tokens_of, num_ctx, output_room(num_ctx, num_predict))
-        return Rendered(fitted.tokens, fitted.truncated_messages, opened[0])
+        return Rendered(fitted.tokens, fitted.truncated_messages, opened[0], opened[1])
 
 
 def _fit_chat(messages: list[dict], tokens_of: Any, num_ctx: int, room: int) -> Rendered:

@@ -154,7 +154,9 @@ def dir_config(files: dict[str, Path]) -> dict:
     bits = quant.get("bits") if isinstance(quant, dict) else None
     params = sum(_safetensors_params(p, bits) for t, p in files.items() if t.endswith(".safetensors"))
     if bits:
-        quantization = f"Q{bits}" + (f" (group {quant.get('group_size')})" if quant.get("group_size") else "")
+        mode = quant.get("mode") or "affine"   # mlx-lm's key: affine, mxfp4, nvfp4, mxfp8
+        quantization = (f"Q{bits}" if mode == "affine" else str(mode).upper()) \
+            + (f" (group {quant.get('group_size')})" if quant.get("group_size") else "")
     else:
         quantization = str(cfg.get("torch_dtype") or cfg.get("dtype") or "").upper()
     arch = cfg.get("model_type") or ""

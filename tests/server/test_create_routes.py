@@ -99,13 +99,31 @@ def test_ollama_client_create_from_a_model(server, store, default_model):
     assert shown is not None
 
 
+def test_create_quantizes_over_the_api_and_through_the_ollama_client(server, store, tiny_safetensors_model):
+    body = {"model": "tiny-q8", "from": tiny_safetensors_model, "quantize": "q8"}
+    got, raw = _req(server, "POST", "/api/create", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    statuses = [json.loads(line)["status"] for line in raw.splitlines()]
+    assert got == 200 and statuses[0].startswith("quantizing float32 safetensors model tiny-st:latest to q8")
+    assert statuses[-2:] == ["writing manifest", "success"]
+    assert store.read_config(store.resolve("tiny-q8"))["quantization"] == "Q8 (group 64)"
+    ollama = pytest.importorskip("ollama")
+    client = ollama.Client(host=server.url)
+    assert client.create(model="tiny-q4", from_=tiny_safetensors_model, quantize="q4_K_M").status == "success"
+    assert client.show("tiny-q4").details.quantization_level == "Q4 (group 64)"
+    with pytest.raises(ollama.ResponseError, match="already quantized") as info:
+        client.create(model="again", from_="tiny-q4", quantize="q8", stream=True).__next__()
+    assert info.value.status_code == 400
+
+
 @pytest.mark.parametrize(("body", "status", "words"), [
     ({"model": "x", "from": "nosuch"}, 404, "not found"),
     ({"model": "x"}, 400, "neither"),
     ({"model": "x", "from": "smollm2:135m", "parameters": {"bogus": 1}}, 400, "unknown option"),
     ({"model": "x", "from": "smollm2:135m", "parameters": {"top_p": 5}}, 400, "outside"),
     ({"model": "x", "from": "smollm2:135m", "template": "### User: {{ .Prompt }"}, 400, "Go template"),
-    ({"model": "x", "from": "smollm2:135m", "quantize": "q4_K_M"}, 400, "quantize"),
+    ({"model": "x", "from": "smollm2:135m", "quantize": "q4_K_M"}, 400, "already quantized (GGUF Q4_1, Q8_0)"),
+    ({"model": "x", "from": "smollm2:135m", "quantize": "q3_K_S"}, 400, "unknown quantization type 'q3_K_S'"),
+    ({"model": "x", "from": "smollm2:135m", "quantize": 4}, 400, "invalid quantization type"),
     ({"model": "x", "from": "smollm2:135m", "adapters": {"a.gguf": "sha256:" + "1" * 64}}, 400, "adapters"),
     ({"model": "x", "files": {"m.gguf": "sha256:" + "1" * 64}}, 400, "was not uploaded"),
     ({"model": "bad name!", "from": "smollm2:135m"}, 400, "invalid model name"),

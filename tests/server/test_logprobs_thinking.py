@@ -364,3 +364,45 @@ def test_a_real_template_that_thinks(store, tiny_gguf_model, reference):
         with pytest.raises(ollama.ResponseError) as err:
             c.chat(tiny_gguf_model, HI, think=True)
         assert err.value.status_code == 400 and "does not support thinking" in err.value.error
+
+
+# ---- /v1/completions: the legacy shape (tokens, token_logprobs, top_logprobs, text_offset) ------
+def test_legacy_completions_logprobs_fake_engine(srv):
+    c = oai(srv)
+    done = c.completions.create(model="fake", prompt="hi", logprobs=2)
+    lp = done.choices[0].logprobs
+    assert "".join(lp.tokens) == done.choices[0].text == THOUGHT
+    assert lp.token_logprobs == [-0.1] * len(THOUGHT)
+    assert lp.top_logprobs[0] == {"<": -0.1, "=": -3.0}      # N alternatives (the sampled one among them)
+    assert lp.text_offset == list(range(len(THOUGHT)))       # into the returned text: no echo
+    chunks = list(c.completions.create(model="fake", prompt="hi", logprobs=0, stream=True))
+    got = [ch.choices[0].logprobs for ch in chunks if ch.choices and ch.choices[0].logprobs]
+    assert "".join(t for g in got for t in g.tokens) == THOUGHT
+    assert [o for g in got for o in g.text_offset] == list(range(len(THOUGHT)))   # carried across chunks
+    assert got[0].top_logprobs[0] == {"<": -0.1}              # logprobs 0: the sampled token alone
+    plain = c.completions.create(model="fake", prompt="hi")
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        c.completions.create(model="fake", prompt="hi", logprobs=21)
+
+
+def test_legacy_completions_logprobs_are_the_models_log_softmax(store, tiny_gguf_model, reference):
+    from mlxlite.engine import runner
+
+    with RunningServer(None, store) as s:
+        done = oai(s).completions.create(model=tiny_gguf_model, prompt="The quick brown", temperature=0,
+                                         max_tokens=6, logprobs=3)
+    want = greedy_reference(reference, runner.tokenize(reference, "The quick brown"), 6, 3)
+    lp = done.choices[0].logprobs
+    assert lp.tokens == [token for token, _ in want]
+    for got_top, got_lp, (_, top) in zip(lp.top_logprobs, lp.token_logprobs, want, strict=True):
+        expected: dict[str, float] = {}
+        for t, v in top:   # a dict: tokens that decode alike (partial UTF-8 -> U+FFFD) keep the likelier
+            expected.setdefault(t, v)
+        assert list(got_top) == list(expected)
+        assert max(abs(got_top[t] - v) for t, v in expected.items()) < 1e-4 and abs(got_lp - top[0][1]) < 1e-4
+    text, offsets = done.choices[0].text, lp.text_offset
+    # Each token's offset is where its text starts in the returned text (a byte that is no
+    # character on its own shows there as U+FFFD, as in the text itself).
+    assert offsets[0] == 0 and sorted(offsets) == offsets
+    assert all(text[o:].startswith(t) for o, t in zip(offsets, lp.tokens, strict=True))
