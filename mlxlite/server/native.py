@@ -22,11 +22,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import mlxlite.formats.harmony as harmony  # its own line: the one below is often edited
 from mlxlite import __version__
 from mlxlite import store as st
 from mlxlite.errors import MlxliteError
-from mlxlite.formats import archs, gguf, templates, thinking, tools
+from mlxlite.formats import archs, gguf, harmony, templates, thinking, tools
 from mlxlite.modelfile import read_json_layer, to_modelfile
 from mlxlite.sched import Done, Embedded, EmbedJob, GenerateJob, LoadJob, Ready, is_finish
 from mlxlite.server import wire
