@@ -169,6 +169,26 @@ def test_deepseek3_files_from_before_the_mla_split_load_too(store, built, tmp_pa
         runner.unload(loaded)
 
 
+def test_show_names_the_mlx_lm_class_each_file_runs_on(store, built, run_cli, tiny_gguf_bad_arch):
+    """`show` says from the header which class loads a file: deepseek2 files split by their
+    routing (V3's sigmoid onto deepseek_v3, V2's softmax onto deepseek_v2); a file nothing
+    loads says why."""
+    import json
+
+    from mlxlite.store.importers import import_path
+
+    for name, want in (("deepseek3", "mlx-lm deepseek_v3"), ("deepseek2", "mlx-lm deepseek_v2"),
+                       ("phi3-longrope", "mlx-lm phi3")):
+        import_path(store, built(name, "Q8_0").path, f"tiny-{name}-s")
+        code, out, _ = run_cli("show", f"tiny-{name}-s", "--json")
+        assert code == 0 and json.loads(out)["runs_on"] == want
+    code, out, _ = run_cli("show", "tiny-deepseek3-s")
+    assert code == 0 and "runs on mlx-lm deepseek_v3" in " ".join(out.split())
+    import_path(store, tiny_gguf_bad_arch, "tiny-bad-arch")
+    info = json.loads(run_cli("show", "tiny-bad-arch", "--json")[1])
+    assert info["runs_on"].startswith("nothing: GGUF architecture") and "is not supported" in info["runs_on"]
+
+
 def test_float32_budget_counts_every_expert_of_a_stacked_tensor(built):
     """The CPU float32 decision must see a MoE model's real size: a [experts, rows, cols]
     packed stack is experts * rows * cols floats, not experts * cols."""
