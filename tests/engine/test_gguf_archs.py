@@ -148,6 +148,45 @@ def test_decoding_token_by_token_matches_the_reference(store, built, name, monke
         runner.unload(loaded)
 
 
+def test_deepseek3_batches_and_reuses_its_latent_cache(store, built, monkeypatch):
+    """V3's cache holds the MLA latent and the rotary keys (not per-head keys and values,
+    and of two widths): batched members still decode what they decode alone, one joining
+    mid-flight, and a kept cache serves a longer prompt."""
+    from mlxlite import options
+    from mlxlite.engine import runner
+    from mlxlite.store.importers import import_path
+
+    monkeypatch.setenv("MLXLITE_FLOAT32_ON_CPU", "0")
+    import_path(store, built("deepseek3", "Q4_K").path, "tiny-deepseek3-b")
+    loaded = runner.load(store, store.resolve("tiny-deepseek3-b"))
+    greedy = options.parse({"temperature": 0, "num_predict": 8})
+
+    def drive(dec, got: dict, steps: int = 10_000) -> dict:
+        while len(dec) and steps:
+            steps -= 1
+            for key, item in dec.step(lambda k: False):
+                got.setdefault(key, []).append(item)
+        return {k: [p.token for p in items[:-1]] for k, items in got.items()}
+
+    try:
+        prompts = [IDS, IDS[3:11], [42, 7, 250, 1], IDS[::-1]]
+        want = [[p.token for p in list(runner.generate(loaded, ids, greedy))[:-1]] for ids in prompts]
+        dec = runner.decoder(loaded, 4, keep_caches=True)
+        got: dict = {}
+        for k in range(3):
+            dec.add(k, prompts[k], greedy)
+        drive(dec, got, steps=3)
+        dec.add(3, prompts[3], greedy)   # joins the running batch
+        assert drive(dec, got) == dict(enumerate(want))
+        tokens, cache = dec.take_cache(0)
+        follow = tokens + [5, 17, 100]
+        alone = [p.token for p in list(runner.generate(loaded, follow, greedy))[:-1]]
+        dec.add("b", follow, greedy, prompt_cache=runner.cache_prefix(cache, len(tokens)), cached_tokens=len(tokens))
+        assert drive(dec, {})["b"] == alone
+    finally:
+        runner.unload(loaded)
+
+
 def test_deepseek3_files_from_before_the_mla_split_load_too(store, built, tmp_path):
     """llama.cpp wrote kv_b_proj whole (`attn_kv_b`) until it split it for its MLA kernels;
     on deepseek_v3 that loads as `kv_b_proj`, which mlx-lm's sanitize splits itself."""
