@@ -99,10 +99,11 @@ FAMILIES: dict[str, Family] = {
                                                  v_head_dim=32, topk_method="greedy", n_group=1, topk_group=1,
                                                  rms_norm_eps=1e-6, head_dim=16),
                               transformers_gguf=False),
-    # Phi-3-mini-128k / Phi-4-mini shaped: LongRoPE, partial rotary, 256 wide so Q4_K blocks fit.
-    # original_max_position_embeddings 8 < the test prompt, so the long factors are the ones used.
+    # Phi-4-mini shaped (Phi-3-128k's LongRoPE, 0.75 partial rotary, GQA, tied embeddings), 256
+    # wide so Q4_K blocks fit. original_max_position_embeddings 8 < the test prompt, so the long
+    # factors are the ones used.
     "phi3-longrope": Family("phi3", _base("phi3", hidden_size=256, intermediate_size=256, head_dim=64,
-                                          partial_rotary_factor=0.75, pad_token_id=0,
+                                          partial_rotary_factor=0.75, pad_token_id=0, tie_word_embeddings=True,
                                           original_max_position_embeddings=8, rope_scaling={
                                               "rope_type": "longrope", "long_factor": LONGROPE[0],
                                               "short_factor": LONGROPE[1]})),
