@@ -196,6 +196,8 @@ def test_deepseek_routing_mlx_lm_cannot_run_is_refused_by_name():
         gguf.model_config(_deepseek(**V3))
     with pytest.raises(Unsupported, match=r"score biases \(exp_probs_b\) but no sigmoid routing"):
         gguf.model_config(_with_tensors(_deepseek(), "blk.3.exp_probs_b.bias"))
+    with pytest.raises(Unsupported, match=r"expert gating function 3 is not supported \(1, softmax, and 2"):
+        gguf.model_config(_deepseek(expert_gating_func=3))  # llama.cpp's sqrt-softplus: neither class has it
     with pytest.raises(Unsupported, match="softmax routing and normalised top-k"):
         gguf.model_config(_deepseek(expert_weights_norm=True))
     with pytest.raises(Unsupported, match="256 experts in 7 groups"):

@@ -79,6 +79,10 @@ def _mla(meta: Meta) -> dict[str, Any]:
 
 def config(meta: Meta) -> dict[str, Any]:
     """DeepSeek-V2's softmax routing (mlx-lm's deepseek_v2)."""
+    gating = meta.get("expert_gating_func")
+    if gating not in (None, 0, 1):  # 0 (none) is softmax to llama.cpp, for V2 files from before the key
+        raise Unsupported(f"GGUF deepseek2 with expert gating function {gating!r} is not supported "
+                          "(1, softmax, and 2, sigmoid, are)")
     if _bias_tensors(meta):
         raise Unsupported("GGUF deepseek2 with expert score biases (exp_probs_b) but no sigmoid routing "
                           "(expert_gating_func 2) is not supported")
