@@ -115,6 +115,8 @@ def test_phi3_longrope_that_mlx_lm_would_run_otherwise_is_refused_by_name():
     del_orig = {k: v for k, v in PHI3_128K.items() if k != "rope.scaling.original_context_length"}
     with pytest.raises(BadRequest, match="lacks phi3.rope.scaling.original_context_length"):
         gguf.model_config(_header("phi3", LONGROPE, **del_orig))
+    with pytest.raises(Unsupported, match="phi3 with 'linear' RoPE scaling is not supported"):
+        gguf.model_config(_header("phi3", **{"rope.scaling.type": "linear", "rope.scaling.factor": 2.0}))
     with pytest.raises(Unsupported, match="RoPE scaling 'su'"):
         gguf.model_config(_header("llama", **{"rope.scaling.type": "su", "rope.scaling.factor": 2.0}))
 

@@ -32,6 +32,10 @@ def config(meta: Meta) -> dict[str, Any]:
     cfg: dict[str, Any] = {"partial_rotary_factor": rot / head_dim}
     if meta.has(LONG) or meta.has(SHORT):
         cfg.update(_longrope(meta))
+    elif meta.get("rope.scaling.type") not in (None, "none"):
+        # mlx-lm's phi3 reads a rope_scaling only with LongRoPE's factors (else ValueError at build)
+        raise Unsupported(f"GGUF phi3 with {meta.get('rope.scaling.type')!r} RoPE scaling is not supported "
+                          "(LongRoPE, as factor tensors, is)")
     return cfg
 
 
