@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.tiny_models import build_tokenizer, gguf_tokenizer_metadata
+from tests.tiny_models import build_tokenizer, gguf_tokenizer_metadata, random_blocks
 
 HIDDEN, INTER, HEADS, KV, HEAD_DIM, LAYERS, CTX = 64, 128, 4, 2, 16, 2, 256
 
@@ -47,6 +47,17 @@ def _base(model_type: str, **kw) -> dict[str, Any]:
     cfg.update(kw)
     return cfg
 
+
+def _longrope_factors(n: int = 24) -> tuple[list[float], list[float]]:
+    """Phi-3-like LongRoPE factors for 24 rotary frequencies (head 64 at 0.75): long ones
+    growing to ~40x, short ones near 1 (seeded, so every build writes the same)."""
+    rng = np.random.default_rng(7)
+    long = np.sort(rng.uniform(1.0, 40.0, n)).astype(np.float32)
+    short = rng.uniform(1.0, 1.3, n).astype(np.float32)
+    return [float(x) for x in long], [float(x) for x in short]
+
+
+LONGROPE = _longrope_factors()
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", _base("llama", attention_bias=False), permute_qk=True),
@@ -88,10 +99,32 @@ FAMILIES: dict[str, Family] = {
                                                  v_head_dim=32, topk_method="greedy", n_group=1, topk_group=1,
                                                  rms_norm_eps=1e-6, head_dim=16),
                               transformers_gguf=False),
+    # Phi-4-mini shaped (Phi-3-128k's LongRoPE, 0.75 partial rotary, GQA, tied embeddings), 256
+    # wide so Q4_K blocks fit. original_max_position_embeddings 8 < the test prompt, so the long
+    # factors are the ones used.
+    "phi3-longrope": Family("phi3", _base("phi3", hidden_size=256, intermediate_size=256, head_dim=64,
+                                          partial_rotary_factor=0.75, pad_token_id=0, tie_word_embeddings=True,
+                                          original_max_position_embeddings=8, rope_scaling={
+                                              "rope_type": "longrope", "long_factor": LONGROPE[0],
+                                              "short_factor": LONGROPE[1]})),
+    # DeepSeek-V3 / R1 shaped: sigmoid routing with score biases, group-limited, normalised top-k,
+    # a low-rank query; 256 wide so Q4_K blocks fit where llama.cpp would put them.
+    "deepseek3": Family("deepseek2", _base("deepseek_v3", hidden_size=256, intermediate_size=256, num_hidden_layers=3,
+                                           num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                                           moe_intermediate_size=64, n_routed_experts=8, n_shared_experts=1,
+                                           num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                                           kv_lora_rank=64, q_lora_rank=64, qk_rope_head_dim=16, qk_nope_head_dim=32,
+                                           v_head_dim=64, routed_scaling_factor=2.5, norm_topk_prob=True,
+                                           rms_norm_eps=1e-6),
+                        transformers_gguf=False),
     "starcoder2": Family("starcoder2", _base("starcoder2", norm_epsilon=1e-5, rope_theta=100000.0, use_bias=True,
                                              tie_word_embeddings=True)),
 }
 QTYPES = ("F32", "Q4_0", "Q4_1", "Q8_0")
+# K-quants need rows of 256: the families built that wide are written in Q4_K too, where a
+# narrower tensor falls back as llama.cpp's quantizer does (Q4_K -> Q5_0).
+KQUANT_FAMILIES = ("phi3-longrope", "deepseek3")
+KQUANT_FALLBACK = {"Q4_K": "Q5_0"}
 
 
 @dataclass
@@ -145,6 +178,9 @@ def _randomize(model, seed: int) -> None:
                 p.copy_(0.1 * noise)
             else:
                 p.copy_(noise * (0.5 if "embed" in name else 0.15))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's router bias: a buffer, zero at init
+                b.copy_(0.5 * torch.randn(b.shape, generator=gen))
 
 
 def _expert_tensors(hf_name: str, w: np.ndarray, in_out: bool):
@@ -185,6 +221,23 @@ def _mla_split(hf_name: str, w: np.ndarray, cfg: Any):
     return ([(blk + "attn_k_b.weight", np.ascontiguousarray(kv[:, :nope].transpose(0, 2, 1))),
              (blk + "attn_v_b.weight", np.ascontiguousarray(kv[:, nope:]))],
             lambda k_b, v_b: np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(w.shape))
+
+
+def _kquant_blocks(qtype: str, arr: np.ndarray, rng) -> np.ndarray:
+    """Random valid `qtype` blocks shaped [*lead, bytes] for `arr`'s shape, values near its range.
+    Super-scales d and dmin are powers of two, so d * sc (sc < 64) is exact in float16 and
+    MLX's float16 scales on the packed path hold the file's values exactly (rounding them is
+    tests/engine/test_quants.py's to bound, not this file's)."""
+    import gguf
+
+    per, size = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, qtype)]
+    rows = int(np.prod(arr.shape[:-1]))
+    raw = random_blocks(qtype, rows, arr.shape[-1], rng, amplitude=3 * float(arr.std()))
+    blocks = np.frombuffer(raw, np.uint8).reshape(-1, size).copy()
+    for at in (0, 2):  # Q4_K/Q5_K: d, then dmin, as float16
+        d = blocks[:, at:at + 2].view(np.float16).astype(np.float32)
+        blocks[:, at:at + 2] = (2.0 ** np.round(np.log2(d))).astype(np.float16).view(np.uint8)
+    return blocks.reshape(*arr.shape[:-1], -1)
 
 
 def _gguf_name(name_map, hf_name: str) -> str:
@@ -229,11 +282,22 @@ def _put_metadata(w, fam: Family, cfg: Any, vocab_meta: dict) -> None:
         w.add_expert_used_count(c.num_experts_per_tok)
         w.add_expert_weights_scale(c.routed_scaling_factor)
         w.add_expert_weights_norm(c.norm_topk_prob)
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+        if c.model_type == "deepseek_v3":  # llama.cpp's DeepseekV2Model on a V3 checkpoint
+            w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+            w.add_expert_group_count(c.n_group)
+            w.add_expert_group_used_count(c.topk_group)
+        else:
+            w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
     else:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
         w.add_rope_dimension_count(int(head_dim * getattr(c, "partial_rotary_factor", 1.0)))
+    if fam.arch == "phi3" and c.rope_parameters.get("rope_type") == "longrope":
+        # llama.cpp's Phi3MiniModel: the pretraining context and the attention factor it implies
+        orig = c.original_max_position_embeddings
+        scale = c.max_position_embeddings / orig
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
     w.add_vocab_size(c.vocab_size)
     w.add_file_type(0)
     if fam.arch == "qwen3moe":
@@ -267,7 +331,9 @@ def _put_metadata(w, fam: Family, cfg: Any, vocab_meta: dict) -> None:
             w.add_array(key, value)
 
 
-def make_family(name: str, qtype: str, root: Path, seed: int = 0) -> Built:
+def make_family(name: str, qtype: str, root: Path, seed: int = 0, mla_split: bool = True) -> Built:
+    """See the module doc; `mla_split=False` writes DeepSeek's kv_b_proj whole (`attn_kv_b`),
+    as llama.cpp did before it split it into k_b and v_b."""
     import gguf
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -291,13 +357,18 @@ def make_family(name: str, qtype: str, root: Path, seed: int = 0) -> Built:
     _put_metadata(writer, fam, cfg, {k: v for k, v in gguf_tokenizer_metadata(tok).items()
                                      if k != "tokenizer.ggml.add_bos_token"})
 
-    state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()
+             if "rotary_emb." not in k}
     if getattr(cfg, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     held: dict[str, np.ndarray] = {}  # HF name -> the values the GGUF holds, in HF layout
+    rng = np.random.default_rng(seed)
     for hf_name, w in state.items():
-        expert = _expert_tensors(hf_name, w, fam.arch == "gpt-oss") or _mla_split(hf_name, w, cfg)
-        pieces, inverse = expert if expert else ([(_gguf_name(name_map, hf_name), w)], lambda x: x)
+        expert = _expert_tensors(hf_name, w, fam.arch == "gpt-oss") or (_mla_split(hf_name, w, cfg) if mla_split
+                                                                         else None)
+        # llama.cpp's DeepseekV2Model renames V3's router bias before its name map
+        gguf_hf_name = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")
+        pieces, inverse = expert if expert else ([(_gguf_name(name_map, gguf_hf_name), w)], lambda x: x)
         stored_parts = []
         for gname, arr in pieces:
             arr = np.ascontiguousarray(arr)
@@ -313,10 +384,16 @@ def make_family(name: str, qtype: str, root: Path, seed: int = 0) -> Built:
             if keep_f32:
                 writer.add_tensor(gname, arr.astype(np.float32))
                 back = arr.astype(np.float32)
-            else:
-                data = gguf.quants.quantize(arr, q)
+            elif qtype in KQUANT_FALLBACK and arr.shape[-1] % 256 == 0:
+                # gguf has no K-quant quantizer: valid random blocks near the tensor's own range
+                data = _kquant_blocks(qtype, arr, rng)
                 writer.add_tensor(gname, data, raw_dtype=q)
                 back = gguf.quants.dequantize(data, q).reshape(arr.shape)
+            else:
+                kind = getattr(gguf.GGMLQuantizationType, KQUANT_FALLBACK.get(qtype, qtype))
+                data = gguf.quants.quantize(arr, kind)
+                writer.add_tensor(gname, data, raw_dtype=kind)
+                back = gguf.quants.dequantize(data, kind).reshape(arr.shape)
             if perm:
                 back = _llama_unpermute(back, perm)
             if fam.norm_shift and gname.endswith("norm.weight"):
@@ -325,6 +402,9 @@ def make_family(name: str, qtype: str, root: Path, seed: int = 0) -> Built:
         held[hf_name] = inverse(*stored_parts)
     if fam.llama3_rope:
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg))
+    if fam.arch == "phi3" and cfg.rope_parameters.get("rope_type") == "longrope":
+        writer.add_tensor("rope_factors_long.weight", np.array(cfg.rope_parameters["long_factor"], np.float32))
+        writer.add_tensor("rope_factors_short.weight", np.array(cfg.rope_parameters["short_factor"], np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from mlxlite import __version__, config
-from mlxlite.errors import BadRequest, MlxliteError, full_disk
+from mlxlite.errors import BadRequest, MlxliteError, Unsupported, full_disk
 from mlxlite.progress import Printer
 
 Handler = Callable[[argparse.Namespace], int]
@@ -132,11 +132,15 @@ def model_summary(store, entry) -> dict:
 
 
 def _load_plan_text(gguf, header) -> dict:
-    """What loading will do to the tensors, from the header alone: the re-quantized and the
-    dequantized ones (`show` says it so nobody has to load the model to find out)."""
+    """What loading will do, from the header alone: the mlx-lm class the file runs on (or why
+    none), the re-quantized and the dequantized tensors (`show` says it so nobody has to load
+    the model to find out)."""
     ids = {name: t for t, name in gguf.GGML_TYPES.items()}
     plan = gguf.load_plan(header)
-    out = {}
+    try:
+        out = {"runs_on": f"mlx-lm {gguf.model_config(header)['model_type']}"}
+    except (Unsupported, BadRequest) as exc:
+        out = {"runs_on": f"nothing: {exc}"}
     for how in ("requantized", "dequantized"):
         counts = plan.get(how, {})
         kinds = [f"{k} -> {gguf.LOADS[ids[k]][1]} bits" if how == "requantized" else k for k in sorted(counts)]
@@ -166,7 +170,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print("  Model")
     for label, key in (("architecture", "architecture"), ("parameters", "parameters"),
                        ("context length", "context_length"), ("quantization", "quantization"),
-                       ("format", "format"), ("requantized at load", "requantized_at_load"),
+                       ("format", "format"), ("runs on", "runs_on"), ("requantized at load", "requantized_at_load"),
                        ("dequantized at load", "dequantized_at_load"), ("digest", "digest"), ("size", "size")):
         if key in summary:
             value = human_bytes(summary[key]) if key == "size" else summary[key]

@@ -10,8 +10,10 @@ llama.cpp's conversion quirks come from the family's `Arch` (`formats/archs/`), 
 by `read_weights` (and `to_mlx_names` for tensors already in memory) and `build_model`: Q/K
 rows un-permuted back to the Hugging Face layout (llama.cpp permuted them for GGML's
 interleaved RoPE) so mlx-lm's default RoPE applies; norm offsets subtracted (gemma);
-DeepSeek's split k_b/v_b joined back into kv_b_proj; tensors the text model never reads
-skipped; a `rope_freqs` tensor turned into the layers' RoPE (llama3 scaling). Encoder
+DeepSeek-V2's split k_b/v_b joined back into kv_b_proj; tensors the text model never reads
+skipped; a `rope_freqs` tensor turned into the layers' RoPE (llama3 scaling); LongRoPE
+factor tensors (phi3) read into the config's `rope_scaling`. The family's `Arch` is the one
+the file's metadata picks (`gguf.family`: a deepseek2 file with sigmoid routing is V3's). Encoder
 families (bert, nomic-bert) are built by `encoder.build_encoder` instead, in float. With
 `dequantize` (CPU, fits the budget) quantized weights become float32 at load (the decision
 is made from the header, before reading); otherwise they stay quantized with float16
@@ -58,21 +60,26 @@ def read_weights(path: Path, header: gguf.Header, config: dict, *, dequantize: b
                  report: dict | None = None) -> dict[str, mx.array]:
     """Every tensor the family reads, through `quants.read_tensor` one at a time, under mlx-lm's
     names; `report` gets {GGUF name: Tensor with its arrays dropped} (how each was loaded,
-    the error of re-quantizing)."""
-    arch = archs.get(header.architecture)
+    the error of re-quantizing). Tensors the family reads as RoPE settings (`Arch.rope_factors`)
+    go into `config["rope_scaling"]` instead, before `build_model` makes the model from it."""
+    arch = gguf.family(header)
     weights: dict[str, mx.array] = {}
     for info in header.tensors:
         if not arch.reads(info.name):
             continue
-        name = _mlx_name(arch, info.name)
+        factor = arch.rope_factors.get(info.name)  # RoPE settings, not weights: they go into the config
+        name = info.name if factor else _mlx_name(arch, info.name)
         prefix = name.rpartition(".")[0]
         # An embedding's scales set its output dtype, and float16 activations are slow on CPU.
         scale_dtype = mx.float32 if on_cpu and prefix == "model.embed_tokens" else mx.float16
         try:
-            t = quants.read_tensor(path, info, header.data_offset, dequantize=dequantize,
-                                   float_dtype=mx.float32 if on_cpu else mx.float16, scale_dtype=scale_dtype)
+            t = quants.read_tensor(path, info, header.data_offset, dequantize=dequantize or bool(factor),
+                                   float_dtype=mx.float32 if on_cpu or factor else mx.float16, scale_dtype=scale_dtype)
         except (OSError, ValueError) as exc:
             raise BadRequest(f"cannot load GGUF tensor {info.name!r} from {path.name}: {exc}") from None
+        if factor:
+            _put_rope_factors(config, factor, t.weight)
+            continue
         arrays = t.arrays(prefix) if t.scales is not None else {name: t.weight}
         heads = _qk_heads(arch, config, prefix)
         if heads:
@@ -87,6 +94,15 @@ def read_weights(path: Path, header: gguf.Header, config: dict, *, dequantize: b
 
 
 ROPE_FREQS = "rope_freqs.weight"  # kept under its GGUF name: `build_model` turns it into RoPE
+
+
+def _put_rope_factors(config: dict, key: str, factors: mx.array) -> None:
+    """A factor tensor (phi3's LongRoPE) into config["rope_scaling"][key], one per rotary frequency."""
+    dims = int((config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+               * config.get("partial_rotary_factor", 1.0))
+    if factors.size != dims // 2:
+        raise Unsupported(f"GGUF RoPE factors ({key}) have {factors.size} values for {dims} rotary dims")
+    config.setdefault("rope_scaling", {})[key] = factors.astype(mx.float32).reshape(-1).tolist()
 
 
 def _mlx_name(arch: archs.Arch, name: str) -> str:
@@ -104,10 +120,12 @@ def _qk_heads(arch: archs.Arch, config: dict, prefix: str) -> int | None:
 def to_mlx_names(raw: dict[str, mx.array], header: gguf.Header, config: dict) -> dict[str, mx.array]:
     """GGUF tensors already in memory -> mlx-lm names, undoing what the family's `Arch` says
     llama.cpp did (`read_weights` does the same tensor by tensor from the file)."""
-    arch = archs.get(header.architecture)
+    arch = gguf.family(header)
     weights = {}
     for name, arr in raw.items():
-        if arch.reads(name):
+        if name in arch.rope_factors:
+            _put_rope_factors(config, arch.rope_factors[name], arr)
+        elif arch.reads(name):
             key = _mlx_name(arch, name)
             heads = _qk_heads(arch, config, key.rpartition(".")[0])
             weights[key] = _unpermute(arr, heads) if heads else arr
@@ -271,7 +289,7 @@ def load_gguf(path: Path, *, on_cpu: bool, float32: bool, budget: int) -> tuple[
     header = gguf.read_gguf(path)
     config = gguf.model_config(header)  # Unsupported names the architecture / type
     spec = gguf.build_tokenizer(header.metadata)
-    arch = archs.get(header.architecture)
+    arch = gguf.family(header)
     # Encoders (bert family: small) run in float32; the rest stay packed unless float32 fits.
     dequantize = arch.encoder or (float32 and quants.float32_bytes(header) <= budget)
     report: dict = {}

@@ -10,7 +10,8 @@ Contract:
     counts a file's tensors that way, without loading anything.
   - `model_config(header)` turns metadata into an mlx-lm `config.json`-style dict;
     `map_name(name, architecture)` maps a GGUF tensor name to mlx-lm's. Both dispatch
-    through the family's `Arch` in `formats/archs/` (keyed by `general.architecture`).
+    through the family's `Arch` in `formats/archs/` (keyed by `general.architecture`;
+    `family(header)` is the one a file runs on, where metadata picks a variant).
   - `build_tokenizer(meta)` (from `formats/vocab.py`, which owns it) builds a
     `tokenizers.Tokenizer` plus its specials from `tokenizer.ggml.*` metadata.
 Never imports mlx (importers and `show` use it); `tokenizers` is imported lazily.
@@ -221,9 +222,19 @@ def file_type_name(file_type: Any) -> str:
         return str(file_type)
 
 
+def family(header: Header) -> archs.Arch:
+    """The `Arch` this file runs on: its architecture's, or the variant its metadata picks
+    (a deepseek2 file with sigmoid routing is DeepSeek-V3's)."""
+    return archs.get(header.architecture).pick(_meta(header))
+
+
+def _meta(header: Header) -> archs.Meta:
+    return archs.Meta(header.metadata, header.architecture, frozenset(t.name for t in header.tensors), header.path)
+
+
 def check_supported(header: Header) -> str:
     """The mlx-lm model_type for this file, or `Unsupported` naming what is not."""
-    arch = archs.get(header.architecture)
+    arch = family(header)
     for t in header.tensors:
         if t.type not in SUPPORTED_TYPES:
             supported = ", ".join(GGML_TYPES[k] for k in sorted(LOADS))
@@ -246,10 +257,8 @@ def map_name(name: str, architecture: str = "llama") -> str:
 def model_config(header: Header) -> dict[str, Any]:
     """An mlx-lm config.json dict from GGUF metadata, through the family's `Arch`."""
     check_supported(header)
-    arch = archs.get(header.architecture)
-    meta = archs.Meta(header.metadata, header.architecture, frozenset(t.name for t in header.tensors), header.path)
     try:
-        return arch.make_config(meta)
+        return family(header).make_config(_meta(header))
     # The families read metadata with int()/float(): a string, a list, NaN/inf or zero heads
     # in a hostile file is metadata no model can be built from, whichever family reads it.
     except (TypeError, ValueError, OverflowError, ZeroDivisionError, IndexError, KeyError):

@@ -90,9 +90,33 @@ def test_rope_freqs_is_refused_where_the_family_has_no_use_for_it():
     gguf.check_supported(_header("llama", ("rope_freqs.weight",)))
 
 
-def test_phi3_longrope_and_unknown_scaling_are_refused_by_name():
-    with pytest.raises(Unsupported, match="LongRoPE"):
-        gguf.model_config(_header("phi3", ("rope_factors_long.weight",)))
+PHI3_128K = {"embedding_length": 3072, "attention.head_count": 32, "attention.head_count_kv": 32,
+             "rope.dimension_count": 96, "context_length": 131072, "rope.scaling.original_context_length": 4096,
+             "rope.scaling.attn_factor": 1.1902380714238083}
+LONGROPE = ("rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def test_phi3_longrope_maps_onto_mlx_lms_longrope():
+    """Phi-3-mini-128k's keys as llama.cpp writes them; the factor values come from the
+    tensors at load (tests/engine/test_gguf_archs.py runs them)."""
+    cfg = gguf.model_config(_header("phi3", LONGROPE, **PHI3_128K))
+    assert cfg["model_type"] == "phi3" and cfg["rope_scaling"] == {"type": "longrope"}
+    assert (cfg["original_max_position_embeddings"], cfg["max_position_embeddings"]) == (4096, 131072)
+    assert "rope_scaling" not in gguf.model_config(_header("phi3", **PHI3_128K))  # 4k: plain RoPE
+    assert archs.get("phi3").rope_factors == {"rope_factors_long.weight": "long_factor",
+                                              "rope_factors_short.weight": "short_factor"}
+
+
+def test_phi3_longrope_that_mlx_lm_would_run_otherwise_is_refused_by_name():
+    with pytest.raises(Unsupported, match="attn_factor 1.5 is not the 1.19024"):
+        gguf.model_config(_header("phi3", LONGROPE, **{**PHI3_128K, "rope.scaling.attn_factor": 1.5}))
+    with pytest.raises(Unsupported, match="rope_factors_short.weight but no rope_factors_long"):
+        gguf.model_config(_header("phi3", LONGROPE[1:], **PHI3_128K))
+    del_orig = {k: v for k, v in PHI3_128K.items() if k != "rope.scaling.original_context_length"}
+    with pytest.raises(BadRequest, match="lacks phi3.rope.scaling.original_context_length"):
+        gguf.model_config(_header("phi3", LONGROPE, **del_orig))
+    with pytest.raises(Unsupported, match="phi3 with 'linear' RoPE scaling is not supported"):
+        gguf.model_config(_header("phi3", **{"rope.scaling.type": "linear", "rope.scaling.factor": 2.0}))
     with pytest.raises(Unsupported, match="RoPE scaling 'su'"):
         gguf.model_config(_header("llama", **{"rope.scaling.type": "su", "rope.scaling.factor": 2.0}))
 
@@ -132,13 +156,56 @@ def test_deepseek2_reads_mla_sizes_experts_and_yarn_mscale():
     assert (old["qk_nope_head_dim"], old["v_head_dim"]) == (128, 128)  # files from before the MLA split
 
 
-def test_deepseek_v3_routing_is_refused_by_name():
-    with pytest.raises(Unsupported, match="sigmoid expert routing"):
-        gguf.model_config(_deepseek(expert_gating_func=2))
-    h = _deepseek()
-    v3 = gguf.Header(h.path, 3, h.metadata, (*h.tensors, gguf.TensorInfo("blk.3.exp_probs_b.bias", (64,), 0, 0)))
-    with pytest.raises(Unsupported, match="DeepSeek-V3"):
-        gguf.model_config(v3)
+def _with_tensors(h: gguf.Header, *names: str) -> gguf.Header:
+    return gguf.Header(h.path, 3, h.metadata, (*h.tensors, *(gguf.TensorInfo(n, (1,), 0, 0) for n in names)))
+
+
+V3 = {"attention.q_lora_rank": 1536, "expert_count": 256, "expert_used_count": 8, "expert_shared_count": 1,
+      "expert_feed_forward_length": 2048, "leading_dense_block_count": 3, "expert_weights_scale": 2.5,
+      "expert_weights_norm": True, "expert_gating_func": 2, "expert_group_count": 8, "expert_group_used_count": 4,
+      "attention.head_count": 128}
+
+
+def test_deepseek_v3_sigmoid_routing_runs_on_mlx_lms_deepseek_v3():
+    """DeepSeek-V3/R1's routing keys as llama.cpp writes them; V2 files stay on deepseek_v2."""
+    h = _with_tensors(_deepseek(**V3), "blk.3.exp_probs_b.bias")
+    cfg = gguf.model_config(h)
+    assert cfg["model_type"] == "deepseek_v3" and gguf.family(h).model_type == "deepseek_v3"
+    assert (cfg["topk_method"], cfg["scoring_func"], cfg["norm_topk_prob"]) == ("noaux_tc", "sigmoid", True)
+    assert (cfg["n_group"], cfg["topk_group"], cfg["routed_scaling_factor"]) == (8, 4, 2.5)
+    assert (cfg["n_routed_experts"], cfg["num_experts_per_tok"], cfg["first_k_dense_replace"]) == (256, 8, 3)
+    assert cfg["q_lora_rank"] == 1536 and cfg["num_key_value_heads"] == 128
+    # Kimi-K2's shape: one group, so no group limit
+    k2 = gguf.model_config(_with_tensors(_deepseek(**{**V3, "expert_count": 384, "expert_group_count": 1,
+                                                      "expert_group_used_count": 1}), "blk.1.exp_probs_b.bias"))
+    assert (k2["model_type"], k2["n_group"], k2["n_routed_experts"]) == ("deepseek_v3", 1, 384)
+    assert gguf.model_config(_deepseek())["model_type"] == "deepseek_v2"
+    assert gguf.check_supported(h) == "deepseek_v3" and gguf.check_supported(_deepseek()) == "deepseek_v2"
+
+
+def test_deepseek_v3_names_keep_the_mla_split_and_the_router_bias():
+    v3 = gguf.family(_with_tensors(_deepseek(**V3), "blk.3.exp_probs_b.bias"))
+    assert v3.map_name("blk.3.exp_probs_b.bias") == "model.layers.3.mlp.gate.e_score_correction_bias"
+    assert v3.map_name("blk.3.attn_k_b.weight") == "model.layers.3.self_attn.embed_q.weight"
+    assert v3.map_name("blk.3.attn_v_b.scales") == "model.layers.3.self_attn.unembed_out.scales"
+    assert v3.map_name("blk.3.attn_kv_b.weight") == "model.layers.3.self_attn.kv_b_proj.weight"  # older files
+    assert not v3.mla_kv_b and archs.get("deepseek2").mla_kv_b
+    assert archs.get("deepseek2").map_name("blk.3.attn_k_b.weight") == "model.layers.3.self_attn.k_b_proj.weight"
+
+
+def test_deepseek_routing_mlx_lm_cannot_run_is_refused_by_name():
+    with pytest.raises(Unsupported, match="sigmoid routing but no expert score biases"):
+        gguf.model_config(_deepseek(**V3))
+    with pytest.raises(Unsupported, match=r"score biases \(exp_probs_b\) but no sigmoid routing"):
+        gguf.model_config(_with_tensors(_deepseek(), "blk.3.exp_probs_b.bias"))
+    with pytest.raises(Unsupported, match=r"expert gating function 3 is not supported \(1, softmax, and 2"):
+        gguf.model_config(_deepseek(expert_gating_func=3))  # llama.cpp's sqrt-softplus: neither class has it
+    with pytest.raises(Unsupported, match="softmax routing and normalised top-k"):
+        gguf.model_config(_deepseek(expert_weights_norm=True))
+    with pytest.raises(Unsupported, match="256 experts in 7 groups"):
+        gguf.model_config(_with_tensors(_deepseek(**{**V3, "expert_group_count": 7}), "blk.3.exp_probs_b.bias"))
+    with pytest.raises(Unsupported, match=r"8 groups \(9 used\)"):
+        gguf.model_config(_with_tensors(_deepseek(**{**V3, "expert_group_used_count": 9}), "blk.3.exp_probs_b.bias"))
 
 
 def test_gemma3_reads_ollamas_rope_base_names_too():

@@ -270,23 +270,49 @@ def _family_keys() -> list[str]:
     return sorted(found)
 
 
+def _family_tensors() -> list[str]:
+    """The tensor names whose presence the family modules test (a config switch: LongRoPE
+    factors, V3's score biases, an untied output), scraped like the keys."""
+    found: set[str] = set()
+    for source in Path(archs.__file__).parent.glob("*.py"):
+        found |= set(re.findall(r'"((?:blk\.\d+\.)?[a-z0-9_]+\.(?:weight|bias))"', source.read_text()))
+    return sorted(found)
+
+
 FAMILY_KEYS = _family_keys()
+FAMILY_TENSORS = _family_tensors()
 metadata_values = st.recursive(
     st.one_of(st.integers(-(2**63), 2**64 - 1), st.sampled_from([0, 1, 2, 3, 4, 8, 64]), st.floats(width=32),
               st.booleans(), file_texts, st.sampled_from(["linear", "yarn", "none", "su", "softmax", "sigmoid"])),
     lambda inner: st.lists(inner, max_size=4), max_leaves=6)
 
 
+def test_the_scraped_keys_and_tensors_reach_the_variants():
+    """LongRoPE and DeepSeek-V3 switch on these: the fuzzing below must be able to draw them."""
+    assert {"rope.scaling.original_context_length", "rope.scaling.attn_factor", "expert_gating_func",
+            "expert_weights_norm", "expert_group_count", "expert_group_used_count"} <= set(FAMILY_KEYS)
+    assert {"rope_factors_long.weight", "rope_factors_short.weight", "exp_probs_b.bias"} <= set(FAMILY_TENSORS)
+
+
 @settings(max_examples=examples(300))
 @given(st.sampled_from(sorted(archs.REGISTRY)),
-       st.dictionaries(st.sampled_from(FAMILY_KEYS), metadata_values, max_size=5))
-@example("llama", {"attention.head_count": 0})
-@example("llama", {"embedding_length": float("inf")})
-@example("llama", {"rope.scaling.type": "linear", "rope.scaling.factor": "abc"})
-def test_every_family_config_is_built_or_refused_from_hostile_metadata(arch, changes):
+       st.dictionaries(st.sampled_from(FAMILY_KEYS), metadata_values, max_size=5),
+       st.lists(st.sampled_from(FAMILY_TENSORS), max_size=3, unique=True))
+@example("llama", {"attention.head_count": 0}, [])
+@example("llama", {"embedding_length": float("inf")}, [])
+@example("llama", {"rope.scaling.type": "linear", "rope.scaling.factor": "abc"}, [])
+@example("phi3", {"rope.scaling.original_context_length": 0}, ["rope_factors_long.weight"])
+@example("phi3", {"rope.scaling.original_context_length": 1, "context_length": 2**64 - 1},
+         ["rope_factors_long.weight"])
+@example("phi3", {"rope.scaling.original_context_length": 8, "rope.scaling.attn_factor": "abc"},
+         ["rope_factors_long.weight"])
+@example("deepseek2", {"expert_gating_func": 2, "expert_group_count": 0}, ["exp_probs_b.bias"])
+@example("deepseek2", {"expert_gating_func": 2, "expert_count": 3, "expert_group_count": 3}, ["exp_probs_b.bias"])
+def test_every_family_config_is_built_or_refused_from_hostile_metadata(arch, changes, tensors):
     base = {k.replace("llama.", f"{arch}.", 1): v for k, v in META.items()}
     header = gguf.Header("fuzz.gguf", 3, {**base, "general.architecture": arch,
-                                          **{f"{arch}.{k}": v for k, v in changes.items()}})
+                                          **{f"{arch}.{k}": v for k, v in changes.items()}},
+                         tuple(gguf.TensorInfo(t, (1,), 0, 0) for t in tensors))
     ok, config = typed_or_value(gguf.model_config, header)
     if ok:
-        assert isinstance(config, dict) and config["model_type"] == archs.get(arch).model_type
+        assert isinstance(config, dict) and config["model_type"] == gguf.family(header).model_type

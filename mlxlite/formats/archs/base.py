@@ -61,10 +61,16 @@ class Arch:
     permute_qk: bool = False    # llama.cpp permuted Q/K rows for interleaved RoPE: un-permute them
     norm_offset: float = 0.0    # llama.cpp stored norm weights as w + offset (gemma): subtract it
     rope_freqs: bool = False    # a `rope_freqs.weight` tensor (llama3 scaling) scales RoPE's periods
-    bare: frozenset[str] = frozenset()  # parts whose mlx-lm parameter has no `.weight` (gpt-oss sinks)
+    bare: frozenset[str] = frozenset()  # parts whose mlx-lm parameter has no suffix (gpt-oss sinks, V3's router bias)
     mla_kv_b: bool = False      # llama.cpp split MLA's kv_b_proj into k_b (transposed) + v_b: join them
     skip: tuple[str, ...] = ()  # tensor name prefixes the text model never reads (a vision tower)
     encoder: bool = False       # an embedding encoder (bert family): built by engine/encoder.py, never generates
+    # tensors holding RoPE settings, not weights (phi3's LongRoPE factors): the engine reads each
+    # into config["rope_scaling"][key] before it builds the model
+    rope_factors: Mapping[str, str] = field(default_factory=dict)
+    # a family whose files split across mlx-lm classes by metadata (deepseek2: V2's softmax
+    # routing, V3's sigmoid): picks the variant `Arch` that one file runs on
+    variant: Callable[[Meta], Arch] | None = None
 
     def reads(self, name: str) -> bool:
         return not name.startswith(self.skip)
@@ -74,13 +80,17 @@ class Arch:
         m = _NAME.match(name)
         if m:
             block, part, suffix = m.groups()
-            if part in self.bare and block is not None and suffix in (None, "weight"):
+            if part in self.bare and block is not None and suffix in (None, "weight", "bias"):
                 return f"model.layers.{block}.{self.block[part]}"
             if suffix and block is None and part in self.top:
                 return f"{self.top[part]}.{suffix}"
             if suffix and block is not None and part in self.block:
                 return f"model.layers.{block}.{self.block[part]}.{suffix}"
         raise Unsupported(f"GGUF tensor {name!r} has no mlx-lm equivalent in the {self.names[0]} family")
+
+    def pick(self, meta: Meta) -> Arch:
+        """The `Arch` this file runs on: the family's own, or the variant its metadata picks."""
+        return self.variant(meta) if self.variant else self
 
     def make_config(self, meta: Meta) -> dict[str, Any]:
         cfg = common_config(meta)
