@@ -92,6 +92,7 @@ def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel:
     given = [int(t) for t in prompt_tokens]
     prompt = check_prompt(loaded, given, num_ctx, options, truncate)
     sees = vision_mod.is_vision(loaded)
+    vision_mod.check_placeholders(given, vision)
     if vision is not None and len(prompt) != len(given):
         raise BadRequest(f"the prompt with its images is {len(given)} tokens, longer than the context window "
                          f"num_ctx={num_ctx}; raise num_ctx or send fewer or smaller images")

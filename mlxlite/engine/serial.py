@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mlxlite.engine.model import check_prompt, context_window
+from mlxlite.engine.vision import check_placeholders
 from mlxlite.errors import BadRequest
 from mlxlite.options import Options
 from mlxlite.results import Finish
@@ -56,6 +57,7 @@ class SerialDecoder:
             constraint: Any = None, prompt_cache: Any = None, cached_tokens: int = 0,
             top_logprobs: int = 0, vision: Any = None) -> int:
         given = [int(t) for t in prompt_tokens]
+        check_placeholders(given, vision)
         prompt = check_prompt(self.loaded, given, context_window(self.loaded, options), options, truncate)
         if vision is not None and len(prompt) != len(given):
             raise BadRequest(f"the prompt with its images is {len(given)} tokens, longer than the context window; "

@@ -46,6 +46,17 @@ class VisionInputs:
     pixel_values: Any
     extra: dict = field(default_factory=dict)
     images: int = 0
+    placeholder: int = -1           # the image token id, which the prompt holds `placeholders` times
+    placeholders: int = 0
+
+
+def check_placeholders(tokens: list[int], inputs: VisionInputs | None) -> None:
+    """The prompt must hold exactly the image tokens its pixels fill (a `context` carried
+    over from an earlier image turn holds others): a `BadRequest` at admission, not a failure
+    in the middle of the model."""
+    if inputs is not None and inputs.placeholder >= 0 and tokens.count(inputs.placeholder) != inputs.placeholders:
+        raise BadRequest("the prompt holds image tokens its images do not fill (an earlier image turn's "
+                         "context?); send the conversation as messages instead")
 
 
 class VisionLM(nn.Module):
@@ -154,7 +165,9 @@ def vision_tokens(loaded: Any, text: str, images: list[bytes], add_special: bool
     tokens = [int(t) for t in (ids[0].tolist() if hasattr(ids, "tolist") else ids[0])]
     extra = {k: v for k, v in inputs.items()
              if k not in ("input_ids", "attention_mask", "pixel_values") and v is not None}
-    return tokens, VisionInputs(inputs.get("pixel_values"), extra, len(images))
+    pad = getattr(model.vlm.config, "image_token_id", None)
+    pad = pad if isinstance(pad, int) else -1
+    return tokens, VisionInputs(inputs.get("pixel_values"), extra, len(images), pad, tokens.count(pad))
 
 
 # ---- prefill --------------------------------------------------------------------------------

@@ -329,3 +329,18 @@ def test_a_client_that_leaves_stops_its_image_generation_and_keep_alive_0_unload
     status, body = call(srv, "/api/chat", {**_chat([png_b64(2)]), "keep_alive": 0})
     assert status == 200 and body["done_reason"] == "length"
     wait_for(lambda: not call(srv, "/api/ps", None, method="GET")[1]["models"], 30, "the model to unload")
+
+
+def test_a_context_holding_an_earlier_images_tokens_is_a_400_not_a_failed_batch(srv):
+    """`/api/generate`'s `context` from an image turn holds that image's placeholder tokens;
+    sent back with a new image they do not match its pixels: one 400 for that request."""
+    status, first = call(srv, "/api/generate", {"model": "tiny-vl", "prompt": "Describe", "stream": False,
+                                                "options": GREEDY, "images": [png_b64(1)]})
+    assert status == 200
+    status, body = call(srv, "/api/generate", {"model": "tiny-vl", "prompt": "And this?", "stream": False,
+                                               "options": GREEDY, "images": [png_b64(2)],
+                                               "context": first["context"]})
+    assert status == 400 and "image tokens its images do not fill" in body["error"]
+    status, body = call(srv, "/api/generate", {"model": "tiny-vl", "prompt": "Describe", "stream": False,
+                                               "options": GREEDY, "images": [png_b64(1)]})
+    assert status == 200 and body["response"] == first["response"]
