@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {
-    "tiny": {"hidden": 64, "layers": 2, "vision_depth": 2, "vision_width": 32},
-    "2b": {"hidden": 1536, "layers": 28, "vision_depth": 32, "vision_width": 1280},
+    "tiny": {},
+    "2b": {"hidden": 1536, "layers": 28, "heads": 12, "kv_heads": 2, "intermediate": 8960,
+           "vision_depth": 32, "vision_width": 1280, "vision_heads": 16, "mlp_ratio": 4},
 }
 
 
@@ -52,7 +53,7 @@ def _make(shape: str, root: Path) -> Path:
 
     s = SHAPES[shape]
     # Qwen2-VL's own image budget (max_pixels 12845056) would keep 512x512 as 504x504: 324 tokens.
-    return make_vision_model(root / f"qwen2-vl-{shape}", max_pixels=12845056, **s)
+    return make_vision_model(root / f"qwen2-vl-{shape}", max_pixels=12845056, scale=1.0, **s)
 
 
 def main(argv: list[str] | None = None) -> int:

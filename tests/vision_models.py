@@ -39,9 +39,12 @@ def need_mlx_vlm() -> None:
                                           "the test extra has it)")
 
 
-def make_vision_model(root: Path, *, hidden: int = 64, layers: int = 2, vision_depth: int = 2,
-                      vision_width: int = 32, max_pixels: int = 112 * 112, seed: int = 0) -> Path:
-    """A random Qwen2-VL directory at `root` (mlx-vlm's classes; see the module doc)."""
+def make_vision_model(root: Path, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                      intermediate: int = 128, vision_depth: int = 2, vision_width: int = 32,
+                      vision_heads: int = 2, mlp_ratio: int = 2, max_pixels: int = 112 * 112,
+                      seed: int = 0, scale: float = 6.0) -> Path:
+    """A random Qwen2-VL directory at `root` (mlx-vlm's classes; see the module doc); the
+    defaults are the tests' toy, the bench passes Qwen2-VL-2B's shape."""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map
     from mlx_vlm.models.qwen2_vl import Model, ModelConfig
@@ -53,13 +56,12 @@ def make_vision_model(root: Path, *, hidden: int = 64, layers: int = 2, vision_d
     tok = build_tokenizer()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in VISION_TOKENS])
     ids = {t: tok.token_to_id(t) for t in VISION_TOKENS}
-    heads = 4
     head_dim = hidden // heads
     third = head_dim // 2 // 3
     cfg = {
         "model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"],
-        "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": hidden * 2,
-        "num_attention_heads": heads, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+        "hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": intermediate,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "rms_norm_eps": 1e-6,
         "vocab_size": tok.get_vocab_size(with_added_tokens=True), "max_position_embeddings": 2048,
         "rope_theta": 10000.0, "tie_word_embeddings": True, "torch_dtype": "float32",
         "rope_scaling": {"type": "mrope", "mrope_section": [head_dim // 2 - 2 * third, third, third]},
@@ -67,7 +69,7 @@ def make_vision_model(root: Path, *, hidden: int = 64, layers: int = 2, vision_d
         "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
         "bos_token_id": tok.token_to_id("<|endoftext|>"), "eos_token_id": tok.token_to_id("<|im_end|>"),
         "vision_config": {"model_type": "qwen2_vl", "depth": vision_depth, "embed_dim": vision_width,
-                          "hidden_size": hidden, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
+                          "hidden_size": hidden, "num_heads": vision_heads, "mlp_ratio": mlp_ratio, "patch_size": 14,
                           "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3, "in_chans": 3},
     }
     config = ModelConfig.from_dict(json.loads(json.dumps(cfg)))
@@ -77,7 +79,8 @@ def make_vision_model(root: Path, *, hidden: int = 64, layers: int = 2, vision_d
     model = Model(config)
     # Larger random weights than nn's defaults, so what the model reads (the image too)
     # moves its greedy output, not only its logits.
-    model.update(tree_map(lambda w: w * 6 if w.ndim == 2 else w, model.parameters()))
+    if scale != 1:
+        model.update(tree_map(lambda w: w * scale if w.ndim == 2 else w, model.parameters()))
     root.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(root / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (root / "config.json").write_text(json.dumps(cfg))

@@ -97,7 +97,7 @@ def _fetch(url: str, where: str) -> bytes:
     limit = _max_bytes()
     request = urllib.request.Request(url, headers={"User-Agent": "mlxlite", "Accept": "image/*"})
     try:
-        with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT) as resp:  # noqa: S310 (http(s) only, checked above)
+        with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT) as resp:  # http(s) only: checked above
             data = resp.read(limit + 1)
     except urllib.error.HTTPError as exc:
         raise BadRequest(f"invalid {where}: fetching the image failed: HTTP {exc.code}") from None
