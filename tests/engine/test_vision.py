@@ -58,8 +58,8 @@ def test_two_images_give_different_logits_and_the_same_image_the_same(loaded):
 
 
 def test_a_text_request_after_an_image_request_is_unchanged(loaded):
-    """mlx-vlm's Qwen2-VL keeps the last prompt's RoPE deltas on the model: a new sequence
-    must start without them, or a text prompt decodes at an image prompt's positions."""
+    """mlx-vlm's Qwen2-VL keeps the last prompt's RoPE deltas on the model; each sequence
+    (text ones too) must decode at its own prompt's positions, never the previous one's."""
     _, before = _run(loaded)
     _run(loaded, [png(3)], text="Something much longer than the text prompt, to move positions")
     _, after = _run(loaded)
