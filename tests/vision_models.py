@@ -15,8 +15,9 @@ fixtures skip, saying so.
 from __future__ import annotations
 
 import base64
-import io
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -98,16 +99,21 @@ def make_vision_model(root: Path, *, hidden: int = 64, layers: int = 2, heads: i
 
 
 def png(seed: int, size: tuple[int, int] = (64, 64)) -> bytes:
-    """A PNG of random pixels (seed 0: one flat grey)."""
-    from PIL import Image
-
+    """An RGB PNG of random pixels (seed 0: one flat grey), written with the standard
+    library (tests that need no vision model need no Pillow either)."""
+    width, height = size
     if seed == 0:
-        pixels = np.full((size[1], size[0], 3), 128, np.uint8)
+        pixels = np.full((height, width, 3), 128, np.uint8)
     else:
-        pixels = (np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, "PNG")
-    return out.getvalue()
+        pixels = (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
+    rows = b"".join(b"\x00" + pixels[y].tobytes() for y in range(height))   # filter 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)   # 8-bit RGB
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
 
 
 def png_b64(seed: int, size: tuple[int, int] = (64, 64)) -> str:
