@@ -144,6 +144,14 @@ SETTINGS: tuple[Setting, ...] = (
             "on Linux, load OpenBLAS into the process before mlx when it is installed"),
     Setting("float32_on_cpu", "MLXLITE_FLOAT32_ON_CPU", True, _parse_bool,
             "on CPU, dequantize weights to float32 when they fit the memory budget"),
+    Setting("max_images", "MLXLITE_MAX_IMAGES", 8, int,
+            "most images one request may carry (vision models; more is a 400)"),
+    Setting("max_image_bytes", "MLXLITE_MAX_IMAGE_BYTES", 20 << 20, int,
+            "largest image one request may carry, in bytes once decoded from base64 (more is a 400)"),
+    Setting("max_image_pixels", "MLXLITE_MAX_IMAGE_PIXELS", 50_000_000, int,
+            "largest image in pixels (width x height) the engine decodes (more is a 400)"),
+    Setting("image_fetch", "MLXLITE_IMAGE_FETCH", False, _parse_bool,
+            "fetch http(s) image URLs named in requests (off: only data URLs and base64 are taken)"),
 )
 
 _BY_KEY = {s.key: s for s in SETTINGS}

@@ -99,6 +99,11 @@ def model_summary(store, entry) -> dict:
         "context_length": info.get("context_length"),
         "files": info.get("files") or list(entry.manifest.files()),
     }
+    from mlxlite.formats import archs  # lazy: --help stays fast
+
+    # What the stored config says, as /api/tags lists it (images: the `vision` extra).
+    out["capabilities"] = (["embedding"] if archs.is_encoder(str(info.get("architecture") or ""))
+                           else ["completion"]) + (["vision"] if info.get("vision") else [])
     texts = {"template": (st.MEDIA_TEMPLATE, st.MEDIA_OLLAMA_TEMPLATE), "system": (st.MEDIA_SYSTEM,),
              "license": (st.MEDIA_LICENSE,)}
     for key, medias in texts.items():
@@ -175,6 +180,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         if key in summary:
             value = human_bytes(summary[key]) if key == "size" else summary[key]
             print(f"    {label:<20}{value}")
+    print("\n  Capabilities")
+    for capability in summary.get("capabilities", []):
+        print(f"    {capability}")
     if "parameters_set" in summary:
         print("\n  Parameters")
         for key, value in summary["parameters_set"].items():

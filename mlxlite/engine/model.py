@@ -2,7 +2,9 @@
 
 Contract:
   - `load(store, entry) -> Loaded`: integrity first (`store.check_integrity`), then GGUF
-    (`engine/gguf.py`) or safetensors through mlx-lm from `store.view(entry)`; the Modelfile
+    (`engine/gguf.py`) or safetensors through mlx-lm from `store.view(entry)` (a vision model's
+    through mlx-vlm when the extra is installed, `vision.py`; else its text through mlx-lm,
+    `info["vision"] == "missing"`); the Modelfile
     layers (params -> `defaults`, system, messages) are read. The prompt template is the
     model's template layer (an Ollama Go template, run as Go does, or jinja), else its own
     jinja template, else a fallback that fits its vocabulary. A harmony template (gpt-oss)
@@ -42,7 +44,7 @@ import mlx.core as mx
 
 from mlxlite import config
 from mlxlite import options as options_mod
-from mlxlite.engine import blas
+from mlxlite.engine import blas, vision
 from mlxlite.engine.gguf import load_gguf
 from mlxlite.engine.text import token_table
 from mlxlite.errors import BadRequest, IntegrityError, MlxliteError, Unsupported
@@ -214,10 +216,17 @@ def _load_safetensors(store: Store, entry: ModelEntry, f32: bool) -> tuple[Any, 
         model_cfg = json.loads((view / "config.json").read_text())
     except ValueError:
         raise BadRequest(f"model '{entry.name.display}': config.json is not valid JSON") from None
+    if vision.is_vision_config(model_cfg) and vision.available():
+        model = vision.load_vlm(view, entry.name.display)
+        if on_cpu():
+            model.set_dtype(mx.float32)     # float16 on MLX's CPU backend is far slower
+        mx.eval(model.parameters())
+        return model, _vision_tokenizer(model, model_cfg), model_cfg, False, view
     try:
         model, tokenizer = mlx_load(str(view))
     except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
-        raise Unsupported(f"model '{entry.name.display}' cannot be loaded by mlx-lm: {exc}") from None
+        hint = f" (a vision model: {vision.INSTALL})" if vision.is_vision_config(model_cfg) else ""
+        raise Unsupported(f"model '{entry.name.display}' cannot be loaded by mlx-lm: {exc}{hint}") from None
     dequantized = False
     if on_cpu():
         quantized = "quantization" in model_cfg or "quantization_config" in model_cfg
@@ -227,6 +236,17 @@ def _load_safetensors(store: Store, entry: ModelEntry, f32: bool) -> tuple[Any, 
         model.set_dtype(mx.float32)  # float16 on MLX's CPU backend is far slower
         mx.eval(model.parameters())
     return model, tokenizer, model_cfg, dequantized, view
+
+
+def _vision_tokenizer(model: vision.VisionLM, cfg: dict) -> Any:
+    """The processor's tokenizer in mlx-lm's wrapper (what the text path reads), its EOS
+    ids from config.json too (Qwen2-VL's list both <|im_end|> and <|endoftext|>)."""
+    # lazy: mlx-lm's package __init__ imports transformers (deferred above)
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    eos = cfg.get("eos_token_id", (cfg.get("text_config") or {}).get("eos_token_id"))
+    ids = [eos] if isinstance(eos, int) else [i for i in eos or () if isinstance(i, int)]
+    return TokenizerWrapper(model.processor.tokenizer, eos_token_ids=ids)
 
 
 def _float32_estimate(model: Any) -> int:
@@ -274,12 +294,14 @@ def load(store: Store, entry: ModelEntry) -> Loaded:
             eos_ids = frozenset(tokenizer.eos_token_ids)
             info.setdefault("format", "safetensors")
             info.setdefault("architecture", cfg.get("model_type", ""))
+            if vision.is_vision_config(cfg):    # images: through mlx-vlm, else text only (the 400 says why)
+                info["vision"] = True if isinstance(model, vision.VisionLM) else "missing"
     except MlxliteError:
         raise
     except (RuntimeError, ValueError) as exc:  # mlx's own errors on a malformed file
         raise BadRequest(f"model '{entry.name.display}' failed to load: {exc}") from None
     backend = _backend(tokenizer)
-    vocab_size = int(cfg.get("vocab_size") or 0)
+    vocab_size = int(cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size") or 0)
     table = token_table(backend, specials, vocab_size)
     if source is None:
         fallback = templates.fallback(backend.get_vocab(with_added_tokens=True))

@@ -19,6 +19,9 @@ Contract:
     `save_cache`, `load_cache` for the scheduler's prefix cache.
   - Samplers and text streaming per sequence: `make_sampler`, `make_processors`,
     `allowed_logits`, `TextStream`, `StopMatcher`.
+  - Images (`vision.py`, mlx-vlm's optional extra): `check_images(loaded)` (a 400 unless
+    the model takes images), `vision_tokens(loaded, text, images)` -> (token ids, inputs)
+    for `generate(..., vision=)` and the decoder's `add(..., vision=)`.
   - `memory_budget()` (the device's), `end_thread()`: the MLX thread's last call, which frees
     MLX's per-thread streams before the thread exits (else a clean exit can abort).
 Never called from more than one thread at a time (the scheduler owns the MLX thread).
@@ -33,6 +36,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlxlite.engine import vision as vision_mod
 from mlxlite.engine.batch import Decoder, cache_nbytes, cache_prefix, load_cache, save_cache
 from mlxlite.engine.encoder import Encoder
 from mlxlite.engine.model import (
@@ -54,7 +58,9 @@ from mlxlite.engine.model import (
     unload,
 )
 from mlxlite.engine.sampling import allowed_logits, make_processors, make_sampler, top_alternatives
+from mlxlite.engine.serial import SerialDecoder
 from mlxlite.engine.text import StopMatcher, TextStream
+from mlxlite.engine.vision import check_images, vision_tokens
 from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.options import Options
 from mlxlite.results import Finish, Piece
@@ -63,7 +69,7 @@ __all__ = [
     "Loaded", "Piece", "Finish", "load", "unload", "tokenize", "detokenize", "token_bytes", "token_piece", "generate",
     "embed", "context_window", "make_sampler", "make_processors", "allowed_logits", "new_cache", "prefill",
     "TextStream", "StopMatcher", "on_cpu", "memory_budget", "decoder", "cache_nbytes", "cache_prefix",
-    "save_cache", "load_cache", "end_thread",
+    "save_cache", "load_cache", "end_thread", "check_images", "vision_tokens",
 ]
 
 
@@ -71,19 +77,26 @@ __all__ = [
 def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel: threading.Event | None = None,
              *, truncate: bool = False, constraint: object | None = None,
              prompt_cache: list[Any] | None = None, cached_tokens: int = 0,
-             top_logprobs: int = 0) -> Iterator[Piece | Finish]:
+             top_logprobs: int = 0, vision: Any = None) -> Iterator[Piece | Finish]:
     """Stream Pieces then one Finish (the contract is in this module's docstring).
 
     `prompt_cache` (from `new_cache`, updated in place) may already hold the KV of the first
     `cached_tokens` prompt tokens (a prefix cache hit); only the rest is computed. Afterwards
     it holds the prompt, the generated tokens and possibly one look-ahead token: its
     `offset` says how many, `trim_prompt_cache` cuts it back.
+    A vision model (`vision.py`) prefills the whole prompt from its embeddings, `vision`'s
+    images merged in (`vision_tokens` made both), and never from a cached prefix.
     """
 
     num_ctx = context_window(loaded, options)
     given = [int(t) for t in prompt_tokens]
     prompt = check_prompt(loaded, given, num_ctx, options, truncate)
-    if prompt_cache is None or len(prompt) != len(given):  # truncation invalidates a prefix
+    sees = vision_mod.is_vision(loaded)
+    vision_mod.check_placeholders(given, vision)
+    if vision is not None and len(prompt) != len(given):
+        raise BadRequest(f"the prompt with its images is {len(given)} tokens, longer than the context window "
+                         f"num_ctx={num_ctx}; raise num_ctx or send fewer or smaller images")
+    if prompt_cache is None or len(prompt) != len(given) or sees:  # truncation invalidates a prefix
         prompt_cache, cached_tokens = None, 0
     cached_tokens = max(0, min(cached_tokens, len(prompt) - 1))
     limit = num_ctx - len(prompt)
@@ -131,7 +144,10 @@ def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel:
         return out if hit else out + stops.flush()
 
     with mx.stream(GENERATION_STREAM):
-        done = prefill(loaded, prompt[cached_tokens:-1], cache, max(1, options.num_batch), cancel)
+        if sees:
+            done = vision_mod.prefill(loaded.model, prompt, vision, cache, max(1, options.num_batch), cancel)
+        else:
+            done = prefill(loaded, prompt[cached_tokens:-1], cache, max(1, options.num_batch), cancel)
     if not done or (cancel is not None and cancel.is_set()):
         yield finish("cancel", 0, None)
         return
@@ -233,6 +249,9 @@ def _encode(loaded: Loaded, texts: list[str], truncate: bool) -> list[list[float
 
 
 # ---- continuous batching (batch.py) ---------------------------------------------------------
-def decoder(loaded: Loaded, max_batch: int, keep_caches: bool = False) -> Decoder:
-    """A `batch.Decoder`: many sequences of this model decoded together."""
+def decoder(loaded: Loaded, max_batch: int, keep_caches: bool = False) -> Decoder | SerialDecoder:
+    """A `batch.Decoder`: many sequences of this model decoded together; for a vision model
+    a `serial.SerialDecoder` (one at a time: mlx-vlm's models keep per-sequence state)."""
+    if vision_mod.is_vision(loaded):
+        return SerialDecoder(loaded, generate)
     return Decoder(loaded, max_batch, keep_caches=keep_caches)

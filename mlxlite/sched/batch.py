@@ -17,7 +17,8 @@ Contract (used by `scheduler.Scheduler` on its MLX thread only; no mlx import):
     `prefix_cache_disk_bytes`) are written under `$MLXLITE_HOME/cache/prefix/<digest>/`
     (engine `save_cache`); when it loads again (a restart too) they are read back.
 Decoder protocol: `add(key, tokens, options, truncate=, constraint=, prompt_cache=,
-cached_tokens=, top_logprobs=) -> prompt length`; `step(is_cancelled) -> [(key, Piece | Finish | None)]`
+cached_tokens=, top_logprobs=[, vision=]) -> prompt length` (`vision`: a vision model's image
+inputs from the rendered prompt, passed only when there are some); `step(is_cancelled) -> [(key, Piece | Finish | None)]`
 (None: cancelled before any work ran); `len()`, `.active`, `.waiting`, `take_cache(key)`,
 `close()`.
 """
@@ -266,13 +267,15 @@ class Batches:
         dec = self._decoder(resident)
         digest = resident.entry.digest
         cache, cached = None, 0
-        if self.prefix.enabled and hasattr(engine, "cache_prefix"):
+        vision = getattr(rendered, "vision", None)     # image inputs: their placeholder tokens are no cache key
+        if self.prefix.enabled and hasattr(engine, "cache_prefix") and vision is None:
             hit = self.prefix.lookup(digest, tokens)
             if hit is not None:
                 cache = engine.cache_prefix(hit.cache, hit.tokens)
                 cached = hit.tokens if cache is not None else 0
         dec.add(ticket.id, tokens, options, truncate=job.truncate, constraint=constraint,
-                prompt_cache=cache, cached_tokens=cached, top_logprobs=job.top_logprobs)
+                prompt_cache=cache, cached_tokens=cached, top_logprobs=job.top_logprobs,
+                **({"vision": vision} if vision is not None else {}))
         member = _Member(ticket, job, digest)
         self._members[ticket.id] = member
         queue_s = time.monotonic() - ticket.submitted

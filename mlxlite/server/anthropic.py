@@ -36,7 +36,7 @@ from mlxlite import options
 from mlxlite.errors import BadRequest, MlxliteError, Unsupported
 from mlxlite.names import ModelName
 from mlxlite.sched import GenerateJob, Tokenized, TokenizeJob
-from mlxlite.server import wire
+from mlxlite.server import images, wire
 from mlxlite.server.native import Calls, generation, resolve
 from mlxlite.server.prompt import PromptSpec
 from mlxlite.server.wire import Reply, Stream, Summary
@@ -65,8 +65,8 @@ def _string(block: dict, key: str, where: str) -> str:
 def _block_type(block: Any, where: str) -> str:
     if not isinstance(block, dict) or not isinstance(block.get("type"), str):
         raise BadRequest(f"invalid {where}: expected a content block with a type")
-    if block["type"] in ("image", "document"):
-        raise Unsupported(f"invalid {where}: this model does not support images or documents")
+    if block["type"] == "document":
+        raise Unsupported(f"invalid {where}: this model does not support documents")
     return block["type"]
 
 
@@ -106,6 +106,7 @@ def _messages(value: Any) -> tuple[dict, ...]:
         calls: list[dict] = []
         results: list[dict] = []
         thoughts: list[str] = []
+        pictures: list[bytes] = []
         for j, block in enumerate(content):
             at = f"{where}.content[{j}]"
             kind = _block_type(block, at)
@@ -127,18 +128,23 @@ def _messages(value: Any) -> tuple[dict, ...]:
                 results.append(result)
             elif kind == "thinking" and role == "assistant":
                 thoughts.append(_string(block, "thinking", at))
+            elif kind == "image" and role == "user":
+                pictures.append(images.anthropic_image(block, at))
             elif kind == "redacted_thinking" and role == "assistant":
                 continue                # opaque to anything but Anthropic's own models
             else:
                 raise BadRequest(f"invalid {at}: a {kind!r} block is not supported in a {role} message")
         out.extend(results)             # they answer the previous turn's calls, so they come first
-        if texts or calls or thoughts or not results:
+        if texts or calls or thoughts or pictures or not results:
             msg: dict[str, Any] = {"role": role, "content": "\n".join(texts)}
+            if pictures:
+                msg["images"] = tuple(pictures)
             if calls:
                 msg["tool_calls"] = calls
             if thoughts:
                 msg["thinking"] = "\n".join(thoughts)
             out.append(msg)
+    images.check_count(out)
     return tuple(out)
 
 

@@ -352,6 +352,9 @@ def model_record(store: Any, entry: Any) -> dict:
         "size": entry.size,
         "digest": st.digest_hex(entry.digest),
         "details": wire.details(info),
+        # What the stored config says (show adds what the template says: tools, thinking).
+        "capabilities": (["embedding"] if archs.is_encoder(str(info.get("architecture") or ""))
+                         else ["completion", "embedding"]) + (["vision"] if info.get("vision") else []),
     }
 
 
@@ -403,6 +406,7 @@ def show_model(store: Any, entry: Any, verbose: bool = False) -> dict:
         value = read_json_layer(store, entry, layer, "messages")
         messages.extend(m for m in (value if isinstance(value, list) else []) if isinstance(m, dict))
     model_info: dict = {}
+    vision = bool(info.get("vision"))
     if info.get("format") == "gguf":
         meta = _gguf_meta(store, entry)
         for key, value in meta.items():
@@ -418,6 +422,7 @@ def show_model(store: Any, entry: Any, verbose: bool = False) -> dict:
             arch = cfg.get("model_type", info.get("architecture", ""))
             model_info = {"general.architecture": arch,
                           **{f"{arch}.{k}": v for k, v in cfg.items() if isinstance(v, (int, float, str))}}
+            vision = vision or isinstance(cfg.get("vision_config"), dict)   # imported before the flag
         if template is None:
             view = store.view(entry)
             if (view / "chat_template.jinja").exists():
@@ -435,6 +440,8 @@ def show_model(store: Any, entry: Any, verbose: bool = False) -> dict:
         capabilities = _capabilities(template, go)
     if thinking.supported_by(template):
         capabilities.append("thinking")
+    if vision:
+        capabilities.append("vision")       # images in, through mlx-vlm (the `vision` extra)
     return {
         "license": license_ or "",
         "modelfile": to_modelfile(store, entry),  # the same text `show --modelfile` prints: it round-trips

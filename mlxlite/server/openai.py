@@ -30,7 +30,7 @@ from typing import Any
 from mlxlite import names, options
 from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.sched import GenerateJob
-from mlxlite.server import wire
+from mlxlite.server import images, wire
 from mlxlite.server.native import Calls, Text, embed_vectors, gather, generation, resolve
 from mlxlite.server.prompt import PromptSpec
 from mlxlite.server.wire import Reply, Stream, Summary
@@ -96,16 +96,18 @@ def _response_format(body: dict) -> str | dict | None:
     raise BadRequest(f"invalid response_format.type {kind!r}: expected text, json_object or json_schema")
 
 
-def _content(i: int, content: Any) -> str:
+def _content(i: int, content: Any, pictures: list | None = None) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     if isinstance(content, list):
         texts = []
-        for part in content:
+        for j, part in enumerate(content):
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                 raise BadRequest(f"invalid messages[{i}].content: expected text parts")
             if part["type"] == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
+            elif part["type"] == "image_url" and pictures is not None:
+                pictures.append(images.openai_image(part, f"messages[{i}].content[{j}]"))
             elif part["type"] in ("image_url", "input_image", "input_audio"):
                 raise Unsupported("this model does not support images or audio")
             else:
@@ -127,7 +129,10 @@ def _messages(value: Any) -> tuple[dict, ...]:
         if role not in ("system", "user", "assistant", "tool"):
             shown = repr(role) if isinstance(role, str) else type(role).__name__  # a deep value's repr recurses
             raise BadRequest(f"invalid messages[{i}].role: {shown}")
-        msg: dict[str, Any] = {"role": role, "content": _content(i, m.get("content"))}
+        pictures: list[bytes] = []
+        msg: dict[str, Any] = {"role": role, "content": _content(i, m.get("content"), pictures)}
+        if pictures:
+            msg["images"] = tuple(pictures)
         calls = m.get("tool_calls")
         if calls:
             if not isinstance(calls, list):
@@ -152,6 +157,7 @@ def _messages(value: Any) -> tuple[dict, ...]:
         if isinstance(m.get("name"), str):
             msg["name"] = m["name"]
         out.append(msg)
+    images.check_count(out)
     return tuple(out)
 
 

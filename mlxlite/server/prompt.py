@@ -4,12 +4,16 @@ fitted to num_ctx by whole messages.
 Contract: `PromptSpec` is what a route hands the scheduler; `PromptSpec.render(loaded, engine,
 num_ctx, num_predict)` runs on the MLX thread (the template lives on the loaded model) and
 returns `Rendered` (token ids, how many of the chat's oldest messages were left out, whether
-the prompt itself opened a `<think>` section, and for a harmony template (gpt-oss) the
-message the output continues, which the routes parse channels from). A chat longer than num_ctx loses its oldest
-whole messages (never the system prompt, never the latest message, never part of one)
-unless `fit` is off; a latest message that cannot fit is a `BadRequest`. Never imports mlx.
+the prompt itself opened a `<think>` section, for a harmony template (gpt-oss) the message
+the output continues, which the routes parse channels from, and a vision model's image
+inputs). Images ride on their messages (`images`: bytes, checked by `images.py`); a jinja
+template places them as content parts (`{"type": "image"}`, Hugging Face's convention) and
+the engine's `vision_tokens` turns the text and images into token ids and pixel inputs (its
+`check_images` first says whether the model takes images at all). A chat longer than
+num_ctx loses its oldest whole messages (never the system prompt, never the latest message,
+never part of one) unless `fit` is off; a latest message that cannot fit is a `BadRequest`.
+Never imports mlx.
 """
-
 
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class Rendered:
     truncated_messages: int = 0
     thinking: bool = False
     harmony: str | None = None      # a harmony template's prompt: the message the output continues
+    vision: Any = None              # the engine's image inputs for these tokens (None: text only)
 
 
 def _opens_thinking(text: str) -> bool:
@@ -73,6 +78,7 @@ class PromptSpec:
     fit: bool = True                            # chat: drop the oldest messages to fit num_ctx
     think: bool | str | None = None             # None: the template's default
     think_strict: bool = True                   # think asked of a model that can't: 400, else ignored
+    images: tuple[bytes, ...] = ()              # /api/generate's images (a chat's ride on its messages)
 
     def to_tokens(self, loaded: Any, engine: Any) -> list[int]:
         return self.render(loaded, engine).tokens
@@ -92,6 +98,13 @@ class PromptSpec:
                 raise BadRequest(f'"{self.model}" does not support thinking')
             think = None
         context = list(self.context)
+        pictures = bool(self.images) or any(m.get("images") for m in self.messages or ())
+        if pictures:    # before any template sees an image part: a text model says so plainly
+            if getattr(engine, "check_images", None) is None:
+                raise BadRequest(f'"{self.model}" does not support images')
+            engine.check_images(loaded)
+        if pictures and (self.raw or self.template is not None):
+            raise BadRequest("images need the model's own template: not with raw or a request template")
         if self.raw:
             return Rendered(context + engine.tokenize(loaded, self.prompt or "", add_special=not context))
         system = self.system if self.system is not None else loaded.system
@@ -107,7 +120,8 @@ class PromptSpec:
             text = template.render(chat, tools=[], think=think if think is not None else thinks)
             return Rendered(context + engine.tokenize(loaded, text, add_special=not context),
                             thinking=_opens_thinking(text))
-        chat = list(self.messages) if self.messages is not None else [{"role": "user", "content": self.prompt or ""}]
+        chat = list(self.messages) if self.messages is not None else [
+            {"role": "user", "content": self.prompt or "", **({"images": self.images} if self.images else {})}]
         # Jinja templates (Qwen3's) read an earlier turn's reasoning as `reasoning_content`.
         messages = [{**m, "reasoning_content": m["thinking"]} if m.get("thinking") and "reasoning_content" not in m
                     else m for m in templates.assemble(chat, system, loaded.messages)]
@@ -124,18 +138,41 @@ class PromptSpec:
         add_special = bool(getattr(template, "add_special", False)) and not context
         opened: list[Any] = [False, None]
         is_harmony = harmony.is_harmony(getattr(template, "source", ""))
+        seen: list[tuple[list[int], Any]] = []      # each render's tokens and image inputs
+        if pictures and isinstance(template, templates.GoChatTemplate):
+            raise BadRequest(f'"{self.model}": its template (an Ollama Go template) cannot place images')
 
         def tokens_of(msgs: list[dict]) -> list[int]:
-            text = template.render(msgs, tools=tools, add_generation_prompt=True, **extra)
+            text = template.render([_with_image_parts(m) for m in msgs] if pictures else msgs,
+                                   tools=tools, add_generation_prompt=True, **extra)
             opened[0] = _opens_thinking(text)
             opened[1] = harmony.open_message(text) if is_harmony else None
-            return context + engine.tokenize(loaded, text, add_special=add_special)
+            shown = [image for m in msgs for image in m.get("images") or ()]
+            if not shown:
+                return context + engine.tokenize(loaded, text, add_special=add_special)
+            ids, vision = engine.vision_tokens(loaded, text, shown, add_special=add_special)
+            seen.append((context + list(ids), vision))
+            return seen[-1][0]
+
+        def vision_of(tokens: list[int]) -> Any:
+            return next((vision for ids, vision in seen if ids is tokens), None)
 
         tokens = tokens_of(messages)
         if self.messages is None or not self.fit or num_ctx <= 0 or len(tokens) < num_ctx:
-            return Rendered(tokens, thinking=opened[0], harmony=opened[1])
+            return Rendered(tokens, thinking=opened[0], harmony=opened[1], vision=vision_of(tokens))
         fitted = _fit_chat(messages, tokens_of, num_ctx, output_room(num_ctx, num_predict))
-        return Rendered(fitted.tokens, fitted.truncated_messages, opened[0], opened[1])
+        return Rendered(fitted.tokens, fitted.truncated_messages, opened[0], opened[1], vision_of(fitted.tokens))
+
+
+def _with_image_parts(message: dict) -> dict:
+    """A message with images as Hugging Face's content parts: one `{"type": "image"}` per
+    image, then the text (what vision models' jinja templates read)."""
+    shown = message.get("images")
+    if not shown:
+        return message
+    rest = {k: v for k, v in message.items() if k != "images"}
+    return {**rest, "content": [*({"type": "image"} for _ in shown),
+                                {"type": "text", "text": message.get("content") or ""}]}
 
 
 def _fit_chat(messages: list[dict], tokens_of: Any, num_ctx: int, room: int) -> Rendered:

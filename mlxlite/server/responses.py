@@ -32,7 +32,7 @@ from typing import Any
 from mlxlite import options
 from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.sched import GenerateJob
-from mlxlite.server import wire
+from mlxlite.server import images, wire
 from mlxlite.server.native import Calls, gather, generation, resolve
 from mlxlite.server.prompt import PromptSpec
 from mlxlite.server.wire import Reply, Stream, Summary
@@ -149,8 +149,9 @@ def _tools(body: dict) -> tuple[dict, ...] | None:
     return tools
 
 
-def _text(where: str, content: Any) -> str:
-    """A message's content: a string, or text parts joined (media is refused)."""
+def _text(where: str, content: Any, pictures: list | None = None) -> str:
+    """A message's content: a string, or text parts joined; `input_image` parts go to
+    `pictures` where a user message may carry them (other media is refused)."""
     if content is None or isinstance(content, str):
         return content or ""
     if not isinstance(content, list):
@@ -162,6 +163,8 @@ def _text(where: str, content: Any) -> str:
             texts.append(part["text"])
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
             texts.append(part["refusal"])
+        elif kind == "input_image" and pictures is not None:
+            pictures.append(images.responses_image(part, f"{where}[{j}]"))
         elif kind in _MEDIA_PARTS:
             raise Unsupported("this model does not support images, files or audio")
         else:
@@ -212,13 +215,14 @@ def _messages(body: dict) -> tuple[dict, ...]:
         kind = item.get("type", "message")
         if kind == "message":
             role = item.get("role")
-            content = _text(f"{where}.content", item.get("content"))
+            pictures: list[bytes] = []
+            content = _text(f"{where}.content", item.get("content"), pictures if role == "user" else None)
             if role in ("system", "developer"):
                 system.append(content)
             elif role == "assistant":
                 assistant({"role": role, "content": content})
             elif role == "user":
-                turns.append({"role": role, "content": content})
+                turns.append({"role": role, "content": content, **({"images": tuple(pictures)} if pictures else {})})
             else:
                 raise BadRequest(f"invalid {where}.role: expected user, assistant, system or developer")
         elif kind == "function_call":
@@ -248,6 +252,7 @@ def _messages(body: dict) -> tuple[dict, ...]:
                              "function_call_output")
     if system:
         turns.insert(0, {"role": "system", "content": "\n\n".join(system)})
+    images.check_count(turns)
     return tuple(turns)
 
 

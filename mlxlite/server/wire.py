@@ -23,8 +23,9 @@ from typing import Any
 
 from mlxlite import config, names, options
 from mlxlite.constrain import compile_spec
-from mlxlite.errors import BadRequest, Unsupported
+from mlxlite.errors import BadRequest
 from mlxlite.names import ModelName
+from mlxlite.server import images
 from mlxlite.server.prompt import PromptSpec
 
 
@@ -186,12 +187,13 @@ def reasoning_effort(value: Any, key: str) -> bool | str | None:
     return _EFFORTS[value]
 
 
-def check_images(value: Any, key: str = "images") -> None:
+def parse_images(value: Any, key: str = "images") -> tuple[bytes, ...]:
+    """Ollama's `images`: base64 strings, checked and decoded (`images.py`)."""
     if value in (None, []):
-        return
+        return ()
     if not isinstance(value, list):
-        raise BadRequest(f"invalid {key}: expected an array")
-    raise Unsupported("this model does not support images")
+        raise BadRequest(f"invalid {key}: expected an array of base64 strings")
+    return tuple(images.from_base64(v, f"{key}[{i}]") for i, v in enumerate(value))
 
 
 # ---- native requests -----------------------------------------------------------------
@@ -243,9 +245,10 @@ def parse_generate(body: Any) -> GenerateRequest:
         raise BadRequest("invalid context: expected an array of token ids")
     if raw and (template or system or context):
         raise BadRequest("raw mode does not support template, system, or context")
-    check_images(body.get("images"))
+    pictures = parse_images(body.get("images"))
+    images.check_count((), len(pictures))
     spec = PromptSpec(name.display, prompt=prompt, system=system, template=template or None, raw=raw,
-                      suffix=suffix, context=tuple(context), think=think)
+                      suffix=suffix, context=tuple(context), think=think, images=pictures)
     return GenerateRequest(name, spec, empty=not prompt and not suffix and not context, **common)
 
 
@@ -261,7 +264,9 @@ def _message(i: int, m: Any) -> dict:
     if not isinstance(content, str):
         raise BadRequest(f"invalid messages[{i}].content: expected a string")
     out: dict[str, Any] = {"role": role, "content": content}
-    check_images(m.get("images"), f"messages[{i}].images")
+    pictures = parse_images(m.get("images"), f"messages[{i}].images")
+    if pictures:
+        out["images"] = pictures
     calls = m.get("tool_calls")
     if calls is not None:
         if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
@@ -296,6 +301,7 @@ def parse_chat(body: Any) -> GenerateRequest:
     think = check_think(body)
     messages = get(body, "messages", list, [])
     parsed = tuple(_message(i, m) for i, m in enumerate(messages))
+    images.check_count(parsed)
     tools = parse_tools(body.get("tools"))
     # A chat is fitted to num_ctx by whole messages (Ollama's default); `truncate: false`
     # refuses instead. The engine never cuts a chat's tokens.

@@ -169,6 +169,7 @@ def dir_config(files: dict[str, Path]) -> dict:
         "quantization": quantization,
         "context_length": cfg.get("max_position_embeddings") or cfg.get("max_sequence_length"),
         "files": sorted(files),
+        **({"vision": True} if isinstance(cfg.get("vision_config"), dict) else {}),  # takes images (mlx-vlm)
     }
 
 

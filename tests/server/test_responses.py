@@ -224,7 +224,7 @@ def test_a_client_gone_mid_stream_stops_its_generation(store):
     ({"input": []}, "input"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "item_reference"),
     ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]}, "images"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]}, "must be base64"),
     ({"input": [{"type": "function_call", "name": "f"}]}, "call_id"),
     ({"tools": [{"type": "web_search"}]}, "function tools"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),

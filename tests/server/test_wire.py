@@ -1,8 +1,10 @@
 """Request parsing (types, ranges, names the field), prompt building, tool-call parsing."""
 
+import base64
+
 import pytest
 
-from mlxlite.errors import BadRequest, InvalidName, Unsupported
+from mlxlite.errors import BadRequest, InvalidName
 from mlxlite.formats import tools
 from mlxlite.server import wire as api
 from mlxlite.server.prompt import PromptSpec
@@ -53,8 +55,13 @@ def test_null_options_are_unset_and_unknown_ones_ignored_and_logged_once(caplog)
 def test_bad_names_and_images():
     with pytest.raises(InvalidName):
         api.parse_generate({"model": "../x"})
-    with pytest.raises(Unsupported, match="images"):
+    # Images are decoded and checked as the request is parsed: base64 of image bytes only.
+    with pytest.raises(BadRequest, match=r"invalid images\[0\]: not an image"):
         api.parse_generate({"model": "m", "images": ["aGk="]})
+    with pytest.raises(BadRequest, match=r"invalid images\[0\]: not valid base64"):
+        api.parse_generate({"model": "m", "images": ["a*b="]})
+    gif = b"GIF89a" + bytes(20)
+    assert api.parse_generate({"model": "m", "images": [base64.b64encode(gif).decode()]}).prompt.images == (gif,)
 
 
 def test_chat_messages_and_tools():
