@@ -22,6 +22,7 @@ was decoding over that window (all streams summed); ratios are against raw.
                         [--prompt-tokens 512] [--tokens 256] [--rounds 2] [--stub PATH]
     python bench/gpu.py --gguf PATH --quants model ...   # a real model (CPU: the default one)
     python bench/gpu.py --make-stub PATH                 # write the stub GGUF (here, once)
+    python bench/gpu.py --table RESULTS.json             # the table of a saved --out file
 """
 
 from __future__ import annotations
@@ -331,26 +332,38 @@ def run(args: argparse.Namespace) -> dict:
             mx.clear_cache()
     loaded.model = base_model
     rows["seconds"] = round(time.perf_counter() - start, 1)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
     server.close()
     return rows
 
 
 def table(rows: dict) -> str:
+    """Markdown: tok/s as median [range of runs]; ratios to raw as the ratio of medians and, in
+    brackets, the median of per-round ratios (each way against raw in the same round)."""
     lines = [f"{rows['shape']} on {rows['device']}: {rows['prompt_tokens']}-token prompts, {rows['tokens']} greedy "
-             f"tokens; decode tok/s (all streams), ratio to raw mlx-lm; {rows.get('seconds', '?')} s in all",
-             "| weights | streams | raw mlx-lm | engine | ÷ raw | daemon (HTTP) | ÷ raw | runner.generate ÷ raw "
-             "| engine on a thread ÷ raw | scheduler ÷ raw |", "|---|---|---|---|---|---|---|---|---|---|"]
-    def cell(r: dict, w: str, key: str) -> str:
+             f"tokens; decode tok/s (all streams summed); {rows.get('seconds', '?')} s in all",
+             "| weights | streams | raw mlx-lm tok/s | engine tok/s | engine ÷ raw | daemon tok/s | daemon ÷ raw "
+             "| runner.generate ÷ raw | engine on a thread ÷ raw | scheduler ÷ raw |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def tps(r: dict, w: str) -> str:
         if w not in r:
             return "—"
-        return f"{r[w][key]:.3f}" if key == "ratio" else f"{r[w][key]:.1f}"
+        runs = r[w]["runs"]
+        return f"{statistics.median(runs):.1f} [{min(runs):.0f}–{max(runs):.0f}]"
+
+    def ratio(r: dict, w: str) -> str:
+        if w not in r:
+            return "—"
+        paired = statistics.median(a / b for a, b in zip(r[w]["runs"], r["raw"]["runs"], strict=False))
+        return f"{statistics.median(r[w]['runs']) / statistics.median(r['raw']['runs']):.3f} ({paired:.3f})"
 
     for quant, by in rows["results"].items():
         for n, r in by.items():
-            lines.append(f"| {quant} | {n} | {cell(r, 'raw', 'tps')} | {cell(r, 'engine', 'tps')} "
-                         f"| {cell(r, 'engine', 'ratio')} | {cell(r, 'daemon', 'tps')} | {cell(r, 'daemon', 'ratio')} "
-                         f"| {cell(r, 'generate', 'ratio')} | {cell(r, 'engine_thread', 'ratio')} "
-                         f"| {cell(r, 'scheduler', 'ratio')} |")
+            lines.append(f"| {quant} | {n} | {tps(r, 'raw')} | {tps(r, 'engine')} | {ratio(r, 'engine')} "
+                         f"| {tps(r, 'daemon')} | {ratio(r, 'daemon')} | {ratio(r, 'generate')} "
+                         f"| {ratio(r, 'engine_thread')} | {ratio(r, 'scheduler')} |")
     return "\n".join(lines)
 
 
@@ -367,7 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--budget-s", type=float, default=450.0, help="start no new stream count after this many seconds")
     ap.add_argument("--out", help="write the results as JSON here too (after every stream count)")
+    ap.add_argument("--table", type=Path, metavar="JSON", help="print the table of a saved --out file and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return 0
     if args.make_stub:
         make_stub(args.make_stub, args.gguf)
         print(f"wrote {args.make_stub} ({args.make_stub.stat().st_size / 1e6:.1f} MB)")
