@@ -17,7 +17,7 @@ Contract (used by `scheduler.Scheduler` on its MLX thread only; no mlx import):
     `prefix_cache_disk_bytes`) are written under `$MLXLITE_HOME/cache/prefix/<digest>/`
     (engine `save_cache`); when it loads again (a restart too) they are read back.
 Decoder protocol: `add(key, tokens, options, truncate=, constraint=, prompt_cache=,
-cached_tokens=, top_logprobs=) -> prompt length`; `step(is_cancelled) -> [(key, Piece | Finish | None)]`
+cached_tokens=, top_logprobs=, logprobs=) -> prompt length`; `step(is_cancelled) -> [(key, Piece | Finish | None)]`
 (None: cancelled before any work ran); `len()`, `.active`, `.waiting`, `take_cache(key)`,
 `close()`.
 """
@@ -64,7 +64,8 @@ class SerialDecoder:
 
     def add(self, key: Any, tokens: list[int], options: Any, *, truncate: bool = False,
             constraint: Any = None, prompt_cache: Any = None, cached_tokens: int = 0,
-            top_logprobs: int = 0) -> int:
+            top_logprobs: int = 0, logprobs: bool = True) -> int:
+        # `logprobs` is only a saving: engines behind this decoder compute them regardless.
         self._queue.append((key, tokens, options, truncate, constraint, top_logprobs))
         return len(tokens)
 
@@ -281,7 +282,7 @@ class Batches:
                 cache = engine.cache_prefix(hit.cache, hit.tokens)
                 cached = hit.tokens if cache is not None else 0
         dec.add(ticket.id, tokens, options, truncate=job.truncate, constraint=constraint,
-                prompt_cache=cache, cached_tokens=cached, top_logprobs=job.top_logprobs)
+                prompt_cache=cache, cached_tokens=cached, top_logprobs=job.top_logprobs, logprobs=job.logprobs)
         member = _Member(ticket, job, digest)
         self._members[ticket.id] = member
         queue_s = time.monotonic() - ticket.submitted
