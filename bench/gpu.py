@@ -351,7 +351,8 @@ def table(rows: dict) -> str:
         if w not in r:
             return "—"
         runs = r[w]["runs"]
-        return f"{statistics.median(runs):.1f} [{min(runs):.0f}–{max(runs):.0f}]"
+        digits = 1 if max(runs) < 100 else 0
+        return f"{statistics.median(runs):.1f} [{min(runs):.{digits}f}–{max(runs):.{digits}f}]"
 
     def ratio(r: dict, w: str) -> str:
         if w not in r:
