@@ -109,7 +109,7 @@ class LocalBackend:
             from mlxlite.constrain import TokenConstraint  # lazy: numpy, for --format only
 
             constraint = TokenConstraint(fmt, runner.token_bytes(loaded), loaded.eos_token_ids)
-        for item in runner.generate(loaded, tokens, options, cancel, constraint=constraint):
+        for item in runner.generate(loaded, tokens, options, cancel, constraint=constraint, logprobs=False):
             if isinstance(item, runner.Piece):
                 if item.text:
                     yield item.text

@@ -5,8 +5,10 @@ engine function and never imports mlx.
 
 Contract:
   - `Decoder.add(key, prompt_tokens, options, truncate=, constraint=, prompt_cache=,
-    cached_tokens=, top_logprobs=)` queues a sequence; prompt checks (empty, longer than num_ctx) raise
-    `BadRequest` at once, exactly as `runner.generate` does.
+    cached_tokens=, top_logprobs=, logprobs=)` queues a sequence; prompt checks (empty, longer than num_ctx) raise
+    `BadRequest` at once, exactly as `runner.generate` does. `logprobs=False`: nobody reads
+    the chosen tokens' logprobs (`Piece.logprob` is 0.0); a step where no member reads them
+    gathers none and reads only the tokens back from the device.
   - `Decoder.step(is_cancelled)` does one unit of work and returns `[(key, Piece|Finish)]`:
     cancelled sequences leave (Finish "cancel"; `(key, None)` if none of its work ran); waiting sequences join while the batch has
     room (at most one prefill chunk of `num_batch` tokens per step, so a long prompt never
@@ -49,11 +51,11 @@ from mlxlite.results import Finish, Piece
 class _Seq:
     __slots__ = ("key", "prompt", "cached", "limit", "sampler", "greedy", "processors", "stops", "text",
                  "constraint", "cache", "pos", "fed", "next_input", "history", "n", "t0", "t_first",
-                 "step", "slice_used", "top")
+                 "step", "slice_used", "top", "logprobs")
 
     def __init__(self, key: Any, prompt: list[int], cached: int, limit: int, options: Options,
                  num_ctx: int, table: list[bytes], constraint: Any, cache: list[Any] | None,
-                 top: int = 0) -> None:
+                 top: int = 0, logprobs: bool = True) -> None:
         self.key = key
         self.prompt = prompt
         self.cached = cached
@@ -75,6 +77,7 @@ class _Seq:
         self.step = max(1, options.num_batch)
         self.slice_used = 0
         self.top = top                      # top_logprobs: alternatives wanted per token
+        self.logprobs = logprobs or top > 0  # the chosen token's logprob is read
 
     @property
     def ready(self) -> bool:
@@ -119,7 +122,7 @@ class Decoder:
     # ---- adding ---------------------------------------------------------------------------
     def add(self, key: Any, prompt_tokens: list[int], options: Options, *, truncate: bool = False,
             constraint: Any = None, prompt_cache: list[Any] | None = None, cached_tokens: int = 0,
-            top_logprobs: int = 0) -> int:
+            top_logprobs: int = 0, logprobs: bool = True) -> int:
         """Queue a sequence; returns its prompt length (after truncation)."""
         loaded = self.loaded
         num_ctx = context_window(loaded, options)
@@ -135,7 +138,7 @@ class Decoder:
             self._done.append((key, Finish("length", len(prompt), 0, 0, 0.0, 0.0)))
             return len(prompt)
         seq = _Seq(key, prompt, cached_tokens, limit, options, num_ctx, loaded.table, constraint, prompt_cache,
-                   max(0, int(top_logprobs)))
+                   max(0, int(top_logprobs)), bool(logprobs))
         self._waiting.append(seq)
         return len(prompt)
 
@@ -309,10 +312,10 @@ class Decoder:
         self._leave([i], keep_caches=False)
         self._waiting.append(seq)
 
-    def _forward(self, inputs: mx.array) -> tuple[mx.array, ...]:
-        """One decode step's graph for the whole batch: sampled tokens [B] and their logprobs
-        [B]; when a member wants top_logprobs, also the top K ids and logprobs [B, K] (K the
-        most any member wants)."""
+    def _forward(self, inputs: mx.array) -> tuple[mx.array | None, ...]:
+        """One decode step's graph for the whole batch: (sampled tokens [B], their logprobs [B]
+        or None when no member reads them, the top K ids and logprobs [B, K] or None, None; K
+        the most alternatives any member wants)."""
         batch, eos = self._batch, self.loaded.eos_token_ids
         with mx.stream(GENERATION_STREAM):
             logits = self.loaded.model(inputs[:, None], cache=self._cache)[:, -1, :]
@@ -333,11 +336,11 @@ class Decoder:
                 toks = mx.argmax(logprobs, axis=-1)
             else:
                 toks = mx.concatenate([s.sampler(logprobs[i:i + 1]).reshape(1) for i, s in enumerate(batch)])
-            lps = mx.take_along_axis(logprobs, toks[:, None], axis=-1)[:, 0]
+            lps = mx.take_along_axis(logprobs, toks[:, None], axis=-1)[:, 0] if any(s.logprobs for s in batch) else None
             k = max(s.top for s in batch)
             if k > 0:
                 return (toks, lps, *top_alternatives(logprobs, k))
-        return toks, lps
+        return toks, lps, None, None
 
     def _decode(self, out: list, is_cancelled: Callable[[Any], bool]) -> None:
         batch, eos = self._batch, self.loaded.eos_token_ids
@@ -353,12 +356,13 @@ class Decoder:
         if (self.lookahead and not self._waiting and all(s.constraint is None for s in batch)
                 and not any(is_cancelled(s.key) for s in batch)):
             ahead = self._forward(toks)
-            mx.async_eval(*ahead)
-        mx.eval(*step)
+            mx.async_eval(*_arrays(ahead))
+        mx.eval(*_arrays(step))
         now = time.perf_counter()
         leaving: list[int] = []
-        top_ids, top_values = (step[2].tolist(), step[3].tolist()) if len(step) > 2 else (None, None)
-        for i, (s, token, lp) in enumerate(zip(batch, toks.tolist(), step[1].tolist(), strict=True)):
+        top_ids, top_values = (step[2].tolist(), step[3].tolist()) if step[2] is not None else (None, None)
+        lps = step[1].tolist() if step[1] is not None else [0.0] * len(batch)
+        for i, (s, token, lp) in enumerate(zip(batch, toks.tolist(), lps, strict=True)):
             if is_cancelled(s.key):     # cancelled while this step ran: nothing more goes out
                 out.append((s.key, self._finish(s, "cancel", self._tail(s))))
                 leaving.append(i)
@@ -379,7 +383,8 @@ class Decoder:
             top = ()
             if s.top and top_ids is not None:
                 top = alternatives(self.loaded, top_ids[i][:s.top], top_values[i][:s.top])
-            out.append((s.key, Piece(token, emit, float(lp), token_piece(self.loaded, token), top)))
+            out.append((s.key, Piece(token, emit, float(lp) if s.logprobs else 0.0, token_piece(self.loaded, token),
+                                     top)))
             if hit:
                 out.append((s.key, self._finish(s, "stop")))
                 leaving.append(i)
@@ -391,7 +396,7 @@ class Decoder:
         if ahead is not None and self._batch:
             if leaving:
                 keep = mx.array([i for i in range(len(batch)) if i not in set(leaving)])
-                ahead = tuple(a[keep] for a in ahead)
+                ahead = tuple(None if a is None else a[keep] for a in ahead)
             self._inflight = ahead
         self._steps += 1
         if self._steps % 256 == 0:
@@ -403,6 +408,11 @@ class Decoder:
         self._batch.clear()
         self._cache = None
         self._kept.clear()
+
+
+def _arrays(step: tuple[mx.array | None, ...]) -> list[mx.array]:
+    """A step's arrays, less the parts it did not compute."""
+    return [a for a in step if a is not None]
 
 
 def _trimmed(c: Any) -> Any:

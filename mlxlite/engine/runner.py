@@ -4,12 +4,13 @@ Contract:
   - `load(store, entry) -> Loaded`, `unload`, `tokenize`, `detokenize`, `token_bytes`,
     `context_window`, `new_cache`, `prefill` (from `model.py`).
   - `generate(loaded, prompt_tokens, options, cancel, truncate=, constraint=, prompt_cache=,
-    cached_tokens=, top_logprobs=)` yields `Piece`s then one `Finish` (`results.py`): stop
+    cached_tokens=, top_logprobs=, logprobs=)` yields `Piece`s then one `Finish` (`results.py`): stop
     strings are cut exactly (the one that matched is `Finish.stop_string`), the cancel
     event is checked between prefill chunks and decode steps, a constraint masks the logits
     before sampling. Each Piece has its token's logprob (log-softmax of the logits the
     sampler saw) and bytes; with `top_logprobs=k` also the k most likely tokens of that
-    step and their logprobs (computed only then).
+    step and their logprobs (computed only then). `logprobs=False` (nobody reads them): no
+    logprob is gathered or read back, `Piece.logprob` is 0.0; the tokens are the same.
     A prompt that is empty, or longer than num_ctx without `truncate`, is a `BadRequest`
     before any work.
   - `embed(loaded, texts, truncate)` -> one normalized vector per text (bert-family
@@ -77,7 +78,7 @@ __all__ = [
 def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel: threading.Event | None = None,
              *, truncate: bool = False, constraint: object | None = None,
              prompt_cache: list[Any] | None = None, cached_tokens: int = 0,
-             top_logprobs: int = 0, vision: Any = None) -> Iterator[Piece | Finish]:
+             top_logprobs: int = 0, logprobs: bool = True, vision: Any = None) -> Iterator[Piece | Finish]:
     """Stream Pieces then one Finish (the contract is in this module's docstring).
 
     `prompt_cache` (from `new_cache`, updated in place) may already hold the KV of the first
@@ -114,9 +115,11 @@ def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel:
     text = TextStream(loaded.table)
     cache = prompt_cache if prompt_cache is not None else new_cache(loaded)
     history = mx.array(prompt[:-1], dtype=mx.uint32) if processors else None
+    logprobs = logprobs or top_logprobs > 0
 
     def step(inp: mx.array) -> tuple[mx.array, ...]:
-        """(token [1], its logprob [1, 1]) and, with top_logprobs, (ids [1, k], logprobs [1, k])."""
+        """(token [1], its logprob [1, 1] (unless not read)) and, with top_logprobs, (ids [1, k],
+        logprobs [1, k])."""
         nonlocal history
         with mx.stream(GENERATION_STREAM):
             logits = model(inp[None], cache=cache)[:, -1, :]
@@ -126,11 +129,13 @@ def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel:
                     logits = proc(history, logits)
             if constraint is not None:
                 logits = allowed_logits(logits, constraint, eos)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            tok = sampler(logprobs)
-            chosen = mx.take_along_axis(logprobs, tok[:, None], axis=-1)
+            lps = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            tok = sampler(lps)
+            if not logprobs:
+                return (tok,)
+            chosen = mx.take_along_axis(lps, tok[:, None], axis=-1)
             if top_logprobs > 0:
-                return (tok, chosen, *top_alternatives(logprobs, top_logprobs))
+                return (tok, chosen, *top_alternatives(lps, top_logprobs))
             return tok, chosen
 
     def finish(reason: str, n_eval: int, t_first: float | None, tail: str = "") -> Finish:
@@ -175,7 +180,7 @@ def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel:
         n += 1
         emit, hit = stops.feed(text.add(token))
         top = alternatives(loaded, cur[2][0].tolist(), cur[3][0].tolist()) if len(cur) > 2 else ()
-        yield Piece(token, emit, float(cur[1].item()), token_piece(loaded, token), top)
+        yield Piece(token, emit, float(cur[1].item()) if logprobs else 0.0, token_piece(loaded, token), top)
         if hit:
             yield finish("stop", n, t_first)
             return

@@ -55,7 +55,7 @@ class SerialDecoder:
 
     def add(self, key: Any, prompt_tokens: list[int], options: Options, *, truncate: bool = False,
             constraint: Any = None, prompt_cache: Any = None, cached_tokens: int = 0,
-            top_logprobs: int = 0, vision: Any = None) -> int:
+            top_logprobs: int = 0, logprobs: bool = True, vision: Any = None) -> int:
         given = [int(t) for t in prompt_tokens]
         check_placeholders(given, vision)
         prompt = check_prompt(self.loaded, given, context_window(self.loaded, options), options, truncate)

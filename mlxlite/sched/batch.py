@@ -17,8 +17,9 @@ Contract (used by `scheduler.Scheduler` on its MLX thread only; no mlx import):
     `prefix_cache_disk_bytes`) are written under `$MLXLITE_HOME/cache/prefix/<digest>/`
     (engine `save_cache`); when it loads again (a restart too) they are read back.
 Decoder protocol: `add(key, tokens, options, truncate=, constraint=, prompt_cache=,
-cached_tokens=, top_logprobs=[, vision=]) -> prompt length` (`vision`: a vision model's image
-inputs from the rendered prompt, passed only when there are some); `step(is_cancelled) -> [(key, Piece | Finish | None)]`
+cached_tokens=, top_logprobs=, logprobs=[, vision=]) -> prompt length` (`vision`: a vision model's
+image inputs from the rendered prompt, passed only when there are some); `step(is_cancelled) ->
+[(key, Piece | Finish | None)]`
 (None: cancelled before any work ran); `len()`, `.active`, `.waiting`, `take_cache(key)`,
 `close()`.
 """
@@ -65,7 +66,8 @@ class SerialDecoder:
 
     def add(self, key: Any, tokens: list[int], options: Any, *, truncate: bool = False,
             constraint: Any = None, prompt_cache: Any = None, cached_tokens: int = 0,
-            top_logprobs: int = 0) -> int:
+            top_logprobs: int = 0, logprobs: bool = True) -> int:
+        # `logprobs` is only a saving: engines behind this decoder compute them regardless.
         self._queue.append((key, tokens, options, truncate, constraint, top_logprobs))
         return len(tokens)
 
@@ -123,7 +125,7 @@ class Batches:
         self._rr = 0
         self._keep_of: dict[str, float | None] = {}   # digest -> keep_alive of its last finished job
         self._restored: set[str] = set()               # models whose saved prefix caches were read
-        self._recent: deque = deque()                  # (monotonic time, tokens) of the last seconds
+        self._recent: deque = deque()                  # [whole monotonic second, tokens] of the last seconds
         self._recent_lock = threading.Lock()
         self.metrics = m = Registry()
         self.batch_size = m.histogram("mlxlite_batch_size", "sequences decoded per engine step",
@@ -150,17 +152,26 @@ class Batches:
             m.gauge_fn(f"mlxlite_{key}_total", f"scheduler count of {key.replace('_', ' ')}",
                        lambda key=key: sched.counters.get(key, 0))
 
-    def tokens_per_second(self, window: float = 10.0) -> float:
-        now = time.monotonic()
+    RATE_WINDOW = 10                    # seconds the tokens/s gauge looks back
+
+    def tokens_per_second(self, window: float = RATE_WINDOW) -> float:
+        now = int(time.monotonic())
         with self._recent_lock:
-            while self._recent and self._recent[0][0] < now - window:
-                self._recent.popleft()
-            total = sum(n for _, n in self._recent)
+            total = sum(n for second, n in self._recent if second > now - window)
         return round(total / window, 3)
 
     def _count_tokens(self, n: int) -> None:
+        """Tokens per whole second, the last RATE_WINDOW seconds only: one entry per second,
+        not per token, so a daemon nobody scrapes keeps a few entries, not one per token."""
+        now = int(time.monotonic())
         with self._recent_lock:
-            self._recent.append((time.monotonic(), n))
+            recent = self._recent
+            if recent and recent[-1][0] == now:
+                recent[-1][1] += n
+            else:
+                recent.append([now, n])
+                while recent[0][0] <= now - self.RATE_WINDOW:
+                    recent.popleft()
 
     def _finished(self, event: Any) -> None:
         self.tokens_in.inc(event.prompt_eval_tokens, kind="computed")
@@ -274,7 +285,7 @@ class Batches:
                 cache = engine.cache_prefix(hit.cache, hit.tokens)
                 cached = hit.tokens if cache is not None else 0
         dec.add(ticket.id, tokens, options, truncate=job.truncate, constraint=constraint,
-                prompt_cache=cache, cached_tokens=cached, top_logprobs=job.top_logprobs,
+                prompt_cache=cache, cached_tokens=cached, top_logprobs=job.top_logprobs, logprobs=job.logprobs,
                 **({"vision": vision} if vision is not None else {}))
         member = _Member(ticket, job, digest)
         self._members[ticket.id] = member
@@ -306,8 +317,11 @@ class Batches:
                 self._fail_decoder(digest, dec, MlxliteError(f"internal error: {type(exc).__name__}: {exc}"))
                 continue
             self.batch_size.observe(dec.active)
+            pieces = 0
             for key, event in events:
-                self._route(digest, dec, key, event)
+                pieces += self._route(digest, dec, key, event)
+            if pieces:
+                self._count_tokens(pieces)
             if not len(dec):
                 self._idle(digest)
 
@@ -315,20 +329,20 @@ class Batches:
         member = self._members.get(key)
         return member is None or member.ticket.cancelled
 
-    def _route(self, digest: str, dec: Any, key: int, event: Any) -> None:
+    def _route(self, digest: str, dec: Any, key: int, event: Any) -> int:
+        """Hand one decoder event to its ticket; 1 if it was a generated token, else 0."""
         member = self._members.get(key)
         if member is None:
-            return
+            return 0
         if event is None:               # cancelled before it ran: dropped, as from the queue
             self._members.pop(key, None)
             self.sched.counters["cancelled_in_queue"] += 1
             member.ticket.replies.put(Failed(Cancelled("request canceled")))
-            return
+            return 0
         member.ticket.replies.put(event)
         if not is_finish(event):
             member.pieces += 1
-            self._count_tokens(1)
-            return
+            return 1
         self._members.pop(key, None)
         c = self.sched.counters
         c["prompt_tokens"] += event.prompt_eval_tokens
@@ -344,6 +358,7 @@ class Batches:
             except Exception:
                 log.exception("prefix cache insert failed")
         self._keep_of[digest] = member.job.keep_alive
+        return 0
 
     def _idle(self, digest: str) -> None:
         keep = self._keep_of.pop(digest, None)

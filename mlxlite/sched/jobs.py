@@ -35,6 +35,7 @@ class GenerateJob:
     format: Any = None              # None, "json" or a JSON-schema dict -> constrained decoding
     truncate: bool = False
     top_logprobs: int = 0           # alternatives wanted per token (0: only the chosen token's logprob)
+    logprobs: bool = True           # the chosen tokens' logprobs are read (False: the engine skips them)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mlxlite import __version__
@@ -99,6 +99,8 @@ def generation(ctx: Any, job: GenerateJob, summary: Summary, tool_names: list[st
     `Calls` (if tools were given and the output was tool calls). Fills `summary` as it
     goes. Errors before the first token (load, prompt too long) are raised before anything
     is yielded."""
+    if job.logprobs != logprobs:    # unread logprobs are not computed (one gather and read a step fewer)
+        job = replace(job, logprobs=logprobs)
     ticket = ctx.app.scheduler.submit(job)
     try:
         yield from _events(ctx, ticket, job, summary, tool_names, logprobs)

@@ -198,6 +198,32 @@ def test_a_request_alone_in_the_batch_path_is_exactly_generate(tiny, kw):
         (finish.reason, finish.eval_tokens, finish.text_tail)
 
 
+def test_unread_logprobs_are_not_computed_and_the_tokens_stay_the_same(tiny):
+    """A sequence whose logprobs nobody reads (`logprobs=False`, what the server asks unless
+    the request wants them) decodes the same tokens and text, alone and beside one that reads
+    them; its pieces carry 0.0, and a step where no member reads them gathers none."""
+    from mlxlite.engine import runner
+
+    ids = runner.tokenize(tiny, PROMPTS[0])
+    want, finish = alone(tiny, ids, num_predict=20, **GREEDY)
+    assert any(p.logprob != 0.0 for p in want)
+    plain = list(runner.generate(tiny, ids, opts(num_predict=20, **GREEDY), logprobs=False))
+    assert [(p.token, p.text, p.logprob) for p in plain[:-1]] == [(p.token, p.text, 0.0) for p in want]
+    dec = runner.decoder(tiny, 8)
+    dec.add("alone", ids, opts(num_predict=20, **GREEDY), logprobs=False)
+    first = drive(dec, until=lambda g: len(g.get("alone", ([], None))[0]) >= 3)["alone"][0]
+    assert dec._inflight is not None and dec._inflight[1] is None      # the queued step gathers none
+    pieces = first + drive(dec)["alone"][0]
+    assert [(p.token, p.text, p.logprob) for p in pieces] == [(p.token, p.text, 0.0) for p in want]
+    dec.add("reads", ids, opts(num_predict=20, **GREEDY))
+    dec.add("skips", ids, opts(num_predict=20, **GREEDY), logprobs=False)
+    got = drive(dec)
+    assert [p.token for p in got["reads"][0]] == [p.token for p in want]
+    assert [p.logprob for p in got["reads"][0]] == pytest.approx([p.logprob for p in want], abs=1e-4)  # batched
+    assert [(p.token, p.logprob) for p in got["skips"][0]] == [(p.token, 0.0) for p in want]
+    assert text(*got["skips"]) == text(want, finish)
+
+
 def test_top_logprobs_in_a_batch_are_each_members_own_log_softmax(tiny):
     """Members asking for 0, 3 and 5 alternatives decode together; each gets its own, equal
     to numpy's log-softmax of the model's logits (one full forward pass) at every step."""

@@ -168,3 +168,18 @@ def test_a_short_request_for_model_b_finishes_while_model_a_streams(store):
         assert [e for e in events if is_finish(e)][-1].reason == "cancel"
     finally:
         s.close()
+
+
+# ---- the tokens/s gauge ----------------------------------------------------------------------
+def test_the_token_rate_record_stays_small_when_nobody_reads_the_metrics(store):
+    """The rate gauge's record holds one entry per second, not one per token: a daemon that
+    is never scraped made it grow by an entry for every token it ever generated."""
+    engine = FakeEngine(reply="x" * 3000)
+    s = Scheduler(store, engine, keep_alive=300)
+    try:
+        got = list(s.submit(GenerateJob(add_fake_model(store), PromptSpec("fake", prompt="hi"))).events())
+        assert is_finish(got[-1]) and got[-1].eval_tokens == 3000
+        assert len(s.batches._recent) <= s.batches.RATE_WINDOW + 1
+        assert 0 < s.batches.tokens_per_second() <= 3000 / s.batches.RATE_WINDOW
+    finally:
+        s.close()

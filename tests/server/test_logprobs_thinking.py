@@ -179,6 +179,22 @@ def _alternatives(token: str, k: int) -> list[dict]:
             for j in range(k)]
 
 
+def test_the_engine_is_told_whether_logprobs_are_read(srv):
+    """Every API's job says whether the request reads logprobs, so the engine can skip
+    computing them when it does not (their default, for the scheduler's other callers, is on)."""
+    jobs = []
+    submit = srv.scheduler.submit
+    srv.scheduler.submit = lambda job: jobs.append(job) or submit(job)
+    native = json.dumps({"model": "fake", "prompt": "hi", "stream": False}).encode()
+    for body in (native, native.replace(b'"stream"', b'"logprobs": true, "stream"')):
+        urllib.request.urlopen(urllib.request.Request(srv.url + "/api/generate", body)).read()
+    oai(srv).chat.completions.create(model="fake", messages=HI)
+    oai(srv).chat.completions.create(model="fake", messages=HI, logprobs=True)
+    oai(srv).chat.completions.create(model="fake", messages=HI, top_logprobs=2, logprobs=True)
+    anthropic.Anthropic(base_url=srv.url, api_key="unused").messages.create(model="fake", max_tokens=8, messages=HI)
+    assert [j.logprobs for j in jobs] == [False, True, False, True, True, False]
+
+
 def test_every_token_has_a_logprob_entry_even_when_its_text_is_held_back(srv):
     """Tag characters and thinking tokens: one entry each, so the entries spell the whole output."""
     body = {"model": "fake", "prompt": "hi", "stream": False, "logprobs": True, "top_logprobs": 3}
