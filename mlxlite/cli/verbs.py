@@ -401,7 +401,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     blas.preload()  # before the scheduler thread imports mlx
     from mlxlite.server import serve_forever  # lazy: the daemon is for `serve` only
 
-    return serve_forever(args.host)
+    if args.ranks is None and args.hostfile is None:
+        return serve_forever(args.host)
+    from mlxlite.dist import Group, LockstepEngine  # lazy: only a distributed daemon needs it
+
+    group = Group(ranks=args.ranks, hostfile=args.hostfile, backend=args.backend)
+    return serve_forever(args.host, engine=LockstepEngine(group))
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -457,6 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
              epilog="settings (environment variables; also keys of $MLXLITE_HOME/config.json):\n"
              + config.describe(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", help="address to bind, host:port (default: MLXLITE_HOST or 127.0.0.1:11435)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--ranks", type=int, metavar="N",
+                       help="serve each model across N local processes (MLX's distributed engine, loopback)")
+    where.add_argument("--hostfile", metavar="FILE",
+                       help="serve each model across the hosts of MLX's hostfile (rank 0: this host)")
+    p.add_argument("--backend", default="ring", choices=["ring", "jaccl", "nccl", "any"],
+                   help="MLX's distributed backend for --ranks/--hostfile (default ring)")
     verb("ps", cmd_ps, "list the models the daemon has loaded")
     p = verb("stop", cmd_stop, "unload a model from the daemon")
     p.add_argument("model")

@@ -26,6 +26,7 @@ from mlxlite.errors import MlxliteError
 from mlxlite.formats import archs, gguf, templates, thinking, tools
 from mlxlite.modelfile import to_modelfile
 from mlxlite.sched import Done, Embedded, EmbedJob, GenerateJob, LoadJob, Ready, is_finish
+from mlxlite.server import dist as dist_api
 from mlxlite.server import wire
 from mlxlite.server.wire import Reply, Stream, Summary
 
@@ -480,9 +481,15 @@ def handle_version(ctx: Any) -> Reply:
 
 def handle_health(ctx: Any) -> Reply:
     sched = ctx.app.scheduler
-    return Reply({"status": "ok", "version": __version__,
-                  "models": [r.name for r in sched.ps()], "queue": sched.depth(),
-                  "active": sched.busy(), "uptime": round(time.time() - ctx.app.started, 3)})
+    body = {"status": "ok", "version": __version__,
+            "models": [r.name for r in sched.ps()], "queue": sched.depth(),
+            "active": sched.busy(), "uptime": round(time.time() - ctx.app.started, 3)}
+    engine = dist_api.dist_engine(ctx)
+    if engine is not None:      # serve --ranks/--hostfile: the group's state, per-rank memory
+        body["dist"] = engine.health()
+        if body["dist"]["state"] != "ready":
+            body["status"] = "degraded"
+    return Reply(body)
 
 
 def handle_metrics(ctx: Any) -> Reply:
