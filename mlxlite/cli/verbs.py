@@ -419,8 +419,12 @@ def cmd_ps(args: argparse.Namespace) -> int:
         if expires and not expires.startswith("2318"):
             left = datetime.fromisoformat(expires).timestamp() - datetime.now(timezone.utc).timestamp()
             until = f"{int(left // 60)} minutes from now" if left >= 60 else f"{max(0, int(left))} seconds from now"
+        processor = "100% " + ("GPU" if m.get("size_vram") else "CPU")
+        placement = m.get("placement") or {}
+        if placement.get("ranks", 1) > 1:   # a distributed group: its ranks and how the model is split
+            processor += f" x {placement['ranks']} ranks ({placement.get('mode')})"
         rows.append([m["name"], m.get("digest", "")[:12], human_bytes(m.get("size", 0)),
-                     "100% " + ("GPU" if m.get("size_vram") else "CPU"), str(m.get("context_length", "")), until])
+                     processor, str(m.get("context_length", "")), until])
     print(_table(rows, ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]))
     return 0
 

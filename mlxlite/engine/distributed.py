@@ -99,6 +99,15 @@ class _Stage(nn.Module):
         self.layer = layer
         self._group, self._first, self._last = group, first, last
 
+    def __getattr__(self, key: str) -> Any:
+        # The model reads its layers' attributes (`use_sliding` when it makes caches).
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            if key == "layer":
+                raise
+            return getattr(self["layer"], key)
+
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
         g = self._group
         rank, size = g.rank(), g.size()
@@ -110,6 +119,11 @@ class _Stage(nn.Module):
                 y = mx.distributed.send(y, rank + 1, group=g)
             n = y.shape[0]
             y = mx.distributed.all_gather(y, group=g)[(size - 1) * n: size * n]
+            # A prefill evaluates only the caches; tie this stage's send and gather to its
+            # cache so every rank runs them then too (else the next stage waits forever).
+            cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
+            if cache is not None and getattr(cache, "keys", None) is not None:
+                cache.keys = mx.depends(cache.keys, [y])
         return y
 
 
@@ -156,6 +170,7 @@ def shard(loaded: Loaded, group: Any) -> dict:
         placement["mode"] = "single"
     loaded.size_bytes = _nbytes(model)
     placement["bytes"] = loaded.size_bytes
+    loaded.info["placement"] = placement
     return placement
 
 
@@ -168,6 +183,10 @@ class LockstepDecoder(Decoder):
     def __init__(self, loaded: Any, max_batch: int, group: Any, *, keep_caches: bool = False) -> None:
         super().__init__(loaded, max_batch, keep_caches=keep_caches)
         self.group = group
+        if (loaded.info.get("placement") or {}).get("mode") == "pipeline":
+            # A stage's receive has no inputs in the graph: queued behind a look-ahead it can
+            # be issued before this step's own collectives on one rank and not on another.
+            self.lookahead = False
 
     def _forward(self, inputs: mx.array) -> tuple[mx.array, ...]:
         out = super()._forward(inputs)

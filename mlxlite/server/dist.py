@@ -11,7 +11,7 @@ from __future__ import annotations
 import mmap
 from typing import Any
 
-from mlxlite.errors import BadRequest, NotFound
+from mlxlite.errors import BadRequest, MlxliteError, NotFound
 from mlxlite.server.wire import Reply
 
 
@@ -42,7 +42,10 @@ def handle_restart(ctx: Any) -> Reply:
     engine = dist_engine(ctx)
     if engine is None:
         raise BadRequest("this daemon serves no distributed group (serve --ranks N or --hostfile FILE)")
-    engine.group.restart()
+    try:
+        engine.group.restart()
+    except (OSError, ValueError) as exc:     # say what went wrong, not only its type
+        raise MlxliteError(f"the group did not restart: {type(exc).__name__}: {exc}") from None
     return Reply({"status": "ok", "dist": engine.health()})
 
 

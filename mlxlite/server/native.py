@@ -428,7 +428,11 @@ def handle_show(ctx: Any) -> Reply:
     if "model" not in body and isinstance(body.get("name"), str):
         body = {**body, "model": body["name"]}      # older clients send "name"
     entry = resolve(ctx, wire.model_name(body))
-    return Reply(show_model(ctx.app.store, entry, wire.get(body, "verbose", bool, False)))
+    shown = show_model(ctx.app.store, entry, wire.get(body, "verbose", bool, False))
+    placed = [r.info["placement"] for r in ctx.app.scheduler.ps() if r.digest == entry.digest and "placement" in r.info]
+    if placed:      # loaded across a distributed group: which rank holds which part
+        shown["placement"] = placed[0]
+    return Reply(shown)
 
 
 def handle_copy(ctx: Any) -> Reply:
@@ -466,6 +470,7 @@ def handle_ps(ctx: Any) -> Reply:
             "details": wire.details(r.info), "expires_at": wire.rfc3339(expires),
             "size_vram": r.size if on_gpu else 0, "context_length": r.context_length,
             "load_duration": wire.ns(r.load_seconds),    # ours: how long its load took
+            **({"placement": r.info["placement"]} if "placement" in r.info else {}),   # ours: across ranks
         })
     return Reply({"models": models})
 
