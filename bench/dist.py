@@ -10,8 +10,11 @@ a group without a daemon, timing `--calls` engine calls that rank 0 answers alon
 the daemon -> rank 0 control channel) and calls it also sends to every rank over
 `mx.distributed` and every rank runs (`noop`); the difference is the broadcast.
 
-    python bench/dist.py [--gguf PATH | --model-dir DIR] [--ranks 1,2,3] [--streams 1,8] [--tokens 32]
-                         [--rounds 2] [--backend ring] [--calls 300]
+    python bench/dist.py [--gguf PATH | --model-dir DIR | --random llama3-8b] [--ranks 1,2,3] [--streams 1,8]
+                         [--tokens 32] [--rounds 2] [--backend ring] [--calls 300]
+
+`--random llama3-8b` writes a Llama-3-8B-shaped model of random bf16 weights (speed does not
+depend on the values) with the tests' tiny tokenizer, for the GPU runs (`--backend nccl`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,47 @@ from bench.common import child_env, default_gguf  # noqa: E402
 PROMPTS = ["Write a short story about a robot.", "Explain how rain forms.", "List ten fruits and their colors.",
            "Describe the city of Paris.", "What makes a good teacher?", "Tell me about the history of tea.",
            "How do airplanes fly?", "Give advice to a new programmer."]
+
+
+SHAPES = {
+    "llama3-8b": {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
+                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "head_dim": 128,
+                  "rope_theta": 500000.0},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 512, "head_dim": 16, "rope_theta": 10000.0},
+}
+
+
+def random_llama(root: Path, shape: str) -> Path:
+    """An mlx-lm llama directory of random bf16 weights in `shape`, the tests' tokenizer."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    from tests.tiny_models import CHATML, build_tokenizer
+
+    cfg = {"model_type": "llama", "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
+           "tie_word_embeddings": False, **SHAPES[shape]}
+    model = llama.Model(llama.ModelArgs.from_dict(cfg))
+    model.set_dtype(mx.bfloat16)
+    weights = dict(tree_flatten(model.parameters()))
+    root.mkdir(parents=True, exist_ok=True)
+    names = sorted(weights)
+    shards = [names[i::4] for i in range(4)]
+    index = {}
+    for i, part in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-00004.safetensors"
+        mx.save_safetensors(str(root / file), {k: weights[k] for k in part})
+        index.update({k: file for k in part})
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    tok = build_tokenizer()
+    (root / "config.json").write_text(json.dumps({**cfg, "eos_token_id": tok.token_to_id("<|im_end|>")}))
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None, "pad_token": "<|endoftext|>",
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192}))
+    del model, weights
+    return root
 
 
 def rss_of(pid: int) -> int:
@@ -117,6 +161,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", type=Path)
     ap.add_argument("--model-dir", type=Path, help="an mlx-lm model directory instead of a GGUF file")
+    ap.add_argument("--random", choices=sorted(SHAPES), help="a model of random bf16 weights in this shape")
     ap.add_argument("--ranks", default="1,2,3")
     ap.add_argument("--streams", default="1,8")
     ap.add_argument("--tokens", type=int, default=32)
@@ -128,7 +173,7 @@ def main() -> int:
     from mlxlite.store.importers import import_path
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-dist-"))
-    source = args.model_dir or default_gguf(args.gguf)
+    source = random_llama(tmp / "random", args.random) if args.random else (args.model_dir or default_gguf(args.gguf))
     import_path(Store(tmp / "models"), source, "bench")
     ranks = [int(r) for r in args.ranks.split(",")]
     streams = [int(s) for s in args.streams.split(",")]
