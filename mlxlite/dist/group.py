@@ -39,6 +39,14 @@ def _error(name: str, message: str, status: int) -> MlxliteError:
     return MlxliteError(message, status=status)
 
 
+def _say(line: str) -> None:
+    """A line for the daemon's operator; a closed stderr must not fail a restart or a loss."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 class Group:
     def __init__(self, *, ranks: int | None = None, hostfile: str | None = None, backend: str = "ring") -> None:
         if (ranks is None) == (hostfile is None):
@@ -130,8 +138,7 @@ class Group:
             self.state = "ready"
         threading.Thread(target=self._watch, args=(gen,), name="mlxlite-dist-watch", daemon=True).start()
         seconds = time.monotonic() - self._started_at
-        print(f"mlxlite: group of {self.size} ranks ready ({self.backend}, {seconds:.1f} s)",
-              file=sys.stderr, flush=True)
+        _say(f"mlxlite: group of {self.size} ranks ready ({self.backend}, {seconds:.1f} s)")
 
     def restart(self) -> None:
         self.stop()
@@ -183,8 +190,7 @@ class Group:
             if self.state != "ready" or (gen is not None and gen != self.generation):
                 return
             self.state, self.detail = "lost", reason
-        print(f"mlxlite: {reason}; in-flight requests failed, POST /api/dist/restart starts the group again",
-              file=sys.stderr, flush=True)
+        _say(f"mlxlite: {reason}; in-flight requests failed, POST /api/dist/restart starts the group again")
         self._kill()
 
     def _watch(self, gen: int) -> None:
