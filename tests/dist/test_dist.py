@@ -312,3 +312,10 @@ def test_a_group_from_mlx_hostfile(tmp_path):
         DistGroup(ranks=2, backend="mpi")
     with pytest.raises(BadRequest, match="at least 2"):
         DistGroup(ranks=1)
+
+
+def test_serve_refuses_a_bad_group_with_one_error_line(run_cli, tmp_path):
+    code, out, err = run_cli("serve", "--host", "127.0.0.1:0", "--ranks", "1")
+    assert code == 1 and err.strip() == "error: --ranks must be at least 2 (one rank is plain `serve`)"
+    code, out, err = run_cli("serve", "--host", "127.0.0.1:0", "--hostfile", str(tmp_path / "none.json"))
+    assert code == 1 and err.startswith("error: cannot read hostfile") and "Traceback" not in err
