@@ -152,6 +152,7 @@ class Group:
         cmd = self._cmd
         if ready and cmd is not None and self._call_lock.acquire(timeout=5):
             try:
+                self._wake()
                 wire.send(cmd, ("stop", (), []))
             except MlxliteError:
                 pass
@@ -253,6 +254,8 @@ class Group:
             cmd = self._cmd
             try:
                 cmd.settimeout(timeout if timeout is not None else float(config.get("dist_step_timeout")))
+                if op not in wire.LOCAL:
+                    self._wake()
                 wire.send(cmd, (op, args, free))
                 reply = wire.recv(cmd)
             except TimeoutError:
@@ -270,6 +273,15 @@ class Group:
             return reply[1]
         _, name, message, status = reply
         raise _error(name, message, status)
+
+    def _wake(self) -> None:
+        """Ranks 1..N-1 join the broadcast that follows (see `rank.main`)."""
+        for rank, sock in list(self._beats.items()):
+            if rank:
+                try:
+                    sock.sendall(wire.GO)
+                except OSError as exc:
+                    raise wire.ChannelClosed(f"rank {rank}: {exc.strerror or exc}") from None
 
     def health(self) -> dict:
         now = time.monotonic()

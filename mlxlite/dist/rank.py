@@ -5,7 +5,8 @@ the daemon (a heartbeat connection from every rank, carrying its memory; the com
 connection from rank 0 only), then runs the step loop. Rank 0 takes each engine call from
 the daemon, sends it on to the other ranks over `mx.distributed` (`broadcast`), runs it and
 answers; the other ranks run every call they receive, in the same order, on their own
-shard. A call that only reads rank 0's tokenizer (`LOCAL`) is not sent on. Models load
+shard, each woken by one byte from the daemon first (an idle rank blocks on its socket,
+not in a collective that spins). A call that only reads rank 0's tokenizer (`LOCAL`) is not sent on. Models load
 from the rank's own store; blobs it lacks come from the daemon's blob API, verified by
 digest as they are written. Never serves HTTP, never decides that a rank is lost (the
 daemon does: `group`).
@@ -31,7 +32,6 @@ from mlxlite.dist import wire
 from mlxlite.errors import MlxliteError
 from mlxlite.store import Manifest, Store
 
-LOCAL = {"tokenize", "detokenize", "token_bytes", "ping"}   # rank 0 answers alone: no collective
 BEAT_SECONDS = 0.5
 
 
@@ -253,11 +253,15 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             if cmd is not None:
                 op, args, free = wire.recv(cmd)
-                if op not in LOCAL:
+                if op not in wire.LOCAL:
                     distributed.broadcast(group, pickle.dumps((op, args, free)))
                 reply = _answer(op, lambda op=op, args=args, free=free: state.run(op, args, free))
                 wire.send(cmd, reply)
             else:
+                # Idle ranks wait here, on their socket: MLX's ring backend spins a core while
+                # a collective waits for its peers, so they join the broadcast only when told.
+                if wire.read_exact(beat, 1) != wire.GO:
+                    raise wire.ChannelClosed("unexpected byte from the daemon")
                 op, args, free = pickle.loads(distributed.broadcast(group, None))
                 reply = _answer(op, lambda op=op, args=args, free=free: state.run(op, args, free))
                 if reply[0] == "err" and reply[3] >= 500:

@@ -17,6 +17,8 @@ from typing import Any
 from mlxlite.errors import RankLost
 
 _LEN = struct.Struct("<Q")
+LOCAL = frozenset({"tokenize", "detokenize", "token_bytes", "ping"})   # rank 0 answers alone: no collective
+GO = b"\x01"   # the daemon to ranks 1..N-1: a broadcast follows (they wait on a socket, not a spinning collective)
 MAX_FRAME = 1 << 31
 
 
@@ -30,6 +32,10 @@ def send(sock: socket.socket, obj: Any) -> None:
         sock.sendall(_LEN.pack(len(data)) + data)
     except OSError as exc:
         raise ChannelClosed(f"connection lost ({exc.strerror or exc})") from None
+
+
+def read_exact(sock: socket.socket, n: int) -> bytes:
+    return _read(sock, n)
 
 
 def _read(sock: socket.socket, n: int) -> bytes:
