@@ -77,6 +77,10 @@ class LockstepEngine:
     def health(self) -> dict:
         return self.group.health()
 
+    def memory_budget(self) -> int:
+        """The group's: a model split across the ranks may be bigger than any one of them holds."""
+        return self.group.memory_budget() or int(config.memory_budget())
+
     # ---- models ---------------------------------------------------------------------------
     def load(self, store: Any, entry: Any) -> RemoteLoaded:
         store.check_integrity(entry)    # rank 0's copy is what the ranks fetch: verified first

@@ -125,7 +125,8 @@ class Group:
                 else:
                     self._beats[rank] = conn
                     self._ranks[rank] = {"rank": rank, "host": info.get("host"), "pid": info.get("pid"),
-                                         "rss": 0, "weights": 0, "beat": time.monotonic()}
+                                         "budget": int(info.get("budget") or 0), "rss": 0, "weights": 0,
+                                         "beat": time.monotonic()}
         except BaseException as exc:
             accepting.close()
             self._kill()
@@ -274,6 +275,10 @@ class Group:
         _, name, message, status = reply
         raise _error(name, message, status)
 
+    def memory_budget(self) -> int:
+        """What the ranks may hold together: the sum of each rank's own budget (0: not started)."""
+        return sum(int(i.get("budget", 0)) for i in dict(self._ranks).values())
+
     def _wake(self) -> None:
         """Ranks 1..N-1 join the broadcast that follows (see `rank.main`)."""
         for rank, sock in list(self._beats.items()):
@@ -288,7 +293,8 @@ class Group:
         return {
             "state": self.state, "ranks": self.size, "backend": self.backend, "generation": self.generation,
             **({"detail": self.detail} if self.detail else {}),
-            "per_rank": [{"rank": r, "host": i.get("host"), "pid": i.get("pid"), "rss_bytes": i.get("rss", 0),
+            "per_rank": [{"rank": r, "host": i.get("host"), "pid": i.get("pid"), "budget_bytes": i.get("budget", 0),
+                          "rss_bytes": i.get("rss", 0),
                           "weights_bytes": i.get("weights", 0), "last_beat_s": round(now - i["beat"], 3)}
                          for r, i in sorted(dict(self._ranks).items())],    # a copy: start() refills it
         }

@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
     group = distributed.init_group(backend)
     state = Rank(group, runner, distributed)
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "size": state.size}
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "size": state.size,
+            "budget": int(runner.memory_budget())}
     beat = _connect(control)
     wire.hello(beat, secret, state.rank, "beat", info)
     threading.Thread(target=_beat, args=(beat, state, threading.Lock()), daemon=True).start()

@@ -223,6 +223,9 @@ def test_ranks_fetch_the_blobs_their_stores_lack_from_the_daemon(group, stores):
     assert health["state"] == "ready"
     assert [r["rank"] for r in health["per_rank"]] == list(range(size))
     assert all(r["rss_bytes"] > 0 for r in health["per_rank"])
+    # The scheduler's budget is the group's: a model split across ranks may exceed one rank's.
+    assert group.engine.memory_budget() == sum(r["budget_bytes"] for r in health["per_rank"])
+    assert all(r["budget_bytes"] > 0 for r in health["per_rank"])
 
 
 def test_eight_concurrent_streams_match_one_rank(group, single):
