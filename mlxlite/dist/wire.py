@@ -1,7 +1,9 @@
 """The control channel between the daemon and its ranks: length-prefixed pickled frames.
 
-Owns framing (`send`, `recv`) and the hello each rank opens with (`hello`, `check_hello`:
-the group's secret, so only ranks this daemon launched may talk to it). Tensors never travel
+Owns framing (`send`, `recv`), the hello each rank opens with (`hello`, `check_hello`:
+the group's secret, so only ranks this daemon launched may talk to it), which calls rank 0
+answers alone (`LOCAL`) and the one-byte wake-up (`GO`) that sends ranks 1..N-1 into the
+next broadcast. Tensors never travel
 here: a step's work goes from the daemon to rank 0 on this channel and from rank 0 to the
 other ranks over `mx.distributed` (`engine/distributed.py`). Never imports mlx.
 """
