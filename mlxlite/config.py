@@ -152,6 +152,16 @@ SETTINGS: tuple[Setting, ...] = (
             "largest image in pixels (width x height) the engine decodes (more is a 400)"),
     Setting("image_fetch", "MLXLITE_IMAGE_FETCH", False, _parse_bool,
             "fetch http(s) image URLs named in requests (off: only data URLs and base64 are taken)"),
+    Setting("dist_start_timeout", "MLXLITE_DIST_START_TIMEOUT", 120.0, float,
+            "serve --ranks/--hostfile: seconds for every rank to start and join the group"),
+    Setting("dist_step_timeout", "MLXLITE_DIST_STEP_TIMEOUT", 300.0, float,
+            "serve --ranks/--hostfile: seconds rank 0 may take to answer one engine call (a load "
+            "included) before the group counts as hung"),
+    Setting("dist_beat_timeout", "MLXLITE_DIST_BEAT_TIMEOUT", 10.0, float,
+            "serve --ranks/--hostfile: seconds without a rank's heartbeat before it counts as lost"),
+    Setting("dist_rank_home", "MLXLITE_DIST_RANK_HOME", "", str,
+            "serve --ranks: each rank's store, `{rank}` replaced by its number (empty: the daemon's "
+            "own store); a rank missing a model's blobs fetches them from the daemon"),
 )
 
 _BY_KEY = {s.key: s for s in SETTINGS}

@@ -102,6 +102,13 @@ class OutOfMemory(MlxliteError):
     status = 503
 
 
+class RankLost(MlxliteError):
+    """A rank of a distributed group died or hung (`serve --ranks/--hostfile`): the group
+    serves nothing until it is started again."""
+
+    status = 503
+
+
 def full_disk(exc: BaseException, path: object = None) -> InsufficientStorage | None:
     """A full disk or quota (ENOSPC, EDQUOT) as `InsufficientStorage` naming `path`, else the
     file the error names; None for every other error."""

@@ -20,10 +20,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mlxlite"
 # Top to bottom; a wing may import its own modules and wings of a lower rank. Wings of one
 # rank may import each other as long as the wings themselves form no cycle.
 RANKS = {
-    "__main__": 9,
-    "cli": 8,
-    "server": 7,
-    "sched": 6, "dist": 6,
+    "__main__": 10,
+    "cli": 9,
+    "server": 8,
+    "sched": 7,
+    "dist": 6,
     "engine": 5,
     "constrain": 4, "modelfile": 4, "remote": 4,
     "store": 3,

@@ -415,7 +415,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     blas.preload()  # before the scheduler thread imports mlx
     from mlxlite.server import serve_forever  # lazy: the daemon is for `serve` only
 
-    return serve_forever(args.host)
+    if args.ranks is None and args.hostfile is None:
+        return serve_forever(args.host)
+    from mlxlite.dist import Group, LockstepEngine  # lazy: only a distributed daemon needs it
+
+    group = Group(ranks=args.ranks, hostfile=args.hostfile, backend=args.backend)
+    return serve_forever(args.host, engine=LockstepEngine(group))
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
@@ -428,8 +433,12 @@ def cmd_ps(args: argparse.Namespace) -> int:
         if expires and not expires.startswith("2318"):
             left = datetime.fromisoformat(expires).timestamp() - datetime.now(timezone.utc).timestamp()
             until = f"{int(left // 60)} minutes from now" if left >= 60 else f"{max(0, int(left))} seconds from now"
+        processor = "100% " + ("GPU" if m.get("size_vram") else "CPU")
+        placement = m.get("placement") or {}
+        if placement.get("ranks", 1) > 1:   # a distributed group: its ranks and how the model is split
+            processor += f" x {placement['ranks']} ranks ({placement.get('mode')})"
         rows.append([m["name"], m.get("digest", "")[:12], human_bytes(m.get("size", 0)),
-                     "100% " + ("GPU" if m.get("size_vram") else "CPU"), str(m.get("context_length", "")), until])
+                     processor, str(m.get("context_length", "")), until])
     print(_table(rows, ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]))
     return 0
 
@@ -471,6 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
              epilog="settings (environment variables; also keys of $MLXLITE_HOME/config.json):\n"
              + config.describe(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", help="address to bind, host:port (default: MLXLITE_HOST or 127.0.0.1:11435)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--ranks", type=int, metavar="N",
+                       help="serve each model across N local processes (MLX's distributed engine, loopback)")
+    where.add_argument("--hostfile", metavar="FILE",
+                       help="serve each model across the hosts of MLX's hostfile (rank 0: this host)")
+    p.add_argument("--backend", default="ring", choices=["ring", "jaccl", "nccl", "any"],
+                   help="MLX's distributed backend for --ranks/--hostfile (default ring)")
     verb("ps", cmd_ps, "list the models the daemon has loaded")
     p = verb("stop", cmd_stop, "unload a model from the daemon")
     p.add_argument("model")

@@ -208,6 +208,7 @@ class TokenConstraint:
 
     def __init__(self, spec: Any, token_bytes: Sequence[bytes], eos_ids: Iterable[int]) -> None:
         eos = frozenset(int(i) for i in eos_ids)
+        self.spec = spec    # what it was built from (a distributed group rebuilds it on every rank)
         self._vocab = _vocab_for(token_bytes, eos)
         key = _spec_key(spec)
         with self._vocab.lock:

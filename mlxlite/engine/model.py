@@ -205,7 +205,8 @@ def _hf_specials(tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _load_safetensors(store: Store, entry: ModelEntry, f32: bool) -> tuple[Any, Any, dict, bool, Path]:
+def _load_safetensors(store: Store, entry: ModelEntry, f32: bool,
+                      lazy: bool = False) -> tuple[Any, Any, dict, bool, Path]:
     from mlx_lm.utils import dequantize_model
     from mlx_lm.utils import load as mlx_load
 
@@ -223,7 +224,7 @@ def _load_safetensors(store: Store, entry: ModelEntry, f32: bool) -> tuple[Any, 
         mx.eval(model.parameters())
         return model, _vision_tokenizer(model, model_cfg), model_cfg, False, view
     try:
-        model, tokenizer = mlx_load(str(view))
+        model, tokenizer = mlx_load(str(view), lazy=lazy)
     except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
         hint = f" (a vision model: {vision.INSTALL})" if vision.is_vision_config(model_cfg) else ""
         raise Unsupported(f"model '{entry.name.display}' cannot be loaded by mlx-lm: {exc}{hint}") from None
@@ -234,7 +235,8 @@ def _load_safetensors(store: Store, entry: ModelEntry, f32: bool) -> tuple[Any, 
             model = dequantize_model(model)
             dequantized = True
         model.set_dtype(mx.float32)  # float16 on MLX's CPU backend is far slower
-        mx.eval(model.parameters())
+        if not lazy:
+            mx.eval(model.parameters())
     return model, tokenizer, model_cfg, dequantized, view
 
 
@@ -259,8 +261,10 @@ def _float32_estimate(model: Any) -> int:
     return total + _nbytes(model)
 
 
-def load(store: Store, entry: ModelEntry) -> Loaded:
-    """Load a stored model into MLX (see module doc). Errors are MlxliteErrors."""
+def load(store: Store, entry: ModelEntry, *, lazy: bool = False) -> Loaded:
+    """Load a stored model into MLX (see module doc). Errors are MlxliteErrors. `lazy`: a
+    safetensors model's weights stay unread until evaluated (a distributed rank shards
+    first, so it reads only its share)."""
     store.check_integrity(entry)
     info = dict(store.read_config(entry))
     defaults, system, messages = _modelfile_layers(store, entry)
@@ -284,7 +288,7 @@ def load(store: Store, entry: ModelEntry) -> Loaded:
             if archs.is_encoder(header.architecture):
                 info["capabilities"] = ["embedding"]
         else:
-            model, tokenizer, cfg, dequantized, view = _load_safetensors(store, entry, f32)
+            model, tokenizer, cfg, dequantized, view = _load_safetensors(store, entry, f32, lazy)
             text_cfg = cfg.get("text_config") or {}
             context_length = int(cfg.get("max_position_embeddings") or text_cfg.get("max_position_embeddings")
                                  or info.get("context_length") or 4096)

@@ -247,7 +247,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             body, ctype = result.body, result.content_type
             if body is None:
                 data = b""
-            elif isinstance(body, bytes):
+            elif isinstance(body, (bytes, memoryview)):   # a memoryview: a mapped blob (server/dist.py)
                 data = body
             elif isinstance(body, str):
                 data = body.encode()
@@ -444,6 +444,14 @@ def serve_forever(host_port: str | None = None, **kwargs: Any) -> int:
     Returns an exit status for the CLI: 0, or 1 when the MLX thread did not stop in time."""
     server = make_server(host_port, **kwargs)
     scheduler = server.app.scheduler
+    engine = kwargs.get("engine")
+    if hasattr(engine, "attach"):   # a distributed group starts once the daemon's address is known
+        try:
+            engine.attach(server.url)
+        except BaseException:
+            scheduler.close(timeout=SHUTDOWN_SECONDS)
+            server.server_close()
+            raise
     if getattr(scheduler, "on_event", False) is None:
         scheduler.on_event = server.app.log     # model loads (with their load time) and unloads
     print(f"mlxlite {__version__} listening on {server.url}", file=sys.stderr, flush=True)
@@ -459,6 +467,8 @@ def serve_forever(host_port: str | None = None, **kwargs: Any) -> int:
         pass
     finally:
         stopped = scheduler.close(timeout=SHUTDOWN_SECONDS)
+        if hasattr(engine, "shutdown"):
+            engine.shutdown()
         server.server_close()
     if stopped is False:
         # Exiting the interpreter under a thread still inside MLX aborts the process: leave at once.

@@ -28,6 +28,7 @@ from mlxlite.errors import MlxliteError
 from mlxlite.formats import archs, gguf, harmony, templates, thinking, tools
 from mlxlite.modelfile import read_json_layer, to_modelfile
 from mlxlite.sched import Done, Embedded, EmbedJob, GenerateJob, LoadJob, Ready, is_finish
+from mlxlite.server import dist as dist_api
 from mlxlite.server import wire
 from mlxlite.server.wire import Reply, Stream, Summary
 
@@ -463,7 +464,11 @@ def handle_show(ctx: Any) -> Reply:
     if "model" not in body and isinstance(body.get("name"), str):
         body = {**body, "model": body["name"]}      # older clients send "name"
     entry = resolve(ctx, wire.model_name(body))
-    return Reply(show_model(ctx.app.store, entry, wire.get(body, "verbose", bool, False)))
+    shown = show_model(ctx.app.store, entry, wire.get(body, "verbose", bool, False))
+    placed = [r.info["placement"] for r in ctx.app.scheduler.ps() if r.digest == entry.digest and "placement" in r.info]
+    if placed:      # loaded across a distributed group: which rank holds which part
+        shown["placement"] = placed[0]
+    return Reply(shown)
 
 
 def handle_copy(ctx: Any) -> Reply:
@@ -501,6 +506,7 @@ def handle_ps(ctx: Any) -> Reply:
             "details": wire.details(r.info), "expires_at": wire.rfc3339(expires),
             "size_vram": r.size if on_gpu else 0, "context_length": r.context_length,
             "load_duration": wire.ns(r.load_seconds),    # ours: how long its load took
+            **({"placement": r.info["placement"]} if "placement" in r.info else {}),   # ours: across ranks
         })
     return Reply({"models": models})
 
@@ -516,9 +522,15 @@ def handle_version(ctx: Any) -> Reply:
 
 def handle_health(ctx: Any) -> Reply:
     sched = ctx.app.scheduler
-    return Reply({"status": "ok", "version": __version__,
-                  "models": [r.name for r in sched.ps()], "queue": sched.depth(),
-                  "active": sched.busy(), "uptime": round(time.time() - ctx.app.started, 3)})
+    body = {"status": "ok", "version": __version__,
+            "models": [r.name for r in sched.ps()], "queue": sched.depth(),
+            "active": sched.busy(), "uptime": round(time.time() - ctx.app.started, 3)}
+    engine = dist_api.dist_engine(ctx)
+    if engine is not None:      # serve --ranks/--hostfile: the group's state, per-rank memory
+        body["dist"] = engine.health()
+        if body["dist"]["state"] != "ready":
+            body["status"] = "degraded"
+    return Reply(body)
 
 
 def handle_metrics(ctx: Any) -> Reply:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from mlxlite.server import anthropic as anthropic_api
 from mlxlite.server import create as create_api
+from mlxlite.server import dist as dist_api
 from mlxlite.server import native
 from mlxlite.server import openai as openai_api
 from mlxlite.server import pull as pull_api
@@ -49,4 +50,5 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/v1/messages/count_tokens"): anthropic_api.handle_count_tokens,
     **create_api.ROUTES,  # /api/create, /api/blobs/:digest
     **pull_api.ROUTES,  # /api/pull, /api/push
+    **dist_api.ROUTES,  # GET /api/blobs/:digest (ranks fetch blobs), /api/dist/restart
 }

@@ -1,0 +1,199 @@
+"""What touches `mx.distributed`: the group, the step broadcast, sharding, token agreement.
+
+Owns the MLX half of scale-out (`dist/` owns launch, ranks and failure, and never imports
+mlx): `init_group(backend)` joins the group MLX's launcher set up (`MLX_RANK` and
+`MLX_HOSTFILE`, or NCCL's variables); `broadcast(group, payload)` carries rank 0's bytes to
+every rank over the group itself (one `all_sum` when it fits `HEAD` bytes); `shard(loaded,
+group)` splits a loaded model in place, tensor parallel through mlx-lm's `Model.shard` when
+the architecture has it and its heads divide by the group size, else pipeline (a contiguous
+range of layers per rank, the last stage's output gathered so every rank holds the same
+logits); `LockstepDecoder` is the batch decoder whose sampled tokens are rank 0's on every
+rank, so all caches stay in step however sampling or summation order differ. Never talks
+to sockets or processes, never decides when a rank is lost.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlxlite.engine.batch import Decoder
+from mlxlite.engine.model import GENERATION_STREAM, Loaded, _nbytes
+from mlxlite.errors import Unsupported
+
+HEAD = 4096     # bytes of the one collective a small step message takes (4 of them its length)
+# Every collective goes on the stream the model runs on: two streams would each take their
+# next collective in their own order, and ranks would pair different ones (a deadlock).
+STREAM = GENERATION_STREAM
+
+
+def step_stream() -> Any:
+    """The context every forward pass of a group runs in (embeddings too)."""
+    return mx.stream(STREAM)
+
+
+def init_group(backend: str = "any") -> Any:
+    """The group MLX's launcher prepared for this process (strict: no group is an error)."""
+    return mx.distributed.init(strict=True, backend=backend)
+
+
+def broadcast(group: Any, payload: bytes | None) -> bytes:
+    """Rank 0's `payload` on every rank (others pass None): the message rides an `all_sum`
+    of a zero-filled buffer, so every byte comes from rank 0."""
+    rank = group.rank()
+    head = np.zeros(HEAD, dtype=np.uint8)
+    if rank == 0:
+        data = payload or b""
+        head[:4] = np.frombuffer(len(data).to_bytes(4, "little"), dtype=np.uint8)
+        first = data[: HEAD - 4]
+        head[4:4 + len(first)] = np.frombuffer(first, dtype=np.uint8)
+    out = np.array(mx.distributed.all_sum(mx.array(head), group=group, stream=STREAM))
+    size = int.from_bytes(out[:4].tobytes(), "little")
+    if size <= HEAD - 4:
+        return out[4:4 + size].tobytes()
+    rest = np.zeros(size - (HEAD - 4), dtype=np.uint8)
+    if rank == 0:
+        rest[:] = np.frombuffer(payload[HEAD - 4:], dtype=np.uint8)
+    tail = np.array(mx.distributed.all_sum(mx.array(rest), group=group, stream=STREAM))
+    return out[4:].tobytes() + tail.tobytes()
+
+
+def barrier(group: Any) -> None:
+    mx.eval(mx.distributed.all_sum(mx.array([1]), group=group, stream=STREAM))
+
+
+def gather_ints(group: Any, value: int) -> list[int]:
+    """Every rank's `value`, in rank order, on every rank."""
+    return [int(v) for v in mx.distributed.all_gather(mx.array([int(value)], dtype=mx.int64), group=group,
+                                                            stream=STREAM).tolist()]
+
+
+# ---- sharding ------------------------------------------------------------------------------
+def _args(model: Any) -> Any:
+    return getattr(model, "args", None)
+
+
+def plan(model: Any, size: int) -> str:
+    """"tensor" when mlx-lm can shard this architecture and its heads divide, else "pipeline"."""
+    args = _args(model)
+    heads = int(getattr(args, "num_attention_heads", 0) or 0)
+    kv = int(getattr(args, "num_key_value_heads", 0) or heads)
+    inter = int(getattr(args, "intermediate_size", 0) or 0)
+    if (hasattr(model, "shard") and heads and heads % size == 0 and kv % size == 0
+            and (inter == 0 or inter % size == 0)):
+        return "tensor"
+    return "pipeline"
+
+
+class _Stage(nn.Module):
+    """One layer of this rank's range: the first receives the previous stage's hidden state,
+    the last sends its own on and gathers the final stage's, so every rank continues with
+    the same hidden state (and the same logits)."""
+
+    def __init__(self, layer: Any, group: Any, first: bool, last: bool) -> None:
+        super().__init__()
+        self.layer = layer
+        self._group, self._first, self._last = group, first, last
+
+    def __getattr__(self, key: str) -> Any:
+        # The model reads its layers' attributes (`use_sliding` when it makes caches).
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            if key == "layer":
+                raise
+            return getattr(self["layer"], key)
+
+    def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        g = self._group
+        rank, size = g.rank(), g.size()
+        if self._first and rank > 0:
+            x = mx.distributed.recv_like(x, rank - 1, group=g)
+        y = self.layer(x, *args, **kwargs)
+        if self._last:
+            if rank < size - 1:
+                y = mx.distributed.send(y, rank + 1, group=g)
+            n = y.shape[0]
+            y = mx.distributed.all_gather(y, group=g)[(size - 1) * n: size * n]
+            # A prefill evaluates only the caches; tie this stage's send and gather to its
+            # cache so every rank runs them then too (else the next stage waits forever).
+            cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
+            if cache is not None and getattr(cache, "keys", None) is not None:
+                cache.keys = mx.depends(cache.keys, [y])
+        return y
+
+
+def _pipeline(model: Any, group: Any) -> dict:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    rank, size = group.rank(), group.size()
+    if not isinstance(layers, list) or len(layers) < size:
+        raise Unsupported(f"cannot split this model across {size} ranks: it has "
+                          f"{len(layers) if isinstance(layers, list) else 'no'} layers to share out")
+    base, extra = divmod(len(layers), size)
+    counts = [base + (1 if r < extra else 0) for r in range(size)]
+    ranges = []
+    start = 0
+    for c in counts:
+        ranges.append((start, start + c))
+        start += c
+    lo, hi = ranges[rank]
+    mine = layers[lo:hi]
+    inner.layers = [_Stage(layer, group, i == 0, i == len(mine) - 1) for i, layer in enumerate(mine)]
+    del layers, mine
+    gc.collect()
+    return {"mode": "pipeline", "layers": [list(r) for r in ranges], "total_layers": start}
+
+
+def shard(loaded: Loaded, group: Any) -> dict:
+    """Split `loaded.model` for this rank in place; returns the placement (mode, what each rank
+    holds) and updates `size_bytes` to this rank's share."""
+    size = group.size()
+    model = loaded.model
+    placement: dict = {"ranks": size}
+    if size > 1:
+        mode = plan(model, size)
+        if mode == "tensor":
+            model.shard(group)
+            args = _args(model)
+            placement.update({"mode": "tensor", "heads_per_rank": int(args.num_attention_heads) // size})
+        else:
+            placement.update(_pipeline(model, group))
+        mx.eval(model.parameters())
+        gc.collect()
+        mx.clear_cache()
+    else:
+        placement["mode"] = "single"
+    loaded.size_bytes = _nbytes(model)
+    placement["bytes"] = loaded.size_bytes
+    loaded.info["placement"] = placement
+    return placement
+
+
+# ---- lockstep decoding ---------------------------------------------------------------------
+class LockstepDecoder(Decoder):
+    """The batch decoder with one sampler for the group: each step's tokens are rank 0's
+    (an `all_sum` of rank 0's tokens and everyone else's zeros, inside the step's graph, so
+    the look-ahead still overlaps). Every rank then feeds the same tokens to its caches."""
+
+    def __init__(self, loaded: Any, max_batch: int, group: Any, *, keep_caches: bool = False) -> None:
+        super().__init__(loaded, max_batch, keep_caches=keep_caches)
+        self.group = group
+        if (loaded.info.get("placement") or {}).get("mode") == "pipeline":
+            # A stage's receive has no inputs in the graph: queued behind a look-ahead it can
+            # be issued before this step's own collectives on one rank and not on another.
+            self.lookahead = False
+
+    def _forward(self, inputs: mx.array) -> tuple[mx.array, ...]:
+        out = super()._forward(inputs)
+        toks = out[0].astype(mx.int32)
+        if self.group.rank() != 0:
+            # Zeros that still depend on this rank's forward pass: the collective must come
+            # after the pass's own collectives on every rank, or ranks pair different ones.
+            toks = toks * 0
+        toks = mx.distributed.all_sum(toks, group=self.group, stream=STREAM).astype(mx.uint32)
+        return (toks, *out[1:])
