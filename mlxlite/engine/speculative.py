@@ -257,7 +257,7 @@ class Speculator:
             sampled: dict[int, tuple[mx.array, ...]] = {}
             for i, s in enumerate(batch):
                 if not s.greedy:
-                    sampled[i] = self._sample_graph(s.spec, logprobs[i], drafts[i])
+                    sampled[i] = sample_graph(s.spec, logprobs[i], drafts[i])
             mx.eval(argmax, greedy_lp, *(tops or ()), *[a for v in sampled.values() for a in v])
         argmax_l, glp_l = argmax.tolist(), greedy_lp.tolist()
         top_ids = tops[0].reshape(len(batch), width, -1).tolist() if tops else None
@@ -281,32 +281,6 @@ class Speculator:
                 s.spec.settle(len(d), a, s.n)
             results.append((tokens, lps, list(range(a + 1)), top))
         return results
-
-    def _sample_graph(self, st: SpecState, logprobs: mx.array, draft: list[int]) -> tuple[mx.array, ...]:
-        """Rejection sampling's arrays for one member: keep flags [n], draft tokens' logprobs [n],
-        residual draws and their logprobs [n], the bonus draw and its logprob (n = draft length)."""
-        n = len(draft)
-        logp = st.dist(logprobs)                          # [W, V]: what the plain sampler draws from
-        bonus = mx.random.categorical(logp[n:n + 1])
-        bonus_lp = mx.take_along_axis(logprobs[n:n + 1], bonus[:, None], axis=-1)[:, 0]
-        if n == 0:
-            empty = mx.zeros((0,), dtype=mx.float32)
-            return empty, empty, empty.astype(mx.uint32), empty, bonus, bonus_lp
-        d = mx.array(draft, dtype=mx.uint32)[:, None]
-        p = mx.take_along_axis(mx.exp(logp[:n]), d, axis=-1)[:, 0]
-        if st.q is None:      # a point-mass draft: keep with p(d); else p without d
-            ratio = p
-            residual = mx.put_along_axis(logp[:n], d, mx.array(-float("inf"), dtype=logp.dtype), axis=-1)
-        else:
-            q = mx.exp(st.q)
-            ratio = p / mx.maximum(mx.take_along_axis(q, d, axis=-1)[:, 0], 1e-30)
-            left = mx.maximum(mx.exp(logp[:n]) - q, 0.0)
-            residual = mx.where(left.sum(axis=-1, keepdims=True) > 0, mx.log(left), logp[:n])
-        keep = mx.random.uniform(shape=(n,)) < ratio
-        res = mx.random.categorical(residual)
-        d_lp = mx.take_along_axis(logprobs[:n], d, axis=-1)[:, 0]
-        res_lp = mx.take_along_axis(logprobs[:n], res[:, None], axis=-1)[:, 0]
-        return keep, d_lp, res, res_lp, bonus, bonus_lp
 
     def _trim(self, dec: Any, rejected: list[int]) -> None:
         """Cut every member's cache back to its accepted tokens (`rejected[i]` positions)."""
@@ -372,6 +346,33 @@ class Speculator:
                     break
         if leaving:
             dec._leave(leaving, keep_caches=True)
+
+
+def sample_graph(st: SpecState, logprobs: mx.array, draft: list[int]) -> tuple[mx.array, ...]:
+    """Rejection sampling's arrays for one member: keep flags [n], draft tokens' logprobs [n],
+    residual draws and their logprobs [n], the bonus draw and its logprob (n = draft length)."""
+    n = len(draft)
+    logp = st.dist(logprobs)                          # [W, V]: what the plain sampler draws from
+    bonus = mx.random.categorical(logp[n:n + 1])
+    bonus_lp = mx.take_along_axis(logprobs[n:n + 1], bonus[:, None], axis=-1)[:, 0]
+    if n == 0:
+        empty = mx.zeros((0,), dtype=mx.float32)
+        return empty, empty, empty.astype(mx.uint32), empty, bonus, bonus_lp
+    d = mx.array(draft, dtype=mx.uint32)[:, None]
+    p = mx.take_along_axis(mx.exp(logp[:n]), d, axis=-1)[:, 0]
+    if st.q is None:      # a point-mass draft: keep with p(d); else p without d
+        ratio = p
+        residual = mx.put_along_axis(logp[:n], d, mx.array(-float("inf"), dtype=logp.dtype), axis=-1)
+    else:
+        q = mx.exp(st.q)
+        ratio = p / mx.maximum(mx.take_along_axis(q, d, axis=-1)[:, 0], 1e-30)
+        left = mx.maximum(mx.exp(logp[:n]) - q, 0.0)
+        residual = mx.where(left.sum(axis=-1, keepdims=True) > 0, mx.log(left), logp[:n])
+    keep = mx.random.uniform(shape=(n,)) < ratio
+    res = mx.random.categorical(residual)
+    d_lp = mx.take_along_axis(logprobs[:n], d, axis=-1)[:, 0]
+    res_lp = mx.take_along_axis(logprobs[:n], res[:, None], axis=-1)[:, 0]
+    return keep, d_lp, res, res_lp, bonus, bonus_lp
 
 
 def _fit(mask: np.ndarray, vocab: int) -> np.ndarray:
