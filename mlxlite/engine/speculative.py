@@ -34,6 +34,7 @@ import numpy as np
 
 from mlxlite.engine.model import GENERATION_STREAM, alternatives, new_cache, token_piece
 from mlxlite.engine.sampling import constraint_mask, make_distribution, top_alternatives
+from mlxlite.errors import BadRequest
 from mlxlite.options import Options
 from mlxlite.results import Piece
 
@@ -109,6 +110,9 @@ class Speculator:
         self.emitted = 0            # tokens they yielded
 
     def state(self, options: Options, draft: Any = None) -> SpecState:
+        """A sequence's state; BadRequest if `draft` reads tokens differently from this model."""
+        if draft is not None and draft is not self.loaded and draft.table != self.loaded.table:
+            raise BadRequest(f"draft model '{draft.name}' does not share the vocabulary of '{self.loaded.name}'")
         return SpecState(options, draft)
 
     def wants(self, batch: list[Any]) -> bool:
@@ -126,6 +130,8 @@ class Speculator:
         k = min(st.k, s.limit - s.n - 1)     # tokens past num_predict would be thrown away
         if k <= 0:
             return []
+        if st.draft is not None and st.draft.model is None:     # unloaded meanwhile: prompt lookup
+            st.draft, st.dcache = None, None
         draft = st.lookup(s.fed, s.next_input, k) if st.draft is None else self._model_draft(s, st, k)
         eos = self.loaded.eos_token_ids
         for j, t in enumerate(draft):        # nothing after an EOS

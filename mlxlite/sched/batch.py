@@ -5,7 +5,8 @@ Contract (used by `scheduler.Scheduler` on its MLX thread only; no mlx import):
   - `admit(ticket, job, resident, load_seconds)`: renders and tokenizes the prompt (a chat
     fitted to the request's num_ctx, `Ready.truncated_messages` saying how many messages it
     lost, `Ready.thinking` whether it opened a thinking section), builds the constraint, looks up the longest cached prefix, sends `Ready` and adds the sequence
-    to the model's decoder (the engine's `decoder(loaded, max_batch, keep_caches)`, or
+    to the model's decoder (the engine's `decoder(loaded, max_batch, keep_caches)`, with the
+    `draft` option's model loaded and passed as `draft=` for speculative decoding, or
     `SerialDecoder` over `engine.generate` for engines without one). Prompt errors raise.
   - `step()`: one step of every model's decoder that has work, round-robin (a request for
     model B interleaves with model A's batch); routes Pieces/Finish to tickets; a finished
@@ -17,7 +18,7 @@ Contract (used by `scheduler.Scheduler` on its MLX thread only; no mlx import):
     `prefix_cache_disk_bytes`) are written under `$MLXLITE_HOME/cache/prefix/<digest>/`
     (engine `save_cache`); when it loads again (a restart too) they are read back.
 Decoder protocol: `add(key, tokens, options, truncate=, constraint=, prompt_cache=,
-cached_tokens=, top_logprobs=) -> prompt length`; `step(is_cancelled) -> [(key, Piece | Finish | None)]`
+cached_tokens=, top_logprobs=[, draft=]) -> prompt length`; `step(is_cancelled) -> [(key, Piece | Finish | None)]`
 (None: cancelled before any work ran); `len()`, `.active`, `.waiting`, `take_cache(key)`,
 `close()`.
 """
@@ -64,7 +65,7 @@ class SerialDecoder:
 
     def add(self, key: Any, tokens: list[int], options: Any, *, truncate: bool = False,
             constraint: Any = None, prompt_cache: Any = None, cached_tokens: int = 0,
-            top_logprobs: int = 0) -> int:
+            top_logprobs: int = 0, draft: Any = None) -> int:
         self._queue.append((key, tokens, options, truncate, constraint, top_logprobs))
         return len(tokens)
 
@@ -271,8 +272,10 @@ class Batches:
             if hit is not None:
                 cache = engine.cache_prefix(hit.cache, hit.tokens)
                 cached = hit.tokens if cache is not None else 0
+        draft = self.sched.draft_model(options.draft, ticket, digest) if options.draft else None
+        extra = {"draft": draft} if draft is not None else {}
         dec.add(ticket.id, tokens, options, truncate=job.truncate, constraint=constraint,
-                prompt_cache=cache, cached_tokens=cached, top_logprobs=job.top_logprobs)
+                prompt_cache=cache, cached_tokens=cached, top_logprobs=job.top_logprobs, **extra)
         member = _Member(ticket, job, digest)
         self._members[ticket.id] = member
         queue_s = time.monotonic() - ticket.submitted
