@@ -45,13 +45,14 @@ MISS_PAUSE_MAX = 64      # steps a member whose drafts keep missing waits before
 class SpecState:
     """One sequence's speculative state: its n-gram index or draft model cache, its pacing."""
 
-    __slots__ = ("k", "dist", "index", "indexed", "draft", "dcache", "dfed", "dfed_drafts", "q",
+    __slots__ = ("k", "size", "dist", "index", "indexed", "draft", "dcache", "dfed", "dfed_drafts", "q",
                  "masks", "resume_at", "backoff", "drafted", "accepted")
 
     def __init__(self, options: Options, draft: Any = None) -> None:
         sampled = options.temperature > 0
         # A seeded sampler keeps its own key chain: speculation would draw other numbers.
         self.k = 0 if sampled and options.seed >= 0 else int(options.draft_num_predict)
+        self.size = self.k          # this step's draft length: follows how much gets kept
         self.dist = make_distribution(options) if sampled else None
         self.index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in NGRAMS}
         self.indexed = 0
@@ -85,10 +86,15 @@ class SpecState:
         return []
 
     def settle(self, drafted: int, accepted: int, n: int) -> None:
-        """Pace drafting (`n`: tokens generated so far): a draft with no token kept pauses
-        drafting for `backoff` tokens, and doubles the next pause."""
+        """Pace drafting (`n`: tokens generated so far): a draft kept whole grows the next one
+        by a token (up to `k`), one kept in part shrinks it to one past what was kept; a draft
+        with no token kept halves it, pauses drafting for `backoff` tokens and doubles that."""
         self.drafted += drafted
         self.accepted += accepted
+        if accepted == drafted:
+            self.size = min(self.k, self.size + 1)
+        else:
+            self.size = max(1, accepted + 1 if accepted else self.size // 2)
         if accepted:
             self.backoff = 1
         else:
@@ -107,6 +113,7 @@ class Speculator:
         args = getattr(loaded.model, "args", None)
         self.vocab = int(getattr(args, "vocab_size", 0) or len(loaded.table))
         self.steps = 0              # speculative steps run (diagnostics, benches)
+        self.rows = 0               # sequences they verified (a step of 4 members counts 4)
         self.emitted = 0            # tokens they yielded
 
     def state(self, options: Options, draft: Any = None) -> SpecState:
@@ -127,7 +134,7 @@ class Speculator:
         st.q, st.masks = None, None
         if not st.active(s.n):
             return []
-        k = min(st.k, s.limit - s.n - 1)     # tokens past num_predict would be thrown away
+        k = min(st.size, s.limit - s.n - 1)  # tokens past num_predict would be thrown away
         if k <= 0:
             return []
         if st.draft is not None and st.draft.model is None:     # unloaded meanwhile: prompt lookup
@@ -222,6 +229,7 @@ class Speculator:
         self._trim(dec, [width - len(r[0]) for r in results])
         self._emit(dec, batch, drafts, results, out, is_cancelled)
         self.steps += 1
+        self.rows += len(batch)
         return True
 
     def _verify(self, dec: Any, batch: list[Any], drafts: list[list[int]], rows: list[list[int]],
