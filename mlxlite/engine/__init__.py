@@ -3,7 +3,7 @@
 Owns running a stored model on MLX. `runner` is the engine's protocol, what the scheduler
 drives on its one MLX thread: `load`, `generate`, `embed`, `decoder` (continuous batching)
 and the prefix-cache pieces; behind it `model` (a loaded model and its primitives),
-`batch` (the batch decoder), `gguf` (GGUF tensors onto mlx-lm's model classes),
+`batch` (the batch decoder), `speculative` (its drafts, verified in one batched step), `gguf` (GGUF tensors onto mlx-lm's model classes),
 `encoder` (the bert-family embedding encoder mlx-lm lacks), `quants` (GGUF's quantized
 blocks read and repacked into MLX's formats), `sampling` (Ollama's
 options as mlx-lm samplers, the constraint mask) and `text` (token bytes, streaming

@@ -17,6 +17,8 @@ Contract:
     parked (its KV cache taken out of the batch) and rejoins at the back of the queue.
   - A batch of one decodes on the plain per-sequence `KVCache`, the same graph as
     `runner.generate`, so a request alone produces what `generate` produces.
+  - Speculative decoding (`speculative.py`, `add(..., draft=)`): a step where members have
+    drafts verifies them all in one forward instead (the hook at the top of `_decode`).
   - With `keep_caches`, a finished sequence's KV cache is kept for `take_cache(key) ->
     (tokens, cache)` (the exact tokens it holds), for the prefix cache.
 Never called from more than one thread (the scheduler's MLX thread).
