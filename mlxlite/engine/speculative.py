@@ -32,7 +32,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlxlite.engine.model import GENERATION_STREAM, alternatives, new_cache, token_piece
+from mlxlite.engine.model import GENERATION_STREAM, alternatives, new_cache, prefill, token_piece
 from mlxlite.engine.sampling import constraint_mask, make_distribution, top_alternatives
 from mlxlite.errors import BadRequest
 from mlxlite.options import Options
@@ -183,6 +183,9 @@ class Speculator:
         catch_up = s.fed[st.dfed:] + [s.next_input]
         toks, qs = [], []
         with mx.stream(GENERATION_STREAM):
+            if len(catch_up) > s.step:      # a whole prompt: in chunks, as the model's own prefill
+                prefill(dl, catch_up[:-1], st.dcache, s.step)
+                catch_up = catch_up[-1:]
             logits = dl.model(mx.array(catch_up, dtype=mx.uint32)[None], cache=st.dcache)[:, -1, :]
             for j in range(k):
                 logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

@@ -272,7 +272,8 @@ class Batches:
             if hit is not None:
                 cache = engine.cache_prefix(hit.cache, hit.tokens)
                 cached = hit.tokens if cache is not None else 0
-        draft = self.sched.draft_model(options.draft, ticket, digest) if options.draft else None
+        speculates = options.draft and hasattr(engine, "decoder")     # a SerialDecoder can't use a draft
+        draft = self.sched.draft_model(options.draft, ticket, digest) if speculates else None
         extra = {"draft": draft} if draft is not None else {}
         dec.add(ticket.id, tokens, options, truncate=job.truncate, constraint=constraint,
                 prompt_cache=cache, cached_tokens=cached, top_logprobs=job.top_logprobs, **extra)
