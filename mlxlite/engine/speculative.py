@@ -18,8 +18,11 @@ Exactness (what the tests hold it to):
   - logprobs / top_logprobs of a token come from its own position's log-softmax; stop
     strings, EOS and num_predict are applied token by token as in a plain step.
 Policy: on for greedy and unseeded sampling (a seed keeps the plain sampler so the same
-seed gives the same text alone, batched or through `run`); a member whose drafts keep
-missing pauses drafting for a while (doubling), so free-form text pays almost nothing.
+seed gives the same text alone, batched or through `run`). It pays only where checking k+1
+tokens costs little more than one (GPUs; on a CPU, float32 with BLAS and drafts that are
+mostly kept), so each step is gated: the members' expected yield (their keep rates) against
+the measured seconds of plain and speculative steps of that shape. A member's draft length
+follows what gets kept, and one whose drafts keep missing pauses drafting (doubling).
 Never changes what a sequence produces (only how many tokens a step yields), never touches
 the scheduler, and needs plain `KVCache`s (other cache kinds decode plainly).
 """
@@ -45,7 +48,7 @@ MISS_PAUSE_MAX = 64      # steps a member whose drafts keep missing waits before
 class SpecState:
     """One sequence's speculative state: its n-gram index or draft model cache, its pacing."""
 
-    __slots__ = ("k", "size", "dist", "index", "indexed", "draft", "dcache", "dfed", "dfed_drafts", "q",
+    __slots__ = ("k", "size", "rate", "dist", "index", "indexed", "draft", "dcache", "dfed", "dfed_drafts", "q",
                  "masks", "resume_at", "backoff", "drafted", "accepted")
 
     def __init__(self, options: Options, draft: Any = None) -> None:
@@ -53,6 +56,7 @@ class SpecState:
         # A seeded sampler keeps its own key chain: speculation would draw other numbers.
         self.k = 0 if sampled and options.seed >= 0 else int(options.draft_num_predict)
         self.size = self.k          # this step's draft length: follows how much gets kept
+        self.rate = 0.6             # running estimate of a draft token's chance to be kept
         self.dist = make_distribution(options) if sampled else None
         self.index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in NGRAMS}
         self.indexed = 0
@@ -91,6 +95,7 @@ class SpecState:
         with no token kept halves it, pauses drafting for `backoff` tokens and doubles that."""
         self.drafted += drafted
         self.accepted += accepted
+        self.rate = 0.75 * self.rate + 0.25 * (accepted / drafted)
         if accepted == drafted:
             self.size = min(self.k, self.size + 1)
         else:
@@ -104,12 +109,24 @@ class SpecState:
     def active(self, n: int) -> bool:
         return self.k > 0 and n >= self.resume_at
 
+    def expected(self, n: int) -> float:
+        """Tokens a step is expected to yield with a draft of `n`: 1 + rate + rate^2 + ..."""
+        return 1.0 + sum(self.rate ** j for j in range(1, n + 1))
+
 
 class Speculator:
     """The Decoder's speculative step (see module doc)."""
 
+    gate = True         # speculate only where it is expected to pay; False: whenever there are drafts
+    EXPLORE = 32        # steps declined at one shape before its cost is measured again
+
     def __init__(self, loaded: Any) -> None:
         self.loaded = loaded
+        # Seconds per decode step by (members, width): width 1 is a plain step. Measured as the
+        # time between consecutive steps, when exactly one step ran and nobody was joining.
+        self.cost: dict[tuple[int, int], float] = {}
+        self._last: tuple[float, int, int, int] | None = None
+        self._declined: dict[tuple[int, int], int] = {}
         args = getattr(loaded.model, "args", None)
         self.vocab = int(getattr(args, "vocab_size", 0) or len(loaded.table))
         self.steps = 0              # speculative steps run (diagnostics, benches)
@@ -221,12 +238,22 @@ class Speculator:
         """Run one speculative step for the whole batch; False (nothing done) when no member
         has a draft or the batch can't be cut back (the plain step runs instead)."""
         batch = dec._batch
+        now = time.perf_counter()
+        self._observe(dec, now)
+        self._last = (now, dec._steps, len(batch), 1) if not dec.waiting else None
         if not self.wants(batch) or any(is_cancelled(s.key) for s in batch) or not dec._plain_kv():
             return False
         drafts = [self._draft(s) for s in batch]
         if not any(drafts):
             return False
         width = 1 + max(len(d) for d in drafts)
+        if self.gate and not self.pays(batch, drafts, width):
+            for s, d in zip(batch, drafts, strict=True):
+                if d and s.spec.dcache is not None:
+                    self._rewind_draft(s.spec, 0)
+            return False
+        if self._last is not None:
+            self._last = (now, dec._steps, len(batch), width)
         rows = [[s.next_input, *d] + [s.next_input] * (width - 1 - len(d)) for s, d in zip(batch, drafts, strict=True)]
         results = self._verify(dec, batch, drafts, rows, width)
         self._trim(dec, [width - len(r[0]) for r in results])
@@ -234,6 +261,38 @@ class Speculator:
         self.steps += 1
         self.rows += len(batch)
         return True
+
+    # ---- whether it pays -------------------------------------------------------------------
+    def _observe(self, dec: Any, now: float) -> None:
+        """The step that began at `_last` took until now: fold it into `cost`."""
+        last = self._last
+        if last is None or dec._steps != last[1] + 1 or dec.waiting:
+            return
+        key, seconds = (last[2], last[3]), now - last[0]
+        old = self.cost.get(key)
+        if old is None:
+            self.cost[key] = seconds
+        elif seconds < 4 * old:          # a stall (another model's step, a pause) is not this step's cost
+            self.cost[key] = 0.7 * old + 0.3 * seconds
+
+    def pays(self, batch: list[Any], drafts: list[list[int]], width: int) -> bool:
+        """Whether a speculative step of this width is expected to yield more tokens per second
+        than a plain step: each member's expected yield (its keep rate) against the measured
+        cost of both. A shape not measured yet is tried; one declined EXPLORE times in a row is
+        tried again (costs drift with load and context length)."""
+        members = len(batch)
+        plain, spec = self.cost.get((members, 1)), self.cost.get((members, width))
+        if plain is None:
+            return False
+        if spec is None:
+            return True
+        gain = sum(s.spec.expected(len(d)) for s, d in zip(batch, drafts, strict=True))
+        if gain / spec >= members / plain:
+            self._declined[(members, width)] = 0
+            return True
+        n = self._declined.get((members, width), 0) + 1
+        self._declined[(members, width)] = n % self.EXPLORE
+        return n >= self.EXPLORE
 
     def _verify(self, dec: Any, batch: list[Any], drafts: list[list[int]], rows: list[list[int]],
                 width: int) -> list[tuple[list[int], list[float], list[int], Any]]:

@@ -40,11 +40,13 @@ def tokens(pieces) -> list[int]:
     return [p.token for p in pieces]
 
 
-def run_batch(loaded, prompts, kw, max_batch=8, **add):
-    """Decode `prompts` together; returns ({key: (pieces, finish)}, decoder)."""
+def run_batch(loaded, prompts, kw, max_batch=8, gate=False, **add):
+    """Decode `prompts` together; returns ({key: (pieces, finish)}, decoder). Speculative
+    steps run whenever there are drafts (the speed gate off) unless `gate`."""
     from mlxlite.engine import runner
 
     dec = runner.decoder(loaded, max_batch, keep_caches=True)
+    dec.speculator.gate = gate
     for k, ids in enumerate(prompts):
         dec.add(k, ids, opts(**kw), **{n: (v(k) if callable(v) else v) for n, v in add.items()})
     return drive(dec), dec
@@ -157,6 +159,7 @@ def test_penalties_top_logprobs_stop_strings_and_num_predict_stay_exact(tiny):
              "odd": dict(num_predict=37, **GREEDY), "one": dict(num_predict=1, **GREEDY)}
     want = {k: alone(tiny, ids, **kw) for k, kw in cases.items()}
     dec = runner.decoder(tiny, 8)
+    dec.speculator.gate = False
     for k, kw in cases.items():
         dec.add(k, ids, opts(**kw))
     dec.add("top", ids, opts(num_predict=40, **GREEDY), top_logprobs=4)
@@ -218,6 +221,34 @@ def test_a_draft_model_gives_plain_greedy_output(tiny, scale):
         assert spec.emitted >= 3 * spec.steps
     else:
         assert spec.emitted < 3 * 5 * spec.steps
+
+
+def test_the_gate_speculates_where_the_expected_yield_beats_the_measured_cost(tiny):
+    """Plain steps of one member cost 1 s, speculative steps of width 5 cost 2.5 s: a member
+    keeping 90% of its drafts (expected 4.1 tokens a step) speculates, one keeping 20% (1.25)
+    does not, except once every EXPLORE steps to measure again; unmeasured shapes are tried."""
+    from mlxlite.engine import runner
+    from mlxlite.engine.speculative import Speculator
+
+    spec = Speculator(tiny)
+    seq = type("Seq", (), {})()
+    seq.spec = spec.state(opts(**GREEDY))
+    draft = [[1, 2, 3, 4]]
+    assert not spec.pays([seq], draft, 5)                # no plain cost yet: a plain step first
+    spec.cost[(1, 1)] = 1.0
+    assert spec.pays([seq], draft, 5)                    # width 5 never measured: try it
+    spec.cost[(1, 5)] = 2.5
+    seq.spec.rate = 0.9
+    assert spec.pays([seq], draft, 5)
+    seq.spec.rate = 0.2
+    decisions = [spec.pays([seq], draft, 5) for _ in range(2 * Speculator.EXPLORE)]
+    assert decisions.count(True) == 2 and decisions[Speculator.EXPLORE - 1] and decisions[-1]
+    # With the gate on, a batch decodes what plain decoding gives, whatever it decided.
+    ids = [runner.tokenize(tiny, p) for p in (REPEAT, PROMPTS[0])]
+    got, dec = run_batch(tiny, ids, dict(num_predict=60, **GREEDY), gate=True)
+    for k, i in enumerate(ids):
+        assert_same(got[k], alone(tiny, i, num_predict=60, **GREEDY))
+    assert dec.speculator.cost                           # it measured steps as it went
 
 
 # ---- distribution: rejection sampling on a tiny vocabulary ----------------------------------

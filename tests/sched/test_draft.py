@@ -30,7 +30,10 @@ def decoder_of(srv, store, name):
 
 
 def test_a_draft_model_from_the_modelfile_or_the_request_drafts_and_changes_nothing(
-        store, tiny_gguf_model, tiny_safetensors_model):
+        store, tiny_gguf_model, tiny_safetensors_model, monkeypatch):
+    from mlxlite.engine.speculative import Speculator
+
+    monkeypatch.setattr(Speculator, "gate", False)      # speculate whenever there are drafts: no timing
     cr.create(store, "tiny-spec", cr.spec_from_modelfile(modelfile.parse(
         f"FROM {tiny_gguf_model}\nPARAMETER draft {tiny_safetensors_model}\n")), None, say=lambda _: None)
     with RunningServer(None, store) as srv:
