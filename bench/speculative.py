@@ -3,11 +3,13 @@
 For each model (the default model, float32 weights with OpenBLAS preloaded, and the tiny test
 model), each task (a repetitive one: editing code / summarizing with quotes, where the answer
 copies the prompt; a free-form story) and 1 and 4 streams, a child process runs the batch
-decoder in-process (no HTTP) on the same greedy requests with `draft_num_predict` 0 (plain)
-and 4 (speculative), alternating which goes first. Printed: decode tok/s of each (all
-streams' tokens from the first token to the last, medians), the median of per-pair ratios
-(speculative / plain, > 1 pays), the tokens one speculative step yields on average, and
-whether both produced the same tokens (greedy: they must).
+decoder in-process (no HTTP) on the same greedy requests three ways: plain
+(`draft_num_predict` 0), the default (4, each step gated by expected yield against measured
+step costs) and "always" (4, the gate off: every step with a draft speculates), in an order
+that rotates every round. Printed: decode tok/s of each (all streams' tokens from the first
+token to the last, medians), the medians of per-round ratios to plain (> 1 pays), the tokens
+a sequence gets from one speculative step and the share of tokens that came from them (in
+the "always" runs), and whether all produced the same tokens (greedy: they must).
 
     python bench/speculative.py [--gguf PATH] [--rounds 3] [--tokens 128] [--models default,tiny]
 """
@@ -76,9 +78,11 @@ def child(args: argparse.Namespace) -> list[dict]:
         rendered = loaded.template.render([{"role": "user", "content": text}], add_generation_prompt=True)
         return runner.tokenize(loaded, rendered)
 
-    def run(prompts: list[list[int]], k: int) -> tuple[float, list[list[int]], int, int]:
+    def run(prompts: list[list[int]], mode: str) -> tuple[float, list[list[int]], int, int]:
         """(decode tok/s, tokens per stream, sequence-steps verified, tokens they yielded)"""
+        k = 0 if mode == "plain" else 4
         dec = runner.decoder(loaded, 8)
+        dec.speculator.gate = mode != "always"
         for i, ids in enumerate(prompts):
             opts = {"temperature": 0, "num_predict": args.tokens, "draft_num_predict": k, "num_ctx": 2048}
             dec.add(i, ids, options.parse(opts), truncate=True)
@@ -94,30 +98,34 @@ def child(args: argparse.Namespace) -> list[dict]:
         rate = (n - len(prompts)) / seconds if seconds > 0 else 0.0
         return rate, list(got.values()), dec.speculator.rows, dec.speculator.emitted
 
-    run([prompt("hi")], 0)       # warm-up
+    run([prompt("hi")], "plain")       # warm-up
     rows = []
     for task, texts in TASKS.items():
         for streams in (1, 4):
             prompts = [prompt(t) for t in texts[:streams]]
-            rates: dict[int, list[float]] = {0: [], 4: []}
-            outs: dict[int, list] = {}
-            ratios, steps, emitted = [], 0, 0
+            modes = ["plain", "default", "always"]
+            rates: dict[str, list[float]] = {m: [] for m in modes}
+            outs: dict[str, list] = {}
+            ratios: dict[str, list[float]] = {"default": [], "always": []}
+            steps, emitted = 0, 0
             for r in range(args.rounds):
-                for k in ((0, 4) if r % 2 == 0 else (4, 0)):
-                    tps, toks, s, e = run(prompts, k)
-                    rates[k].append(tps)
-                    outs[k] = toks
-                    if k:
+                for mode in modes[r % 3:] + modes[:r % 3]:
+                    tps, toks, s, e = run(prompts, mode)
+                    rates[mode].append(tps)
+                    outs[mode] = toks
+                    if mode == "always":
                         steps, emitted = steps + s, emitted + e
-                ratios.append(rates[4][-1] / rates[0][-1])
-            total = sum(len(t) for t in outs[0])
-            rows.append({"task": task, "streams": streams, "plain_tps": statistics.median(rates[0]),
-                         "spec_tps": statistics.median(rates[4]), "ratio": statistics.median(ratios),
-                         "ratio_range": (min(ratios), max(ratios)),
+                for mode in ratios:
+                    ratios[mode].append(rates[mode][-1] / rates["plain"][-1])
+            total = sum(len(t) for t in outs["plain"])
+            rows.append({"task": task, "streams": streams, "tokens": total,
+                         **{f"{m}_tps": statistics.median(rates[m]) for m in modes},
+                         **{f"{m}_ratio": statistics.median(v) for m, v in ratios.items()},
+                         **{f"{m}_range": (min(v), max(v)) for m, v in ratios.items()},
                          "per_step": emitted / steps if steps else 0.0,
                          "spec_share": emitted / args.rounds / total if total else 0.0,
-                         "tokens": total, "same": outs[0] == outs[4], "weights": loaded.info["weights"],
-                         "openblas": blas.active()})
+                         "same": outs["plain"] == outs["default"] == outs["always"],
+                         "weights": loaded.info["weights"], "openblas": blas.active()})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -133,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(args)))
         return 0
-    print(f"{'model':8} {'task':20} {'streams':>7} | {'plain tok/s':>11} {'spec tok/s':>10} | "
-          f"{'spec/plain':>10} {'(range)':>13} | {'tok/step':>8} {'by spec':>7} | same", flush=True)
+    print(f"{'model':8} {'task':20} {'streams':>7} | {'tok/s: plain':>12} {'default':>8} {'always':>8} | "
+          f"{'default/plain (range)':>22} | {'always/plain (range)':>21} | {'tok/step':>8} {'by spec':>7} | same",
+          flush=True)
     for model in filter(None, args.models.split(",")):
         if model == "tiny":
             from tests.tiny_models import make_models
@@ -151,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{model}: failed")
             continue
         for row in json.loads(out.stdout.strip().splitlines()[-1]):
-            print(f"{model:8} {row['task']:20} {row['streams']:>7} | {row['plain_tps']:11.2f} "
-                  f"{row['spec_tps']:10.2f} | x{row['ratio']:9.3f} ({row['ratio_range'][0]:.2f}-{row['ratio_range'][1]:.2f}) | "
+            d, a = row["default_range"], row["always_range"]
+            print(f"{model:8} {row['task']:20} {row['streams']:>7} | {row['plain_tps']:12.2f} "
+                  f"{row['default_tps']:8.2f} {row['always_tps']:8.2f} | "
+                  f"x{row['default_ratio']:.3f} ({d[0]:.2f}-{d[1]:.2f}){'':6} | "
+                  f"x{row['always_ratio']:.3f} ({a[0]:.2f}-{a[1]:.2f}){'':5} | "
                   f"{row['per_step']:8.2f} {row['spec_share']:7.0%} | {row['same']}", flush=True)
     return 0
 

@@ -118,15 +118,17 @@ class Speculator:
     """The Decoder's speculative step (see module doc)."""
 
     gate = True         # speculate only where it is expected to pay; False: whenever there are drafts
-    EXPLORE = 32        # steps declined at one shape before its cost is measured again
+    EXPLORE = 16        # steps declined in a row before one is tried anyway (costs drift)
 
     def __init__(self, loaded: Any) -> None:
         self.loaded = loaded
-        # Seconds per decode step by (members, width): width 1 is a plain step. Measured as the
-        # time between consecutive steps, when exactly one step ran and nobody was joining.
-        self.cost: dict[tuple[int, int], float] = {}
+        # The cost model, measured as the seconds between consecutive steps when exactly one
+        # step ran and nobody was joining: a plain step of B members takes plain[B]; a
+        # speculative one of width W takes plain[B] * (1 + extra * (W - 1)).
+        self.plain: dict[int, float] = {}
+        self.extra: float | None = None
         self._last: tuple[float, int, int, int] | None = None
-        self._declined: dict[tuple[int, int], int] = {}
+        self._declined = 0
         args = getattr(loaded.model, "args", None)
         self.vocab = int(getattr(args, "vocab_size", 0) or len(loaded.table))
         self.steps = 0              # speculative steps run (diagnostics, benches)
@@ -264,35 +266,41 @@ class Speculator:
 
     # ---- whether it pays -------------------------------------------------------------------
     def _observe(self, dec: Any, now: float) -> None:
-        """The step that began at `_last` took until now: fold it into `cost`."""
+        """The step that began at `_last` took until now: fold it into the cost model."""
         last = self._last
         if last is None or dec._steps != last[1] + 1 or dec.waiting:
             return
-        key, seconds = (last[2], last[3]), now - last[0]
-        old = self.cost.get(key)
-        if old is None:
-            self.cost[key] = seconds
-        elif seconds < 4 * old:          # a stall (another model's step, a pause) is not this step's cost
-            self.cost[key] = 0.7 * old + 0.3 * seconds
+        seconds, members, width = now - last[0], last[2], last[3]
+        plain = self.plain.get(members)
+        if width == 1:
+            if plain is None:
+                self.plain[members] = seconds
+            elif seconds < 4 * plain:        # a stall (another model's step, a pause) is no step's cost
+                self.plain[members] = 0.8 * plain + 0.2 * seconds
+        elif plain is not None:
+            extra = min(4.0, max(0.0, (seconds / plain - 1) / (width - 1)))
+            self.extra = extra if self.extra is None else 0.8 * self.extra + 0.2 * extra
 
     def pays(self, batch: list[Any], drafts: list[list[int]], width: int) -> bool:
-        """Whether a speculative step of this width is expected to yield more tokens per second
-        than a plain step: each member's expected yield (its keep rate) against the measured
-        cost of both. A shape not measured yet is tried; one declined EXPLORE times in a row is
-        tried again (costs drift with load and context length)."""
+        """Whether a speculative step of this width is expected to yield more tokens per
+        second than a plain one: the members' expected yield (their keep rates) per member
+        against the modelled cost ratio 1 + extra * (W - 1). Until a plain step of this size
+        has been timed, a plain step; until a speculative one has, a speculative step; after
+        EXPLORE declines in a row, one speculative step to measure again."""
         members = len(batch)
-        plain, spec = self.cost.get((members, 1)), self.cost.get((members, width))
-        if plain is None:
+        if members not in self.plain:
             return False
-        if spec is None:
+        if self.extra is None:
             return True
         gain = sum(s.spec.expected(len(d)) for s, d in zip(batch, drafts, strict=True))
-        if gain / spec >= members / plain:
-            self._declined[(members, width)] = 0
+        if gain / members >= 1 + self.extra * (width - 1):
+            self._declined = 0
             return True
-        n = self._declined.get((members, width), 0) + 1
-        self._declined[(members, width)] = n % self.EXPLORE
-        return n >= self.EXPLORE
+        self._declined += 1
+        if self._declined >= self.EXPLORE:
+            self._declined = 0
+            return True
+        return False
 
     def _verify(self, dec: Any, batch: list[Any], drafts: list[list[int]], rows: list[list[int]],
                 width: int) -> list[tuple[list[int], list[float], list[int], Any]]:

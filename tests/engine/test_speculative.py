@@ -224,9 +224,9 @@ def test_a_draft_model_gives_plain_greedy_output(tiny, scale):
 
 
 def test_the_gate_speculates_where_the_expected_yield_beats_the_measured_cost(tiny):
-    """Plain steps of one member cost 1 s, speculative steps of width 5 cost 2.5 s: a member
-    keeping 90% of its drafts (expected 4.1 tokens a step) speculates, one keeping 20% (1.25)
-    does not, except once every EXPLORE steps to measure again; unmeasured shapes are tried."""
+    """With a width-5 speculative step modelled at 2.5 plain steps: a member keeping 90% of
+    its drafts (expected 4.1 tokens a step) speculates, one keeping 20% (1.25) does not,
+    except once every EXPLORE steps to measure again; plain cost first, then a first try."""
     from mlxlite.engine import runner
     from mlxlite.engine.speculative import Speculator
 
@@ -234,21 +234,23 @@ def test_the_gate_speculates_where_the_expected_yield_beats_the_measured_cost(ti
     seq = type("Seq", (), {})()
     seq.spec = spec.state(opts(**GREEDY))
     draft = [[1, 2, 3, 4]]
-    assert not spec.pays([seq], draft, 5)                # no plain cost yet: a plain step first
-    spec.cost[(1, 1)] = 1.0
-    assert spec.pays([seq], draft, 5)                    # width 5 never measured: try it
-    spec.cost[(1, 5)] = 2.5
+    assert not spec.pays([seq], draft, 5)                # no plain step timed yet: a plain step
+    spec.plain[1] = 0.05
+    assert spec.pays([seq], draft, 5)                    # no speculative step timed yet: try one
+    spec.extra = 0.375                                   # width 5: 1 + 0.375 * 4 = 2.5 plain steps
     seq.spec.rate = 0.9
     assert spec.pays([seq], draft, 5)
     seq.spec.rate = 0.2
     decisions = [spec.pays([seq], draft, 5) for _ in range(2 * Speculator.EXPLORE)]
     assert decisions.count(True) == 2 and decisions[Speculator.EXPLORE - 1] and decisions[-1]
+    seq.spec.rate = 0.5                                  # 1.5 tokens for 1.375 steps pays, 1.94 for 2.5 not
+    assert spec.pays([seq], [[1]], 2) and not spec.pays([seq], draft, 5)
     # With the gate on, a batch decodes what plain decoding gives, whatever it decided.
     ids = [runner.tokenize(tiny, p) for p in (REPEAT, PROMPTS[0])]
     got, dec = run_batch(tiny, ids, dict(num_predict=60, **GREEDY), gate=True)
     for k, i in enumerate(ids):
         assert_same(got[k], alone(tiny, i, num_predict=60, **GREEDY))
-    assert dec.speculator.cost                           # it measured steps as it went
+    assert dec.speculator.plain and dec.speculator.extra is not None   # it timed both kinds of step
 
 
 # ---- distribution: rejection sampling on a tiny vocabulary ----------------------------------
