@@ -253,6 +253,31 @@ def test_the_gate_speculates_where_the_expected_yield_beats_the_measured_cost(ti
     assert dec.speculator.plain and dec.speculator.extra is not None   # it timed both kinds of step
 
 
+def test_sampled_speculation_honours_a_schema_with_lookup_and_draft_model_drafts(tiny):
+    """Sampling (no seed) with a schema: every member's drafts are checked against the
+    constraint, so each answer stays a valid prefix of the schema's documents (complete when
+    it ended on EOS), with prompt-lookup drafts and with a disagreeing draft model."""
+    import mlx.core as mx
+
+    from mlxlite.constrain import tokens as constrain
+    from mlxlite.engine import runner
+
+    def con(_=None):
+        return constrain.TokenConstraint(SCHEMA, runner.token_bytes(tiny), tiny.eos_token_ids)
+
+    mx.random.seed(3)
+    ids = [runner.tokenize(tiny, p) for p in (REPEAT, PROMPTS[3], PROMPTS[4])]
+    for draft in (None, perturbed(tiny, 0.5)):
+        got, dec = run_batch(tiny, ids, dict(num_predict=60, temperature=0.7), constraint=con,
+                             **({"draft": draft} if draft is not None else {}))
+        assert dec.speculator.steps > 0
+        for pieces, finish in got.values():
+            raw = b"".join(runner.token_bytes(tiny)[p.token] for p in pieces)
+            state = constrain.recognize(SCHEMA, raw)
+            assert state == "complete" if finish.reason == "stop" else state in ("prefix", "complete")
+            assert all(math.isfinite(p.logprob) for p in pieces)
+
+
 # ---- distribution: rejection sampling on a tiny vocabulary ----------------------------------
 def first_tokens(p_target: list[float], draft: int, q: list[float] | None, trials: int) -> list[int]:
     """`trials` independent speculative draws of one token (the draft `draft`, or from q when
