@@ -128,7 +128,8 @@ class Speculator:
         self.plain: dict[int, float] = {}
         self.extra: float | None = None
         self._last: tuple[float, int, int, int] | None = None
-        self._declined = 0
+        self._paying = True         # the gate's last word (while False, plain steps pipeline)
+        self._declined = 0          # plain steps since it last said yes
         args = getattr(loaded.model, "args", None)
         self.vocab = int(getattr(args, "vocab_size", 0) or len(loaded.table))
         self.steps = 0              # speculative steps run (diagnostics, benches)
@@ -142,8 +143,15 @@ class Speculator:
         return SpecState(options, draft)
 
     def wants(self, batch: list[Any]) -> bool:
-        """Whether the next step may speculate (the plain step then queues no look-ahead)."""
-        return any(s.spec is not None and s.spec.active(s.n) for s in batch)
+        """Whether the next step may speculate (the plain step then queues no look-ahead):
+        some member drafts, and the gate said yes last time, has not timed this batch size
+        yet, or is due to look again (every EXPLORE steps)."""
+        if not any(s.spec is not None and s.spec.active(s.n) for s in batch):
+            return False
+        if not self.gate or self._paying or len(batch) not in self.plain or self._declined >= self.EXPLORE:
+            return True
+        self._declined += 1
+        return False
 
     # ---- drafting -------------------------------------------------------------------------
     def _draft(self, s: Any) -> list[int]:
@@ -293,13 +301,11 @@ class Speculator:
         if self.extra is None:
             return True
         gain = sum(s.spec.expected(len(d)) for s, d in zip(batch, drafts, strict=True))
-        if gain / members >= 1 + self.extra * (width - 1):
+        self._paying = gain / members >= 1 + self.extra * (width - 1)
+        if self._paying or self._declined >= self.EXPLORE:
             self._declined = 0
             return True
         self._declined += 1
-        if self._declined >= self.EXPLORE:
-            self._declined = 0
-            return True
         return False
 
     def _verify(self, dec: Any, batch: list[Any], drafts: list[list[int]], rows: list[list[int]],

@@ -226,7 +226,8 @@ def test_a_draft_model_gives_plain_greedy_output(tiny, scale):
 def test_the_gate_speculates_where_the_expected_yield_beats_the_measured_cost(tiny):
     """With a width-5 speculative step modelled at 2.5 plain steps: a member keeping 90% of
     its drafts (expected 4.1 tokens a step) speculates, one keeping 20% (1.25) does not,
-    except once every EXPLORE steps to measure again; plain cost first, then a first try."""
+    except once every EXPLORE steps to measure again (and meanwhile plain steps may pipeline);
+    plain cost first, then a first try."""
     from mlxlite.engine import runner
     from mlxlite.engine.speculative import Speculator
 
@@ -241,8 +242,13 @@ def test_the_gate_speculates_where_the_expected_yield_beats_the_measured_cost(ti
     seq.spec.rate = 0.9
     assert spec.pays([seq], draft, 5)
     seq.spec.rate = 0.2
-    decisions = [spec.pays([seq], draft, 5) for _ in range(2 * Speculator.EXPLORE)]
-    assert decisions.count(True) == 2 and decisions[Speculator.EXPLORE - 1] and decisions[-1]
+    decisions = [spec.pays([seq], draft, 5) for _ in range(2 * (Speculator.EXPLORE + 1))]
+    assert decisions.count(True) == 2 and decisions[Speculator.EXPLORE] and decisions[-1]
+    # While it declines, plain steps may pipeline (no speculation wanted) until it looks again.
+    seq.n = 0
+    assert not spec.pays([seq], draft, 5)
+    wanted = [spec.wants([seq]) for _ in range(Speculator.EXPLORE)]
+    assert wanted.count(True) == 1 and wanted[-1]
     seq.spec.rate = 0.5                                  # 1.5 tokens for 1.375 steps pays, 1.94 for 2.5 not
     assert spec.pays([seq], [[1]], 2) and not spec.pays([seq], draft, 5)
     # With the gate on, a batch decodes what plain decoding gives, whatever it decided.
