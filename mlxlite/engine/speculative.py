@@ -21,7 +21,8 @@ Policy: on for greedy and unseeded sampling (a seed keeps the plain sampler so t
 seed gives the same text alone, batched or through `run`). It pays only where checking k+1
 tokens costs little more than one (GPUs; on a CPU, float32 with BLAS and drafts that are
 mostly kept), so each step is gated: the members' expected yield (their keep rates) against
-the measured seconds of plain and speculative steps of that shape. A member's draft length
+the measured seconds of plain and speculative steps of that shape; on a CPU only a sequence
+decoding alone speculates (in a batch it did not pay there). A member's draft length
 follows what gets kept, and one whose drafts keep missing pauses drafting (doubling).
 Never changes what a sequence produces (only how many tokens a step yields), never touches
 the scheduler, and needs plain `KVCache`s (other cache kinds decode plainly).
@@ -35,7 +36,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlxlite.engine.model import GENERATION_STREAM, alternatives, new_cache, prefill, token_piece
+from mlxlite.engine.model import GENERATION_STREAM, alternatives, new_cache, on_cpu, prefill, token_piece
 from mlxlite.engine.sampling import constraint_mask, make_distribution, top_alternatives
 from mlxlite.errors import BadRequest
 from mlxlite.options import Options
@@ -122,6 +123,9 @@ class Speculator:
 
     def __init__(self, loaded: Any) -> None:
         self.loaded = loaded
+        # On a CPU a batch step already keeps the cores busy, so k+1 tokens a member cost about
+        # k+1 times as much: measured (BENCHMARKS.md), speculation paid alone, not in batches.
+        self.solo = on_cpu()
         # The cost model, measured as the seconds between consecutive steps when exactly one
         # step ran and nobody was joining: a plain step of B members takes plain[B]; a
         # speculative one of width W takes plain[B] * (1 + extra * (W - 1)).
@@ -147,6 +151,8 @@ class Speculator:
         some member drafts, and the gate said yes last time, has not timed this batch size
         yet, or is due to look again (every EXPLORE steps)."""
         if not any(s.spec is not None and s.spec.active(s.n) for s in batch):
+            return False
+        if self.gate and self.solo and len(batch) > 1:
             return False
         if not self.gate or self._paying or len(batch) not in self.plain or self._declined >= self.EXPLORE:
             return True
@@ -251,7 +257,9 @@ class Speculator:
         now = time.perf_counter()
         self._observe(dec, now)
         self._last = (now, dec._steps, len(batch), 1) if not dec.waiting else None
-        if not self.wants(batch) or any(is_cancelled(s.key) for s in batch) or not dec._plain_kv():
+        drafting = any(s.spec is not None and s.spec.active(s.n) for s in batch)
+        if (not drafting or (self.gate and self.solo and len(batch) > 1) or any(is_cancelled(s.key) for s in batch)
+                or not dec._plain_kv()):
             return False
         drafts = [self._draft(s) for s in batch]
         if not any(drafts):
