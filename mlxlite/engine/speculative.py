@@ -21,11 +21,12 @@ Policy: on for greedy and unseeded sampling (a seed keeps the plain sampler so t
 seed gives the same text alone, batched or through `run`). It pays only where checking k+1
 tokens costs little more than one (GPUs; on a CPU, float32 with BLAS and drafts that are
 mostly kept), so each step is gated: the members' expected yield (their keep rates) against
-the measured seconds of plain and speculative steps of that shape; on a CPU only a sequence
+the cost of checking the extra tokens, measured from the steps that ran; on a CPU only a sequence
 decoding alone speculates (in a batch it did not pay there). A member's draft length
 follows what gets kept, and one whose drafts keep missing pauses drafting (doubling).
-Never changes what a sequence produces (only how many tokens a step yields), never touches
-the scheduler, and needs plain `KVCache`s (other cache kinds decode plainly).
+Never changes greedy output nor the distribution of sampled output (only how many tokens a
+step yields), never touches the scheduler, and needs plain `KVCache`s (other cache kinds
+decode plainly).
 """
 
 from __future__ import annotations
