@@ -25,7 +25,7 @@ log = logging.getLogger("mlxlite.options")
 @dataclass(frozen=True)
 class OptionSpec:
     name: str
-    kind: type  # int, float, bool, or list (of str, for stop)
+    kind: type  # int, float, bool, str, or list (of str, for stop)
     default: Any
     low: float | None = None
     high: float | None = None
@@ -50,6 +50,10 @@ SPECS: dict[str, OptionSpec] = {
         OptionSpec("num_ctx", int, 0, 4, 1 << 22, "context window in tokens (0: the server default)"),
         OptionSpec("num_keep", int, 4, -1, 1 << 22, "accepted for compatibility"),
         OptionSpec("num_batch", int, 512, 1, 1 << 16, "prompt tokens processed per step"),
+        OptionSpec("draft_num_predict", int, 4, 0, 64,
+                   "speculative decoding: tokens drafted per step (0: off)"),
+        OptionSpec("draft", str, "", None, None,
+                   "speculative decoding: a draft model's name (empty: prompt lookup, no second model)"),
         OptionSpec("num_thread", int, 0, 0, 1024, "accepted for compatibility"),
         OptionSpec("num_gpu", int, -1, -1, 1 << 16, "accepted for compatibility"),
         OptionSpec("main_gpu", int, 0, 0, 1 << 16, "accepted for compatibility"),
@@ -83,6 +87,8 @@ class Options:
     num_ctx: int = 0
     num_keep: int = 4
     num_batch: int = 512
+    draft_num_predict: int = 4
+    draft: str = ""
     num_thread: int = 0
     num_gpu: int = -1
     main_gpu: int = 0
@@ -115,7 +121,7 @@ def coerce(name: str, value: Any, *, from_text: bool = False) -> Any:
     spec = SPECS.get(name)
     if spec is None:
         raise BadRequest(f"invalid option {name!r}: unknown option")
-    if from_text and isinstance(value, str) and spec.kind is not list:
+    if from_text and isinstance(value, str) and spec.kind not in (list, str):
         text = value.strip()
         try:
             if spec.kind is bool:
@@ -128,6 +134,10 @@ def coerce(name: str, value: Any, *, from_text: bool = False) -> Any:
                 value = float(text)
         except ValueError:
             raise BadRequest(f"invalid option {name!r}: {value!r} is not a {spec.kind.__name__}") from None
+    if spec.kind is str:
+        if not isinstance(value, str) or len(value) > 512:
+            raise BadRequest(f"invalid option {name!r}: expected a string (at most 512 characters)")
+        return value.strip()
     if spec.kind is list:
         if isinstance(value, str):
             value = [value]

@@ -29,6 +29,7 @@ answer.
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import re
 import threading
@@ -263,6 +264,12 @@ class TokenConstraint:
                                  f"{self._vocab.tokens[token_id]!r} is not allowed after {bytes(self._out[-40:])!r}")
         self._state = state
         self._out += self._vocab.tokens[token_id]
+
+    def fork(self) -> TokenConstraint:
+        """An independent copy at this point (speculative decoding walks a draft on it)."""
+        twin = copy.copy(self)
+        twin._out = bytearray(self._out)
+        return twin
 
     def is_complete(self) -> bool:
         """True when the output so far is a whole document the format accepts."""

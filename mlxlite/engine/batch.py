@@ -19,6 +19,8 @@ Contract:
     parked (its KV cache taken out of the batch) and rejoins at the back of the queue.
   - A batch of one decodes on the plain per-sequence `KVCache`, the same graph as
     `runner.generate`, so a request alone produces what `generate` produces.
+  - Speculative decoding (`speculative.py`, `add(..., draft=)`): a step where members have
+    drafts verifies them all in one forward instead (the hook at the top of `_decode`).
   - With `keep_caches`, a finished sequence's KV cache is kept for `take_cache(key) ->
     (tokens, cache)` (the exact tokens it holds), for the prefix cache.
 Never called from more than one thread (the scheduler's MLX thread).
@@ -43,6 +45,7 @@ from mlxlite.engine.model import (
     token_piece,
 )
 from mlxlite.engine.sampling import allowed_logits, make_processors, make_sampler, top_alternatives
+from mlxlite.engine.speculative import Speculator
 from mlxlite.engine.text import StopMatcher, TextStream
 from mlxlite.options import Options
 from mlxlite.results import Finish, Piece
@@ -51,7 +54,7 @@ from mlxlite.results import Finish, Piece
 class _Seq:
     __slots__ = ("key", "prompt", "cached", "limit", "sampler", "greedy", "processors", "stops", "text",
                  "constraint", "cache", "pos", "fed", "next_input", "history", "n", "t0", "t_first",
-                 "step", "slice_used", "top", "logprobs")
+                 "step", "slice_used", "top", "logprobs", "spec")
 
     def __init__(self, key: Any, prompt: list[int], cached: int, limit: int, options: Options,
                  num_ctx: int, table: list[bytes], constraint: Any, cache: list[Any] | None,
@@ -78,6 +81,7 @@ class _Seq:
         self.slice_used = 0
         self.top = top                      # top_logprobs: alternatives wanted per token
         self.logprobs = logprobs or top > 0  # the chosen token's logprob is read
+        self.spec: Any = None               # speculative.SpecState, set by Decoder.add
 
     @property
     def ready(self) -> bool:
@@ -103,6 +107,7 @@ class Decoder:
         self._mergeable: bool | None = None
         self._probe: list[Any] = []
         self._inflight: tuple[Any, ...] | None = None   # a queued look-ahead step (see _forward)
+        self.speculator = Speculator(loaded)     # drafts verified in one batched step (speculative.py)
 
     # ---- queries --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -122,8 +127,9 @@ class Decoder:
     # ---- adding ---------------------------------------------------------------------------
     def add(self, key: Any, prompt_tokens: list[int], options: Options, *, truncate: bool = False,
             constraint: Any = None, prompt_cache: list[Any] | None = None, cached_tokens: int = 0,
-            top_logprobs: int = 0, logprobs: bool = True) -> int:
-        """Queue a sequence; returns its prompt length (after truncation)."""
+            top_logprobs: int = 0, logprobs: bool = True, draft: Any = None) -> int:
+        """Queue a sequence; returns its prompt length (after truncation). `draft`: a loaded
+        draft model sharing this model's vocabulary (else prompt lookup drafts)."""
         loaded = self.loaded
         num_ctx = context_window(loaded, options)
         given = [int(t) for t in prompt_tokens]
@@ -139,6 +145,7 @@ class Decoder:
             return len(prompt)
         seq = _Seq(key, prompt, cached_tokens, limit, options, num_ctx, loaded.table, constraint, prompt_cache,
                    max(0, int(top_logprobs)), bool(logprobs))
+        seq.spec = self.speculator.state(options, draft)
         self._waiting.append(seq)
         return len(prompt)
 
@@ -343,6 +350,9 @@ class Decoder:
         return toks, lps, None, None
 
     def _decode(self, out: list, is_cancelled: Callable[[Any], bool]) -> None:
+        if self._inflight is None and self.speculator.step(self, out, is_cancelled):
+            self._steps += 1
+            return
         batch, eos = self._batch, self.loaded.eos_token_ids
         if self._inflight is not None:
             step, self._inflight = self._inflight, None
@@ -354,7 +364,7 @@ class Decoder:
         # (someone waits or was cancelled) or a constraint must see each token first.
         ahead = None
         if (self.lookahead and not self._waiting and all(s.constraint is None for s in batch)
-                and not any(is_cancelled(s.key) for s in batch)):
+                and not any(is_cancelled(s.key) for s in batch) and not self.speculator.wants(batch)):
             ahead = self._forward(toks)
             mx.async_eval(*_arrays(ahead))
         mx.eval(*_arrays(step))

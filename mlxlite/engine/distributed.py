@@ -183,6 +183,8 @@ class LockstepDecoder(Decoder):
     def __init__(self, loaded: Any, max_batch: int, group: Any, *, keep_caches: bool = False) -> None:
         super().__init__(loaded, max_batch, keep_caches=keep_caches)
         self.group = group
+        # Speculation's gate times each rank's own steps: ranks would choose different steps.
+        self.speculator.enabled = False
         if (loaded.info.get("placement") or {}).get("mode") == "pipeline":
             # A stage's receive has no inputs in the graph: queued behind a look-ahead it can
             # be issued before this step's own collectives on one rank and not on another.

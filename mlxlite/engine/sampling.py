@@ -15,14 +15,10 @@ import numpy as np
 from mlxlite.options import Options
 
 
-def make_sampler(options: Options) -> Callable[[mx.array], mx.array]:
-    """logprobs [B, V] -> token ids [B]. A seed gives the sampler its own key chain, so a
-    seeded sequence is reproducible whatever else runs in the process."""
-    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, categorical_sampling
+def _filters(options: Options) -> list[Callable[[mx.array], mx.array]]:
+    """The sampler's truncations (top_p, min_p, top_k), in mlx-lm's order."""
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
-    temp = options.temperature
-    if temp <= 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
     filters: list[Callable[[mx.array], mx.array]] = []
     if 0 < options.top_p < 1.0:
         filters.append(lambda x: apply_top_p(x, options.top_p))
@@ -30,6 +26,18 @@ def make_sampler(options: Options) -> Callable[[mx.array], mx.array]:
         filters.append(lambda x: apply_min_p(x, options.min_p, 1))
     if options.top_k > 0:
         filters.append(lambda x: apply_top_k(x, options.top_k))
+    return filters
+
+
+def make_sampler(options: Options) -> Callable[[mx.array], mx.array]:
+    """logprobs [B, V] -> token ids [B]. A seed gives the sampler its own key chain, so a
+    seeded sequence is reproducible whatever else runs in the process."""
+    from mlx_lm.sample_utils import categorical_sampling
+
+    temp = options.temperature
+    if temp <= 0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    filters = _filters(options)
     key = [mx.random.key(options.seed & ((1 << 64) - 1))] if options.seed >= 0 else None
 
     def sampler(logprobs: mx.array) -> mx.array:
@@ -41,6 +49,22 @@ def make_sampler(options: Options) -> Callable[[mx.array], mx.array]:
         return mx.random.categorical(logprobs * (1.0 / temp), key=sub)
 
     return sampler
+
+
+def make_distribution(options: Options) -> Callable[[mx.array], mx.array]:
+    """logprobs [N, V] -> the log-probabilities [N, V] that `make_sampler` draws from (its
+    filters, then the temperature, normalized): what speculative sampling must preserve.
+    Only for temperature > 0."""
+    temp = options.temperature
+    filters = _filters(options)
+
+    def distribution(logprobs: mx.array) -> mx.array:
+        for f in filters:
+            logprobs = f(logprobs)
+        scaled = logprobs * (1.0 / temp)
+        return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+
+    return distribution
 
 
 def top_alternatives(logprobs: mx.array, k: int) -> tuple[mx.array, mx.array]:
@@ -69,16 +93,21 @@ def make_processors(options: Options, num_ctx: int) -> list[Callable[[mx.array, 
     )
 
 
-def allowed_logits(logits: mx.array, constraint: Any, eos_ids: frozenset[int]) -> mx.array:
-    """Mask logits [1, V] to what the constraint allows (only EOS once it is complete)."""
-    vocab = logits.shape[-1]
+def constraint_mask(constraint: Any, eos_ids: frozenset[int], vocab: int) -> np.ndarray:
+    """The bool mask [vocab] of what the constraint allows next (only EOS once it is complete)."""
     if constraint.is_complete():
         mask = np.zeros(vocab, dtype=bool)
         mask[[i for i in eos_ids if i < vocab]] = True
-    else:
-        mask = np.asarray(constraint.allowed_mask(), dtype=bool)[:vocab]
-        if mask.shape[0] < vocab:
-            mask = np.concatenate([mask, np.zeros(vocab - mask.shape[0], dtype=bool)])
-        if not mask.any():  # a stuck constraint ends the answer rather than emitting garbage
-            mask[[i for i in eos_ids if i < vocab]] = True
+        return mask
+    mask = np.asarray(constraint.allowed_mask(), dtype=bool)[:vocab]
+    if mask.shape[0] < vocab:
+        mask = np.concatenate([mask, np.zeros(vocab - mask.shape[0], dtype=bool)])
+    if not mask.any():  # a stuck constraint ends the answer rather than emitting garbage
+        mask[[i for i in eos_ids if i < vocab]] = True
+    return mask
+
+
+def allowed_logits(logits: mx.array, constraint: Any, eos_ids: frozenset[int]) -> mx.array:
+    """Mask logits [1, V] to what the constraint allows (only EOS once it is complete)."""
+    mask = constraint_mask(constraint, eos_ids, logits.shape[-1])
     return mx.where(mx.array(mask), logits, mx.array(-float("inf"), dtype=logits.dtype))

@@ -5,7 +5,8 @@ Contract (used by `scheduler.Scheduler` on its MLX thread only; no mlx import):
   - `admit(ticket, job, resident, load_seconds)`: renders and tokenizes the prompt (a chat
     fitted to the request's num_ctx, `Ready.truncated_messages` saying how many messages it
     lost, `Ready.thinking` whether it opened a thinking section), builds the constraint, looks up the longest cached prefix, sends `Ready` and adds the sequence
-    to the model's decoder (the engine's `decoder(loaded, max_batch, keep_caches)`, or
+    to the model's decoder (the engine's `decoder(loaded, max_batch, keep_caches)`, with the
+    `draft` option's model loaded and passed as `draft=` for speculative decoding, or
     `SerialDecoder` over `engine.generate` for engines without one). Prompt errors raise.
   - `step()`: one step of every model's decoder that has work, round-robin (a request for
     model B interleaves with model A's batch); routes Pieces/Finish to tickets; a finished
@@ -17,9 +18,9 @@ Contract (used by `scheduler.Scheduler` on its MLX thread only; no mlx import):
     `prefix_cache_disk_bytes`) are written under `$MLXLITE_HOME/cache/prefix/<digest>/`
     (engine `save_cache`); when it loads again (a restart too) they are read back.
 Decoder protocol: `add(key, tokens, options, truncate=, constraint=, prompt_cache=,
-cached_tokens=, top_logprobs=, logprobs=[, vision=]) -> prompt length` (`vision`: a vision model's
-image inputs from the rendered prompt, passed only when there are some); `step(is_cancelled) ->
-[(key, Piece | Finish | None)]`
+cached_tokens=, top_logprobs=, logprobs=[, vision=][, draft=]) -> prompt length` (`vision`: a vision
+model's image inputs from the rendered prompt, passed only when there are some; `draft`: a loaded
+draft model); `step(is_cancelled) -> [(key, Piece | Finish | None)]`
 (None: cancelled before any work ran); `len()`, `.active`, `.waiting`, `take_cache(key)`,
 `close()`.
 """
@@ -66,8 +67,8 @@ class SerialDecoder:
 
     def add(self, key: Any, tokens: list[int], options: Any, *, truncate: bool = False,
             constraint: Any = None, prompt_cache: Any = None, cached_tokens: int = 0,
-            top_logprobs: int = 0, logprobs: bool = True) -> int:
-        # `logprobs` is only a saving: engines behind this decoder compute them regardless.
+            top_logprobs: int = 0, logprobs: bool = True, draft: Any = None) -> int:
+        # `logprobs` is only a saving, `draft` only a speed-up: engines behind this decoder do without.
         self._queue.append((key, tokens, options, truncate, constraint, top_logprobs))
         return len(tokens)
 
@@ -284,9 +285,12 @@ class Batches:
             if hit is not None:
                 cache = engine.cache_prefix(hit.cache, hit.tokens)
                 cached = hit.tokens if cache is not None else 0
+        speculates = options.draft and hasattr(engine, "decoder")     # a SerialDecoder can't use a draft
+        draft = self.sched.draft_model(options.draft, ticket, digest) if speculates else None
+        extra = {"draft": draft} if draft is not None else {}
         dec.add(ticket.id, tokens, options, truncate=job.truncate, constraint=constraint,
                 prompt_cache=cache, cached_tokens=cached, top_logprobs=job.top_logprobs, logprobs=job.logprobs,
-                **({"vision": vision} if vision is not None else {}))
+                **({"vision": vision} if vision is not None else {}), **extra)
         member = _Member(ticket, job, digest)
         self._members[ticket.id] = member
         queue_s = time.monotonic() - ticket.submitted

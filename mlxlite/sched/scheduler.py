@@ -319,7 +319,23 @@ class Scheduler:
     def _keep(self, keep_alive: float | None) -> float:
         return self.default_keep_alive if keep_alive is None else float(keep_alive)
 
-    def _acquire(self, entry: Any, ticket: Ticket) -> tuple[Resident, float]:
+    def draft_model(self, name: str, ticket: Ticket, target: str) -> Any | None:
+        """The loaded draft model `name` for a sequence of model `target` (which is never
+        evicted for it), released to its keep-alive at once; None when it can't be loaded
+        beside the target now (no slot or memory): that sequence drafts by prompt lookup."""
+        entry = self.store.resolve(name)
+        if entry.digest == target:
+            return self._models[target].loaded
+        try:
+            resident, _ = self._acquire(entry, ticket, protect=target)
+        except (_Wait, OutOfMemory) as exc:
+            log.warning("draft model %s not loaded beside %s: %s", name, target, exc or "no free slot")
+            return None
+        if entry.digest not in self.batches.busy_digests():   # a busy model is released when its batch drains
+            self._release(entry.digest, self._keep(ticket.job.keep_alive))
+        return resident.loaded
+
+    def _acquire(self, entry: Any, ticket: Ticket, protect: str | None = None) -> tuple[Resident, float]:
         resident = self._models.get(entry.digest)
         if resident is not None:
             self._models.move_to_end(entry.digest)
@@ -328,7 +344,7 @@ class Scheduler:
             self._doomed.discard(entry.digest)
             self._publish()
             return resident, 0.0
-        self._make_room(entry)
+        self._make_room(entry, protect)
         if ticket.cancelled:
             raise Cancelled("request canceled")
         engine = self.engine    # importing it (mlx) on the first load is not the model's load time
@@ -358,7 +374,7 @@ class Scheduler:
             self._budget_final = True
         return self.memory_budget
 
-    def _make_room(self, entry: Any) -> None:
+    def _make_room(self, entry: Any, protect: str | None = None) -> None:
         """Evict idle models (least recently used first) until `entry` may load: a free slot
         under `max_loaded_models` and its bytes within the memory budget. Busy models are
         never evicted: then the job waits (`_Wait`); past the budget on its own, OutOfMemory."""
@@ -367,7 +383,7 @@ class Scheduler:
         if need > budget:
             raise OutOfMemory(f"model '{entry.name.display}' needs {need} bytes, more than the memory budget "
                               f"of {budget} bytes (memory_budget_bytes)")
-        busy = self.batches.busy_digests()
+        busy = self.batches.busy_digests() | {protect}
         while (len(self._models) >= self.max_loaded
                or sum(int(getattr(r.loaded, "size_bytes", 0)) for r in self._models.values()) + need > budget):
             idle = [d for d in self._models if d not in busy]

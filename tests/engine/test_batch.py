@@ -210,7 +210,8 @@ def test_unread_logprobs_are_not_computed_and_the_tokens_stay_the_same(tiny):
     plain = list(runner.generate(tiny, ids, opts(num_predict=20, **GREEDY), logprobs=False))
     assert [(p.token, p.text, p.logprob) for p in plain[:-1]] == [(p.token, p.text, 0.0) for p in want]
     dec = runner.decoder(tiny, 8)
-    dec.add("alone", ids, opts(num_predict=20, **GREEDY), logprobs=False)
+    # Speculation off: a plain step is what queues a look-ahead to inspect.
+    dec.add("alone", ids, opts(num_predict=20, draft_num_predict=0, **GREEDY), logprobs=False)
     first = drive(dec, until=lambda g: len(g.get("alone", ([], None))[0]) >= 3)["alone"][0]
     assert dec._inflight is not None and dec._inflight[1] is None      # the queued step gathers none
     pieces = first + drive(dec)["alone"][0]

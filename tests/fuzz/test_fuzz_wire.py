@@ -104,6 +104,8 @@ def _option_value(spec) -> st.SearchStrategy:
         return st.booleans()
     if spec.kind is list:
         return st.lists(st.text(min_size=1, max_size=6), max_size=3)
+    if spec.kind is str:     # `draft`: a model name
+        return st.sampled_from(["", "m", "fake:latest"])
     if spec.kind is int:
         return st.integers(int(spec.low), min(int(spec.high), 1 << 40))
     return st.floats(spec.low, spec.high)
