@@ -19,10 +19,10 @@ Exactness (what the tests hold it to):
     strings, EOS and num_predict are applied token by token as in a plain step.
 Policy: on for greedy and unseeded sampling (a seed keeps the plain sampler so the same
 seed gives the same text alone, batched or through `run`). It pays only where checking k+1
-tokens costs little more than one (GPUs; on a CPU, float32 with BLAS and drafts that are
-mostly kept), so each step is gated: the members' expected yield (their keep rates) against
-the cost of checking the extra tokens, measured from the steps that ran; on a CPU only a sequence
-decoding alone speculates (in a batch it did not pay there). A member's draft length
+tokens costs little more than one, so each step is gated: the members' expected yield (their
+keep rates) against the cost of checking the extra tokens, measured from the steps that ran;
+and only a sequence decoding alone speculates by default (`Speculator.solo`: in batches it
+did not pay, on a CPU nor on an H200, BENCHMARKS.md). A member's draft length
 follows what gets kept, and one whose drafts keep missing pauses drafting (doubling).
 Never changes greedy output nor the distribution of sampled output (only how many tokens a
 step yields), never touches the scheduler, and needs plain `KVCache`s (other cache kinds
@@ -37,7 +37,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlxlite.engine.model import GENERATION_STREAM, alternatives, new_cache, on_cpu, prefill, token_piece
+from mlxlite.engine.model import GENERATION_STREAM, alternatives, new_cache, prefill, token_piece
 from mlxlite.engine.sampling import constraint_mask, make_distribution, top_alternatives
 from mlxlite.errors import BadRequest
 from mlxlite.options import Options
@@ -125,9 +125,11 @@ class Speculator:
 
     def __init__(self, loaded: Any) -> None:
         self.loaded = loaded
-        # On a CPU a batch step already keeps the cores busy, so k+1 tokens a member cost about
-        # k+1 times as much: measured (BENCHMARKS.md), speculation paid alone, not in batches.
-        self.solo = on_cpu()
+        # Measured (BENCHMARKS.md): speculation paid for a sequence alone, on a CPU and on an
+        # H200, and not in batches of 4 on either (a CPU's batch step keeps its cores busy; the
+        # GPU's verify steps of the default model did not beat plain ones). So only a sequence
+        # alone speculates by default; False lets the gate try batches too.
+        self.solo = True
         # The cost model, measured as the seconds between consecutive steps when exactly one
         # step ran and nobody was joining: a plain step of B members takes plain[B]; a
         # speculative one of width W takes plain[B] * (1 + extra * (W - 1)).
