@@ -113,9 +113,12 @@ class Rank:
 
     def op_load(self, name: str, raw: bytes, daemon: str) -> dict:
         entry = fetch_model(self.store, names.parse(name), raw, daemon)
-        loaded = self.engine.load(self.store, entry, lazy=True)     # sharded before it is read
+        held = self.dist.reset_peak()      # the peak reported is this load's, not other models'
+        # Sharded before it is read: safetensors lazily, a GGUF pipeline rank reads only its layers.
+        loaded = self.engine.load(self.store, entry, lazy=True, pick=self.dist.layer_pick(self.group))
         placement = self.dist.shard(loaded, self.group)
         placement["bytes_per_rank"] = self.dist.gather_ints(self.group, int(loaded.size_bytes))
+        placement["peak_bytes_per_rank"] = self.dist.gather_ints(self.group, self.dist.peak_bytes(held))
         self.models[entry.digest] = loaded
         self.weights[entry.digest] = int(loaded.size_bytes)
         template = loaded.template

@@ -15,6 +15,7 @@ to sockets or processes, never decides when a rank is lost.
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -72,6 +73,17 @@ def gather_ints(group: Any, value: int) -> list[int]:
                                                             stream=STREAM).tolist()]
 
 
+def reset_peak() -> int:
+    """Starts measuring a peak; returns what MLX holds now (other models), for `peak_bytes`."""
+    mx.reset_peak_memory()
+    return int(mx.get_active_memory())
+
+
+def peak_bytes(since: int = 0) -> int:
+    """The most memory MLX held at once since `reset_peak`, above `since` (a rank's load: its share's peak)."""
+    return max(0, int(mx.get_peak_memory()) - since)
+
+
 # ---- sharding ------------------------------------------------------------------------------
 def _args(model: Any) -> Any:
     return getattr(model, "args", None)
@@ -127,6 +139,31 @@ class _Stage(nn.Module):
         return y
 
 
+def layer_ranges(n: int, size: int) -> list[tuple[int, int]]:
+    """Contiguous ranges of `n` layers, one per rank, the first ranks one longer when it doesn't divide."""
+    base, extra = divmod(n, size)
+    ranges = []
+    start = 0
+    for r in range(size):
+        end = start + base + (1 if r < extra else 0)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+def layer_pick(group: Any) -> Callable[[Any], tuple[int, int] | None]:
+    """What `runner.load(pick=...)` asks before reading a GGUF's weights: this rank's range of
+    layers when the model will be split as a pipeline (the rest is never read), else None
+    (tensor parallel and one rank read every layer; `shard` slices them)."""
+    def pick(model: Any) -> tuple[int, int] | None:
+        size = group.size()
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if size == 1 or plan(model, size) != "pipeline" or not isinstance(layers, list) or len(layers) < size:
+            return None     # `shard` decides (and says why a model cannot be split)
+        return layer_ranges(len(layers), size)[group.rank()]
+    return pick
+
+
 def _pipeline(model: Any, group: Any) -> dict:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
@@ -134,13 +171,8 @@ def _pipeline(model: Any, group: Any) -> dict:
     if not isinstance(layers, list) or len(layers) < size:
         raise Unsupported(f"cannot split this model across {size} ranks: it has "
                           f"{len(layers) if isinstance(layers, list) else 'no'} layers to share out")
-    base, extra = divmod(len(layers), size)
-    counts = [base + (1 if r < extra else 0) for r in range(size)]
-    ranges = []
-    start = 0
-    for c in counts:
-        ranges.append((start, start + c))
-        start += c
+    ranges = layer_ranges(len(layers), size)
+    start = len(layers)
     lo, hi = ranges[rank]
     mine = layers[lo:hi]
     inner.layers = [_Stage(layer, group, i == 0, i == len(mine) - 1) for i, layer in enumerate(mine)]

@@ -24,6 +24,8 @@ embedding's, whose dtype its output takes.
 from __future__ import annotations
 
 import importlib
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +58,23 @@ def quantized_bits(weights: dict[str, mx.array]) -> dict[str, int]:
     return out
 
 
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_of(name: str) -> int | None:
+    """The layer index of an mlx-lm weight name ("model.layers.3.mlp..." -> 3), None outside the layers."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
 def read_weights(path: Path, header: gguf.Header, config: dict, *, dequantize: bool = False, on_cpu: bool = False,
-                 report: dict | None = None) -> dict[str, mx.array]:
+                 report: dict | None = None, layers: tuple[int, int] | None = None) -> dict[str, mx.array]:
     """Every tensor the family reads, through `quants.read_tensor` one at a time, under mlx-lm's
     names; `report` gets {GGUF name: Tensor with its arrays dropped} (how each was loaded,
     the error of re-quantizing). Tensors the family reads as RoPE settings (`Arch.rope_factors`)
-    go into `config["rope_scaling"]` instead, before `build_model` makes the model from it."""
+    go into `config["rope_scaling"]` instead, before `build_model` makes the model from it.
+    `layers` (lo, hi): only the layers in that range are read (a pipeline rank's share);
+    tensors outside the layers (embedding, norm, output) always are."""
     arch = gguf.family(header)
     weights: dict[str, mx.array] = {}
     for info in header.tensors:
@@ -69,6 +82,9 @@ def read_weights(path: Path, header: gguf.Header, config: dict, *, dequantize: b
             continue
         factor = arch.rope_factors.get(info.name)  # RoPE settings, not weights: they go into the config
         name = info.name if factor else _mlx_name(arch, info.name)
+        index = None if factor or layers is None else layer_of(name)
+        if index is not None and not layers[0] <= index < layers[1]:
+            continue    # another rank's layer: never read, never in this process's memory
         prefix = name.rpartition(".")[0]
         # An embedding's scales set its output dtype, and float16 activations are slow on CPU.
         scale_dtype = mx.float32 if on_cpu and prefix == "model.embed_tokens" else mx.float16
@@ -183,6 +199,8 @@ def _apply_rope_freqs(model: nn.Module, config: dict, factors: mx.array) -> None
     if factors.size != dims // 2:
         raise Unsupported(f"GGUF rope_freqs has {factors.size} factors for head size {dims}")
     for layer in model.layers:
+        if isinstance(layer, Absent):
+            continue
         layer.self_attn.rope = FactorRoPE(dims, float(config["rope_theta"]), factors)
 
 
@@ -214,9 +232,28 @@ def load_report(report: dict) -> dict[str, dict]:
     return out
 
 
-def build_model(config: dict, weights: dict[str, mx.array], *, dequantize: bool, on_cpu: bool) -> nn.Module:
+class Absent(nn.Module):
+    """A layer another rank of a pipeline holds: no parameters, never called (`distributed.shard`
+    keeps only this rank's range of the layer list, which keeps its length and indices)."""
+
+
+def _model_class(config: dict) -> tuple[Any, Any]:
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
-    model = module.Model(module.ModelArgs.from_dict(config))
+    return module.Model, module.ModelArgs
+
+
+def build_model(config: dict, weights: dict[str, mx.array], *, dequantize: bool, on_cpu: bool,
+                layers: tuple[int, int] | None = None) -> nn.Module:
+    """The model with `weights` loaded; with `layers` (lo, hi) the layers outside that range
+    are `Absent` (their weights were never read: `read_weights(layers=...)`)."""
+    model_cls, args_cls = _model_class(config)
+    model = model_cls(args_cls.from_dict(config))
+    if layers is not None:
+        # The constructor's random weights are lazy: replaced here, they are never computed.
+        stack = getattr(model, "layers", None) or []
+        for i in range(len(stack)):
+            if not layers[0] <= i < layers[1]:
+                stack[i] = Absent()
     rope_freqs = weights.pop(ROPE_FREQS, None)
     if hasattr(model, "sanitize"):  # as mlx-lm's own loader: drops a tied lm_head, marks gemma3's tie
         weights = model.sanitize(weights)
@@ -284,21 +321,29 @@ def mlx_lm_tokenizer(tokenizer: GGUFTokenizer) -> Any:
     return TokenizerWrapper(hf, detok, eos_token_ids=list(tokenizer.eos_token_ids))
 
 
-def load_gguf(path: Path, *, on_cpu: bool, float32: bool, budget: int) -> tuple[Any, Any, gguf.TokenizerSpec, gguf.Header, dict]:
-    """See module doc; `float32` asks for dequantization, granted when it fits `budget`."""
+def load_gguf(path: Path, *, on_cpu: bool, float32: bool, budget: int,
+              pick: Callable[[nn.Module], tuple[int, int] | None] | None = None,
+              ) -> tuple[Any, Any, gguf.TokenizerSpec, gguf.Header, dict]:
+    """See module doc; `float32` asks for dequantization, granted when it fits `budget`.
+    `pick(model)` (a pipeline rank's, `distributed.layer_pick`) looks at the model before any
+    weight is read and names the range of layers to read, or None for all of them."""
     header = gguf.read_gguf(path)
     config = gguf.model_config(header)  # Unsupported names the architecture / type
     spec = gguf.build_tokenizer(header.metadata)
     arch = gguf.family(header)
     # Encoders (bert family: small) run in float32; the rest stay packed unless float32 fits.
     dequantize = arch.encoder or (float32 and quants.float32_bytes(header) <= budget)
+    layers = None
+    if pick is not None and not arch.encoder:
+        model_cls, args_cls = _model_class(config)
+        layers = pick(model_cls(args_cls.from_dict(config)))    # an unevaluated skeleton: no memory
     report: dict = {}
     weights = read_weights(path, header, config, dequantize=dequantize, on_cpu=on_cpu or arch.encoder,
-                           report=report)
+                           report=report, layers=layers)
     if arch.encoder:
         model = build_encoder(config, weights)  # read as floats: dequantize is on
     else:
-        model = build_model(config, weights, dequantize=dequantize, on_cpu=on_cpu)
+        model = build_model(config, weights, dequantize=dequantize, on_cpu=on_cpu, layers=layers)
     config["_dequantized"] = dequantize
     config["_tensors"] = load_report(report)
     return model, GGUFTokenizer(spec), spec, header, config

@@ -261,10 +261,11 @@ def _float32_estimate(model: Any) -> int:
     return total + _nbytes(model)
 
 
-def load(store: Store, entry: ModelEntry, *, lazy: bool = False) -> Loaded:
+def load(store: Store, entry: ModelEntry, *, lazy: bool = False, pick: Any = None) -> Loaded:
     """Load a stored model into MLX (see module doc). Errors are MlxliteErrors. `lazy`: a
     safetensors model's weights stay unread until evaluated (a distributed rank shards
-    first, so it reads only its share)."""
+    first, so it reads only its share). `pick`: a GGUF model's layer range to read
+    (`gguf.load_gguf`; a pipeline rank's share)."""
     store.check_integrity(entry)
     info = dict(store.read_config(entry))
     defaults, system, messages = _modelfile_layers(store, entry)
@@ -275,7 +276,7 @@ def load(store: Store, entry: ModelEntry, *, lazy: bool = False) -> Loaded:
         if layer is not None:
             path = store.blob_path(layer.digest)
             model, tokenizer, spec, header, cfg = load_gguf(
-                path, on_cpu=on_cpu(), float32=f32, budget=memory_budget())
+                path, on_cpu=on_cpu(), float32=f32, budget=memory_budget(), pick=pick)
             dequantized = cfg.pop("_dequantized")
             info["tensors"] = cfg.pop("_tensors")  # per GGML type: repacked / requantized (+ error) / dequantized
             context_length = int(cfg.get("max_position_embeddings") or 4096)

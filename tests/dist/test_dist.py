@@ -199,10 +199,15 @@ def test_greedy_output_is_token_identical_to_one_rank(group, single, model):
     assert place["ranks"] == size
     assert place["mode"] == ("tensor" if heads % size == 0 else "pipeline")
     assert len(place["bytes_per_rank"]) == size and all(b > 0 for b in place["bytes_per_rank"])
+    peaks = place["peak_bytes_per_rank"]    # MLX's peak memory while each rank loaded its share
+    assert len(peaks) == size and all(p >= b for p, b in zip(peaks, place["bytes_per_rank"], strict=True))
     if place["mode"] == "pipeline":     # contiguous ranges covering every layer once
         ranges = place["layers"]
         assert ranges[0][0] == 0 and ranges[-1][1] == place["total_layers"]
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+        # A stage reads only its layers: it never held the whole model, as one rank does.
+        whole = next(m["size"] for m in get(single.url, "/api/ps")["models"] if m["name"].startswith(model))
+        assert max(peaks) < whole
     shown = post(group.url, "/api/show", {"model": model})[1]
     assert shown["placement"]["mode"] == place["mode"]
 
