@@ -356,8 +356,7 @@ def model_record(store: Any, entry: Any) -> dict:
         "digest": st.digest_hex(entry.digest),
         "details": wire.details(info),
         # What the stored config says (show adds what the template says: tools, thinking).
-        "capabilities": (["embedding"] if archs.is_encoder(str(info.get("architecture") or ""))
-                         else ["completion", "embedding"]) + (["vision"] if info.get("vision") else []),
+        "capabilities": _capabilities(info, vision=bool(info.get("vision"))),
     }
 
 
@@ -381,15 +380,23 @@ def _gguf_meta(store: Any, entry: Any) -> dict:
     return gguf.read_metadata(store.blob_path(layer.digest))
 
 
-def _capabilities(template: str | None, go: bool) -> list[str]:
-    """What the model's template lets it do: "tools" when it renders the request's tools."""
-    capabilities = ["completion", "embedding"]
-    if template:
-        try:
-            if templates.load(template, go=go, name="show").supports_tools:
-                capabilities.append("tools")
-        except MlxliteError:
-            pass        # a template that does not parse renders nothing
+def _capabilities(info: dict, template: str | None = None, go: bool = False, vision: bool = False) -> list[str]:
+    """What the model can do: the bert family embeds and never generates; a template that
+    renders the request's tools adds "tools", one that thinks "thinking"; images "vision"."""
+    if archs.is_encoder(str(info.get("architecture") or "")):
+        capabilities = ["embedding"]
+    else:
+        capabilities = ["completion", "embedding"]
+        if template:
+            try:
+                if templates.load(template, go=go, name="show").supports_tools:
+                    capabilities.append("tools")
+            except MlxliteError:
+                pass        # a template that does not parse renders nothing
+    if template and thinking.supported_by(template):
+        capabilities.append("thinking")
+    if vision:
+        capabilities.append("vision")       # images in, through mlx-vlm (the `vision` extra)
     return capabilities
 
 
@@ -437,14 +444,7 @@ def show_model(store: Any, entry: Any, verbose: bool = False) -> dict:
         model_info.setdefault("general.parameter_count", info["parameter_count"])
     if info.get("context_length"):
         model_info.setdefault("general.context_length", info["context_length"])
-    if archs.is_encoder(str(info.get("architecture") or "")):  # bert family: embeds, never generates
-        capabilities = ["embedding"]
-    else:
-        capabilities = _capabilities(template, go)
-    if thinking.supported_by(template):
-        capabilities.append("thinking")
-    if vision:
-        capabilities.append("vision")       # images in, through mlx-vlm (the `vision` extra)
+    capabilities = _capabilities(info, template, go, vision)
     return {
         "license": license_ or "",
         "modelfile": to_modelfile(store, entry),  # the same text `show --modelfile` prints: it round-trips
