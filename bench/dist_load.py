@@ -3,7 +3,7 @@
 Each (rank, group size) loads in a fresh process, as `dist.rank`'s `op_load` does (`runner.load`
 with the rank's `layer_pick`, then `distributed.shard`) with a stand-in group (loading and
 sharding run no collective), and reports MLX's peak memory (`mx.get_peak_memory`), the
-process's peak RSS and the bytes of the share it keeps. `--whole` loads every tensor before
+process's peak RSS, the bytes of the share it keeps and the seconds the load and split took. `--whole` loads every tensor before
 sharding (what a rank did before it read only its share), for comparison.
 
     python bench/dist_load.py [--gguf PATH] [--ranks 1,2,3] [--whole]
@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,13 +51,16 @@ def child(home: str, rank: int, size: int, whole: bool) -> None:
     entry = store.resolve(names.parse("bench"))
     group = StandIn(rank, size)
     held = distributed.reset_peak()
+    start = time.perf_counter()
     loaded = runner.load(store, entry, lazy=True, pick=None if whole else distributed.layer_pick(group))
     placement = distributed.shard(loaded, group)
+    seconds = time.perf_counter() - start
     print(json.dumps({"rank": rank, "ranks": size, "mode": placement["mode"],
                       "layers": (placement.get("layers") or [None] * size)[rank],
                       "share_mib": round(loaded.size_bytes / 2**20, 1),
                       "mlx_peak_mib": round(distributed.peak_bytes(held) / 2**20, 1),
-                      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+                      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                      "load_s": round(seconds, 2)}))
 
 
 def main() -> int:

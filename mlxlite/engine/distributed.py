@@ -23,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlxlite.engine.batch import Decoder
+from mlxlite.engine.gguf import Share, layer_of, only_layers
 from mlxlite.engine.model import GENERATION_STREAM, Loaded, _nbytes
 from mlxlite.errors import Unsupported
 
@@ -151,17 +152,48 @@ def layer_ranges(n: int, size: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def layer_pick(group: Any) -> Callable[[Any], tuple[int, int] | None]:
+def layer_pick(group: Any) -> Callable[[Any], Share | None]:
     """What `runner.load(pick=...)` asks before reading a GGUF's weights: this rank's range of
-    layers when the model will be split as a pipeline (the rest is never read), else None
-    (tensor parallel and one rank read every layer; `shard` slices them)."""
-    def pick(model: Any) -> tuple[int, int] | None:
+    layers when the model will be split as a pipeline (the rest is never read); when it will be
+    split tensor parallel, a `split` that shards each layer as soon as it is read (so the rank
+    never holds the whole model); None when one rank holds it all or `shard` is to decide."""
+    def pick(model: Any) -> Share | None:
         size = group.size()
         layers = getattr(getattr(model, "model", None), "layers", None)
-        if size == 1 or plan(model, size) != "pipeline" or not isinstance(layers, list) or len(layers) < size:
+        if size == 1 or not isinstance(layers, list) or len(layers) < size:
             return None     # `shard` decides (and says why a model cannot be split)
-        return layer_ranges(len(layers), size)[group.rank()]
+        if plan(model, size) == "tensor":
+            if not _shards_only_layers(model, group):
+                return None     # read whole, `shard` after: it splits more than the layers
+            if _splits(model, group):
+                return Share(split=lambda m: m.shard(group))
+        return Share(layers=layer_ranges(len(layers), size)[group.rank()])
     return pick
+
+
+def _splits(model: Any, group: Any) -> bool:
+    """Whether the model's `shard` cuts every tensor evenly (tried on the unevaluated probe: shapes
+    only). Packed widths must divide in whole groups: 32-wide experts can't be split in two."""
+    try:
+        model.shard(group)
+    except ValueError:
+        return False
+    return True
+
+
+def _shards_only_layers(model: Any, group: Any) -> bool:
+    """Whether the model's `shard` leaves everything outside its layers as it is (then it can run
+    one layer at a time). Tried on the unevaluated skeleton with no layers: nothing is computed."""
+    from mlx.utils import tree_flatten
+
+    before = {k: v.shape for k, v in tree_flatten(model.parameters()) if layer_of(k) is None}
+    try:
+        with only_layers(model, []):
+            model.shard(group)
+            after = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    except Exception:   # noqa: BLE001 - a `shard` that needs its layers: read whole, shard after
+        return False
+    return after == before
 
 
 def _pipeline(model: Any, group: Any) -> dict:
@@ -188,9 +220,14 @@ def shard(loaded: Loaded, group: Any) -> dict:
     model = loaded.model
     placement: dict = {"ranks": size}
     if size > 1:
-        mode = plan(model, size)
+        share = loaded.info.pop("share", None)     # what a GGUF rank's load already did
+        mode = share or plan(model, size)
         if mode == "tensor":
-            model.shard(group)
+            if share is None:
+                try:
+                    model.shard(group)
+                except ValueError as exc:   # a width that doesn't divide among the ranks
+                    raise Unsupported(f"cannot split this model tensor-parallel across {size} ranks: {exc}") from None
             args = _args(model)
             placement.update({"mode": "tensor", "heads_per_rank": int(args.num_attention_heads) // size})
         else:

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,13 +70,14 @@ def layer_of(name: str) -> int | None:
 
 
 def read_weights(path: Path, header: gguf.Header, config: dict, *, dequantize: bool = False, on_cpu: bool = False,
-                 report: dict | None = None, layers: tuple[int, int] | None = None) -> dict[str, mx.array]:
+                 report: dict | None = None, layers: tuple[int, int] | None = None,
+                 outside: bool = True) -> dict[str, mx.array]:
     """Every tensor the family reads, through `quants.read_tensor` one at a time, under mlx-lm's
     names; `report` gets {GGUF name: Tensor with its arrays dropped} (how each was loaded,
     the error of re-quantizing). Tensors the family reads as RoPE settings (`Arch.rope_factors`)
     go into `config["rope_scaling"]` instead, before `build_model` makes the model from it.
     `layers` (lo, hi): only the layers in that range are read (a pipeline rank's share);
-    tensors outside the layers (embedding, norm, output) always are."""
+    tensors outside the layers (embedding, norm, output) are too unless `outside` is False."""
     arch = gguf.family(header)
     weights: dict[str, mx.array] = {}
     for info in header.tensors:
@@ -83,6 +86,8 @@ def read_weights(path: Path, header: gguf.Header, config: dict, *, dequantize: b
         factor = arch.rope_factors.get(info.name)  # RoPE settings, not weights: they go into the config
         name = info.name if factor else _mlx_name(arch, info.name)
         index = None if factor or layers is None else layer_of(name)
+        if index is None and layers is not None and not outside:
+            continue
         if index is not None and not layers[0] <= index < layers[1]:
             continue    # another rank's layer: never read, never in this process's memory
         prefix = name.rpartition(".")[0]
@@ -242,37 +247,134 @@ def _model_class(config: dict) -> tuple[Any, Any]:
     return module.Model, module.ModelArgs
 
 
-def build_model(config: dict, weights: dict[str, mx.array], *, dequantize: bool, on_cpu: bool,
-                layers: tuple[int, int] | None = None) -> nn.Module:
-    """The model with `weights` loaded; with `layers` (lo, hi) the layers outside that range
-    are `Absent` (their weights were never read: `read_weights(layers=...)`)."""
+def skeleton(config: dict) -> nn.Module:
+    """The model with the constructor's random weights, which are lazy: no memory until evaluated,
+    and never evaluated once replaced."""
     model_cls, args_cls = _model_class(config)
-    model = model_cls(args_cls.from_dict(config))
-    if layers is not None:
-        # The constructor's random weights are lazy: replaced here, they are never computed.
-        stack = getattr(model, "layers", None) or []
-        for i in range(len(stack)):
-            if not layers[0] <= i < layers[1]:
-                stack[i] = Absent()
-    rope_freqs = weights.pop(ROPE_FREQS, None)
+    return model_cls(args_cls.from_dict(config))
+
+
+def layer_owner(model: nn.Module) -> nn.Module | None:
+    """The module whose `layers` child is the model's list of layers (an mlx-lm `Model`'s `layers`
+    is often a property over its inner model's), or None."""
+    for owner in (getattr(model, "model", None), model):
+        if isinstance(owner, nn.Module) and "layers" in owner and isinstance(owner["layers"], list):
+            return owner
+    return None
+
+
+@contextmanager
+def only_layers(model: nn.Module, layers: list) -> Iterator[None]:
+    """The model seen with `layers` as its whole list of layers for the time of the block (to load
+    or shard the parts outside the layers, or one layer at a time)."""
+    owner = layer_owner(model)
+    if owner is None:
+        raise Unsupported(f"{type(model).__module__} keeps no list of layers to load one at a time")
+    whole = owner.layers
+    owner.layers = layers
+    try:
+        yield
+    finally:
+        owner.layers = whole
+
+
+def probe(config: dict, header: gguf.Header, dequantize: bool) -> nn.Module:
+    """The skeleton shaped as the loaded model will be: the modules the file keeps packed are
+    quantized (groups of 32, as `quants` packs them), so a split tried on it fails where the
+    loaded model's would (a packed width whose groups don't divide among the ranks)."""
+    model = skeleton(config)
+    if not dequantize:
+        arch = gguf.family(header)
+        packed = {_mlx_name(arch, t.name).rpartition(".")[0] for t in header.tensors
+                  if arch.reads(t.name) and t.name not in arch.rope_factors and quants.stays_packed(t.type_name)}
+        nn.quantize(model, class_predicate=lambda p, m: (
+            {"group_size": quants.GROUP, "bits": 8} if p in packed and hasattr(m, "to_quantized") else False))
+    return model
+
+
+@dataclass
+class Share:
+    """What one rank of a group reads of a GGUF, decided before any weight is (`distributed.layer_pick`)."""
+    layers: tuple[int, int] | None = None               # a pipeline stage: only these layers are read
+    split: Callable[[nn.Module], None] | None = None    # tensor parallel: shards the model's layers (all it shards)
+
+    @property
+    def mode(self) -> str:
+        return "tensor" if self.split is not None else "pipeline"
+
+
+def _fit(model: nn.Module, module: nn.Module, prefix: str, weights: dict[str, mx.array], config: dict, *,
+         dequantize: bool, on_cpu: bool) -> dict[str, mx.array]:
+    """`weights` (full names, all under `prefix`) made ready for `module.load_weights`: mlx-lm's
+    `sanitize`, packed modules quantized in `module` or dequantized, floats made float32 on CPU, a
+    tied output dropped; returned under names relative to `module`."""
     if hasattr(model, "sanitize"):  # as mlx-lm's own loader: drops a tied lm_head, marks gemma3's tie
         weights = model.sanitize(weights)
     bits = quantized_bits(weights)
     if dequantize:
         dequantize_all(weights)
     elif bits:
-        nn.quantize(model, class_predicate=lambda p, m: (
-            {"group_size": 32, "bits": bits[p],
-             "mode": "mxfp4" if weights[f"{p}.scales"].dtype == mx.uint8 else "affine"} if p in bits else False))
+        nn.quantize(module, class_predicate=lambda p, m: (
+            {"group_size": 32, "bits": bits[prefix + p],
+             "mode": "mxfp4" if weights[f"{prefix}{p}.scales"].dtype == mx.uint8 else "affine"}
+            if prefix + p in bits else False))
     if on_cpu:  # float16 activations on MLX's CPU backend are far slower; float16 scales are not
         weights = {k: (v.astype(mx.float32) if v.dtype in (mx.float16, mx.bfloat16)
                        and not k.endswith((".scales", ".biases")) else v) for k, v in weights.items()}
     if config.get("tie_word_embeddings"):
         weights.pop("lm_head.weight", None)
+    return {k[len(prefix):]: v for k, v in weights.items()}
+
+
+def _load(module: nn.Module, weights: dict[str, mx.array], config: dict) -> None:
     try:
-        model.load_weights(list(weights.items()), strict=True)
+        module.load_weights(list(weights.items()), strict=True)
     except ValueError as exc:
         raise Unsupported(f"GGUF tensors do not fit the {config['model_type']} model: {exc}") from None
+
+
+def build_model(config: dict, weights: dict[str, mx.array], *, dequantize: bool, on_cpu: bool,
+                layers: tuple[int, int] | None = None) -> nn.Module:
+    """The model with `weights` loaded; with `layers` (lo, hi) the layers outside that range
+    are `Absent` (their weights were never read: `read_weights(layers=...)`)."""
+    model = skeleton(config)
+    if layers is not None:
+        owner = layer_owner(model)   # not `model.layers`: mlx-lm's pipeline models hand out a copy
+        stack = owner.layers if owner is not None else []
+        for i in range(len(stack)):
+            if not layers[0] <= i < layers[1]:
+                stack[i] = Absent()
+    rope_freqs = weights.pop(ROPE_FREQS, None)
+    _load(model, _fit(model, model, "", weights, config, dequantize=dequantize, on_cpu=on_cpu), config)
+    if rope_freqs is not None:
+        _apply_rope_freqs(model, config, rope_freqs)
+    mx.eval(model.parameters())
+    return model
+
+
+def build_split(path: Path, header: gguf.Header, config: dict, report: dict, *, dequantize: bool, on_cpu: bool,
+                split: Callable[[nn.Module], None]) -> nn.Module:
+    """The model read one layer at a time, each layer handed to `split` (a tensor-parallel rank's
+    `shard`) as soon as it is loaded and only its slices kept: the rank holds its share plus one
+    whole layer at most, never the whole model. The parts outside the layers are read whole."""
+    model = skeleton(config)
+    owner = layer_owner(model)
+    stack = list(owner.layers) if owner is not None else []
+    kw = {"dequantize": dequantize, "on_cpu": on_cpu}
+    outer = read_weights(path, header, config, report=report, layers=(0, 0), **kw)
+    rope_freqs = outer.pop(ROPE_FREQS, None)
+    with only_layers(model, []):
+        _load(model, _fit(model, model, "", outer, config, **kw), config)
+    del outer
+    for i, layer in enumerate(stack):
+        weights = read_weights(path, header, config, report=report, layers=(i, i + 1), outside=False, **kw)
+        match = next((m for m in map(_LAYER.search, weights) if m), None)
+        prefix = match.string[:match.end()] if match else f"model.layers.{i}."
+        _load(layer, _fit(model, layer, prefix, weights, config, **kw), config)
+        del weights
+        with only_layers(model, [layer]):
+            split(model)
+        mx.eval(layer.parameters())     # the slices now, so the whole tensors are freed layer by layer
     if rope_freqs is not None:
         _apply_rope_freqs(model, config, rope_freqs)
     mx.eval(model.parameters())
@@ -322,28 +424,31 @@ def mlx_lm_tokenizer(tokenizer: GGUFTokenizer) -> Any:
 
 
 def load_gguf(path: Path, *, on_cpu: bool, float32: bool, budget: int,
-              pick: Callable[[nn.Module], tuple[int, int] | None] | None = None,
+              pick: Callable[[nn.Module], Share | None] | None = None,
               ) -> tuple[Any, Any, gguf.TokenizerSpec, gguf.Header, dict]:
     """See module doc; `float32` asks for dequantization, granted when it fits `budget`.
-    `pick(model)` (a pipeline rank's, `distributed.layer_pick`) looks at the model before any
-    weight is read and names the range of layers to read, or None for all of them."""
+    `pick(model)` (a rank's, `distributed.layer_pick`) looks at the model before any weight is
+    read and says what this rank reads: a pipeline stage's layers, or every layer split as it is
+    read; `config["_share"]` says which ("pipeline", "tensor": the model comes back split), or None."""
     header = gguf.read_gguf(path)
     config = gguf.model_config(header)  # Unsupported names the architecture / type
     spec = gguf.build_tokenizer(header.metadata)
     arch = gguf.family(header)
     # Encoders (bert family: small) run in float32; the rest stay packed unless float32 fits.
     dequantize = arch.encoder or (float32 and quants.float32_bytes(header) <= budget)
-    layers = None
-    if pick is not None and not arch.encoder:
-        model_cls, args_cls = _model_class(config)
-        layers = pick(model_cls(args_cls.from_dict(config)))    # an unevaluated skeleton: no memory
+    share = pick(probe(config, header, dequantize)) if pick is not None and not arch.encoder else None
     report: dict = {}
-    weights = read_weights(path, header, config, dequantize=dequantize, on_cpu=on_cpu or arch.encoder,
-                           report=report, layers=layers)
-    if arch.encoder:
-        model = build_encoder(config, weights)  # read as floats: dequantize is on
+    if share is not None and share.split is not None:
+        model = build_split(path, header, config, report, dequantize=dequantize, on_cpu=on_cpu, split=share.split)
     else:
-        model = build_model(config, weights, dequantize=dequantize, on_cpu=on_cpu, layers=layers)
+        layers = share.layers if share is not None else None
+        weights = read_weights(path, header, config, dequantize=dequantize, on_cpu=on_cpu or arch.encoder,
+                               report=report, layers=layers)
+        if arch.encoder:
+            model = build_encoder(config, weights)  # read as floats: dequantize is on
+        else:
+            model = build_model(config, weights, dequantize=dequantize, on_cpu=on_cpu, layers=layers)
+    config["_share"] = share.mode if share is not None else None
     config["_dequantized"] = dequantize
     config["_tensors"] = load_report(report)
     return model, GGUFTokenizer(spec), spec, header, config

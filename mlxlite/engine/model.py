@@ -264,8 +264,8 @@ def _float32_estimate(model: Any) -> int:
 def load(store: Store, entry: ModelEntry, *, lazy: bool = False, pick: Any = None) -> Loaded:
     """Load a stored model into MLX (see module doc). Errors are MlxliteErrors. `lazy`: a
     safetensors model's weights stay unread until evaluated (a distributed rank shards
-    first, so it reads only its share). `pick`: a GGUF model's layer range to read
-    (`gguf.load_gguf`; a pipeline rank's share)."""
+    first, so it reads only its share). `pick`: what of a GGUF this rank reads (`gguf.load_gguf`:
+    a pipeline stage's layers, or each layer sliced as it is read)."""
     store.check_integrity(entry)
     info = dict(store.read_config(entry))
     defaults, system, messages = _modelfile_layers(store, entry)
@@ -278,6 +278,9 @@ def load(store: Store, entry: ModelEntry, *, lazy: bool = False, pick: Any = Non
             model, tokenizer, spec, header, cfg = load_gguf(
                 path, on_cpu=on_cpu(), float32=f32, budget=memory_budget(), pick=pick)
             dequantized = cfg.pop("_dequantized")
+            share = cfg.pop("_share")
+            if share:
+                info["share"] = share   # how this rank's load split the model: `distributed.shard` follows it
             info["tensors"] = cfg.pop("_tensors")  # per GGML type: repacked / requantized (+ error) / dequantized
             context_length = int(cfg.get("max_position_embeddings") or 4096)
             source = template_override or templates.find_template(None, header.metadata)

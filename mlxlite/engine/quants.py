@@ -452,6 +452,12 @@ def _read_plain(path, kind, shape, rows, cols, start, float_dtype) -> Tensor:
     return Tensor(result, how="float", source=kind)
 
 
+def stays_packed(kind: str) -> bool:
+    """Whether a tensor of this GGML type loads packed (MLX groups of `GROUP`) unless the whole
+    model is dequantized."""
+    return (kind in AFFINE or kind == "MXFP4") and kind not in DEQUANTIZED
+
+
 def float32_bytes(header: gguf.Header) -> int:
     """Bytes the file's tensors take as float32 (the CPU budget decision, made before reading)."""
     return 4 * sum(math.prod(t.shape) for t in header.tensors)

@@ -1,7 +1,9 @@
 """A pipeline rank of a GGUF model reads only its own layers (plus what every stage needs:
 embedding, final norm, output), in one process with a stand-in group (no collectives run
 while loading): the tensors read are counted at `quants.read_tensor`, and the weights a
-rank holds are the one-rank load's for its layers."""
+rank holds are the one-rank load's for its layers. A tensor-parallel rank reads every layer
+but shards each as it is read: it ends with exactly the slices `Model.shard` cuts from the
+whole model, and never holds the whole model at once."""
 
 from __future__ import annotations
 
@@ -95,3 +97,106 @@ def test_tensor_parallel_and_one_rank_read_every_layer(tmp_path, monkeypatch):
     for group in (Group(1, 2), Group(0, 1)):
         _, read = _load(tp, distributed.layer_pick(group), monkeypatch)
         assert sorted(read) == sorted(read_all)
+
+
+def _sharded_whole(path, group):
+    """The reference: every tensor loaded, then mlx-lm's `shard` on the whole model (as before)."""
+    from types import SimpleNamespace
+
+    from mlxlite.engine import distributed, gguf
+
+    model, *_ = gguf.load_gguf(path, on_cpu=True, float32=False, budget=0)
+    placement = distributed.shard(SimpleNamespace(model=model, size_bytes=0, info={}), group)
+    assert placement["mode"] == "tensor"
+    return model
+
+
+def _split_on_read(path, group):
+    from types import SimpleNamespace
+
+    from mlxlite.engine import distributed, gguf
+
+    model, _, _, _, config = gguf.load_gguf(path, on_cpu=True, float32=False, budget=0,
+                                            pick=distributed.layer_pick(group))
+    assert config["_share"] == "tensor"
+    loaded = SimpleNamespace(model=model, size_bytes=0, info={"share": "tensor"})
+    placement = distributed.shard(loaded, group)
+    assert placement["mode"] == "tensor" and "share" not in loaded.info
+    return model, loaded
+
+
+def _assert_same_parameters(model, reference):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    got, want = dict(tree_flatten(model.parameters())), dict(tree_flatten(reference.parameters()))
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        assert got[k].shape == v.shape and got[k].dtype == v.dtype, k
+        assert mx.array_equal(got[k], v), k
+
+
+@pytest.mark.parametrize("rank,size", [(0, 2), (1, 2), (2, 3)])
+def test_a_tensor_parallel_rank_holds_the_slices_shard_cuts(tmp_path, rank, size):
+    import mlx.core as mx
+
+    from mlxlite.engine import distributed
+
+    path = write_llama(tmp_path / "tp.gguf", 6, 6, 8, seed=2)
+    reference = _sharded_whole(path, Group(rank, size))
+    whole = sum(v.nbytes for v in _whole_weights(path))
+    held = distributed.reset_peak()
+    model, loaded = _split_on_read(path, Group(rank, size))
+    peak = distributed.peak_bytes(held)
+    _assert_same_parameters(model, reference)
+    layers = getattr(model, "layers")
+    assert all(layer.self_attn.n_heads == 6 // size for layer in layers)     # `shard` ran once per layer
+    # The share, plus one whole layer and its slices in flight: never the whole model.
+    assert loaded.size_bytes < whole
+    assert peak < loaded.size_bytes + 2 * whole / 8 + 2**20, (peak, loaded.size_bytes, whole)
+    mx.clear_cache()
+
+
+def _whole_weights(path):
+    from mlxlite.engine import gguf
+
+    header = gguf.gguf.read_gguf(path)
+    return list(gguf.read_weights(path, header, gguf.gguf.model_config(header), on_cpu=True).values())
+
+
+# Every GGUF family whose mlx-lm model has `shard`: quantized blocks, tied and untied outputs,
+# llama3's rope_freqs, stacked experts, DeepSeek's joined kv_b, gpt-oss's sinks.
+@pytest.mark.parametrize("family,qtype", [("llama3", "Q4_1"), ("qwen2", "Q8_0"), ("qwen3", "Q4_0"),
+                                          ("qwen3moe", "F32"), ("deepseek2", "F32"), ("deepseek3", "Q4_0"),
+                                          ("gpt-oss", "F32")])
+def test_every_shardable_family_splits_on_read_as_shard_does(tmp_path, family, qtype):
+    from mlxlite.engine import distributed
+    from tests.arch_models import make_family
+
+    path = make_family(family, qtype, tmp_path).path
+    for rank in (0, 1):
+        reference = _sharded_whole(path, Group(rank, 2))
+        model, _ = _split_on_read(path, Group(rank, 2))
+        _assert_same_parameters(model, reference)
+    assert distributed.layer_pick(Group(0, 1))(None) is None    # one rank: read whole, nothing to split
+
+
+def test_a_packed_width_that_does_not_divide_makes_a_pipeline(tmp_path):
+    """Heads divide, but 32-wide Q8_0 experts are one group each: `shard` would fail on them,
+    so the rank loads a pipeline stage instead (it did fail at load before)."""
+    from types import SimpleNamespace
+
+    from mlxlite.engine import distributed, gguf
+    from tests.arch_models import make_family
+
+    path = make_family("qwen3moe", "Q8_0", tmp_path).path
+    for rank in (0, 1):
+        model, _, _, _, config = gguf.load_gguf(path, on_cpu=True, float32=False, budget=0,
+                                                pick=distributed.layer_pick(Group(rank, 2)))
+        assert config["_share"] == "pipeline"
+        placement = distributed.shard(SimpleNamespace(model=model, size_bytes=0, info={"share": "pipeline"}),
+                                      Group(rank, 2))
+        assert placement["mode"] == "pipeline" and placement["layers"][rank] == [rank, rank + 1]
+    whole, *_ = gguf.load_gguf(path, on_cpu=True, float32=False, budget=0)
+    with pytest.raises(Exception, match="cannot split this model tensor-parallel across 2 ranks"):
+        distributed.shard(SimpleNamespace(model=whole, size_bytes=0, info={}), Group(0, 2))
