@@ -365,6 +365,10 @@ class Decoder:
         ahead = None
         if (self.lookahead and not self._waiting and all(s.constraint is None for s in batch)
                 and not any(is_cancelled(s.key) for s in batch) and not self.speculator.wants(batch)):
+            # This step goes to the stream on its own first: in one graph with the next, an
+            # input-less op of the next (a pipeline stage's receive) could be ordered before this
+            # step's collectives on one rank and not on another.
+            mx.async_eval(*_arrays(step))
             ahead = self._forward(toks)
             mx.async_eval(*_arrays(ahead))
         mx.eval(*_arrays(step))

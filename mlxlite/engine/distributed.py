@@ -254,10 +254,6 @@ class LockstepDecoder(Decoder):
         self.group = group
         # Speculation's gate times each rank's own steps: ranks would choose different steps.
         self.speculator.enabled = False
-        if (loaded.info.get("placement") or {}).get("mode") == "pipeline":
-            # A stage's receive has no inputs in the graph: queued behind a look-ahead it can
-            # be issued before this step's own collectives on one rank and not on another.
-            self.lookahead = False
 
     def _forward(self, inputs: mx.array) -> tuple[mx.array, ...]:
         out = super()._forward(inputs)
