@@ -11,7 +11,7 @@ the daemon -> rank 0 control channel) and calls it also sends to every rank over
 `mx.distributed` and every rank runs (`noop`); the difference is the broadcast.
 
     python bench/dist.py [--gguf PATH | --model-dir DIR | --random llama3-8b] [--ranks 1,2,3] [--streams 1,8]
-                         [--tokens 32] [--rounds 2] [--backend ring] [--calls 300]
+                         [--tokens 32] [--rounds 2] [--backend ring] [--calls 300] [--splits auto,pipeline]
 
 `--random llama3-8b` writes a Llama-3-8B-shaped model of random bf16 weights (speed does not
 depend on the values) with the tests' tiny tokenizer, for the GPU runs (`--backend nccl`).
@@ -91,10 +91,10 @@ def rss_of(pid: int) -> int:
 
 
 class Daemon:
-    def __init__(self, home: Path, ranks: int, backend: str) -> None:
+    def __init__(self, home: Path, ranks: int, backend: str, split: str = "auto") -> None:
         argv = [sys.executable, str(ROOT / "mlxlite.py"), "serve", "--host", "127.0.0.1:0"]
         if ranks > 1:
-            argv += ["--ranks", str(ranks), "--backend", backend]
+            argv += ["--ranks", str(ranks), "--backend", backend, "--split", split]
         env = {**child_env(), "MLXLITE_HOME": str(home), "MLXLITE_KEEP_ALIVE": "-1",
                "MLXLITE_LOG_FILE": os.devnull, "MLXLITE_NUM_PARALLEL": "8", "NCCL_NVLS_ENABLE": "0"}
         self.proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
@@ -169,6 +169,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--backend", default="ring")
     ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--splits", default="auto", help="comma list of serve --split values to run for N > 1 ranks")
     args = ap.parse_args()
     from mlxlite.store import Store
     from mlxlite.store.importers import import_path
@@ -180,15 +181,16 @@ def main() -> int:
     streams = [int(s) for s in args.streams.split(",")]
     print(f"model {source.name}, {args.tokens} tokens a stream, best of {args.rounds}, backend {args.backend}")
     rows = []
-    for n in ranks:
-        d = Daemon(tmp, n, args.backend)
+    runs = [(n, split) for n in ranks for split in (args.splits.split(",") if n > 1 else ["auto"])]
+    for n, split in runs:
+        d = Daemon(tmp, n, args.backend, split)
         try:
             t = time.perf_counter()
             try:
                 d.post("/api/generate", {"model": "bench", "prompt": "hi", "stream": False,
                                          "options": {"num_predict": 4}})
             except urllib.error.HTTPError as exc:   # a model this group can't split says so
-                print(json.dumps({"ranks": n, "error": json.loads(exc.read()).get("error")}), flush=True)
+                print(json.dumps({"ranks": n, "split": split, "error": json.loads(exc.read()).get("error")}), flush=True)
                 continue
             load = time.perf_counter() - t
             speeds = {s: max(run_streams(d, "bench", s, args.tokens) for _ in range(args.rounds)) for s in streams}
@@ -202,7 +204,7 @@ def main() -> int:
             placement = (models[0].get("placement") or {}).get("mode", "single") if models else "?"
         finally:
             d.close()
-        cost = broadcast_cost(n, args.backend, args.calls) if n > 1 else (0.0, 0.0)
+        cost = broadcast_cost(n, args.backend, args.calls) if n > 1 and args.calls else (0.0, 0.0)
         row = {"ranks": n, "load_s": round(load, 1), **{f"tok_s_x{s}": round(v, 2) for s, v in speeds.items()},
                "rss_mib": [round(r / 2**20) for r in rss], "ping_ms": round(cost[0], 3),
                "broadcast_ms": round(cost[1] - cost[0], 3), "placement": placement}
@@ -211,7 +213,7 @@ def main() -> int:
     base = rows[0]
     for row in rows[1:] if base["ranks"] == 1 else []:
         ratios = {f"x{s}": round(row[f"tok_s_x{s}"] / base[f"tok_s_x{s}"], 2) for s in streams if base[f"tok_s_x{s}"]}
-        print(f"{row['ranks']} ranks vs {base['ranks']}: {ratios}")
+        print(f"{row['ranks']} ranks ({row['placement']}) vs {base['ranks']}: {ratios}")
     return 0
 
 

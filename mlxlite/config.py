@@ -81,6 +81,16 @@ def _parse_list(value: Any) -> list[str]:
     return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
+SPLITS = ("auto", "tensor", "pipeline")
+
+
+def _parse_split(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in SPLITS:
+        raise ValueError(value)
+    return text
+
+
 @dataclass(frozen=True)
 class Setting:
     key: str
@@ -162,6 +172,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dist_rank_home", "MLXLITE_DIST_RANK_HOME", "", str,
             "serve --ranks: each rank's store, `{rank}` replaced by its number (empty: the daemon's "
             "own store); a rank missing a model's blobs fetches them from the daemon"),
+    Setting("dist_split", "MLXLITE_DIST_SPLIT", "auto", _parse_split,
+            "serve --ranks/--hostfile: how a model is split: tensor (each layer across every rank, "
+            "two all-sums per layer a token), pipeline (a range of layers per rank, one hand-off "
+            "per stage: better over slow links), auto (tensor where the heads divide, else pipeline)"),
 )
 
 _BY_KEY = {s.key: s for s in SETTINGS}

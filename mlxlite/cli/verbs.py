@@ -419,6 +419,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve_forever(args.host)
     from mlxlite.dist import Group, LockstepEngine  # lazy: only a distributed daemon needs it
 
+    if args.split:
+        os.environ["MLXLITE_DIST_SPLIT"] = args.split     # the ranks read it (MLXLITE_* settings reach them)
     group = Group(ranks=args.ranks, hostfile=args.hostfile, backend=args.backend)
     return serve_forever(args.host, engine=LockstepEngine(group))
 
@@ -487,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve each model across the hosts of MLX's hostfile (rank 0: this host)")
     p.add_argument("--backend", default="ring", choices=["ring", "jaccl", "nccl", "any"],
                    help="MLX's distributed backend for --ranks/--hostfile (default ring)")
+    p.add_argument("--split", choices=list(config.SPLITS),
+                   help="how --ranks/--hostfile split a model (default: MLXLITE_DIST_SPLIT or auto: tensor "
+                        "parallel where the heads divide, else pipeline; pipeline suits slow links)")
     verb("ps", cmd_ps, "list the models the daemon has loaded")
     p = verb("stop", cmd_stop, "unload a model from the daemon")
     p.add_argument("model")

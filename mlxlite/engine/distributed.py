@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlxlite import config
 from mlxlite.engine.batch import Decoder
 from mlxlite.engine.gguf import Share, layer_of, only_layers
 from mlxlite.engine.model import GENERATION_STREAM, Loaded, _nbytes
@@ -91,7 +92,11 @@ def _args(model: Any) -> Any:
 
 
 def plan(model: Any, size: int) -> str:
-    """"tensor" when mlx-lm can shard this architecture and its heads divide, else "pipeline"."""
+    """"tensor" when mlx-lm can shard this architecture and its heads divide, else "pipeline";
+    `MLXLITE_DIST_SPLIT` can ask for either (tensor where it cannot be is an error)."""
+    choice = config.get("dist_split")
+    if choice == "pipeline":
+        return "pipeline"
     args = _args(model)
     heads = int(getattr(args, "num_attention_heads", 0) or 0)
     kv = int(getattr(args, "num_key_value_heads", 0) or heads)
@@ -99,6 +104,11 @@ def plan(model: Any, size: int) -> str:
     if (hasattr(model, "shard") and heads and heads % size == 0 and kv % size == 0
             and (inter == 0 or inter % size == 0)):
         return "tensor"
+    if choice == "tensor":
+        why = ("mlx-lm has no `shard` for it" if not hasattr(model, "shard") else
+               f"{heads} heads, {kv} key/value heads and {inter} MLP rows must each divide by {size}")
+        raise Unsupported(f"MLXLITE_DIST_SPLIT=tensor: this model cannot be split tensor-parallel across "
+                          f"{size} ranks ({why})")
     return "pipeline"
 
 
@@ -167,6 +177,9 @@ def layer_pick(group: Any) -> Callable[[Any], Share | None]:
                 return None     # read whole, `shard` after: it splits more than the layers
             if _splits(model, group):
                 return Share(split=lambda m: m.shard(group))
+            if config.get("dist_split") == "tensor":
+                raise Unsupported(f"MLXLITE_DIST_SPLIT=tensor: this model cannot be split tensor-parallel across "
+                                  f"{size} ranks (its packed weights don't divide into whole groups of 32)")
         return Share(layers=layer_ranges(len(layers), size)[group.rank()])
     return pick
 

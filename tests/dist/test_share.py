@@ -200,3 +200,25 @@ def test_a_packed_width_that_does_not_divide_makes_a_pipeline(tmp_path):
     whole, *_ = gguf.load_gguf(path, on_cpu=True, float32=False, budget=0)
     with pytest.raises(Exception, match="cannot split this model tensor-parallel across 2 ranks"):
         distributed.shard(SimpleNamespace(model=whole, size_bytes=0, info={}), Group(0, 2))
+
+
+def test_the_split_setting_picks_pipeline_or_insists_on_tensor(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from mlxlite.engine import distributed, gguf
+    from mlxlite.errors import Unsupported
+
+    tp = write_llama(tmp_path / "tp.gguf", 6, 6, 3, seed=0)
+    monkeypatch.setenv("MLXLITE_DIST_SPLIT", "pipeline")    # heads divide, but a pipeline is asked for
+    model, _, _, _, config = gguf.load_gguf(tp, on_cpu=True, float32=False, budget=0,
+                                            pick=distributed.layer_pick(Group(1, 2)))
+    assert config["_share"] == "pipeline"
+    placement = distributed.shard(SimpleNamespace(model=model, size_bytes=0, info={"share": "pipeline"}), Group(1, 2))
+    assert placement["mode"] == "pipeline" and placement["layers"] == [[0, 2], [2, 3]]
+    monkeypatch.setenv("MLXLITE_DIST_SPLIT", "tensor")      # 5 heads don't divide by 2: a clear refusal
+    pp = write_llama(tmp_path / "pp.gguf", 5, 5, 3, seed=1)
+    with pytest.raises(Unsupported, match="MLXLITE_DIST_SPLIT=tensor: .* across 2 ranks .*5 heads"):
+        gguf.load_gguf(pp, on_cpu=True, float32=False, budget=0, pick=distributed.layer_pick(Group(0, 2)))
+    monkeypatch.setenv("MLXLITE_DIST_SPLIT", "sideways")
+    with pytest.raises(Exception, match="invalid value for MLXLITE_DIST_SPLIT"):
+        distributed.plan(model, 2)

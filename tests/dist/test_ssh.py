@@ -5,8 +5,9 @@ second host is an ssh alias for it, so rank 1 runs under sshd exactly as on anot
 (its own login shell, the environment only what the launcher passes on). The one shim: `ssh`
 on the launcher's PATH adds `-F` with the test's client config (OpenSSH reads no config path
 from the environment). No name is ever looked up: the alias maps to 127.0.0.1 in that config.
-Greedy output matches one process's, rank 1 is seen to descend from sshd, and killing it gives
-the 503 and a restart serves again over ssh.
+Greedy output matches one process's (split as a pipeline, as `MLXLITE_DIST_SPLIT` asks: the
+setting reaches the remote rank), rank 1 is seen to descend from sshd, and killing it gives the
+503 and a restart serves again over ssh.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def test_a_rank_started_over_ssh_serves_fails_and_restarts(ssh_bin, tmp_path, mo
     monkeypatch.setenv("PATH", f"{ssh_bin}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("MLXLITE_DIST_RANK_HOME", str(tmp_path / "rank{rank}"))
     monkeypatch.setenv("MLXLITE_DIST_BEAT_TIMEOUT", "4")
+    monkeypatch.setenv("MLXLITE_DIST_SPLIT", "pipeline")    # across machines: one hand-off per token, not two per layer
     with RunningServer(store=_store(tmp_path / "single", {"tp-llama": model}, None)) as single:
         want = generate(single.url, "tp-llama", "Hello world! Bonjour", 10)
     engine = LockstepEngine(Group(hostfile=str(hosts), backend="ring"))
@@ -102,7 +104,7 @@ def test_a_rank_started_over_ssh_serves_fails_and_restarts(ssh_bin, tmp_path, mo
         assert "sshd" in _ancestors(ranks[1]["pid"]) and "sshd" not in _ancestors(ranks[0]["pid"])
         assert generate(srv.url, "tp-llama", "Hello world! Bonjour", 10) == want
         place = next(m["placement"] for m in get(srv.url, "/api/ps")["models"])
-        assert place["mode"] == "tensor" and place["ranks"] == 2
+        assert place["mode"] == "pipeline" and place["ranks"] == 2 and place["layers"] == [[0, 2], [2, 3]]
         # rank 1 fetched the model's blobs from the daemon into its own (empty) store
         daemon_blobs = {p.name for p in (tmp_path / "daemon" / "blobs" / "sha256").iterdir()}
         assert {p.name for p in (tmp_path / "rank1").rglob("blobs/sha256/*")} == daemon_blobs
