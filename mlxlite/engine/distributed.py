@@ -113,9 +113,13 @@ def plan(model: Any, size: int) -> str:
 
 
 class _Stage(nn.Module):
-    """One layer of this rank's range: the first receives the previous stage's hidden state,
-    the last sends its own on and gathers the final stage's, so every rank continues with
-    the same hidden state (and the same logits)."""
+    """One layer of this rank's range. A pipeline hands each stage's hidden state on with one
+    `all_sum` per stage, every rank taking part in each (its own stage's output where it is
+    the sender, else zeros): MLX's CUDA build has no send/recv, an `all_sum` runs on every
+    backend. The first layer joins the hand-offs before its stage (the last of them is its
+    input), the last layer joins its own and those after it (the last is the final stage's
+    output), so every rank takes the same `all_sum`s in the same order, each chained to the one
+    before, and continues with the same hidden state (and the same logits)."""
 
     def __init__(self, layer: Any, group: Any, first: bool, last: bool) -> None:
         super().__init__()
@@ -131,19 +135,24 @@ class _Stage(nn.Module):
                 raise
             return getattr(self["layer"], key)
 
+    def _hand_off(self, mine: mx.array | None, previous: mx.array) -> mx.array:
+        """One stage's hand-off: `mine` from its sender, zeros (after `previous`: the order is
+        the graph's) from everyone else. Zeros, not `previous * 0`: an inf would sum to NaN."""
+        part = mine if mine is not None else mx.depends(mx.zeros_like(previous), [previous])
+        return mx.distributed.all_sum(part, group=self._group, stream=STREAM)
+
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
-        g = self._group
-        rank, size = g.rank(), g.size()
-        if self._first and rank > 0:
-            x = mx.distributed.recv_like(x, rank - 1, group=g)
+        rank, size = self._group.rank(), self._group.size()
+        if self._first:
+            for _ in range(rank):           # stages 0 .. rank-1 hand off; the last one is this stage's input
+                x = self._hand_off(None, x)
         y = self.layer(x, *args, **kwargs)
         if self._last:
-            if rank < size - 1:
-                y = mx.distributed.send(y, rank + 1, group=g)
-            n = y.shape[0]
-            y = mx.distributed.all_gather(y, group=g)[(size - 1) * n: size * n]
-            # A prefill evaluates only the caches; tie this stage's send and gather to its
-            # cache so every rank runs them then too (else the next stage waits forever).
+            y = self._hand_off(y, y)
+            for _ in range(rank + 1, size):     # the later stages' hand-offs; the last is the model's output
+                y = self._hand_off(None, y)
+            # A prefill evaluates only the caches; tie this stage's hand-offs to its cache so
+            # every rank runs them then too (else the others wait forever).
             cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
             if cache is not None and getattr(cache, "keys", None) is not None:
                 cache.keys = mx.depends(cache.keys, [y])
