@@ -75,6 +75,14 @@ def _parse_bool(value: Any) -> bool:
     raise ValueError(value)
 
 
+def _parse_image_fetch(value: Any) -> str:
+    """"off", "public" (a true value) or "private" (public and private addresses)."""
+    text = str(value).strip().lower()
+    if text in ("public", "private"):
+        return text
+    return "public" if _parse_bool(value) else "off"
+
+
 def _parse_list(value: Any) -> list[str]:
     if isinstance(value, list):
         return [str(v) for v in value]
@@ -160,8 +168,9 @@ SETTINGS: tuple[Setting, ...] = (
             "largest image one request may carry, in bytes once decoded from base64 (more is a 400)"),
     Setting("max_image_pixels", "MLXLITE_MAX_IMAGE_PIXELS", 50_000_000, int,
             "largest image in pixels (width x height) the engine decodes (more is a 400)"),
-    Setting("image_fetch", "MLXLITE_IMAGE_FETCH", False, _parse_bool,
-            "fetch http(s) image URLs named in requests (off: only data URLs and base64 are taken)"),
+    Setting("image_fetch", "MLXLITE_IMAGE_FETCH", "off", _parse_image_fetch,
+            "fetch http(s) image URLs named in requests: 1 from public addresses only, `private` "
+            "from loopback, LAN and link-local ones too (off: only data URLs and base64 are taken)"),
     Setting("dist_start_timeout", "MLXLITE_DIST_START_TIMEOUT", 120.0, float,
             "serve --ranks/--hostfile: seconds for every rank to start and join the group"),
     Setting("dist_step_timeout", "MLXLITE_DIST_STEP_TIMEOUT", 300.0, float,

@@ -125,6 +125,8 @@ def model_summary(store, entry) -> dict:
             if header.metadata.get("general.license"):
                 out.setdefault("license", header.metadata.get("general.license"))
             out.update(_load_plan_text(gguf, header))
+            if out["runs_on"].startswith("nothing"):
+                out["capabilities"] = []    # as /api/show says: a model nothing runs does nothing
     elif "template" not in out:
         view = store.view(entry)
         for candidate in ("chat_template.jinja", "tokenizer_config.json"):

@@ -14,15 +14,22 @@ Memory: safetensors are mapped lazily and each output tensor is evaluated on its
 at most one source tensor is in memory as float beside the quantized output; a GGUF's
 floats are read once (one float copy) and each is dropped as its quantized form is made.
 Runs on its caller's thread (the CLI's, or the server's create thread) on a stream of its
-own. Never writes the store (`modelfile.quantize` stores the files) and never decides names.
+own. mlx-lm prints an `[INFO]` line to stdout as it quantizes: it becomes one of our status
+lines (`say`), and anything else printed meanwhile still reaches stdout.
+Never writes the store (`modelfile.quantize` stores the files) and never decides names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
-from collections.abc import Callable
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -55,11 +62,60 @@ def quantize_model(source: Path, qtype: str, out: Path, say: Say = _quiet) -> No
             tokenizer_files = {}
         from mlx_lm.utils import quantize_model as mlx_quantize  # imports transformers: create only
 
-        model, config = mlx_quantize(model, config, group, bits, mode=mode)
+        with _info_lines_to(say):
+            model, config = mlx_quantize(model, config, group, bits, mode=mode)
         _save(model, out, say)
     _save_config(config, out / "config.json")
     for title, text in tokenizer_files.items():
         (out / title).write_text(text)
+
+
+# ---- mlx-lm's prints -------------------------------------------------------------------------
+class _InfoLines(io.TextIOBase):
+    """Stands in for stdout while mlx-lm quantizes: its `[INFO] ...` lines go to `say` as
+    status lines; every other line goes on to `out` as it was written."""
+
+    def __init__(self, out: TextIO, say: Say) -> None:
+        self.out, self.say, self.pending = out, say, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self._line(line, "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def finish(self) -> None:
+        if self.pending:
+            self._line(self.pending, "")
+            self.pending = ""
+        self.out.flush()
+
+    def _line(self, line: str, end: str) -> None:
+        if line.startswith("[INFO] "):
+            text = line.removeprefix("[INFO] ").strip().rstrip(".")
+            self.say(text[:1].lower() + text[1:])
+        else:
+            self.out.write(line + end)
+
+
+_STDOUT = threading.Lock()  # two creates quantizing at once must not swap stdout under each other
+
+
+@contextlib.contextmanager
+def _info_lines_to(say: Say) -> Iterator[None]:
+    with _STDOUT:
+        lines = _InfoLines(sys.stdout, say)
+        try:
+            with contextlib.redirect_stdout(lines):
+                yield
+        finally:
+            lines.finish()
 
 
 # ---- sources --------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ Contract:
     type (and one tensor of it) that the runner cannot load; `LOADS` says how the engine
     loads each type (repacked, re-quantized, dequantized, float) and `load_plan(header)`
     counts a file's tensors that way, without loading anything.
-  - `model_config(header)` turns metadata into an mlx-lm `config.json`-style dict;
+  - `model_config(header)` turns metadata into an mlx-lm `config.json`-style dict
+    (`cannot_load(header)` says why it would refuse, or None);
     `map_name(name, architecture)` maps a GGUF tensor name to mlx-lm's. Both dispatch
     through the family's `Arch` in `formats/archs/` (keyed by `general.architecture`;
     `family(header)` is the one a file runs on, where metadata picks a variant).
@@ -264,6 +265,16 @@ def model_config(header: Header) -> dict[str, Any]:
     except (TypeError, ValueError, OverflowError, ZeroDivisionError, IndexError, KeyError):
         raise BadRequest(f"{header.path}: GGUF metadata holds {header.architecture} model dimensions "
                          "of the wrong type or range") from None
+
+
+def cannot_load(header: Header) -> str | None:
+    """Why nothing can load this file (what `model_config` refuses: an architecture with no
+    map, a tensor type or tokenizer the runner lacks, dimensions of the wrong type), or None."""
+    try:
+        model_config(header)
+    except (Unsupported, BadRequest) as exc:
+        return str(exc)
+    return None
 
 
 def load_plan(header: Header) -> dict[str, dict[str, int]]:

@@ -3,7 +3,7 @@
 Owns the three vocabulary kinds llama.cpp writes and how each splits text:
   - `gpt2`: byte-level BPE. `tokenizer.ggml.pre` names the pre-tokenizer: llama.cpp's table of
     split regexes (`PRE_SPLITS`: llama-bpe, qwen2, gpt-4o, tekken, deepseek-llm/-coder/-v3,
-    starcoder/smollm, ...), applied in order before the byte alphabet; unknown names get
+    kimi-k2, starcoder/smollm, ...), applied in order before the byte alphabet; unknown names get
     GPT-2's regex, as llama.cpp does. llama3-style vocabularies skip merges for words that
     are whole tokens (`ignore_merges`) and add BOS unless the file says otherwise.
   - `llama`: SentencePiece BPE with byte fallback. Merges from the file, or derived from the
@@ -57,6 +57,14 @@ _DEEPSEEK3 = (
     r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
     r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 )
+# Kimi K2's own pattern (its tokenization_kimi.py; llama.cpp quotes it above its hand-written
+# splitter): gpt-4o's letter runs minus Han (`&&` is a class intersection, which `tokenizers`'
+# Oniguruma reads), Han runs on their own, digits in threes.
+_NOT_HAN_UP, _NOT_HAN_LOW = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]"
+_KIMI_K2 = (r"[\p{Han}]+"
+            rf"|[^\r\n\p{{L}}\p{{N}}]?{_NOT_HAN_UP}*{_NOT_HAN_LOW}+{_CONTRACTIONS}?"
+            rf"|[^\r\n\p{{L}}\p{{N}}]?{_NOT_HAN_UP}+{_NOT_HAN_LOW}*{_CONTRACTIONS}?"
+            r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",)
 PRE_SPLITS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
                      "dbrx", "smaug-bpe", "glm4", "chatglm-bpe"), _LLAMA3),
@@ -67,6 +75,7 @@ PRE_SPLITS: dict[str, tuple[str, ...]] = {
     "deepseek-llm": _DEEPSEEK_LLM,
     "deepseek-coder": _DEEPSEEK_CODER,
     **dict.fromkeys(("deepseek-v3", "hunyuan-dense"), _DEEPSEEK3),
+    "kimi-k2": _KIMI_K2,
 }
 # llama.cpp: these vocabularies take a word that is one token whole (ignore_merges) and add BOS.
 _WHOLE_WORDS = {"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "tekken"}

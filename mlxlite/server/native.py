@@ -348,15 +348,16 @@ def model_record(store: Any, entry: Any) -> dict:
         info = store.read_config(entry)
     except MlxliteError:
         info = {}
+    unsupported = cannot_run(store, entry, info)
     return {
         "name": entry.name.display,
         "model": entry.name.display,
         "modified_at": wire.rfc3339(entry.modified),
         "size": entry.size,
         "digest": st.digest_hex(entry.digest),
-        "details": wire.details(info),
+        "details": _details(info, unsupported),
         # What the stored config says (show adds what the template says: tools, thinking).
-        "capabilities": _capabilities(info, vision=bool(info.get("vision"))),
+        "capabilities": _capabilities(info, vision=bool(info.get("vision")), unsupported=unsupported),
     }
 
 
@@ -371,18 +372,49 @@ def _layer_text(store: Any, entry: Any, *medias: str) -> str | None:
     return "\n".join(parts) if parts else None
 
 
+def _gguf_layer(entry: Any) -> Any:
+    return next((layer for title, layer in entry.manifest.files().items()
+                 if title.endswith(".gguf") or layer.media_type == st.MEDIA_GGUF), None)
+
+
 def _gguf_meta(store: Any, entry: Any) -> dict:
-    files = entry.manifest.files()
-    layer = next((layer for title, layer in files.items()
-                  if title.endswith(".gguf") or layer.media_type == st.MEDIA_GGUF), None)
+    layer = _gguf_layer(entry)
     if layer is None:
         return {}
     return gguf.read_metadata(store.blob_path(layer.digest))
 
 
-def _capabilities(info: dict, template: str | None = None, go: bool = False, vision: bool = False) -> list[str]:
-    """What the model can do: the bert family embeds and never generates; a template that
-    renders the request's tools adds "tools", one that thinks "thinking"; images "vision"."""
+_CANNOT_LOAD: dict[str, str | None] = {}   # GGUF blob digest -> `gguf.cannot_load` (its bytes never change)
+
+
+def cannot_run(store: Any, entry: Any, info: dict) -> str | None:
+    """Why nothing can run this model, as `show` prints after `runs on: nothing:` (a GGUF of
+    an architecture with no map, a tensor type that does not load), or None. Each GGUF's
+    header is read once per process: /api/tags asks for every model."""
+    if info.get("format") != "gguf" or (layer := _gguf_layer(entry)) is None:
+        return None
+    if layer.digest not in _CANNOT_LOAD:
+        try:
+            header = gguf.read_gguf(store.blob_path(layer.digest))
+        except MlxliteError as exc:
+            return str(exc)     # not kept: a missing or damaged blob can be pulled again
+        _CANNOT_LOAD[layer.digest] = gguf.cannot_load(header)
+    return _CANNOT_LOAD[layer.digest]
+
+
+def _details(info: dict, unsupported: str | None) -> dict:
+    # Ollama's clients parse `details` into a struct (Go) or a model (Python) that ignore
+    # keys they do not know, so the reason rides there, in tags and show alike.
+    return {**wire.details(info), "unsupported": unsupported} if unsupported else wire.details(info)
+
+
+def _capabilities(info: dict, template: str | None = None, go: bool = False, vision: bool = False,
+                  unsupported: str | None = None) -> list[str]:
+    """What the model can do: nothing when nothing can run it (`unsupported` says why); the
+    bert family embeds and never generates; a template that renders the request's tools adds
+    "tools", one that thinks "thinking"; images "vision"."""
+    if unsupported:
+        return []
     if archs.is_encoder(str(info.get("architecture") or "")):
         capabilities = ["embedding"]
     else:
@@ -444,14 +476,15 @@ def show_model(store: Any, entry: Any, verbose: bool = False) -> dict:
         model_info.setdefault("general.parameter_count", info["parameter_count"])
     if info.get("context_length"):
         model_info.setdefault("general.context_length", info["context_length"])
-    capabilities = _capabilities(info, template, go, vision)
+    unsupported = cannot_run(store, entry, info)
+    capabilities = _capabilities(info, template, go, vision, unsupported)
     return {
         "license": license_ or "",
         "modelfile": to_modelfile(store, entry),  # the same text `show --modelfile` prints: it round-trips
         "parameters": wire.params_text(params),
         "template": template or "",
         "system": system or "",
-        "details": wire.details(info),
+        "details": _details(info, unsupported),
         "messages": messages,
         "model_info": model_info,
         "capabilities": capabilities,

@@ -4,6 +4,7 @@ loader and mlx-lm's own `load` read; logits stay near the float model's, files s
 bits per weight, a quantized source or an unknown type is a clear error."""
 
 import json
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,7 +13,7 @@ import pytest
 
 from mlxlite import store as st
 from mlxlite.engine import model as engine_model
-from mlxlite.engine.quantize import quantize_model
+from mlxlite.engine.quantize import _info_lines_to, quantize_model
 from mlxlite.errors import BadRequest
 from mlxlite.modelfile import CreateSpec, create
 from mlxlite.modelfile.quantize import TYPES, parse_type
@@ -163,6 +164,28 @@ def test_cli_create_quantizes_a_model_directory(store, tiny_safetensors_dir, tmp
     code, out, err = run_cli("create", "tiny-bad", "-f", str(tmp_path / "Modelfile"), "-q", "q4")
     assert code == 1 and "already quantized (4-bit nvfp4)" in err and "Traceback" not in err
     assert "tiny-bad" not in {e.name.model for e in store.list()}
+
+
+def test_cli_create_q_prints_status_lines_not_mlx_lms_info(store, tiny_safetensors_dir, tmp_path, run_cli):
+    (tmp_path / "Modelfile").write_text(f"FROM {tiny_safetensors_dir}\n")
+    code, out, err = run_cli("create", "tiny-q4", "-f", str(tmp_path / "Modelfile"), "-q", "q4")
+    assert code == 0, err
+    assert "[INFO]" not in out + err
+    # mlx-lm's bits-per-weight note is one of our status lines, before the weights are written.
+    lines = out.splitlines()
+    (note,) = [i for i, line in enumerate(lines) if re.fullmatch(r"quantized model with \d+\.\d+ bits per weight",
+                                                                   line)]
+    assert lines[note + 1].startswith("wrote model.safetensors") and lines[-1] == "success"
+
+
+def test_other_prints_while_quantizing_still_reach_stdout(capsys):
+    said: list[str] = []
+    with _info_lines_to(said.append):
+        print("[INFO] Quantized model with 4.500 bits per weight.")
+        print("a real warning")
+        print("no newline yet", end="")
+    assert said == ["quantized model with 4.500 bits per weight"]
+    assert capsys.readouterr().out == "a real warning\nno newline yet"
 
 
 def test_a_failed_quantize_of_a_file_leaves_no_import_behind(store, tiny_gguf_path, tmp_path, run_cli):

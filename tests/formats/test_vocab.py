@@ -27,6 +27,12 @@ HARD = [
 TRAIN = CORPUS + HARD * 3 + ["The year 1999 and 2024; numbers 0123456789 9876543210."] * 4
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 C = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"  # llama.cpp's spelling
+# Kimi K2's pattern as its tokenization_kimi.py writes it (llama.cpp's unicode.cpp quotes it
+# above the hand-written splitter it uses instead); `&&` intersects character classes.
+KIMI_K2 = (r"[\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"
+           r"[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?"
+           r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"
+           r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def _original_pre(pre: str):
@@ -49,6 +55,8 @@ def _original_pre(pre: str):
         return seq(r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+",
                    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
                    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    if pre == "kimi-k2":
+        return seq(KIMI_K2)
     if pre == "deepseek-coder":
         return seq("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}")
     if pre in ("smollm", "starcoder"):
@@ -113,7 +121,8 @@ def _transformers_ids(meta: dict, tmp_path, texts: list[str]) -> list[list[int]]
 # tokenizer.ggml.pre -> whether transformers' GGUF tokenizer knows it (and the arch written)
 BPE_CASES = {"llama-bpe": ("llama", True), "qwen2": ("qwen2", True), "gpt-4o": ("llama", True),
              "default": ("starcoder2", True), "deepseek-v3": ("deepseek2", False),
-             "deepseek-coder": ("llama", False), "smollm": ("llama", False), "starcoder": ("starcoder2", False)}
+             "deepseek-coder": ("llama", False), "smollm": ("llama", False), "starcoder": ("starcoder2", False),
+             "kimi-k2": ("deepseek2", False)}
 
 
 @pytest.mark.parametrize("pre", list(BPE_CASES))
@@ -138,6 +147,24 @@ def test_pre_tokenizers_differ_where_their_regexes_do():
     assert [p for p, _ in pieces["llama-bpe"]][:2] == ["123", "45"]
     assert [p for p, _ in pieces["qwen2"]][:5] == ["1", "2", "3", "4", "5"]
     assert len(pieces["deepseek-v3"]) > 0 and pieces["deepseek-v3"][0][0] == "123"
+
+
+def test_kimi_k2_splits_as_its_own_regex_says():
+    """Han runs alone, other letters in gpt-4o's case runs, digits in threes, punctuation
+    leading a word: Python's `regex` applying Kimi's pattern is the reference (GPT-2's
+    regex, the fallback for an unknown name, keeps `12345` whole and `，` apart from `Hello`)."""
+    regex = pytest.importorskip("regex", reason="the reference splitter")
+    pre = vocab.build_tokenizer(_bpe_meta(_train_bpe("default"), "kimi-k2", "deepseek2")).tokenizer.pre_tokenizer
+    unbyte = {c: b for b, c in vocab.bytes_to_unicode().items()}
+
+    def pieces(text: str) -> list[str]:
+        return [bytes(unbyte[c] for c in p).decode() for p, _ in pre.pre_tokenize_str(text)]
+
+    mixed = "你好世界，Hello World! 价格是12345元。getUserName iPhone 東京タワー 中文abc中 x²³ don't\n\n  end"
+    for text in [*HARD, mixed]:
+        assert pieces(text) == regex.findall("(?V1)" + KIMI_K2, text), text
+    assert pieces("你好世界，Hello 12345元。getUserName") == [
+        "你好世界", "，Hello", " ", "123", "45", "元", "。get", "User", "Name"]
 
 
 def test_llama3_vocabulary_adds_bos_unless_the_file_says_not():

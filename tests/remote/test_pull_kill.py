@@ -1,5 +1,14 @@
 """kill -9 a pull at random points: nothing corrupt is ever visible, and the rerun
-completes having downloaded, over both runs, less than 1% more than the blob sizes."""
+completes having downloaded only what the killed pull had not saved (whole blobs, and the
+ranges a partial blob's journal records).
+
+What the killed pull had not saved is what was in flight at the kill: bytes the proxy had
+sent (and counted) that sat in socket buffers (the proxy's send buffer and the client's
+receive buffer, per stream) or in the client's read buffer, not yet written and journaled.
+That depends on how far the client's reads lag the proxy's writes, so under load it can pass
+1% of these 64 MiB (it measured 1.4% once); a percentage bound was load-dependent, this one
+is not, and it still fails when resume is broken (the rerun then fetches the saved ranges
+again)."""
 
 from __future__ import annotations
 
@@ -52,6 +61,10 @@ def test_pull_resumes_after_kill_at_random_points(store, registry, registry_prox
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     rng = random.Random(int(os.environ.get("MLXLITE_TEST_SEED", time.time())))
     tuning = eval(TUNING, {"download": download})
+    blobs = store.resolve(source).manifest.blobs
+    # The proxy counts a chunk (16 KiB) just after writing it, so one per stream may be
+    # counted after `killed_bytes` is read, in the rerun's share.
+    late = tuning.streams * (16 << 10)
     resumed_mid_blob = 0
     for run in range(10):
         home = tmp_path / f"home{run}"
@@ -64,15 +77,18 @@ def test_pull_resumes_after_kill_at_random_points(store, registry, registry_prox
         proc.wait()
         killed_store = Store(home / "models")
         assert_nothing_corrupt_visible(killed_store)
-        partial = download.partial_dir(killed_store)
-        if partial.is_dir() and any(p.suffix == ".json" for p in partial.iterdir()):
-            resumed_mid_blob += 1
         killed_bytes = proxy.blob_bytes
+        whole = sum(b.size for b in blobs if killed_store.has_blob(b.digest, b.size))
+        journaled = sum(download.partial_bytes(killed_store, b.digest, b.size) for b in blobs
+                        if not killed_store.has_blob(b.digest, b.size))
+        resumed_mid_blob += journaled > late
         entry = pull(killed_store, name, insecure=True, tuning=tuning)
         assert entry.digest == digest
         assert killed_store.verify() == []
-        print(f"run {run}: {killed_bytes} bytes before the kill, {proxy.blob_bytes} in all, blobs {total}")
-        assert proxy.blob_bytes <= total * 1.01, (
-            f"run {run}: downloaded {proxy.blob_bytes} bytes ({killed_bytes} before the kill) "
-            f"for {total} bytes of blobs")
-    assert resumed_mid_blob >= 3, "too few kills landed mid-download to test resuming"
+        rerun = proxy.blob_bytes - killed_bytes
+        print(f"run {run}: {killed_bytes} bytes before the kill, {whole + journaled} of them saved "
+              f"({killed_bytes - whole - journaled} in flight), {rerun} by the rerun, blobs {total}")
+        assert rerun <= total - whole - journaled + late, (
+            f"run {run}: the rerun downloaded {rerun} bytes, but only {total - whole - journaled} of the "
+            f"{total} bytes of blobs were missing ({whole} in whole blobs, {journaled} journaled)")
+    assert resumed_mid_blob >= 3, "too few kills landed mid-download with bytes journaled to test resuming"

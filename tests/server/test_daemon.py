@@ -65,6 +65,41 @@ def test_store_routes_without_loading_a_model(srv):
     assert call(srv, "GET", "/api/ps") == (200, {"models": []})
 
 
+def test_a_gguf_nothing_can_run_lists_no_capabilities_and_says_why(store, tiny_gguf_path, tiny_gguf_bad_arch,
+                                                                   tmp_path, run_cli):
+    """An architecture with no map, or a tensor type nothing loads: /api/tags and /api/show
+    list no capability and say why in `details` (Ollama's client still parses both), as
+    `show` (CLI) says `runs on: nothing: ...`; a model that runs keeps its capabilities."""
+    import ollama
+
+    from mlxlite.store.importers import import_path
+
+    raw = bytearray(tiny_gguf_path.read_bytes())
+    at = raw.index(b"blk.0.ffn_up.weight\x02\x00\x00\x00") + len("blk.0.ffn_up.weight") + 4 + 2 * 8
+    assert raw[at:at + 4] == (2).to_bytes(4, "little")     # Q4_0: retyped IQ2_XXS, which nothing loads
+    raw[at:at + 4] = (16).to_bytes(4, "little")
+    (tmp_path / "iq2.gguf").write_bytes(bytes(raw))
+    import_path(store, tmp_path / "iq2.gguf", "iq2")
+    import_path(store, tiny_gguf_bad_arch, "mamba")
+    import_path(store, tiny_gguf_path, "runs")
+    why = {"mamba:latest": "GGUF architecture 'mamba' is not supported",
+           "iq2:latest": "GGUF tensor type IQ2_XXS (tensor 'blk.0.ffn_up.weight') is not supported"}
+    with RunningServer(FakeEngine(), store) as server:
+        models = {m["name"]: m for m in call(server, "GET", "/api/tags")[1]["models"]}
+        assert "completion" in models["runs:latest"]["capabilities"]
+        assert "unsupported" not in models["runs:latest"]["details"]
+        for name, reason in why.items():
+            assert models[name]["capabilities"] == [] and models[name]["details"]["unsupported"].startswith(reason)
+            status, shown = call(server, "POST", "/api/show", {"model": name})
+            assert status == 200 and shown["capabilities"] == [] and shown["details"]["unsupported"].startswith(reason)
+            code, out, _ = run_cli("show", name, "--json")
+            cli = json.loads(out)
+            assert code == 0 and cli["capabilities"] == [] and cli["runs_on"] == f"nothing: {shown['details']['unsupported']}"
+        client = ollama.Client(host=server.url)
+        assert client.show("mamba").capabilities == [] and "completion" in client.show("runs").capabilities
+        assert {m.model for m in client.list().models} == {"mamba:latest", "iq2:latest", "runs:latest"}
+
+
 def test_generate_and_chat_streaming_and_not(srv):
     status, whole = call(srv, "POST", "/api/generate", {"model": "fake", "prompt": "hi", "stream": False})
     assert status == 200 and whole["response"] == srv.engine.reply and whole["done"] is True

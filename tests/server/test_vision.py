@@ -2,7 +2,7 @@
 Ollama's native `images`, OpenAI's `image_url` parts, Anthropic's `image` blocks, Responses'
 `input_image`, the real `ollama`, `openai` and `anthropic` clients; limits and bad images are
 400s before the first byte; http(s) image URLs only when the setting allows (fetched here
-from a loopback server, never the internet)."""
+from a loopback server, with the `private` opt-in, never the internet)."""
 
 from __future__ import annotations
 
@@ -280,7 +280,10 @@ def test_http_image_urls_are_fetched_only_when_the_setting_allows(srv, image_hos
 
     status, body = ask(image_host + "/one.png")
     assert status == 400 and "MLXLITE_IMAGE_FETCH=1" in body["error"]["message"]
-    monkeypatch.setenv("MLXLITE_IMAGE_FETCH", "1")
+    monkeypatch.setenv("MLXLITE_IMAGE_FETCH", "1")     # public addresses only: loopback is refused
+    status, body = ask(image_host + "/one.png")
+    assert status == 400 and "127.0.0.1 is a loopback address" in body["error"]["message"]
+    monkeypatch.setenv("MLXLITE_IMAGE_FETCH", "private")
     status, fetched = ask(image_host + "/one.png")
     assert status == 200, fetched
     assert fetched["choices"][0]["message"]["content"] == ask(data_url(1))[1]["choices"][0]["message"]["content"]
