@@ -6,7 +6,7 @@ Layout under `$MLXLITE_HOME/models`:
   manifests/<host>/<ns>/<model>/<tag>     OCI image manifest bytes; digest = sha256(bytes)
   views/<manifest hex>/<title>            symlinks to blobs, for loaders that want a dir
   sources.json                            where imported blobs were linked from (`sources.py`)
-  verified.json                           blobs hashed sound, by size + mtime + inode (load-time memo)
+  verified.json                           blobs hashed sound, by size + mtime + inode (`verified.py`)
   .tmp-KIND-PID-*                         a rewrite of those, or create's staging folder (`prune`
                                           removes them once process PID is gone)
 
@@ -36,7 +36,6 @@ import os
 import secrets
 import shutil
 import stat
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -64,14 +63,7 @@ from mlxlite.store.manifest import (
     digest_hex,
 )
 from mlxlite.store.sources import Sources
-
-_MEMO_LOCK = threading.Lock()   # one read-modify-write of verified.json at a time in this process
-
-
-def _stamp(st: os.stat_result) -> list[int]:
-    """What the memo remembers of a verified blob: a file edited or replaced changes one of these."""
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
-
+from mlxlite.store.verified import VerifiedMemo, stamp
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_MANIFEST = 4 << 20  # a registry's limit too: a bigger "manifest" is not one
@@ -127,6 +119,7 @@ class Store:
         self.manifest_dir = self.root / "manifests"
         self.view_root = self.root / "views"
         self.sources = Sources(self.root)
+        self.verified = VerifiedMemo(self.root, self.blob_dir)
 
     # ---- locking -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -212,7 +205,7 @@ class Store:
         else:
             method = self._link_in(src, digest)
         # Hashed here and unchanged since: the blob (the same file, or a clone of it) is sound.
-        if hashed and method != "copy" and _stamp(src.stat()) == _stamp(before):
+        if hashed and method != "copy" and stamp(src.stat()) == stamp(before):
             self.record_verified(digest)
         self.sources.add(digest, src, method)
         return digest, size, method
@@ -259,7 +252,7 @@ class Store:
                 return True
         except FileNotFoundError:
             return False
-        if self._memo().get(digest_hex(digest)) == _stamp(st):
+        if self.verified.knows(digest, st):
             return True
         actual, _ = hash_file(path)
         if actual != digest:
@@ -436,7 +429,7 @@ class Store:
             for digest in gone:
                 freed += self._unlink_blob(digest)
             self.sources.forget(gone)
-            self._forget_verified(*gone, strict=False)
+            self.verified.forget(*gone, strict=False)
             self._drop_view(entry.digest)
         return freed
 
@@ -497,7 +490,7 @@ class Store:
                 if not models_using:
                     continue  # each model using it was removed while we hashed: nothing is damaged
             if reason:
-                self._forget_verified(digest)
+                self.verified.forget(digest)
                 links, linked = self._other_links(digest)
                 bad.append(BadBlob(digest, reason, tuple(sorted(set(models_using))), links, linked))
             else:
@@ -545,7 +538,7 @@ class Store:
                     continue
                 if actual != digest:
                     continue
-                self._forget_verified(digest)
+                self.verified.forget(digest)
                 method = self._link_in(src, digest)
                 self.sources.add(digest, src, method)
                 return f"restored from {src} ({method})"
@@ -577,7 +570,7 @@ class Store:
                         os.unlink(parts[3], dir_fd=fds[-1])
                         removed += 1
             self.sources.forget(gone)
-            self._forget_verified(*gone, strict=False)
+            self.verified.forget(*gone, strict=False)
             # A memo or sources rewrite, or create's staging folder, of a killed process.
             for path in self.root.glob(TMP_PREFIX + "*"):
                 if not writer_gone(path):
@@ -600,98 +593,18 @@ class Store:
     _is_stale_temp = staticmethod(is_stale_temp)
 
     # ---- load-time checks ----------------------------------------------------------
-    def _memo_path(self) -> Path:
-        return self.root / "verified.json"
-
-    def _memo(self) -> dict[str, list[int]]:
-        try:
-            data = json.loads(self._memo_path().read_text())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
-    @contextlib.contextmanager
-    def _memo_locked(self) -> Iterator[None]:
-        """verified.json's read-modify-write, one at a time across threads and processes
-        (parallel pulls record their blobs at once; a lost record costs a re-hash)."""
-        with _MEMO_LOCK, contextlib.ExitStack() as stack:
-            try:
-                fh = stack.enter_context(open(self.root / ".memo.lock", "a+b"))
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            except OSError:
-                pass                    # best effort, as the memo itself
-            yield
+    def _memo_path(self) -> Path:  # verified.json (tests remove it to make a load hash)
+        return self.verified.path
 
     def record_verified(self, digest: str) -> None:
-        """Remember that the blob present was just hashed sound: loads skip hashing it while
-        its size, mtime and inode stay the same. Best effort (a full disk loses only the memo)."""
-        try:
-            st = self.blob_path(digest).stat()
-        except OSError:
-            return
-        with self._memo_locked():
-            memo = self._memo()
-            memo[digest_hex(digest)] = _stamp(st)
-            self._save_memo(memo)
-
-    def _save_memo(self, memo: dict) -> None:
-        """Best effort: the memo only saves re-hashing, so a full or read-only disk must not
-        fail the load (or verify) that wanted to remember its work."""
-        tmp = self.root / f"{TMP_PREFIX}memo-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            tmp.write_text(json.dumps(memo))
-            os.replace(tmp, self._memo_path())
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-
-    def _forget_verified(self, *digests: str, strict: bool = True) -> None:
-        """A blob found bad (or deleted) must be hashed again at the next load, whatever its
-        stat. `strict`: failing to write that down is an error (a bad blob must not stay trusted)."""
-        with self._memo_locked():
-            memo = self._memo()
-            gone = [memo.pop(digest_hex(d)) for d in digests if digest_hex(d) in memo]
-            if not gone:
-                return
-            if not strict:
-                self._save_memo(memo)
-                return
-            tmp = self.root / f"{TMP_PREFIX}memo-{os.getpid()}-{secrets.token_hex(4)}"
-            tmp.write_text(json.dumps(memo))
-            os.replace(tmp, self._memo_path())
+        """Remember that the blob present was just hashed sound (`verified.py`)."""
+        self.verified.record(digest)
 
     def check_integrity(self, entry: ModelEntry,
                         progress: Callable[[int], None] | None = None) -> None:
-        """Before a load: every blob present with its size; each digest re-checked once
-        (remembered by size + mtime + inode, so an edited or replaced file is hashed again;
-        blobs hashed on their way into the store are remembered already)."""
-        memo = self._memo()
-        verified: dict[str, list[int]] = {}
-        for layer in entry.manifest.blobs:
-            path = self.blob_path(layer.digest)
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                raise IntegrityError(
-                    f"model '{entry.name.display}' is damaged: blob {layer.digest} is missing; "
-                    "pull or import it again") from None
-            if st.st_size != layer.size:
-                raise IntegrityError(
-                    f"model '{entry.name.display}' is damaged: blob {layer.digest} has "
-                    f"{st.st_size} bytes, expected {layer.size}")
-            if memo.get(digest_hex(layer.digest)) == _stamp(st):
-                continue
-            actual, _ = hash_file(path, progress)
-            if actual != layer.digest:
-                raise IntegrityError(
-                    f"model '{entry.name.display}' is damaged: blob {layer.digest} is corrupt "
-                    f"(content hashes to {actual}); run `mlxlite verify` and pull or import it again")
-            verified[digest_hex(layer.digest)] = _stamp(st)
-        if verified:
-            with self._memo_locked():
-                memo = self._memo()
-                memo.update(verified)
-                self._save_memo(memo)
+        """Before a load: every blob present with its size, hashed unless remembered sound
+        (`VerifiedMemo.check`)."""
+        self.verified.check(entry.name.display, entry.manifest.blobs, progress)
 
     def read_config(self, entry: ModelEntry) -> dict:
         """The model's config blob, normalized: ours as written, Ollama's mapped onto it."""

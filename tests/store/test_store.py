@@ -100,7 +100,7 @@ def test_integrity_check_remembers_verified_blobs(store, monkeypatch):
     entry = store.resolve("m")
     store.check_integrity(entry)
     calls = []
-    import mlxlite.store.store as st
+    import mlxlite.store.verified as st
 
     monkeypatch.setattr(st, "hash_file", lambda *a, **k: calls.append(a) or ("x", 0))
     store.check_integrity(entry)
@@ -109,7 +109,7 @@ def test_integrity_check_remembers_verified_blobs(store, monkeypatch):
 
 
 def _count_hashes(monkeypatch) -> list:
-    import mlxlite.store.store as st
+    import mlxlite.store.verified as st
 
     calls: list = []
     real = st.hash_file
