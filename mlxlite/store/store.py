@@ -14,7 +14,7 @@ Contract: a blob becomes visible only complete and verified (temp file, hashed w
 written, fsynced, renamed); a manifest is written last, by rename, and only when every
 blob it names is present with its size. A blob found damaged is replaced whole, by
 rename, from bytes that hash right (an import of it again, or `repair_blob` from a
-recorded source). Readers never see partial state. A blob hashed on its way in (a
+recorded source: `repair.py`). Readers never see partial state. A blob hashed on its way in (a
 written blob, an imported file, a pull) is recorded as verified with its size, mtime and
 inode, so the first load does not hash it again. Paths are
 built only from validated digests, names and titles. Under `manifests/` nothing is
@@ -45,6 +45,7 @@ from typing import BinaryIO
 from mlxlite import config, names
 from mlxlite.errors import BadRequest, Busy, IntegrityError, MlxliteError, ModelNotFound, full_disk_at
 from mlxlite.names import ModelName
+from mlxlite.store import repair
 from mlxlite.store.blobio import (
     CHUNK,
     TMP_PREFIX,
@@ -62,6 +63,7 @@ from mlxlite.store.manifest import (
     check_title,
     digest_hex,
 )
+from mlxlite.store.repair import BadBlob
 from mlxlite.store.sources import Sources
 from mlxlite.store.verified import VerifiedMemo, stamp
 
@@ -99,15 +101,6 @@ class ModelEntry:
     @property
     def size(self) -> int:
         return self.manifest.size
-
-
-@dataclass(frozen=True)
-class BadBlob:
-    digest: str
-    reason: str
-    models: tuple[str, ...]
-    links: int = 0  # other hard links of the blob's file: they hold the same damaged bytes
-    linked: tuple[str, ...] = ()  # those of them the store recorded as import sources
 
 
 class Store:
@@ -466,83 +459,17 @@ class Store:
 
     def verify(self, models: list[str] | None = None,
                progress: Callable[[int], None] | None = None) -> list[BadBlob]:
-        """Re-hash every blob of the given models (default: all); report the bad ones."""
+        """Re-hash every blob of the given models (default: all); report the bad ones (`repair.py`)."""
         entries = [self.resolve(n) for n in models] if models else self.list()
-        users: dict[str, list[str]] = {}
-        sizes: dict[str, int] = {}
-        for entry in entries:
-            for layer in entry.manifest.blobs:
-                users.setdefault(layer.digest, []).append(entry.name.display)
-                sizes[layer.digest] = layer.size
-        bad = []
-        for digest, models_using in users.items():
-            path = self.blob_path(digest)
-            reason = None
-            try:
-                actual, size = hash_file(path, progress)
-                if size != sizes[digest]:
-                    reason = f"size {size}, manifest says {sizes[digest]}"
-                elif actual != digest:
-                    reason = f"content hashes to {actual}"
-            except FileNotFoundError:
-                reason = "missing"
-                models_using = [m for m in models_using if self._uses(m, digest)]
-                if not models_using:
-                    continue  # each model using it was removed while we hashed: nothing is damaged
-            if reason:
-                self.verified.forget(digest)
-                links, linked = self._other_links(digest)
-                bad.append(BadBlob(digest, reason, tuple(sorted(set(models_using))), links, linked))
-            else:
-                self.record_verified(digest)
-        return bad
-
-    def _uses(self, name: str, digest: str) -> bool:
-        """Whether model `name` is (still) there and names blob `digest`."""
-        try:
-            return any(layer.digest == digest for layer in self.resolve(name).manifest.blobs)
-        except ModelNotFound:
-            return False
-
-    def _other_links(self, digest: str) -> tuple[int, tuple[str, ...]]:
-        """How many other hard links the blob's file has, and which of them were recorded
-        as its import sources (the others are somewhere we never saw)."""
-        try:
-            st = self.blob_path(digest).stat()
-        except FileNotFoundError:
-            return 0, ()
-        linked = []
-        for path in self.sources.paths(digest):
-            with contextlib.suppress(OSError):
-                if os.path.samestat(st, path.stat()):
-                    linked.append(str(path))
-        return st.st_nlink - 1, tuple(linked)
+        return repair.verify([(e.name.display, e.manifest.blobs) for e in entries], self.blob_path,
+                             lambda name: self.resolve(name).manifest.blobs, self.sources, self.verified, progress)
 
     def repair_blob(self, digest: str) -> str | None:
         """Restore a damaged or missing blob from a recorded import source whose bytes hash
-        right (newest first; the blob's own damaged file is skipped). Returns what was done,
-        or None when no recorded source will do."""
+        right (`repair.restore`). Returns what was done, or None when no recorded source will do."""
         digest = names.parse_digest(digest)
-        try:
-            current = self.blob_path(digest).stat()
-        except FileNotFoundError:
-            current = None
-        with self.writing():
-            for src in self.sources.paths(digest):
-                try:
-                    st = src.stat()
-                    if current is not None and os.path.samestat(st, current):
-                        continue  # the damaged file itself, under another name
-                    actual, _ = hash_file(src)
-                except OSError:
-                    continue
-                if actual != digest:
-                    continue
-                self.verified.forget(digest)
-                method = self._link_in(src, digest)
-                self.sources.add(digest, src, method)
-                return f"restored from {src} ({method})"
-        return None
+        return repair.restore(digest, self.blob_path(digest), self.sources, self.verified, self._link_in,
+                              self.writing)
 
     def prune(self) -> tuple[int, int]:
         """Delete unreferenced blobs and stale temp files: (files removed, bytes freed)."""

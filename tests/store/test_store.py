@@ -539,7 +539,7 @@ def test_verify_racing_an_rm_reports_nothing_damaged(store, monkeypatch, moment)
     """verify listed the models, then an rm took one's blobs: verify reported them "missing"
     (so `mlxlite verify` exited 1 on a sound store), or, hashed just before the rm, failed
     remembering it with an untyped FileNotFoundError."""
-    from mlxlite.store import store as store_module
+    from mlxlite.store import repair as store_module
 
     make_model(store, "gone", {"w": b"bytes of a model being removed"})
     real = store_module.hash_file
