@@ -19,7 +19,8 @@ written blob, an imported file, a pull) is recorded as verified with its size, m
 inode, so the first load does not hash it again. Paths are
 built only from validated digests, names and titles. Under `manifests/` nothing is
 followed through a symlink: each level is opened with O_NOFOLLOW, so a linked folder or
-manifest is refused (`IntegrityError`) for reading and deleting and skipped by `list`.
+manifest is refused (`IntegrityError`) for reading and deleting and skipped by `list`
+(`manifest_tree.py`).
 Writers hold a shared store lock,
 `rm`/`prune` an exclusive one, so garbage collection never races an import.
 This module never imports mlx.
@@ -35,7 +36,6 @@ import json
 import os
 import secrets
 import shutil
-import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -63,29 +63,10 @@ from mlxlite.store.manifest import (
     check_title,
     digest_hex,
 )
+from mlxlite.store.manifest_tree import ManifestTree
 from mlxlite.store.repair import BadBlob
 from mlxlite.store.sources import Sources
 from mlxlite.store.verified import VerifiedMemo, stamp
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-MAX_MANIFEST = 4 << 20  # a registry's limit too: a bigger "manifest" is not one
-
-
-class _Linked(Exception):
-    """A symlink where the manifest tree must have a real folder or file."""
-
-
-def _open_below(dir_fd: int, part: str, flags: int) -> int:
-    """Open `part` inside `dir_fd` without following a symlink (`_Linked` if it is one)."""
-    try:
-        return os.open(part, flags | os.O_NOFOLLOW, dir_fd=dir_fd)
-    except OSError as exc:
-        # Linux says ENOTDIR for a symlink opened with O_DIRECTORY, others ELOOP: lstat decides.
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
-            with contextlib.suppress(OSError):
-                if stat.S_ISLNK(os.stat(part, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-                    raise _Linked(part) from None
-        raise
 
 
 @dataclass(frozen=True)
@@ -110,6 +91,7 @@ class Store:
         self.root = Path(root) if root is not None else config.home() / "models"
         self.blob_dir = self.root / "blobs" / "sha256"
         self.manifest_dir = self.root / "manifests"
+        self.manifests = ManifestTree(self.manifest_dir)
         self.view_root = self.root / "views"
         self.sources = Sources(self.root)
         self.verified = VerifiedMemo(self.root, self.blob_dir)
@@ -274,48 +256,6 @@ class Store:
     def manifest_path(self, name: ModelName) -> Path:
         return self.manifest_dir.joinpath(*name.key)
 
-    @contextlib.contextmanager
-    def _manifest_dirs(self, parts: tuple[str, ...], create: bool = False) -> Iterator[list[int]]:
-        """fds of manifests/ and each folder of `parts` below it, opened one level at a time
-        with O_NOFOLLOW: a symlinked folder can never lead outside the store."""
-        if create:
-            self.manifest_dir.mkdir(parents=True, exist_ok=True)
-        fds = [os.open(self.manifest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
-        try:
-            for part in parts:
-                if create:
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(part, dir_fd=fds[-1])
-                fds.append(_open_below(fds[-1], part, _DIR_FLAGS))
-            yield fds
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    def _linked_error(self, parts: tuple[str, ...], which: str) -> IntegrityError:
-        rel = "/".join(parts[: parts.index(which) + 1]) if which in parts else "/".join(parts)
-        return IntegrityError(f"{self.manifest_dir / rel} is a symbolic link; mlxlite never follows links "
-                              "out of the store's manifests (remove the link, then pull or import again)")
-
-    def _read_manifest(self, parts: tuple[str, str, str, str]) -> tuple[bytes, float]:
-        """(bytes, mtime) of manifests/<host>/<ns>/<model>/<tag>, never through a symlink."""
-        try:
-            with self._manifest_dirs(parts[:3]) as fds:
-                # O_NONBLOCK: a FIFO planted as a manifest must not hang the reader.
-                fd = _open_below(fds[-1], parts[3], os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-                try:
-                    st = os.fstat(fd)
-                    if not stat.S_ISREG(st.st_mode):
-                        raise IntegrityError(f"{self.manifest_dir.joinpath(*parts)} is not a file")
-                    if st.st_size > MAX_MANIFEST:
-                        raise IntegrityError(f"{self.manifest_dir.joinpath(*parts)} is larger than a manifest")
-                    with open(fd, "rb", closefd=False) as fh:
-                        return fh.read(MAX_MANIFEST + 1), st.st_mtime
-                finally:
-                    os.close(fd)
-        except _Linked as exc:
-            raise self._linked_error(parts, str(exc)) from None
-
     def write_manifest(self, name: ModelName | str, raw: bytes) -> str:
         """Commit a model: every blob must be present with its size first."""
         name = names.parse(name) if isinstance(name, str) else name
@@ -323,39 +263,14 @@ class Store:
         for layer in manifest.blobs:
             if not self.has_blob(layer.digest, layer.size):
                 raise IntegrityError(f"cannot write manifest: blob {layer.digest} is missing")
-        parts = name.key
-        tmp = f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-        try:
-            # A full disk names the folder; a link anywhere on the way is refused.
-            with full_disk_at(self.manifest_path(name).parent), \
-                    self._manifest_dirs(parts[:3], create=True) as fds:
-                folder = fds[-1]
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
-                             dir_fd=folder)
-                try:
-                    with open(fd, "wb") as fh:
-                        fh.write(raw)
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                    with contextlib.suppress(FileNotFoundError):
-                        if stat.S_ISLNK(os.stat(parts[3], dir_fd=folder, follow_symlinks=False).st_mode):
-                            raise _Linked(parts[3])  # refused as for reading (a rename would only replace the link)
-                    os.replace(tmp, parts[3], src_dir_fd=folder, dst_dir_fd=folder)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp, dir_fd=folder)
-                    raise
-                with contextlib.suppress(OSError):  # not every file system syncs a folder
-                    os.fsync(folder)
-        except _Linked as exc:
-            raise self._linked_error(parts, str(exc)) from None
+        self.manifests.write(name.key, raw)
         return manifest.digest
 
     def resolve(self, name: ModelName | str) -> ModelEntry:
         """The model a name refers to, or `ModelNotFound`."""
         parsed = names.parse(name) if isinstance(name, str) else name
         try:
-            raw, modified = self._read_manifest(parsed.key)
+            raw, modified = self.manifests.read(parsed.key)
         except (FileNotFoundError, NotADirectoryError):
             raise ModelNotFound(f"model '{parsed.display}' not found") from None
         entry = ModelEntry(parsed, Manifest.parse(raw), modified)
@@ -370,33 +285,15 @@ class Store:
             return False
         return True
 
-    def _manifest_files(self) -> Iterator[tuple[str, str, str, str]]:
-        """(host, ns, model, file) of each plain file four levels under manifests/; a
-        symlinked folder or file is not descended into nor listed, and a folder that `rm`
-        (here or in another process) removes while we walk is skipped, never an error."""
-        def below(parts: tuple[str, ...], want_dirs: bool) -> list[str]:
-            try:
-                with os.scandir(self.manifest_dir.joinpath(*parts)) as it:
-                    return sorted(e.name for e in it if (e.is_dir(follow_symlinks=False) if want_dirs
-                                                         else e.is_file(follow_symlinks=False)))
-            except OSError:
-                return []
-
-        for host in below((), True):
-            for namespace in below((host,), True):
-                for model in below((host, namespace), True):
-                    for tag in below((host, namespace, model), False):
-                        yield host, namespace, model, tag
-
     def list(self) -> list[ModelEntry]:
         out = []
-        for host, namespace, model, tag in self._manifest_files():
+        for host, namespace, model, tag in self.manifests.files():
             if tag.startswith(TMP_PREFIX):
                 continue
             try:
                 name = ModelName(host, namespace, model, tag)
                 names.parse(name.full)
-                raw, modified = self._read_manifest((host, namespace, model, tag))  # re-checks: no links
+                raw, modified = self.manifests.read((host, namespace, model, tag))  # re-checks: no links
                 out.append(ModelEntry(name, Manifest.parse(raw), modified))
             except (MlxliteError, OSError):  # a foreign, linked or damaged file: list skips it
                 continue
@@ -427,20 +324,9 @@ class Store:
         return freed
 
     def _unlink_manifest(self, parts: tuple[str, str, str, str]) -> None:
-        """Unlink a manifest by folder fds (never through a link), then its emptied folders."""
+        """Unlink a manifest and its emptied folders (`ManifestTree.unlink`); gone: `ModelNotFound`."""
         try:
-            with self._manifest_dirs(parts[:3]) as fds:
-                st = os.stat(parts[3], dir_fd=fds[-1], follow_symlinks=False)
-                if stat.S_ISLNK(st.st_mode):
-                    raise _Linked(parts[3])
-                os.unlink(parts[3], dir_fd=fds[-1])
-                for level in (2, 1, 0):  # model, namespace, host: each removed only if empty
-                    try:
-                        os.rmdir(parts[level], dir_fd=fds[level])
-                    except OSError:
-                        break
-        except _Linked as exc:
-            raise self._linked_error(parts, str(exc)) from None
+            self.manifests.unlink(parts)
         except (FileNotFoundError, NotADirectoryError):
             raise ModelNotFound(f"model '{ModelName(*parts).display}' not found") from None
 
@@ -491,11 +377,9 @@ class Store:
                         freed += size
                         if not path.name.startswith(TMP_PREFIX):
                             gone.append("sha256:" + path.name)
-            for parts in self._manifest_files():
-                if parts[3].startswith(TMP_PREFIX):
-                    with contextlib.suppress(OSError, _Linked), self._manifest_dirs(parts[:3]) as fds:
-                        os.unlink(parts[3], dir_fd=fds[-1])
-                        removed += 1
+            for parts in self.manifests.files():
+                if parts[3].startswith(TMP_PREFIX) and self.manifests.unlink_leftover(parts):
+                    removed += 1
             self.sources.forget(gone)
             self.verified.forget(*gone, strict=False)
             # A memo or sources rewrite, or create's staging folder, of a killed process.
