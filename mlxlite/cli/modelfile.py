@@ -1,4 +1,4 @@
-"""The Modelfile verbs of the command line: `create`, `validate`, and `show`'s sections.
+"""The Modelfile verbs of the command line: `create` and `validate`.
 
 Imported by `cli/verbs.py` only when one of these verbs runs (the Modelfile machinery is
 not for `--help` or `list`). Errors found at create time are pointed at the FROM line.
@@ -7,7 +7,6 @@ Never imports mlx.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,9 @@ from mlxlite.modelfile import (
     create,
     parse,
     parse_quantize_type,
-    read_params,
     spec_from_modelfile,
-    to_modelfile,
 )
-from mlxlite.store import ModelEntry, Store
+from mlxlite.store import Store
 
 
 def _read_modelfile(path_text: str | None) -> tuple[Modelfile, Path]:
@@ -69,17 +66,3 @@ def cmd_validate(args: Any) -> int:
     kinds = sorted({type(i).__name__.upper() for i in mf.instructions})
     print(f"ok: {len(mf.instructions)} instructions ({', '.join(kinds)}); {summary}")
     return 0
-
-
-def show_text(store: Store, entry: ModelEntry, section: str, summary: dict) -> str:
-    """`show --modelfile/--parameters/--template/--system/--license` output."""
-    if section == "modelfile":
-        return to_modelfile(store, entry)
-    if section == "parameters":
-        out = []
-        for key, value in (read_params(store, entry) or {}).items():
-            for item in value if isinstance(value, list) else [value]:
-                out.append(f"{key:<30} {json.dumps(item) if isinstance(item, str) else item}\n")
-        return "".join(out)
-    text = summary.get(section) or ""
-    return text if text.endswith("\n") or not text else text + "\n"

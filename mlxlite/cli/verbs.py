@@ -14,11 +14,11 @@ import json
 import os
 import re
 import sys
-import time
 from collections.abc import Callable
 
 from mlxlite import __version__, config
-from mlxlite.errors import BadRequest, MlxliteError, Unsupported, full_disk
+from mlxlite.cli.human import human_ago, human_bytes, table
+from mlxlite.errors import BadRequest, MlxliteError, full_disk
 from mlxlite.progress import Printer
 
 Handler = Callable[[argparse.Namespace], int]
@@ -34,30 +34,6 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}".replace(".0 ", " ")
-        n /= 1000
-    return f"{n} B"
-
-
-def human_ago(ts: float, now: float | None = None) -> str:
-    delta = max(0.0, (now or time.time()) - ts)
-    for unit, size in (("year", 31536000), ("month", 2592000), ("week", 604800), ("day", 86400),
-                       ("hour", 3600), ("minute", 60), ("second", 1)):
-        if delta >= size:
-            count = int(delta // size)
-            return f"{count} {unit}{'s' if count != 1 else ''} ago"
-    return "just now"
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["    ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
-    return "\n".join(lines)
-
-
 # ---- store verbs ---------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
     client = _daemon_client()
@@ -69,7 +45,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     else:
         rows = [[e.name.display, e.digest[7:19], human_bytes(e.size), human_ago(e.modified)]
                 for e in _store().list()]
-    print(_table(rows, ["NAME", "ID", "SIZE", "MODIFIED"]))
+    print(table(rows, ["NAME", "ID", "SIZE", "MODIFIED"]))
     return 0
 
 
@@ -82,122 +58,16 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def model_summary(store, entry) -> dict:
-    """What `show` prints: the config blob plus template/system/license/params layers."""
-    from mlxlite import store as st  # lazy: --help stays fast
-    from mlxlite.modelfile import read_json_layer  # lazy: --help stays fast
-
-    info = store.read_config(entry)
-    out = {
-        "name": entry.name.display,
-        "digest": entry.digest,
-        "size": entry.size,
-        "format": info.get("format"),
-        "architecture": info.get("architecture"),
-        "parameters": info.get("parameter_size") or info.get("parameter_count"),
-        "quantization": info.get("quantization"),
-        "context_length": info.get("context_length"),
-        "files": info.get("files") or list(entry.manifest.files()),
-    }
-    from mlxlite.formats import archs  # lazy: --help stays fast
-
-    # What the stored config says, as /api/tags lists it (images: the `vision` extra).
-    out["capabilities"] = (["embedding"] if archs.is_encoder(str(info.get("architecture") or ""))
-                           else ["completion"]) + (["vision"] if info.get("vision") else [])
-    texts = {"template": (st.MEDIA_TEMPLATE, st.MEDIA_OLLAMA_TEMPLATE), "system": (st.MEDIA_SYSTEM,),
-             "license": (st.MEDIA_LICENSE,)}
-    for key, medias in texts.items():
-        parts = [store.read_blob(layer.digest).decode("utf-8", "replace")
-                 for media in medias for layer in entry.manifest.layers_of(media)]
-        if parts:
-            out[key] = "\n".join(parts)
-    for layer in entry.manifest.layers_of(st.MEDIA_PARAMS):
-        out["parameters_set"] = read_json_layer(store, entry, layer, "params")
-    if info.get("format") == "gguf":
-        from mlxlite.formats import gguf  # lazy: only GGUF models need the reader
-
-        files = entry.manifest.files()
-        path = next((store.blob_path(layer.digest) for title, layer in files.items()
-                     if title.endswith(".gguf") or layer.media_type == st.MEDIA_GGUF), None)
-        if path is not None:
-            header = gguf.read_gguf(path)
-            out.setdefault("template", header.metadata.get("tokenizer.chat_template"))
-            if header.metadata.get("general.license"):
-                out.setdefault("license", header.metadata.get("general.license"))
-            out.update(_load_plan_text(gguf, header))
-            if out["runs_on"].startswith("nothing"):
-                out["capabilities"] = []    # as /api/show says: a model nothing runs does nothing
-    elif "template" not in out:
-        view = store.view(entry)
-        for candidate in ("chat_template.jinja", "tokenizer_config.json"):
-            path = view / candidate
-            if path.exists():
-                text = path.read_text()
-                out["template"] = text if candidate.endswith(".jinja") else json.loads(text).get("chat_template")
-                break
-    return {k: v for k, v in out.items() if v not in (None, "")}
-
-
-def _load_plan_text(gguf, header) -> dict:
-    """What loading will do, from the header alone: the mlx-lm class the file runs on (or why
-    none), the re-quantized and the dequantized tensors (`show` says it so nobody has to load
-    the model to find out)."""
-    ids = {name: t for t, name in gguf.GGML_TYPES.items()}
-    plan = gguf.load_plan(header)
-    try:
-        out = {"runs_on": f"mlx-lm {gguf.model_config(header)['model_type']}"}
-    except (Unsupported, BadRequest) as exc:
-        out = {"runs_on": f"nothing: {exc}"}
-    for how in ("requantized", "dequantized"):
-        counts = plan.get(how, {})
-        kinds = [f"{k} -> {gguf.LOADS[ids[k]][1]} bits" if how == "requantized" else k for k in sorted(counts)]
-        n = sum(counts.values())
-        out[f"{how}_at_load"] = f"{n} tensor{'s' * (n != 1)} ({', '.join(kinds)})" if n else "none"
-    return out
-
-
-# `show`'s Modelfile-style sections: flag -> what it prints (`cli/modelfile.show_text`).
+# `show`'s Modelfile-style sections: flag -> what it prints (`cli/show.show_text`).
 SHOW_SECTIONS = {"modelfile": "a Modelfile that recreates the model", "parameters": "its parameters",
                  "template": "its chat template", "system": "its system prompt", "license": "its license"}
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    store = _store()
-    entry = store.resolve(args.model)
-    summary = model_summary(store, entry)
-    section = next((k for k in SHOW_SECTIONS if getattr(args, k, False)), None)
-    if section:  # Modelfile-style sections (issue 7)
-        from mlxlite.cli.modelfile import show_text  # lazy: the Modelfile machinery is not for list
+    from mlxlite.cli import show  # lazy: GGUF headers and the Modelfile machinery are for `show` only
 
-        print(show_text(store, entry, section, summary), end="")
-        return 0
-    if args.json:
-        print(json.dumps(summary, indent=2))
-        return 0
-    print("  Model")
-    for label, key in (("architecture", "architecture"), ("parameters", "parameters"),
-                       ("context length", "context_length"), ("quantization", "quantization"),
-                       ("format", "format"), ("runs on", "runs_on"), ("requantized at load", "requantized_at_load"),
-                       ("dequantized at load", "dequantized_at_load"), ("digest", "digest"), ("size", "size")):
-        if key in summary:
-            value = human_bytes(summary[key]) if key == "size" else summary[key]
-            print(f"    {label:<20}{value}")
-    print("\n  Capabilities")
-    for capability in summary.get("capabilities", []):
-        print(f"    {capability}")
-    if "parameters_set" in summary:
-        print("\n  Parameters")
-        for key, value in summary["parameters_set"].items():
-            print(f"    {key:<20}{json.dumps(value)}")
-    for key in ("system", "template", "license"):
-        if key in summary:
-            text = str(summary[key]).strip().splitlines()
-            print(f"\n  {key.capitalize()}")
-            for line in text[:12]:
-                print(f"    {line}")
-            if len(text) > 12:
-                print(f"    ... ({len(text) - 12} more lines)")
-    return 0
+    section = next((k for k in SHOW_SECTIONS if getattr(args, k, False)), None)
+    return show.show(_store(), args.model, section, args.json)
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
@@ -443,7 +313,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
             processor += f" x {placement['ranks']} ranks ({placement.get('mode')})"
         rows.append([m["name"], m.get("digest", "")[:12], human_bytes(m.get("size", 0)),
                      processor, str(m.get("context_length", "")), until])
-    print(_table(rows, ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]))
+    print(table(rows, ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]))
     return 0
 
 

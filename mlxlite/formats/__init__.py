@@ -3,7 +3,8 @@
 Owns the GGUF header, metadata and tensor table (`gguf`), the per-architecture maps onto
 mlx-lm's model classes (`archs/`, one module per family), the tokenizer spec from GGUF
 metadata (`vocab`), chat templates (`templates`: the model's jinja template in a sandbox or
-Ollama's Go template, fallbacks, prompt assembly), Go's text/template language
+Ollama's Go template, fallbacks, prompt assembly; `jinja_bounds`: the steps, output and
+`*`/`**` limits of one jinja render), Go's text/template language
 (`gotemplate`: lexer, parser, executor), tool calls in generated text (`tools`),
 thinking sections in it (`thinking`) and gpt-oss's harmony channels (`harmony`). Callers use the modules (`gguf.read_gguf(path)`) and
 the types exported here. Imports only the standard library, jinja2/tokenizers where a

@@ -25,23 +25,22 @@ Contract:
   - `with_system(messages, system)` puts a system prompt first (replacing none the
     caller gave); `raw` prompts never go through a template (callers skip it).
 A template error (bad jinja or Go syntax, `raise_exception`, a failed execution) is a
-`BadRequest` that says so. A jinja render is bounded as a Go one is: `MAX_STEPS` template
-lines executed, `MAX_OUTPUT` characters, and `*`/`**` that would build a value past those
-limits refused (a template from a Modelfile or a pulled model must not spin a server thread
-forever). Pure: jinja2 and `gotemplate` only, never mlx.
+`BadRequest` that says so. A jinja render is bounded as a Go one is (`jinja_bounds`:
+`MAX_STEPS` template lines executed, `MAX_OUTPUT` characters, and `*`/`**` that would build
+a value past those limits refused), since a template from a Modelfile or a pulled model must
+not spin a server thread forever. Pure: jinja2 and `gotemplate` only, never mlx.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from mlxlite.errors import BadRequest
-from mlxlite.formats import gotemplate
+from mlxlite.formats import gotemplate, jinja_bounds
 from mlxlite.formats.gotemplate import GoList, GoMap, GoStruct
 
 CHATML = (
@@ -64,53 +63,6 @@ PLAIN = (
 FALLBACKS = {"chatml": CHATML, "llama3": LLAMA3, "plain": PLAIN}
 
 
-MAX_STEPS = 5_000_000      # template lines one render may execute
-MAX_OUTPUT = 64 << 20      # characters one render may write
-
-
-class _OverBudget(Exception):
-    pass
-
-
-def _bounded(render: Any) -> str:
-    """Run `render()` (jinja's generate) counting the template's own lines as it runs:
-    jinja compiles a template to Python, so a line-level trace on its frames alone sees every
-    loop iteration, empty ones included (about 3x the time of a plain render: ~1 ms)."""
-    left = [MAX_STEPS]
-
-    def on_line(frame: Any, event: str, arg: Any) -> Any:
-        left[0] -= 1
-        if left[0] < 0:
-            raise _OverBudget(f"it ran more than {MAX_STEPS:,} steps")
-        return on_line
-
-    def on_call(frame: Any, event: str, arg: Any) -> Any:
-        return on_line if frame.f_code.co_filename == "<template>" else None
-
-    previous = sys.gettrace()
-    sys.settrace(on_call)
-    try:
-        out, size = [], 0
-        for chunk in render():
-            size += len(chunk)
-            if size > MAX_OUTPUT:
-                raise _OverBudget(f"it wrote more than {MAX_OUTPUT:,} characters")
-            out.append(chunk)
-        return "".join(out)
-    finally:
-        sys.settrace(previous)
-
-
-def _binop_guard(operator: str, left: Any, right: Any) -> None:
-    """Refuse a `*` or `**` whose result alone would break the budget (it is built in one go)."""
-    if operator == "*":
-        for seq, times in ((left, right), (right, left)):
-            if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_OUTPUT:
-                raise _OverBudget(f"a value of {len(seq) * times:,} items is more than {MAX_OUTPUT:,}")
-    elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 4096:
-        raise _OverBudget(f"{left} ** {right} is too large a number")
-
-
 def _raise(message: str) -> None:
     raise BadRequest(f"chat template: {message}")
 
@@ -123,27 +75,6 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-_ENV: Any = None
-
-
-def _environment() -> Any:
-    """jinja's immutable sandbox with `*` and `**` checked (made once, on first use: jinja2 is
-    imported lazily, as everywhere in this module)."""
-    global _ENV
-    if _ENV is None:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment  # lazy, as jinja2 everywhere here
-
-        class Bounded(ImmutableSandboxedEnvironment):
-            intercepted_binops = frozenset({"*", "**"})
-
-            def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-                _binop_guard(operator, left, right)
-                return super().call_binop(context, operator, left, right)
-
-        _ENV = Bounded
-    return _ENV
-
-
 class ChatTemplate:
     """A compiled chat template; `render` is thread-safe (jinja templates are)."""
 
@@ -152,7 +83,7 @@ class ChatTemplate:
         from jinja2 import TemplateError
 
         # Same environment settings as transformers' apply_chat_template.
-        env = _environment()(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = jinja_bounds.sandbox()(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = _strftime_now
@@ -187,12 +118,12 @@ class ChatTemplate:
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise BadRequest("messages must be a list of objects")
         try:
-            return _bounded(lambda: self._template.generate(
+            return jinja_bounds.bounded(lambda: self._template.generate(
                 messages=messages, tools=tools or None, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token, eos_token=self.eos_token, **extra))
         except BadRequest:
             raise
-        except _OverBudget as exc:
+        except jinja_bounds.OverBudget as exc:
             raise BadRequest(f"chat template ({self.name}) stopped: {exc}") from None
         except (TemplateError, TypeError, KeyError, ValueError, AttributeError) as exc:
             raise BadRequest(f"chat template ({self.name}) failed to render: {exc}") from None

@@ -1,12 +1,15 @@
 """The store wing: content-addressed blobs and OCI manifests under `$MLXLITE_HOME/models`.
 
 Owns (DESIGN.md §4): `Store` (blobs hashed while written, fsynced, renamed; a manifest
-written last; views, verify and repair, prune, the writer lock), the manifest vocabulary
-(media types, `Layer`, `Manifest`), blob I/O (`blobio`), the record of where imported blobs
-came from (`sources`, `models/sources.json`), and the verbs that bring models already on disk
-in or out: `importers` (GGUF files, model directories, the Hugging Face cache, an Ollama
-store), `layout` and `pack` (OCI image layouts). Those verbs are imported as modules
-(`from mlxlite.store import importers`) so that `list` does not pay for tarfile.
+written last; views, prune, the writer lock), verify and repair (`repair`: `BadBlob`), the
+manifest vocabulary (media types, `Layer`, `Manifest`), the manifest tree on disk, never
+through a symlink (`manifest_tree`), blob I/O (`blobio`), the record of where imported blobs
+came from (`sources`, `models/sources.json`), the memo of blobs hashed sound and the
+load-time check that trusts it (`verified`, `models/verified.json`), and the verbs that
+bring models already on disk in or out: `importers` (GGUF files, model directories, the
+Hugging Face cache, an Ollama store), `layout` and `pack` (OCI image layouts). Those verbs
+are imported as modules (`from mlxlite.store import importers`) so that `list` does not pay
+for tarfile.
 Imports only `formats/` and the ground floor; never imports mlx, a network client, or any
 wing above it.
 """
@@ -34,7 +37,8 @@ from mlxlite.store.manifest import (
     check_title,
     digest_hex,
 )
-from mlxlite.store.store import BadBlob, ModelEntry, Store
+from mlxlite.store.repair import BadBlob
+from mlxlite.store.store import ModelEntry, Store
 
 __all__ = [
     "Store", "ModelEntry", "BadBlob", "Layer", "Manifest", "build_manifest", "check_title", "digest_hex",

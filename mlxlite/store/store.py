@@ -6,7 +6,7 @@ Layout under `$MLXLITE_HOME/models`:
   manifests/<host>/<ns>/<model>/<tag>     OCI image manifest bytes; digest = sha256(bytes)
   views/<manifest hex>/<title>            symlinks to blobs, for loaders that want a dir
   sources.json                            where imported blobs were linked from (`sources.py`)
-  verified.json                           blobs hashed sound, by size + mtime + inode (load-time memo)
+  verified.json                           blobs hashed sound, by size + mtime + inode (`verified.py`)
   .tmp-KIND-PID-*                         a rewrite of those, or create's staging folder (`prune`
                                           removes them once process PID is gone)
 
@@ -14,12 +14,13 @@ Contract: a blob becomes visible only complete and verified (temp file, hashed w
 written, fsynced, renamed); a manifest is written last, by rename, and only when every
 blob it names is present with its size. A blob found damaged is replaced whole, by
 rename, from bytes that hash right (an import of it again, or `repair_blob` from a
-recorded source). Readers never see partial state. A blob hashed on its way in (a
+recorded source: `repair.py`). Readers never see partial state. A blob hashed on its way in (a
 written blob, an imported file, a pull) is recorded as verified with its size, mtime and
 inode, so the first load does not hash it again. Paths are
 built only from validated digests, names and titles. Under `manifests/` nothing is
 followed through a symlink: each level is opened with O_NOFOLLOW, so a linked folder or
-manifest is refused (`IntegrityError`) for reading and deleting and skipped by `list`.
+manifest is refused (`IntegrityError`) for reading and deleting and skipped by `list`
+(`manifest_tree.py`).
 Writers hold a shared store lock,
 `rm`/`prune` an exclusive one, so garbage collection never races an import.
 This module never imports mlx.
@@ -35,8 +36,6 @@ import json
 import os
 import secrets
 import shutil
-import stat
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from typing import BinaryIO
 from mlxlite import config, names
 from mlxlite.errors import BadRequest, Busy, IntegrityError, MlxliteError, ModelNotFound, full_disk_at
 from mlxlite.names import ModelName
+from mlxlite.store import repair
 from mlxlite.store.blobio import (
     CHUNK,
     TMP_PREFIX,
@@ -63,35 +63,10 @@ from mlxlite.store.manifest import (
     check_title,
     digest_hex,
 )
+from mlxlite.store.manifest_tree import ManifestTree
+from mlxlite.store.repair import BadBlob
 from mlxlite.store.sources import Sources
-
-_MEMO_LOCK = threading.Lock()   # one read-modify-write of verified.json at a time in this process
-
-
-def _stamp(st: os.stat_result) -> list[int]:
-    """What the memo remembers of a verified blob: a file edited or replaced changes one of these."""
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
-
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-MAX_MANIFEST = 4 << 20  # a registry's limit too: a bigger "manifest" is not one
-
-
-class _Linked(Exception):
-    """A symlink where the manifest tree must have a real folder or file."""
-
-
-def _open_below(dir_fd: int, part: str, flags: int) -> int:
-    """Open `part` inside `dir_fd` without following a symlink (`_Linked` if it is one)."""
-    try:
-        return os.open(part, flags | os.O_NOFOLLOW, dir_fd=dir_fd)
-    except OSError as exc:
-        # Linux says ENOTDIR for a symlink opened with O_DIRECTORY, others ELOOP: lstat decides.
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
-            with contextlib.suppress(OSError):
-                if stat.S_ISLNK(os.stat(part, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-                    raise _Linked(part) from None
-        raise
+from mlxlite.store.verified import VerifiedMemo, stamp
 
 
 @dataclass(frozen=True)
@@ -109,15 +84,6 @@ class ModelEntry:
         return self.manifest.size
 
 
-@dataclass(frozen=True)
-class BadBlob:
-    digest: str
-    reason: str
-    models: tuple[str, ...]
-    links: int = 0  # other hard links of the blob's file: they hold the same damaged bytes
-    linked: tuple[str, ...] = ()  # those of them the store recorded as import sources
-
-
 class Store:
     """Blobs and manifests under one root; safe for many threads and processes."""
 
@@ -125,8 +91,10 @@ class Store:
         self.root = Path(root) if root is not None else config.home() / "models"
         self.blob_dir = self.root / "blobs" / "sha256"
         self.manifest_dir = self.root / "manifests"
+        self.manifests = ManifestTree(self.manifest_dir)
         self.view_root = self.root / "views"
         self.sources = Sources(self.root)
+        self.verified = VerifiedMemo(self.root, self.blob_dir)
 
     # ---- locking -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -212,7 +180,7 @@ class Store:
         else:
             method = self._link_in(src, digest)
         # Hashed here and unchanged since: the blob (the same file, or a clone of it) is sound.
-        if hashed and method != "copy" and _stamp(src.stat()) == _stamp(before):
+        if hashed and method != "copy" and stamp(src.stat()) == stamp(before):
             self.record_verified(digest)
         self.sources.add(digest, src, method)
         return digest, size, method
@@ -259,7 +227,7 @@ class Store:
                 return True
         except FileNotFoundError:
             return False
-        if self._memo().get(digest_hex(digest)) == _stamp(st):
+        if self.verified.knows(digest, st):
             return True
         actual, _ = hash_file(path)
         if actual != digest:
@@ -288,48 +256,6 @@ class Store:
     def manifest_path(self, name: ModelName) -> Path:
         return self.manifest_dir.joinpath(*name.key)
 
-    @contextlib.contextmanager
-    def _manifest_dirs(self, parts: tuple[str, ...], create: bool = False) -> Iterator[list[int]]:
-        """fds of manifests/ and each folder of `parts` below it, opened one level at a time
-        with O_NOFOLLOW: a symlinked folder can never lead outside the store."""
-        if create:
-            self.manifest_dir.mkdir(parents=True, exist_ok=True)
-        fds = [os.open(self.manifest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
-        try:
-            for part in parts:
-                if create:
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(part, dir_fd=fds[-1])
-                fds.append(_open_below(fds[-1], part, _DIR_FLAGS))
-            yield fds
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    def _linked_error(self, parts: tuple[str, ...], which: str) -> IntegrityError:
-        rel = "/".join(parts[: parts.index(which) + 1]) if which in parts else "/".join(parts)
-        return IntegrityError(f"{self.manifest_dir / rel} is a symbolic link; mlxlite never follows links "
-                              "out of the store's manifests (remove the link, then pull or import again)")
-
-    def _read_manifest(self, parts: tuple[str, str, str, str]) -> tuple[bytes, float]:
-        """(bytes, mtime) of manifests/<host>/<ns>/<model>/<tag>, never through a symlink."""
-        try:
-            with self._manifest_dirs(parts[:3]) as fds:
-                # O_NONBLOCK: a FIFO planted as a manifest must not hang the reader.
-                fd = _open_below(fds[-1], parts[3], os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-                try:
-                    st = os.fstat(fd)
-                    if not stat.S_ISREG(st.st_mode):
-                        raise IntegrityError(f"{self.manifest_dir.joinpath(*parts)} is not a file")
-                    if st.st_size > MAX_MANIFEST:
-                        raise IntegrityError(f"{self.manifest_dir.joinpath(*parts)} is larger than a manifest")
-                    with open(fd, "rb", closefd=False) as fh:
-                        return fh.read(MAX_MANIFEST + 1), st.st_mtime
-                finally:
-                    os.close(fd)
-        except _Linked as exc:
-            raise self._linked_error(parts, str(exc)) from None
-
     def write_manifest(self, name: ModelName | str, raw: bytes) -> str:
         """Commit a model: every blob must be present with its size first."""
         name = names.parse(name) if isinstance(name, str) else name
@@ -337,39 +263,14 @@ class Store:
         for layer in manifest.blobs:
             if not self.has_blob(layer.digest, layer.size):
                 raise IntegrityError(f"cannot write manifest: blob {layer.digest} is missing")
-        parts = name.key
-        tmp = f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
-        try:
-            # A full disk names the folder; a link anywhere on the way is refused.
-            with full_disk_at(self.manifest_path(name).parent), \
-                    self._manifest_dirs(parts[:3], create=True) as fds:
-                folder = fds[-1]
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
-                             dir_fd=folder)
-                try:
-                    with open(fd, "wb") as fh:
-                        fh.write(raw)
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                    with contextlib.suppress(FileNotFoundError):
-                        if stat.S_ISLNK(os.stat(parts[3], dir_fd=folder, follow_symlinks=False).st_mode):
-                            raise _Linked(parts[3])  # refused as for reading (a rename would only replace the link)
-                    os.replace(tmp, parts[3], src_dir_fd=folder, dst_dir_fd=folder)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp, dir_fd=folder)
-                    raise
-                with contextlib.suppress(OSError):  # not every file system syncs a folder
-                    os.fsync(folder)
-        except _Linked as exc:
-            raise self._linked_error(parts, str(exc)) from None
+        self.manifests.write(name.key, raw)
         return manifest.digest
 
     def resolve(self, name: ModelName | str) -> ModelEntry:
         """The model a name refers to, or `ModelNotFound`."""
         parsed = names.parse(name) if isinstance(name, str) else name
         try:
-            raw, modified = self._read_manifest(parsed.key)
+            raw, modified = self.manifests.read(parsed.key)
         except (FileNotFoundError, NotADirectoryError):
             raise ModelNotFound(f"model '{parsed.display}' not found") from None
         entry = ModelEntry(parsed, Manifest.parse(raw), modified)
@@ -384,33 +285,15 @@ class Store:
             return False
         return True
 
-    def _manifest_files(self) -> Iterator[tuple[str, str, str, str]]:
-        """(host, ns, model, file) of each plain file four levels under manifests/; a
-        symlinked folder or file is not descended into nor listed, and a folder that `rm`
-        (here or in another process) removes while we walk is skipped, never an error."""
-        def below(parts: tuple[str, ...], want_dirs: bool) -> list[str]:
-            try:
-                with os.scandir(self.manifest_dir.joinpath(*parts)) as it:
-                    return sorted(e.name for e in it if (e.is_dir(follow_symlinks=False) if want_dirs
-                                                         else e.is_file(follow_symlinks=False)))
-            except OSError:
-                return []
-
-        for host in below((), True):
-            for namespace in below((host,), True):
-                for model in below((host, namespace), True):
-                    for tag in below((host, namespace, model), False):
-                        yield host, namespace, model, tag
-
     def list(self) -> list[ModelEntry]:
         out = []
-        for host, namespace, model, tag in self._manifest_files():
+        for host, namespace, model, tag in self.manifests.files():
             if tag.startswith(TMP_PREFIX):
                 continue
             try:
                 name = ModelName(host, namespace, model, tag)
                 names.parse(name.full)
-                raw, modified = self._read_manifest((host, namespace, model, tag))  # re-checks: no links
+                raw, modified = self.manifests.read((host, namespace, model, tag))  # re-checks: no links
                 out.append(ModelEntry(name, Manifest.parse(raw), modified))
             except (MlxliteError, OSError):  # a foreign, linked or damaged file: list skips it
                 continue
@@ -436,25 +319,14 @@ class Store:
             for digest in gone:
                 freed += self._unlink_blob(digest)
             self.sources.forget(gone)
-            self._forget_verified(*gone, strict=False)
+            self.verified.forget(*gone, strict=False)
             self._drop_view(entry.digest)
         return freed
 
     def _unlink_manifest(self, parts: tuple[str, str, str, str]) -> None:
-        """Unlink a manifest by folder fds (never through a link), then its emptied folders."""
+        """Unlink a manifest and its emptied folders (`ManifestTree.unlink`); gone: `ModelNotFound`."""
         try:
-            with self._manifest_dirs(parts[:3]) as fds:
-                st = os.stat(parts[3], dir_fd=fds[-1], follow_symlinks=False)
-                if stat.S_ISLNK(st.st_mode):
-                    raise _Linked(parts[3])
-                os.unlink(parts[3], dir_fd=fds[-1])
-                for level in (2, 1, 0):  # model, namespace, host: each removed only if empty
-                    try:
-                        os.rmdir(parts[level], dir_fd=fds[level])
-                    except OSError:
-                        break
-        except _Linked as exc:
-            raise self._linked_error(parts, str(exc)) from None
+            self.manifests.unlink(parts)
         except (FileNotFoundError, NotADirectoryError):
             raise ModelNotFound(f"model '{ModelName(*parts).display}' not found") from None
 
@@ -473,83 +345,17 @@ class Store:
 
     def verify(self, models: list[str] | None = None,
                progress: Callable[[int], None] | None = None) -> list[BadBlob]:
-        """Re-hash every blob of the given models (default: all); report the bad ones."""
+        """Re-hash every blob of the given models (default: all); report the bad ones (`repair.py`)."""
         entries = [self.resolve(n) for n in models] if models else self.list()
-        users: dict[str, list[str]] = {}
-        sizes: dict[str, int] = {}
-        for entry in entries:
-            for layer in entry.manifest.blobs:
-                users.setdefault(layer.digest, []).append(entry.name.display)
-                sizes[layer.digest] = layer.size
-        bad = []
-        for digest, models_using in users.items():
-            path = self.blob_path(digest)
-            reason = None
-            try:
-                actual, size = hash_file(path, progress)
-                if size != sizes[digest]:
-                    reason = f"size {size}, manifest says {sizes[digest]}"
-                elif actual != digest:
-                    reason = f"content hashes to {actual}"
-            except FileNotFoundError:
-                reason = "missing"
-                models_using = [m for m in models_using if self._uses(m, digest)]
-                if not models_using:
-                    continue  # each model using it was removed while we hashed: nothing is damaged
-            if reason:
-                self._forget_verified(digest)
-                links, linked = self._other_links(digest)
-                bad.append(BadBlob(digest, reason, tuple(sorted(set(models_using))), links, linked))
-            else:
-                self.record_verified(digest)
-        return bad
-
-    def _uses(self, name: str, digest: str) -> bool:
-        """Whether model `name` is (still) there and names blob `digest`."""
-        try:
-            return any(layer.digest == digest for layer in self.resolve(name).manifest.blobs)
-        except ModelNotFound:
-            return False
-
-    def _other_links(self, digest: str) -> tuple[int, tuple[str, ...]]:
-        """How many other hard links the blob's file has, and which of them were recorded
-        as its import sources (the others are somewhere we never saw)."""
-        try:
-            st = self.blob_path(digest).stat()
-        except FileNotFoundError:
-            return 0, ()
-        linked = []
-        for path in self.sources.paths(digest):
-            with contextlib.suppress(OSError):
-                if os.path.samestat(st, path.stat()):
-                    linked.append(str(path))
-        return st.st_nlink - 1, tuple(linked)
+        return repair.verify([(e.name.display, e.manifest.blobs) for e in entries], self.blob_path,
+                             lambda name: self.resolve(name).manifest.blobs, self.sources, self.verified, progress)
 
     def repair_blob(self, digest: str) -> str | None:
         """Restore a damaged or missing blob from a recorded import source whose bytes hash
-        right (newest first; the blob's own damaged file is skipped). Returns what was done,
-        or None when no recorded source will do."""
+        right (`repair.restore`). Returns what was done, or None when no recorded source will do."""
         digest = names.parse_digest(digest)
-        try:
-            current = self.blob_path(digest).stat()
-        except FileNotFoundError:
-            current = None
-        with self.writing():
-            for src in self.sources.paths(digest):
-                try:
-                    st = src.stat()
-                    if current is not None and os.path.samestat(st, current):
-                        continue  # the damaged file itself, under another name
-                    actual, _ = hash_file(src)
-                except OSError:
-                    continue
-                if actual != digest:
-                    continue
-                self._forget_verified(digest)
-                method = self._link_in(src, digest)
-                self.sources.add(digest, src, method)
-                return f"restored from {src} ({method})"
-        return None
+        return repair.restore(digest, self.blob_path(digest), self.sources, self.verified, self._link_in,
+                              self.writing)
 
     def prune(self) -> tuple[int, int]:
         """Delete unreferenced blobs and stale temp files: (files removed, bytes freed)."""
@@ -571,13 +377,11 @@ class Store:
                         freed += size
                         if not path.name.startswith(TMP_PREFIX):
                             gone.append("sha256:" + path.name)
-            for parts in self._manifest_files():
-                if parts[3].startswith(TMP_PREFIX):
-                    with contextlib.suppress(OSError, _Linked), self._manifest_dirs(parts[:3]) as fds:
-                        os.unlink(parts[3], dir_fd=fds[-1])
-                        removed += 1
+            for parts in self.manifests.files():
+                if parts[3].startswith(TMP_PREFIX) and self.manifests.unlink_leftover(parts):
+                    removed += 1
             self.sources.forget(gone)
-            self._forget_verified(*gone, strict=False)
+            self.verified.forget(*gone, strict=False)
             # A memo or sources rewrite, or create's staging folder, of a killed process.
             for path in self.root.glob(TMP_PREFIX + "*"):
                 if not writer_gone(path):
@@ -600,98 +404,18 @@ class Store:
     _is_stale_temp = staticmethod(is_stale_temp)
 
     # ---- load-time checks ----------------------------------------------------------
-    def _memo_path(self) -> Path:
-        return self.root / "verified.json"
-
-    def _memo(self) -> dict[str, list[int]]:
-        try:
-            data = json.loads(self._memo_path().read_text())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
-    @contextlib.contextmanager
-    def _memo_locked(self) -> Iterator[None]:
-        """verified.json's read-modify-write, one at a time across threads and processes
-        (parallel pulls record their blobs at once; a lost record costs a re-hash)."""
-        with _MEMO_LOCK, contextlib.ExitStack() as stack:
-            try:
-                fh = stack.enter_context(open(self.root / ".memo.lock", "a+b"))
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            except OSError:
-                pass                    # best effort, as the memo itself
-            yield
+    def _memo_path(self) -> Path:  # verified.json (tests remove it to make a load hash)
+        return self.verified.path
 
     def record_verified(self, digest: str) -> None:
-        """Remember that the blob present was just hashed sound: loads skip hashing it while
-        its size, mtime and inode stay the same. Best effort (a full disk loses only the memo)."""
-        try:
-            st = self.blob_path(digest).stat()
-        except OSError:
-            return
-        with self._memo_locked():
-            memo = self._memo()
-            memo[digest_hex(digest)] = _stamp(st)
-            self._save_memo(memo)
-
-    def _save_memo(self, memo: dict) -> None:
-        """Best effort: the memo only saves re-hashing, so a full or read-only disk must not
-        fail the load (or verify) that wanted to remember its work."""
-        tmp = self.root / f"{TMP_PREFIX}memo-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            tmp.write_text(json.dumps(memo))
-            os.replace(tmp, self._memo_path())
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-
-    def _forget_verified(self, *digests: str, strict: bool = True) -> None:
-        """A blob found bad (or deleted) must be hashed again at the next load, whatever its
-        stat. `strict`: failing to write that down is an error (a bad blob must not stay trusted)."""
-        with self._memo_locked():
-            memo = self._memo()
-            gone = [memo.pop(digest_hex(d)) for d in digests if digest_hex(d) in memo]
-            if not gone:
-                return
-            if not strict:
-                self._save_memo(memo)
-                return
-            tmp = self.root / f"{TMP_PREFIX}memo-{os.getpid()}-{secrets.token_hex(4)}"
-            tmp.write_text(json.dumps(memo))
-            os.replace(tmp, self._memo_path())
+        """Remember that the blob present was just hashed sound (`verified.py`)."""
+        self.verified.record(digest)
 
     def check_integrity(self, entry: ModelEntry,
                         progress: Callable[[int], None] | None = None) -> None:
-        """Before a load: every blob present with its size; each digest re-checked once
-        (remembered by size + mtime + inode, so an edited or replaced file is hashed again;
-        blobs hashed on their way into the store are remembered already)."""
-        memo = self._memo()
-        verified: dict[str, list[int]] = {}
-        for layer in entry.manifest.blobs:
-            path = self.blob_path(layer.digest)
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                raise IntegrityError(
-                    f"model '{entry.name.display}' is damaged: blob {layer.digest} is missing; "
-                    "pull or import it again") from None
-            if st.st_size != layer.size:
-                raise IntegrityError(
-                    f"model '{entry.name.display}' is damaged: blob {layer.digest} has "
-                    f"{st.st_size} bytes, expected {layer.size}")
-            if memo.get(digest_hex(layer.digest)) == _stamp(st):
-                continue
-            actual, _ = hash_file(path, progress)
-            if actual != layer.digest:
-                raise IntegrityError(
-                    f"model '{entry.name.display}' is damaged: blob {layer.digest} is corrupt "
-                    f"(content hashes to {actual}); run `mlxlite verify` and pull or import it again")
-            verified[digest_hex(layer.digest)] = _stamp(st)
-        if verified:
-            with self._memo_locked():
-                memo = self._memo()
-                memo.update(verified)
-                self._save_memo(memo)
+        """Before a load: every blob present with its size, hashed unless remembered sound
+        (`VerifiedMemo.check`)."""
+        self.verified.check(entry.name.display, entry.manifest.blobs, progress)
 
     def read_config(self, entry: ModelEntry) -> dict:
         """The model's config blob, normalized: ours as written, Ollama's mapped onto it."""

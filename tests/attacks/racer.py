@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
-    from mlxlite.cli.verbs import model_summary
+    from mlxlite.cli.show import model_summary
     from mlxlite.errors import MlxliteError
     from mlxlite.modelfile import create, parse, spec_from_modelfile
     from mlxlite.remote import pull

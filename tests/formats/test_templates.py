@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mlxlite.errors import BadRequest
-from mlxlite.formats import templates
+from mlxlite.formats import jinja_bounds, templates
 
 SMOL = (  # the default model's template (GGUF tokenizer.chat_template)
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -106,8 +106,8 @@ def test_template_sandbox_blocks_attribute_escapes():
     ("{{ 7 ** 100000000 }}", "too large"),
 ])
 def test_a_jinja_template_that_would_spin_or_balloon_is_stopped(source, words, monkeypatch):
-    monkeypatch.setattr(templates, "MAX_STEPS", 200_000)
-    monkeypatch.setattr(templates, "MAX_OUTPUT", 1 << 20)
+    monkeypatch.setattr(jinja_bounds, "MAX_STEPS", 200_000)
+    monkeypatch.setattr(jinja_bounds, "MAX_OUTPUT", 1 << 20)
     with pytest.raises(BadRequest, match=f"stopped: .*{words}"):
         templates.ChatTemplate(source, name="hostile").render([{"role": "user", "content": "hi"}])
 

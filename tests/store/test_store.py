@@ -100,7 +100,7 @@ def test_integrity_check_remembers_verified_blobs(store, monkeypatch):
     entry = store.resolve("m")
     store.check_integrity(entry)
     calls = []
-    import mlxlite.store.store as st
+    import mlxlite.store.verified as st
 
     monkeypatch.setattr(st, "hash_file", lambda *a, **k: calls.append(a) or ("x", 0))
     store.check_integrity(entry)
@@ -109,7 +109,7 @@ def test_integrity_check_remembers_verified_blobs(store, monkeypatch):
 
 
 def _count_hashes(monkeypatch) -> list:
-    import mlxlite.store.store as st
+    import mlxlite.store.verified as st
 
     calls: list = []
     real = st.hash_file
@@ -539,7 +539,7 @@ def test_verify_racing_an_rm_reports_nothing_damaged(store, monkeypatch, moment)
     """verify listed the models, then an rm took one's blobs: verify reported them "missing"
     (so `mlxlite verify` exited 1 on a sound store), or, hashed just before the rm, failed
     remembering it with an untyped FileNotFoundError."""
-    from mlxlite.store import store as store_module
+    from mlxlite.store import repair as store_module
 
     make_model(store, "gone", {"w": b"bytes of a model being removed"})
     real = store_module.hash_file
