@@ -353,7 +353,7 @@ class Decoder:
         if self._inflight is None and self.speculator.step(self, out, is_cancelled):
             self._steps += 1
             return
-        batch, eos = self._batch, self.loaded.eos_token_ids
+        batch = self._batch
         if self._inflight is not None:
             step, self._inflight = self._inflight, None
         else:
@@ -379,27 +379,10 @@ class Decoder:
                 continue
             s.fed.append(s.next_input)
             s.next_input = token
-            s.slice_used += 1
             if s.t_first is None:
                 s.t_first = now
-            if token in eos:
-                out.append((s.key, self._finish(s, "stop", self._tail(s))))
-                leaving.append(i)
-                continue
-            if s.constraint is not None:
-                s.constraint.advance(token)
-            s.n += 1
-            emit, hit = s.stops.feed(s.text.add(token))
-            top = ()
-            if s.top and top_ids is not None:
-                top = alternatives(self.loaded, top_ids[i][:s.top], top_values[i][:s.top])
-            out.append((s.key, Piece(token, emit, float(lp) if s.logprobs else 0.0, token_piece(self.loaded, token),
-                                     top)))
-            if hit:
-                out.append((s.key, self._finish(s, "stop")))
-                leaving.append(i)
-            elif s.n >= s.limit:
-                out.append((s.key, self._finish(s, "length", self._tail(s))))
+            top = (top_ids[i], top_values[i]) if s.top and top_ids is not None else None
+            if self.hand_out(s, token, lp, top, out):
                 leaving.append(i)
         if leaving:
             self._leave(leaving, keep_caches=True, ahead=ahead is not None)
@@ -411,6 +394,31 @@ class Decoder:
         self._steps += 1
         if self._steps % 256 == 0:
             mx.clear_cache()
+
+    def hand_out(self, s: _Seq, token: int, lp: float, top: tuple[list[int], list[float]] | None,
+                 out: list) -> bool:
+        """One token `s` generated goes out, as every step hands them out (plain or
+        speculative): EOS ends it, its constraint follows it, its stop strings and num_predict;
+        its Piece with its logprob and `top` alternatives (ids, logprobs: most likely first).
+        True when `s` is done and leaves the batch."""
+        s.slice_used += 1
+        if token in self.loaded.eos_token_ids:
+            out.append((s.key, self._finish(s, "stop", self._tail(s))))
+            return True
+        if s.constraint is not None:
+            s.constraint.advance(token)
+        s.n += 1
+        emit, hit = s.stops.feed(s.text.add(token))
+        alts = alternatives(self.loaded, top[0][:s.top], top[1][:s.top]) if top is not None else ()
+        out.append((s.key, Piece(token, emit, float(lp) if s.logprobs else 0.0, token_piece(self.loaded, token),
+                                 alts)))
+        if hit:
+            out.append((s.key, self._finish(s, "stop")))
+            return True
+        if s.n >= s.limit:
+            out.append((s.key, self._finish(s, "length", self._tail(s))))
+            return True
+        return False
 
     def close(self) -> None:
         self._inflight = None

@@ -16,7 +16,8 @@ Exactness (what the tests hold it to):
   - penalties see each position's own history; a constraint masks each position with its
     state after the draft tokens before it, and a draft token it forbids ends the draft.
   - logprobs / top_logprobs of a token come from its own position's log-softmax; stop
-    strings, EOS and num_predict are applied token by token as in a plain step.
+    strings, EOS and num_predict are applied token by token by the plain step's own
+    `Decoder.hand_out`.
 Policy: on for greedy and unseeded sampling (a seed keeps the plain sampler so the same
 seed gives the same text alone, batched or through `run`). It pays only where checking k+1
 tokens costs little more than one, so each step is gated: the members' expected yield (their
@@ -37,11 +38,10 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlxlite.engine.model import GENERATION_STREAM, alternatives, new_cache, prefill, token_piece
+from mlxlite.engine.model import GENERATION_STREAM, new_cache, prefill
 from mlxlite.engine.sampling import constraint_mask, make_distribution, top_alternatives
 from mlxlite.errors import BadRequest
 from mlxlite.options import Options
-from mlxlite.results import Piece
 
 NGRAMS = (3, 2)          # prompt lookup: context suffix lengths tried, longest first
 MISS_PAUSE_MAX = 64      # steps a member whose drafts keep missing waits before drafting again
@@ -407,7 +407,6 @@ class Speculator:
     def _emit(self, dec: Any, batch: list[Any], drafts: list[list[int]], results: list, out: list,
               is_cancelled: Any) -> None:
         """Hand out each member's tokens as a plain step would, one by one."""
-        eos, loaded = self.loaded.eos_token_ids, self.loaded
         now = time.perf_counter()
         leaving: list[int] = []
         for i, (s, d, (tokens, lps, positions, top)) in enumerate(zip(batch, drafts, results, strict=True)):
@@ -425,29 +424,12 @@ class Speculator:
             if s.t_first is None:
                 s.t_first = now
             s.next_input = tokens[-1]
+            n = s.n
             for token, lp, j in zip(tokens, lps, positions, strict=True):
-                s.slice_used += 1
-                if token in eos:
-                    out.append((s.key, dec._finish(s, "stop", dec._tail(s))))
+                if dec.hand_out(s, token, lp, None if top is None else (top[0][j], top[1][j]), out):
                     leaving.append(i)
                     break
-                if s.constraint is not None:
-                    s.constraint.advance(token)
-                s.n += 1
-                self.emitted += 1
-                emit, hit = s.stops.feed(s.text.add(token))
-                alts = ()
-                if top is not None:
-                    alts = alternatives(loaded, top[0][j][:s.top], top[1][j][:s.top])
-                out.append((s.key, Piece(token, emit, float(lp), token_piece(loaded, token), alts)))
-                if hit:
-                    out.append((s.key, dec._finish(s, "stop")))
-                    leaving.append(i)
-                    break
-                if s.n >= s.limit:
-                    out.append((s.key, dec._finish(s, "length", dec._tail(s))))
-                    leaving.append(i)
-                    break
+            self.emitted += s.n - n
         if leaving:
             dec._leave(leaving, keep_caches=True)
 
