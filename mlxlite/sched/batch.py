@@ -11,7 +11,9 @@ Contract (used by `scheduler.Scheduler` on its MLX thread only; no mlx import):
   - `step()`: one step of every model's decoder that has work, round-robin (a request for
     model B interleaves with model A's batch); routes Pieces/Finish to tickets; a finished
     sequence's KV cache goes into the prefix cache; a model whose decoder empties is
-    released (its keep-alive starts). A sequence dropped before it ran gets `Failed(Cancelled)`.
+    released (its keep-alive starts). A sequence dropped before it ran gets `Failed(Cancelled)`;
+    one that failed alone gets `Failed(its error)` and the rest of its batch goes on; an error
+    raised by the step itself fails every sequence of that decoder.
   - `has_work()`, `busy_digests()`, `active()`, `waiting()`, `drop(digest)` (on unload),
     `cancel_all()` (shutdown, from any thread), `close()` (every model dropped, caches saved).
   - Persistence: when a model unloads, its prefix-cache entries (most recent first, up to
@@ -20,9 +22,9 @@ Contract (used by `scheduler.Scheduler` on its MLX thread only; no mlx import):
 Decoder protocol: `add(key, tokens, options, truncate=, constraint=, prompt_cache=,
 cached_tokens=, top_logprobs=, logprobs=[, vision=][, draft=]) -> prompt length` (`vision`: a vision
 model's image inputs from the rendered prompt, passed only when there are some; `draft`: a loaded
-draft model); `step(is_cancelled) -> [(key, Piece | Finish | None)]`
-(None: cancelled before any work ran); `len()`, `.active`, `.waiting`, `take_cache(key)`,
-`close()`.
+draft model); `step(is_cancelled) -> [(key, Piece | Finish | MlxliteError | None)]`
+(None: cancelled before any work ran; an `MlxliteError`: that sequence failed alone and left);
+`len()`, `.active`, `.waiting`, `take_cache(key)`, `close()`.
 """
 
 from __future__ import annotations
@@ -342,6 +344,10 @@ class Batches:
             self._members.pop(key, None)
             self.sched.counters["cancelled_in_queue"] += 1
             member.ticket.replies.put(Failed(Cancelled("request canceled")))
+            return 0
+        if isinstance(event, MlxliteError):     # it failed alone and left; the rest of its batch goes on
+            self._members.pop(key, None)
+            member.ticket.replies.put(Failed(event))
             return 0
         member.ticket.replies.put(event)
         if not is_finish(event):
