@@ -20,7 +20,7 @@ from typing import Any
 
 from mlxlite import config
 from mlxlite.dist.group import Group
-from mlxlite.errors import RankLost, Unsupported
+from mlxlite.errors import MlxliteError, RankLost, Unsupported
 from mlxlite.formats import templates
 from mlxlite.options import Options
 
@@ -210,7 +210,7 @@ class RemoteDecoder:
         cancelled = frozenset(k for k in self._keys if is_cancelled(k))
         events, kept, self._counts = self.engine.group.call("step", self.ident, cancelled)
         for key, event in events:
-            if event is None or hasattr(event, "reason"):
+            if event is None or hasattr(event, "reason") or isinstance(event, MlxliteError):
                 self._keys.discard(key)
         gen = self.generation
         for key, (tokens, ident, nbytes) in kept.items():

@@ -6,8 +6,8 @@ and the prefix-cache pieces; behind it `model` (a loaded model and its primitive
 `batch` (the batch decoder), `speculative` (its drafts, verified in one batched step),
 `gguf` (GGUF tensors onto mlx-lm's model classes), `encoder` (the bert-family embedding
 encoder mlx-lm lacks), `vision` (vision-language models through mlx-vlm, the optional extra
-`mlxlite[vision]`, imported only when a vision model loads), `serial` (one sequence at a
-time, for vision models), `distributed` (the step broadcast and shards of a `serve --ranks`
+`mlxlite[vision]`, imported only when a vision model loads; it decodes one sequence at a
+time through `results.SerialDecoder`), `distributed` (the step broadcast and shards of a `serve --ranks`
 group), `quants` (GGUF's quantized blocks read and repacked into MLX's formats), `sampling`
 (Ollama's options as mlx-lm samplers, the constraint mask), `text` (token bytes, streaming
 text, stop strings) and `quantize` (`create --quantize`: a float model into MLX's q4, q8,

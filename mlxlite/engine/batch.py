@@ -9,12 +9,16 @@ Contract:
     `BadRequest` at once, exactly as `runner.generate` does. `logprobs=False`: nobody reads
     the chosen tokens' logprobs (`Piece.logprob` is 0.0); a step where no member reads them
     gathers none and reads only the tokens back from the device.
-  - `Decoder.step(is_cancelled)` does one unit of work and returns `[(key, Piece|Finish)]`:
+  - `Decoder.step(is_cancelled)` does one unit of work and returns `[(key, Piece|Finish|MlxliteError)]`:
     cancelled sequences leave (Finish "cancel"; `(key, None)` if none of its work ran); waiting sequences join while the batch has
     room (at most one prefill chunk of `num_batch` tokens per step, so a long prompt never
     stalls the others for more than one chunk); then one decode step for every member.
     Each member keeps its own sampler, penalties, stop strings, limit, constraint and
     top_logprobs (the top-k alternatives are computed only in steps where a member asks).
+  - A member's own failure (its constraint can't follow it: a JSON schema too ambiguous to
+    follow, `constrain`'s `Unsupported`) fails that member alone: `(key, error)` in place of
+    its Finish, and it leaves; the others' tokens are what they would be without it. Errors
+    of the step itself (MLX's) raise: the batch is lost.
   - Fairness when full: a member that has decoded `time_slice` tokens while others wait is
     parked (its KV cache taken out of the batch) and rejoins at the back of the queue.
   - A batch of one decodes on the plain per-sequence `KVCache`, the same graph as
@@ -47,6 +51,7 @@ from mlxlite.engine.model import (
 from mlxlite.engine.sampling import allowed_logits, make_processors, make_sampler, top_alternatives
 from mlxlite.engine.speculative import Speculator
 from mlxlite.engine.text import StopMatcher, TextStream
+from mlxlite.errors import MlxliteError
 from mlxlite.options import Options
 from mlxlite.results import Finish, Piece
 
@@ -54,7 +59,7 @@ from mlxlite.results import Finish, Piece
 class _Seq:
     __slots__ = ("key", "prompt", "cached", "limit", "sampler", "greedy", "processors", "stops", "text",
                  "constraint", "cache", "pos", "fed", "next_input", "history", "n", "t0", "t_first",
-                 "step", "slice_used", "top", "logprobs", "spec")
+                 "step", "slice_used", "top", "logprobs", "spec", "error")
 
     def __init__(self, key: Any, prompt: list[int], cached: int, limit: int, options: Options,
                  num_ctx: int, table: list[bytes], constraint: Any, cache: list[Any] | None,
@@ -82,6 +87,7 @@ class _Seq:
         self.top = top                      # top_logprobs: alternatives wanted per token
         self.logprobs = logprobs or top > 0  # the chosen token's logprob is read
         self.spec: Any = None               # speculative.SpecState, set by Decoder.add
+        self.error: MlxliteError | None = None  # its own failure: it leaves with this, its cache unkept
 
     @property
     def ready(self) -> bool:
@@ -107,6 +113,7 @@ class Decoder:
         self._mergeable: bool | None = None
         self._probe: list[Any] = []
         self._inflight: tuple[Any, ...] | None = None   # a queued look-ahead step (see _forward)
+        self._failing = False                    # a member's constraint failed building this step
         self.speculator = Speculator(loaded)     # drafts verified in one batched step (speculative.py)
 
     # ---- queries --------------------------------------------------------------------------
@@ -289,6 +296,8 @@ class Decoder:
         if keep_caches and self.keep_caches:
             for i in indices:
                 seq = self._batch[i]
+                if seq.error is not None:       # nobody takes a failed sequence's cache
+                    continue
                 kept = self._extract(i)
                 if ahead:
                     kept = [_trimmed(c) for c in kept]
@@ -335,7 +344,10 @@ class Decoder:
                         for proc in s.processors:
                             row = proc(s.history, row)
                     if s.constraint is not None:
-                        row = allowed_logits(row, s.constraint, eos)
+                        try:
+                            row = allowed_logits(row, s.constraint, eos)
+                        except MlxliteError as exc:     # its own failure: it leaves before its token goes out
+                            s.error, self._failing = exc, True
                     rows.append(row)
                 logits = mx.concatenate(rows, axis=0)
             logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -353,7 +365,7 @@ class Decoder:
         if self._inflight is None and self.speculator.step(self, out, is_cancelled):
             self._steps += 1
             return
-        batch, eos = self._batch, self.loaded.eos_token_ids
+        batch = self._batch
         if self._inflight is not None:
             step, self._inflight = self._inflight, None
         else:
@@ -372,6 +384,9 @@ class Decoder:
             ahead = self._forward(toks)
             mx.async_eval(*_arrays(ahead))
         mx.eval(*_arrays(step))
+        if self._failing:       # never with a look-ahead: constrained members take none
+            step = self._drop_failed(step, out)
+            batch, toks = self._batch, step[0]
         now = time.perf_counter()
         leaving: list[int] = []
         top_ids, top_values = (step[2].tolist(), step[3].tolist()) if step[2] is not None else (None, None)
@@ -383,27 +398,10 @@ class Decoder:
                 continue
             s.fed.append(s.next_input)
             s.next_input = token
-            s.slice_used += 1
             if s.t_first is None:
                 s.t_first = now
-            if token in eos:
-                out.append((s.key, self._finish(s, "stop", self._tail(s))))
-                leaving.append(i)
-                continue
-            if s.constraint is not None:
-                s.constraint.advance(token)
-            s.n += 1
-            emit, hit = s.stops.feed(s.text.add(token))
-            top = ()
-            if s.top and top_ids is not None:
-                top = alternatives(self.loaded, top_ids[i][:s.top], top_values[i][:s.top])
-            out.append((s.key, Piece(token, emit, float(lp) if s.logprobs else 0.0, token_piece(self.loaded, token),
-                                     top)))
-            if hit:
-                out.append((s.key, self._finish(s, "stop")))
-                leaving.append(i)
-            elif s.n >= s.limit:
-                out.append((s.key, self._finish(s, "length", self._tail(s))))
+            top = (top_ids[i], top_values[i]) if s.top and top_ids is not None else None
+            if self.hand_out(s, token, lp, top, out):
                 leaving.append(i)
         if leaving:
             self._leave(leaving, keep_caches=True, ahead=ahead is not None)
@@ -415,6 +413,48 @@ class Decoder:
         self._steps += 1
         if self._steps % 256 == 0:
             mx.clear_cache()
+
+    def hand_out(self, s: _Seq, token: int, lp: float, top: tuple[list[int], list[float]] | None,
+                 out: list) -> bool:
+        """One token `s` generated goes out, as every step hands them out (plain or
+        speculative): EOS ends it, its constraint follows it, its stop strings and num_predict;
+        its Piece with its logprob and `top` alternatives (ids, logprobs: most likely first).
+        True when `s` is done and leaves the batch. A constraint that cannot follow the token
+        fails `s` alone: its error goes out in place of a Finish."""
+        s.slice_used += 1
+        if token in self.loaded.eos_token_ids:
+            out.append((s.key, self._finish(s, "stop", self._tail(s))))
+            return True
+        if s.constraint is not None:
+            try:
+                s.constraint.advance(token)
+            except MlxliteError as exc:
+                s.error = exc
+                out.append((s.key, exc))
+                return True
+        s.n += 1
+        emit, hit = s.stops.feed(s.text.add(token))
+        alts = alternatives(self.loaded, top[0][:s.top], top[1][:s.top]) if top is not None else ()
+        out.append((s.key, Piece(token, emit, float(lp) if s.logprobs else 0.0, token_piece(self.loaded, token),
+                                 alts)))
+        if hit:
+            out.append((s.key, self._finish(s, "stop")))
+            return True
+        if s.n >= s.limit:
+            out.append((s.key, self._finish(s, "length", self._tail(s))))
+            return True
+        return False
+
+    def _drop_failed(self, step: tuple[mx.array | None, ...], out: list) -> tuple[mx.array | None, ...]:
+        """Members whose constraint failed while `step` was built leave with their error; the
+        step's rows of the others, which nothing of theirs touched, are what remains."""
+        self._failing = False
+        failed = [i for i, s in enumerate(self._batch) if s.error is not None]
+        for i in failed:
+            out.append((self._batch[i].key, self._batch[i].error))
+        keep = mx.array([i for i in range(len(self._batch)) if i not in failed], dtype=mx.int32)
+        self._leave(failed, keep_caches=False)
+        return tuple(None if a is None else a[keep] for a in step)
 
     def close(self) -> None:
         self._inflight = None

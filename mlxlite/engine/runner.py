@@ -59,12 +59,11 @@ from mlxlite.engine.model import (
     unload,
 )
 from mlxlite.engine.sampling import allowed_logits, make_processors, make_sampler, top_alternatives
-from mlxlite.engine.serial import SerialDecoder
 from mlxlite.engine.text import StopMatcher, TextStream
 from mlxlite.engine.vision import check_images, vision_tokens
 from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.options import Options
-from mlxlite.results import Finish, Piece
+from mlxlite.results import Finish, Piece, SerialDecoder
 
 __all__ = [
     "Loaded", "Piece", "Finish", "load", "unload", "tokenize", "detokenize", "token_bytes", "token_piece", "generate",
@@ -91,12 +90,8 @@ def generate(loaded: Loaded, prompt_tokens: list[int], options: Options, cancel:
 
     num_ctx = context_window(loaded, options)
     given = [int(t) for t in prompt_tokens]
-    prompt = check_prompt(loaded, given, num_ctx, options, truncate)
+    prompt = _checked(loaded, given, num_ctx, options, truncate, vision)
     sees = vision_mod.is_vision(loaded)
-    vision_mod.check_placeholders(given, vision)
-    if vision is not None and len(prompt) != len(given):
-        raise BadRequest(f"the prompt with its images is {len(given)} tokens, longer than the context window "
-                         f"num_ctx={num_ctx}; raise num_ctx or send fewer or smaller images")
     if prompt_cache is None or len(prompt) != len(given) or sees:  # truncation invalidates a prefix
         prompt_cache, cached_tokens = None, 0
     cached_tokens = max(0, min(cached_tokens, len(prompt) - 1))
@@ -253,10 +248,27 @@ def _encode(loaded: Loaded, texts: list[str], truncate: bool) -> list[list[float
     return out
 
 
+def _checked(loaded: Loaded, given: list[int], num_ctx: int, options: Options, truncate: bool,
+             vision: Any) -> list[int]:
+    """The prompt `generate` runs (`truncate`: cut to fit num_ctx); `BadRequest` for one that
+    is empty or too long, whose image tokens its images don't fill, or with images and cut."""
+    prompt = check_prompt(loaded, given, num_ctx, options, truncate)
+    vision_mod.check_placeholders(given, vision)
+    if vision is not None and len(prompt) != len(given):
+        raise BadRequest(f"the prompt with its images is {len(given)} tokens, longer than the context window "
+                         f"num_ctx={num_ctx}; raise num_ctx or send fewer or smaller images")
+    return prompt
+
+
 # ---- continuous batching (batch.py) ---------------------------------------------------------
 def decoder(loaded: Loaded, max_batch: int, keep_caches: bool = False) -> Decoder | SerialDecoder:
     """A `batch.Decoder`: many sequences of this model decoded together; for a vision model
-    a `serial.SerialDecoder` (one at a time: mlx-vlm's models keep per-sequence state)."""
+    a `results.SerialDecoder` over `generate` (one at a time: mlx-vlm's models keep
+    per-sequence state), which checks each prompt as it is added, as `Decoder.add` does."""
     if vision_mod.is_vision(loaded):
-        return SerialDecoder(loaded, generate)
+        def check(tokens: list[int], options: Options, truncate: bool, vision: Any) -> int:
+            given = [int(t) for t in tokens]
+            return len(_checked(loaded, given, context_window(loaded, options), options, truncate, vision))
+
+        return SerialDecoder(loaded, generate, check)
     return Decoder(loaded, max_batch, keep_caches=keep_caches)

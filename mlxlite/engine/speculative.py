@@ -16,7 +16,11 @@ Exactness (what the tests hold it to):
   - penalties see each position's own history; a constraint masks each position with its
     state after the draft tokens before it, and a draft token it forbids ends the draft.
   - logprobs / top_logprobs of a token come from its own position's log-softmax; stop
-    strings, EOS and num_predict are applied token by token as in a plain step.
+    strings, EOS and num_predict are applied token by token by the plain step's own
+    `Decoder.hand_out`.
+  - a constraint that fails (a schema too ambiguous to follow) past a draft token ends the
+    draft before that token; one that fails at the member's next token leaves the step to
+    the plain one, which fails that member alone.
 Policy: on for greedy and unseeded sampling (a seed keeps the plain sampler so the same
 seed gives the same text alone, batched or through `run`). It pays only where checking k+1
 tokens costs little more than one, so each step is gated: the members' expected yield (their
@@ -37,11 +41,10 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlxlite.engine.model import GENERATION_STREAM, alternatives, new_cache, prefill, token_piece
+from mlxlite.engine.model import GENERATION_STREAM, new_cache, prefill
 from mlxlite.engine.sampling import constraint_mask, make_distribution, top_alternatives
-from mlxlite.errors import BadRequest
+from mlxlite.errors import BadRequest, MlxliteError
 from mlxlite.options import Options
-from mlxlite.results import Piece
 
 NGRAMS = (3, 2)          # prompt lookup: context suffix lengths tried, longest first
 MISS_PAUSE_MAX = 64      # steps a member whose drafts keep missing waits before drafting again
@@ -195,20 +198,27 @@ class Speculator:
         (len(draft) + 1 of them: the last one for the token after the draft)."""
         eos = self.loaded.eos_token_ids
         state, forked, masks = s.constraint, False, []
-        for j, t in enumerate(draft):
-            mask = constraint_mask(state, eos, self.vocab)
-            masks.append(mask)
-            if not (t < len(mask) and mask[t]):
-                st.masks = masks
-                return draft[:j]
-            if t in eos:                    # the last draft token: nothing comes after it
+        try:
+            for j, t in enumerate(draft):
+                mask = constraint_mask(state, eos, self.vocab)
                 masks.append(mask)
-                st.masks = masks
-                return draft
-            if not forked:
-                state, forked = state.fork(), True
-            state.advance(t)
-        masks.append(constraint_mask(state, eos, self.vocab))
+                if not (t < len(mask) and mask[t]):
+                    st.masks = masks
+                    return draft[:j]
+                if t in eos:                    # the last draft token: nothing comes after it
+                    masks.append(mask)
+                    st.masks = masks
+                    return draft
+                if not forked:
+                    state, forked = state.fork(), True
+                state.advance(t)
+            masks.append(constraint_mask(state, eos, self.vocab))
+        except MlxliteError:
+            if not masks:       # at the member's own next token: the plain step fails it alone
+                raise
+            # Past a draft token it fails: the draft ends before it, each position keeping its mask.
+            st.masks = masks
+            return draft[:len(masks) - 1]
         st.masks = masks
         return draft
 
@@ -267,14 +277,20 @@ class Speculator:
         if (not drafting or (self.gate and self.solo and len(batch) > 1) or any(is_cancelled(s.key) for s in batch)
                 or not dec._plain_kv()):
             return False
-        drafts = [self._draft(s) for s in batch]
-        if not any(drafts):
-            return False
-        width = 1 + max(len(d) for d in drafts)
-        if self.gate and not self.pays(batch, drafts, width):
-            for s, d in zip(batch, drafts, strict=True):
-                if d and s.spec.dcache is not None:
-                    self._rewind_draft(s.spec, 0)
+        try:
+            drafts = [self._draft(s) for s in batch]
+            if not any(drafts):
+                return False
+            width = 1 + max(len(d) for d in drafts)
+            if self.gate and not self.pays(batch, drafts, width):
+                self._abandon(batch)
+                return False
+            eos = self.loaded.eos_token_ids
+            for s in batch:     # members without a draft: their next token's mask, before the cache moves
+                if s.constraint is not None and s.spec.masks is None:
+                    s.spec.masks = [constraint_mask(s.constraint, eos, self.vocab)]
+        except MlxliteError:    # a member's constraint fails at its next token: the plain step fails it alone
+            self._abandon(batch)
             return False
         if self._last is not None:
             self._last = (now, dec._steps, len(batch), width)
@@ -285,6 +301,12 @@ class Speculator:
         self.steps += 1
         self.rows += len(batch)
         return True
+
+    def _abandon(self, batch: list[Any]) -> None:
+        """This step's drafts are dropped: draft models' caches forget them."""
+        for s in batch:
+            if s.spec is not None and s.spec.dcache is not None:
+                self._rewind_draft(s.spec, 0)
 
     # ---- whether it pays -------------------------------------------------------------------
     def _observe(self, dec: Any, now: float) -> None:
@@ -326,7 +348,6 @@ class Speculator:
                 width: int) -> list[tuple[list[int], list[float], list[int], Any]]:
         """One forward over every member's draft; per member (tokens, logprobs, positions,
         top alternatives or None): the accepted draft tokens then one more."""
-        eos = self.loaded.eos_token_ids
         with mx.stream(GENERATION_STREAM):
             inputs = mx.array(rows, dtype=mx.uint32)
             logits = self.loaded.model(inputs, cache=dec._cache)           # [B, W, V]
@@ -346,9 +367,7 @@ class Speculator:
                                 for proc in s.processors:
                                     row = proc(hist, row)
                             if s.constraint is not None:
-                                masks = s.spec.masks if s.spec.masks is not None else [
-                                    constraint_mask(s.constraint, eos, self.vocab)]
-                                mask = _fit(masks[j], vocab)
+                                mask = _fit(s.spec.masks[j], vocab)
                                 row = mx.where(mx.array(mask), row, mx.array(-float("inf"), dtype=row.dtype))
                         per.append(row)
                     fixed.append(mx.concatenate(per, axis=0))
@@ -407,7 +426,6 @@ class Speculator:
     def _emit(self, dec: Any, batch: list[Any], drafts: list[list[int]], results: list, out: list,
               is_cancelled: Any) -> None:
         """Hand out each member's tokens as a plain step would, one by one."""
-        eos, loaded = self.loaded.eos_token_ids, self.loaded
         now = time.perf_counter()
         leaving: list[int] = []
         for i, (s, d, (tokens, lps, positions, top)) in enumerate(zip(batch, drafts, results, strict=True)):
@@ -425,29 +443,12 @@ class Speculator:
             if s.t_first is None:
                 s.t_first = now
             s.next_input = tokens[-1]
+            n = s.n
             for token, lp, j in zip(tokens, lps, positions, strict=True):
-                s.slice_used += 1
-                if token in eos:
-                    out.append((s.key, dec._finish(s, "stop", dec._tail(s))))
+                if dec.hand_out(s, token, lp, None if top is None else (top[0][j], top[1][j]), out):
                     leaving.append(i)
                     break
-                if s.constraint is not None:
-                    s.constraint.advance(token)
-                s.n += 1
-                self.emitted += 1
-                emit, hit = s.stops.feed(s.text.add(token))
-                alts = ()
-                if top is not None:
-                    alts = alternatives(loaded, top[0][j][:s.top], top[1][j][:s.top])
-                out.append((s.key, Piece(token, emit, float(lp), token_piece(loaded, token), alts)))
-                if hit:
-                    out.append((s.key, dec._finish(s, "stop")))
-                    leaving.append(i)
-                    break
-                if s.n >= s.limit:
-                    out.append((s.key, dec._finish(s, "length", dec._tail(s))))
-                    leaving.append(i)
-                    break
+            self.emitted += s.n - n
         if leaving:
             dec._leave(leaving, keep_caches=True)
 

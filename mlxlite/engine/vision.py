@@ -11,7 +11,7 @@ embeddings with the image features merged in, into the KV cache in chunks, cance
 between them). Images are decoded with Pillow (mlx-vlm's dependency): an image that does
 not decode, or has more than `max_image_pixels`, is a `BadRequest`.
 mlx-vlm's language models keep per-sequence state (Qwen2-VL's multimodal RoPE deltas), so
-a vision model runs one sequence at a time (`serial.SerialDecoder`), and `prefill` clears
+a vision model runs one sequence at a time (`results.SerialDecoder`), and `prefill` clears
 that state first. Never imports the scheduler, the server or `model.py` (which imports this).
 """
 

@@ -7,11 +7,13 @@ Contract (used by `scheduler.Scheduler` on its MLX thread only; no mlx import):
     lost, `Ready.thinking` whether it opened a thinking section), builds the constraint, looks up the longest cached prefix, sends `Ready` and adds the sequence
     to the model's decoder (the engine's `decoder(loaded, max_batch, keep_caches)`, with the
     `draft` option's model loaded and passed as `draft=` for speculative decoding, or
-    `SerialDecoder` over `engine.generate` for engines without one). Prompt errors raise.
+    `results.SerialDecoder` over `engine.generate` for engines without one). Prompt errors raise.
   - `step()`: one step of every model's decoder that has work, round-robin (a request for
     model B interleaves with model A's batch); routes Pieces/Finish to tickets; a finished
     sequence's KV cache goes into the prefix cache; a model whose decoder empties is
-    released (its keep-alive starts). A sequence dropped before it ran gets `Failed(Cancelled)`.
+    released (its keep-alive starts). A sequence dropped before it ran gets `Failed(Cancelled)`;
+    one that failed alone gets `Failed(its error)` and the rest of its batch goes on; an error
+    raised by the step itself fails every sequence of that decoder.
   - `has_work()`, `busy_digests()`, `active()`, `waiting()`, `drop(digest)` (on unload),
     `cancel_all()` (shutdown, from any thread), `close()` (every model dropped, caches saved).
   - Persistence: when a model unloads, its prefix-cache entries (most recent first, up to
@@ -20,9 +22,9 @@ Contract (used by `scheduler.Scheduler` on its MLX thread only; no mlx import):
 Decoder protocol: `add(key, tokens, options, truncate=, constraint=, prompt_cache=,
 cached_tokens=, top_logprobs=, logprobs=[, vision=][, draft=]) -> prompt length` (`vision`: a vision
 model's image inputs from the rendered prompt, passed only when there are some; `draft`: a loaded
-draft model); `step(is_cancelled) -> [(key, Piece | Finish | None)]`
-(None: cancelled before any work ran); `len()`, `.active`, `.waiting`, `take_cache(key)`,
-`close()`.
+draft model); `step(is_cancelled) -> [(key, Piece | Finish | MlxliteError | None)]`
+(None: cancelled before any work ran; an `MlxliteError`: that sequence failed alone and left);
+`len()`, `.active`, `.waiting`, `take_cache(key)`, `close()`.
 """
 
 from __future__ import annotations
@@ -32,78 +34,17 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from mlxlite import config
 from mlxlite.constrain import TokenConstraint
 from mlxlite.errors import Cancelled, MlxliteError
+from mlxlite.results import SerialDecoder
 from mlxlite.sched.jobs import Failed, Ready, is_finish
 from mlxlite.sched.metrics import Registry
 from mlxlite.sched.prefix_cache import PrefixCache
 
 log = logging.getLogger("mlxlite.sched")
-
-
-class SerialDecoder:
-    """The decoder protocol over `engine.generate`: one sequence at a time (engines that
-    can't batch, e.g. the test fake). Each step advances the running generator by one item."""
-
-    def __init__(self, engine: Any, loaded: Any, cancel_of: Callable[[Any], Any]) -> None:
-        self.engine, self.loaded, self.cancel_of = engine, loaded, cancel_of
-        self._queue: deque = deque()
-        self._current: tuple[Any, Any] | None = None
-
-    def __len__(self) -> int:
-        return len(self._queue) + (self._current is not None)
-
-    @property
-    def active(self) -> int:
-        return int(self._current is not None)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._queue)
-
-    def add(self, key: Any, tokens: list[int], options: Any, *, truncate: bool = False,
-            constraint: Any = None, prompt_cache: Any = None, cached_tokens: int = 0,
-            top_logprobs: int = 0, logprobs: bool = True, draft: Any = None) -> int:
-        # `logprobs` is only a saving, `draft` only a speed-up: engines behind this decoder do without.
-        self._queue.append((key, tokens, options, truncate, constraint, top_logprobs))
-        return len(tokens)
-
-    def step(self, is_cancelled: Callable[[Any], bool]) -> list[tuple[Any, Any]]:
-        out: list[tuple[Any, Any]] = []
-        for item in [q for q in self._queue if is_cancelled(q[0])]:
-            self._queue.remove(item)
-            out.append((item[0], None))
-        if self._current is None and self._queue:
-            key, tokens, options, truncate, constraint, top = self._queue.popleft()
-            extra = {"top_logprobs": top} if top else {}    # an engine without alternatives need not know the word
-            gen = self.engine.generate(self.loaded, tokens, options, self.cancel_of(key),
-                                       truncate=truncate, constraint=constraint, **extra)
-            self._current = (key, gen)
-        if self._current is not None:
-            key, gen = self._current
-            try:
-                item = next(gen)
-            except StopIteration:
-                self._current = None
-                return out
-            except BaseException:
-                self._current = None
-                raise
-            out.append((key, item))
-            if is_finish(item):
-                self._current = None
-        return out
-
-    def take_cache(self, key: Any) -> None:
-        return None
-
-    def close(self) -> None:
-        self._queue.clear()
-        self._current = None
 
 
 class _Member:
@@ -202,7 +143,7 @@ class Batches:
             if hasattr(engine, "decoder"):
                 dec = engine.decoder(resident.loaded, self.num_parallel, keep_caches=self.prefix.enabled)
             else:
-                dec = SerialDecoder(engine, resident.loaded, self._cancel_event)
+                dec = SerialDecoder(resident.loaded, engine.generate)
             self._decoders[digest] = dec
             self._restore(digest)
         return dec
@@ -254,10 +195,6 @@ class Batches:
             except Exception as exc:  # a damaged file is only a lost cache
                 log.warning("dropping unreadable prefix cache %s: %s", f, exc)
                 f.unlink(missing_ok=True)
-
-    def _cancel_event(self, key: int) -> Any:
-        member = self._members.get(key)
-        return member.ticket.cancel_event if member is not None else None
 
     def _context_window(self, loaded: Any, options: Any) -> int:
         """The num_ctx the engine will use (engines without `context_window`: the same rule)."""
@@ -342,6 +279,10 @@ class Batches:
             self._members.pop(key, None)
             self.sched.counters["cancelled_in_queue"] += 1
             member.ticket.replies.put(Failed(Cancelled("request canceled")))
+            return 0
+        if isinstance(event, MlxliteError):     # it failed alone and left; the rest of its batch goes on
+            self._members.pop(key, None)
+            member.ticket.replies.put(Failed(event))
             return 0
         member.ticket.replies.put(event)
         if not is_finish(event):

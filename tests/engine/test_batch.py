@@ -38,7 +38,7 @@ def alone(loaded, ids, **kw):
 
 
 def drive(dec, cancelled=frozenset(), until=None, limit=10_000):
-    """Step until every sequence finished; returns {key: (pieces, finish)}."""
+    """Step until every sequence finished; returns {key: (pieces, finish or its own error)}."""
     got: dict = {}
     for _ in range(limit):
         if until is not None and until(got):
@@ -47,7 +47,7 @@ def drive(dec, cancelled=frozenset(), until=None, limit=10_000):
             break
         for key, item in dec.step(lambda k: k in cancelled):
             pieces, _ = got.setdefault(key, ([], None))
-            if type(item).__name__ == "Finish":
+            if type(item).__name__ == "Finish" or isinstance(item, Exception):
                 got[key] = (pieces, item)
             else:
                 pieces.append(item)
@@ -180,6 +180,79 @@ def test_a_constrained_member_matches_its_solo_output(tiny):
         dec.add(k, runner.tokenize(tiny, p), opts(num_predict=30, **GREEDY))
     got = drive(dec)
     assert text(*got["json"]) == want and want.strip()[:1] in "{[\"-0123456789tfn"
+
+
+def overlapping(levels: int) -> dict:
+    """A schema whose documents all open `levels` arrays, each a union of two array branches
+    that overlap: each `[` doubles the live parses, so past 12 levels the recognizer passes
+    its bound (4,096, constrain's MAX_ALTERNATIVES) partway through the output."""
+    defs: dict = {f"l{levels}": {"type": "integer"}}
+    for i in range(levels):
+        items = {"$ref": f"#/$defs/l{i + 1}"}
+        defs[f"l{i}"] = {"anyOf": [{"type": "array", "items": items, "minItems": 1},
+                                   {"type": "array", "items": items, "minItems": 1, "maxItems": 3}]}
+    return {"$defs": defs, "$ref": "#/$defs/l0"}
+
+
+def fails_alone(tiny, dec, bad_prompt, constraint, *, join_after=0, num_predict=40):
+    """Three plain members and one constrained one ("bad", joining once the others have
+    `join_after` tokens) decode in `dec`; the plain ones must decode exactly what they decode
+    alone. Returns (the bad one's pieces, its error, members still decoding when it failed)."""
+    from mlxlite.engine import runner
+
+    ids = [runner.tokenize(tiny, p) for p in PROMPTS[:3]]
+    want = [alone(tiny, i, num_predict=num_predict, **GREEDY) for i in ids]
+    for k, i in enumerate(ids):
+        dec.add(k, i, opts(num_predict=num_predict, **GREEDY))
+    got = drive(dec, until=lambda g: all(len(g.get(k, ([], None))[0]) >= join_after for k in range(3)))
+    dec.add("bad", runner.tokenize(tiny, bad_prompt), opts(num_predict=num_predict, **GREEDY), constraint=constraint)
+    others_left = None
+    while len(dec):
+        for key, item in dec.step(lambda k: False):
+            pieces, _ = got.setdefault(key, ([], None))
+            if type(item).__name__ == "Finish" or isinstance(item, Exception):
+                got[key] = (pieces, item)
+                if key == "bad":
+                    others_left = sum(got.get(k, ([], None))[1] is None for k in range(3))
+            else:
+                pieces.append(item)
+    for k, (pieces, finish) in enumerate(want):
+        assert [p.token for p in got[k][0]] == [p.token for p in pieces], k
+        assert (got[k][1].reason, got[k][1].eval_tokens, text(*got[k])) == \
+            (finish.reason, finish.eval_tokens, text(pieces, finish)), k
+    assert dec.take_cache("bad") is None and dec.active == 0 and len(dec) == 0
+    return got["bad"][0], got["bad"][1], others_left
+
+
+def test_a_member_whose_schema_grows_too_ambiguous_mid_decode_fails_alone(tiny):
+    """Its constraint passes the recognizer's bound at its 13th `[`: that member gets the
+    error in place of a Finish (and keeps no cache); the rest of the batch goes on exactly."""
+    from mlxlite.constrain import tokens as constrain
+    from mlxlite.engine import runner
+    from mlxlite.errors import Unsupported
+
+    bad = constrain.TokenConstraint(overlapping(13), runner.token_bytes(tiny), tiny.eos_token_ids)
+    dec = runner.decoder(tiny, 8, keep_caches=True)
+    pieces, error, others_left = fails_alone(tiny, dec, PROMPTS[3], bad)
+    assert isinstance(error, Unsupported) and "too ambiguous" in str(error)
+    assert "".join(p.text for p in pieces).count("[") == 12       # it failed partway, at the 13th
+    assert others_left == 3                                        # while the others were decoding
+
+
+def test_a_member_whose_constraint_fails_building_its_mask_fails_alone(tiny, monkeypatch):
+    """The bound passed while the constraint's mask is built (a token spelling several `[`,
+    here a bound of 1 and the two branches `[` starts): it joins a running batch and fails
+    at its first step, alone."""
+    from mlxlite.constrain import recognizer
+    from mlxlite.constrain import tokens as constrain
+    from mlxlite.engine import runner
+    from mlxlite.errors import Unsupported
+
+    monkeypatch.setattr(recognizer, "MAX_ALTERNATIVES", 1)
+    bad = constrain.TokenConstraint(overlapping(3), runner.token_bytes(tiny), tiny.eos_token_ids)
+    dec = runner.decoder(tiny, 8, keep_caches=True)
+    pieces, error, others_left = fails_alone(tiny, dec, PROMPTS[4], bad, join_after=3)
+    assert isinstance(error, Unsupported) and pieces == [] and others_left == 3
 
 
 @pytest.mark.parametrize("kw", [dict(num_predict=20), dict(num_predict=20, repeat_penalty=1.3, repeat_last_n=8),

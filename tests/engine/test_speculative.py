@@ -147,6 +147,44 @@ def test_a_schema_constrained_member_speculates_and_matches_plain(tiny):
         assert_same(got[k], want[k])
 
 
+def test_a_member_whose_schema_grows_too_ambiguous_fails_alone_and_the_others_stay_exact(tiny, monkeypatch):
+    """In speculative steps too: the member whose constraint passes the recognizer's bound
+    (mid-decode, at its 13th `[`) gets the error and leaves; the others decode what they
+    decode alone. A constraint failing at a drafting member's next mask leaves the step to
+    the plain one, which fails that member alone."""
+    from mlxlite.constrain import recognizer
+    from mlxlite.constrain import tokens as constrain
+    from mlxlite.engine import runner
+    from mlxlite.errors import Unsupported
+    from tests.engine.test_batch import overlapping
+
+    def con(schema):
+        return constrain.TokenConstraint(schema, runner.token_bytes(tiny), tiny.eos_token_ids)
+
+    ids = [runner.tokenize(tiny, REPEAT), runner.tokenize(tiny, PROMPTS[0])]
+    want = [alone(tiny, i, num_predict=60, **GREEDY) for i in ids]
+    brackets = runner.tokenize(tiny, "[" * 24)     # its lookup drafts are `[`s: they meet the bound too
+    solo = []
+    with pytest.raises(Unsupported, match="too ambiguous"):
+        for piece in runner.generate(tiny, brackets, opts(num_predict=60, **GREEDY), constraint=con(overlapping(13))):
+            solo.append(piece)
+    dec = runner.decoder(tiny, 8, keep_caches=True)
+    dec.speculator.gate = False
+    for k, i in enumerate(ids):
+        dec.add(k, i, opts(num_predict=60, **GREEDY))
+    dec.add("bad", brackets, opts(num_predict=60, **GREEDY), constraint=con(overlapping(13)))
+    got = drive(dec)
+    assert dec.speculator.steps > 0
+    pieces, error = got["bad"]
+    assert isinstance(error, Unsupported) and "".join(p.text for p in pieces).count("[") == 12
+    assert tokens(pieces) == tokens(solo) and dec.take_cache("bad") is None
+    for k in range(2):
+        assert_same(got[k], want[k])
+    monkeypatch.setattr(recognizer, "MAX_ALTERNATIVES", 1)      # its first mask already fails
+    got, dec = run_batch(tiny, [ids[0]], dict(num_predict=60, **GREEDY), constraint=lambda _: con(overlapping(2)))
+    assert isinstance(got[0][1], Unsupported) and got[0][0] == [] and len(dec) == 0
+
+
 def test_penalties_top_logprobs_stop_strings_and_num_predict_stay_exact(tiny):
     from mlxlite.engine import runner
     from tests.engine.test_runner import assert_top_matches

@@ -41,7 +41,7 @@ def stream(srv, body: dict, *, stop_after: int | None = None, started: threading
         n += 1
         if started is not None:
             started.set()
-        if chunk.get("done"):
+        if chunk.get("done") or "error" in chunk:     # the last line, or the error line that ends it
             final = chunk
             break
         text.append(chunk["response"])
@@ -60,12 +60,14 @@ def metric(srv, name: str) -> float:
 
 class Slow:
     """The real runner with a pause after every decoder step, so a test can see a request
-    still running (timing-free assertions: the pause only widens windows)."""
+    still running (timing-free assertions: the pause only widens windows). With `gather`
+    set, its decoder takes no step until that many sequences were added (then steps
+    freely), so concurrent requests surely share one batch."""
 
     def __init__(self, delay: float = 0.02) -> None:
         from mlxlite.engine import runner
 
-        self.runner, self.delay = runner, delay
+        self.runner, self.delay, self.gather = runner, delay, 0
 
     def __getattr__(self, name):
         return getattr(self.runner, name)
@@ -75,6 +77,9 @@ class Slow:
         step = dec.step
 
         def slow_step(is_cancelled):
+            if len(dec) < self.gather:
+                return []
+            self.gather = 0
             out = step(is_cancelled)
             time.sleep(self.delay)
             return out
@@ -128,6 +133,36 @@ def test_a_cancelled_member_leaves_and_the_others_finish(store, tiny_gguf_model)
         wait_for(lambda: any(r.get("done_reason") == "cancel" or r.get("status") == 499
                              for r in srv.log_lines()), 10, "the cancelled request's log line")
         assert metric(srv, "mlxlite_active_sequences") == 0
+
+
+def test_a_request_whose_schema_grows_too_ambiguous_fails_alone_and_its_batch_goes_on(store, tiny_gguf_model):
+    """Three requests share one batch; one's JSON schema passes the recognizer's bound
+    partway through its output: its client gets the 400, the other two stream exactly
+    what they stream alone."""
+    from tests.engine.test_batch import overlapping
+
+    engine = Slow(0)
+    with RunningServer(engine, store) as srv:
+        plain = [{"model": tiny_gguf_model, "prompt": p, "options": GREEDY} for p in PROMPTS[:2]]
+        alone = [stream(srv, b) for b in plain]
+        assert all(final["eval_count"] > 20 for _, final in alone)    # still decoding when the bad one fails
+        bad = {"model": tiny_gguf_model, "prompt": PROMPTS[3], "format": overlapping(13), "stream": False,
+               "options": GREEDY}
+        engine.gather = 3
+        results: list = [None] * 3
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream(srv, plain[i])))
+                   for i in range(2)]
+        threads.append(threading.Thread(target=lambda: results.__setitem__(2, post(srv, "/api/generate", bad))))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        status, body = results[2]
+        assert status == 400 and "too ambiguous" in body["error"]
+        for (text, final), (want, want_final) in zip(results[:2], alone, strict=True):
+            assert "error" not in final and text == want
+            assert (final["eval_count"], final["done_reason"]) == (want_final["eval_count"], want_final["done_reason"])
+        assert engine.gather == 0 and metric(srv, "mlxlite_active_sequences") == 0
 
 
 def test_a_full_queue_answers_503_at_once(store, tiny_gguf_model):

@@ -1,5 +1,6 @@
 """The scheduler: one MLX thread, bounded queue, cancellation, residency (fake engine: exact)."""
 
+import contextlib
 import threading
 
 import pytest
@@ -32,6 +33,21 @@ def _text(ticket):
     return "".join(e.text for e in events[1:-1]) + events[-1].text_tail, events[-1]
 
 
+@contextlib.contextmanager
+def _one_running(store, **kw):
+    """A scheduler over a fake engine whose first job is running, held after its first token
+    until `engine.resume` is set: (scheduler, engine, model entry, that job's ticket)."""
+    engine = FakeEngine(hold_after=1)
+    s = Scheduler(store, engine, keep_alive=300, **kw)
+    entry = add_fake_model(store)
+    try:
+        running = s.submit(_job(entry))
+        wait_for(lambda: engine.active == 1, what="first job running")
+        yield s, engine, entry, running
+    finally:
+        s.close()
+
+
 @pytest.fixture
 def sched(store):
     s = Scheduler(store, FakeEngine(), max_queue=4, keep_alive=300, max_loaded_models=2)
@@ -55,12 +71,7 @@ def test_options_layer_over_model_defaults_and_num_predict_limits(store, sched):
 
 
 def test_a_full_queue_answers_busy_at_once(store):
-    engine = FakeEngine(hold_after=1)
-    s = Scheduler(store, engine, max_queue=2, keep_alive=300)
-    entry = add_fake_model(store)
-    try:
-        running = s.submit(_job(entry))
-        wait_for(lambda: engine.active == 1, what="first job running")
+    with _one_running(store, max_queue=2) as (s, engine, entry, running):
         queued = [s.submit(_job(entry)) for _ in range(2)]
         assert s.depth() == 2
         with pytest.raises(Busy, match="maximum pending requests"):
@@ -69,17 +80,10 @@ def test_a_full_queue_answers_busy_at_once(store):
         for t in [running, *queued]:
             assert _text(t)[1].reason == "stop"
         assert s.depth() == 0
-    finally:
-        s.close()
 
 
 def test_a_cancelled_queued_job_is_dropped_without_running(store):
-    engine = FakeEngine(hold_after=1)
-    s = Scheduler(store, engine, max_queue=8, keep_alive=300)
-    entry = add_fake_model(store)
-    try:
-        running = s.submit(_job(entry))
-        wait_for(lambda: engine.active == 1, what="first job running")
+    with _one_running(store, max_queue=8) as (s, engine, entry, running):
         dropped = s.submit(_job(entry, "never"))
         dropped.cancel()
         engine.resume.set()
@@ -88,8 +92,6 @@ def test_a_cancelled_queued_job_is_dropped_without_running(store):
             list(dropped.events())
         assert engine.started == 1 and "never" not in "".join(engine.prompts)
         assert s.counters["cancelled_in_queue"] == 1
-    finally:
-        s.close()
 
 
 def test_cancel_stops_a_running_generation_within_a_step(store):
@@ -139,6 +141,19 @@ def test_engine_errors_reach_the_caller_and_the_thread_survives(store, sched):
     with pytest.raises(BadRequest, match="longer than the context"):
         list(sched.submit(_job(entry, "y" * 5000)).events())
     assert _text(sched.submit(_job(entry)))[1].reason == "stop"
+
+
+def test_a_generation_that_fails_fails_alone_and_the_next_in_line_still_runs(store):
+    """One sequence at a time (an engine without a batch decoder, as vision models run): the
+    request whose generation raises gets its error; the one queued behind it still runs."""
+    with _one_running(store, max_queue=8) as (s, engine, entry, running):
+        failing = s.submit(_job(entry, "y" * 5000))     # longer than the context: its generation raises
+        after = s.submit(_job(entry))
+        engine.resume.set()
+        assert _text(running)[1].reason == "stop"
+        with pytest.raises(BadRequest, match="longer than the context"):
+            list(failing.events())
+        assert _text(after)[1].reason == "stop"
 
 
 def test_keep_alive_zero_unloads_after_the_request(store, sched):

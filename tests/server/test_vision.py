@@ -75,6 +75,16 @@ def test_native_chat_and_generate_take_base64_images(srv):
     assert generate(1, False) != generate(2, False)
 
 
+def test_a_draft_option_on_a_vision_model_changes_nothing(srv):
+    """A vision model decodes one sequence at a time and does not speculate: a `draft` (here
+    the model itself) is ignored, not a 500."""
+    body = {"model": "tiny-vl", "prompt": "Describe", "stream": False, "options": GREEDY, "images": [png_b64(1)]}
+    status, plain = call(srv, "/api/generate", body)
+    drafted_status, drafted = call(srv, "/api/generate", {**body, "options": {**GREEDY, "draft": "tiny-vl"}})
+    assert (status, drafted_status) == (200, 200), drafted
+    assert drafted["response"] == plain["response"] and drafted["eval_count"] == plain["eval_count"]
+
+
 def test_openai_chat_takes_image_url_data_urls(srv):
     def ask(seed):
         status, body = call(srv, "/v1/chat/completions", {
