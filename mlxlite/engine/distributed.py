@@ -203,6 +203,23 @@ def _splits(model: Any, group: Any) -> bool:
     return True
 
 
+def _shaped_like(model: Any) -> Any | None:
+    """A fresh, unevaluated model of the same class and arguments, its modules quantized as
+    `model`'s are (shapes only, nothing computed): a split can be tried on it without touching
+    `model`, which a failed `shard` would leave half split. None if none can be made."""
+    try:
+        probe = type(model)(model.args)
+    except Exception:   # noqa: BLE001 - not an mlx-lm model: `shard` on the model itself decides
+        return None
+    packed = {path: m for path, m in model.named_modules() if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding)
+              or (hasattr(m, "bits") and hasattr(m, "group_size") and hasattr(m, "scales"))}
+    if packed:
+        nn.quantize(probe, class_predicate=lambda p, m: (
+            {"group_size": packed[p].group_size, "bits": packed[p].bits, "mode": getattr(packed[p], "mode", "affine")}
+            if p in packed and hasattr(m, "to_quantized") else False))
+    return probe
+
+
 def _shards_only_layers(model: Any, group: Any) -> bool:
     """Whether the model's `shard` leaves everything outside its layers as it is (then it can run
     one layer at a time). Tried on the unevaluated skeleton with no layers: nothing is computed."""
@@ -244,6 +261,12 @@ def shard(loaded: Loaded, group: Any) -> dict:
     if size > 1:
         share = loaded.info.pop("share", None)     # what a GGUF rank's load already did
         mode = share or plan(model, size)
+        probe = _shaped_like(model) if mode == "tensor" and share is None else None
+        if probe is not None and not _splits(probe, group):
+            if config.get("dist_split") == "tensor":
+                raise Unsupported(f"MLXLITE_DIST_SPLIT=tensor: this model cannot be split tensor-parallel across "
+                                  f"{size} ranks (its quantized widths don't divide into whole groups)")
+            mode = "pipeline"       # tried on a stand-in: the model itself is untouched
         if mode == "tensor":
             if share is None:
                 try:

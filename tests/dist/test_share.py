@@ -222,3 +222,34 @@ def test_the_split_setting_picks_pipeline_or_insists_on_tensor(tmp_path, monkeyp
     monkeypatch.setenv("MLXLITE_DIST_SPLIT", "sideways")
     with pytest.raises(Exception, match="invalid value for MLXLITE_DIST_SPLIT"):
         distributed.plan(model, 2)
+
+
+def test_a_quantized_model_whose_groups_do_not_divide_is_piped_not_half_split():
+    """An mlx-lm model (as a safetensors directory loads) whose heads divide by 2 but whose
+    64-wide MLP is one quantization group of 64: `shard` would fail partway, leaving the
+    model half split. The split is tried on a stand-in first, so the rank runs a pipeline."""
+    from types import SimpleNamespace
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    from mlxlite.engine import distributed
+
+    args = llama.ModelArgs.from_dict({"model_type": "llama", "hidden_size": 128, "num_hidden_layers": 2,
+                                      "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                      "rms_norm_eps": 1e-5, "vocab_size": 64, "tie_word_embeddings": True})
+    model = llama.Model(args)
+    nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    before = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    with pytest.raises(ValueError):      # what the old path did: `shard` fails on the model itself
+        distributed._shaped_like(model).shard(Group(0, 2))
+    placement = distributed.shard(SimpleNamespace(model=model, size_bytes=0, info={}), Group(1, 2))
+    assert placement["mode"] == "pipeline" and placement["layers"] == [[0, 1], [1, 2]]
+    stage = model.model.layers[0].layer
+    assert stage.self_attn.n_heads == 4     # untouched by a failed tensor split
+    assert {k: v for k, v in before.items() if k.startswith("model.layers.1.")} == {
+        k.replace("model.layers.0.layer.", "model.layers.1."): v.shape
+        for k, v in tree_flatten(model.parameters()) if k.startswith("model.layers.0.")}
