@@ -181,12 +181,14 @@ def test_every_shardable_family_splits_on_read_as_shard_does(tmp_path, family, q
     assert distributed.layer_pick(Group(0, 1))(None) is None    # one rank: read whole, nothing to split
 
 
-def test_a_packed_width_that_does_not_divide_makes_a_pipeline(tmp_path):
+def test_a_packed_width_that_does_not_divide_makes_a_pipeline(tmp_path, monkeypatch):
     """Heads divide, but 32-wide Q8_0 experts are one group each: `shard` would fail on them,
-    so the rank loads a pipeline stage instead (it did fail at load before)."""
+    so the rank loads a pipeline stage instead (it did fail at load before); insisting on
+    tensor parallelism is a clear error."""
     from types import SimpleNamespace
 
     from mlxlite.engine import distributed, gguf
+    from mlxlite.errors import Unsupported
     from tests.arch_models import make_family
 
     path = make_family("qwen3moe", "Q8_0", tmp_path).path
@@ -197,9 +199,12 @@ def test_a_packed_width_that_does_not_divide_makes_a_pipeline(tmp_path):
         placement = distributed.shard(SimpleNamespace(model=model, size_bytes=0, info={"share": "pipeline"}),
                                       Group(rank, 2))
         assert placement["mode"] == "pipeline" and placement["layers"][rank] == [rank, rank + 1]
-    whole, *_ = gguf.load_gguf(path, on_cpu=True, float32=False, budget=0)
-    with pytest.raises(Exception, match="cannot split this model tensor-parallel across 2 ranks"):
-        distributed.shard(SimpleNamespace(model=whole, size_bytes=0, info={}), Group(0, 2))
+    monkeypatch.setenv("MLXLITE_DIST_SPLIT", "tensor")
+    with pytest.raises(Unsupported, match="MLXLITE_DIST_SPLIT=tensor: .* across 2 ranks"):
+        gguf.load_gguf(path, on_cpu=True, float32=False, budget=0, pick=distributed.layer_pick(Group(0, 2)))
+    monkeypatch.delenv("MLXLITE_DIST_SPLIT")
+    whole, *_ = gguf.load_gguf(path, on_cpu=True, float32=False, budget=0)     # read whole, split after: the same
+    assert distributed.shard(SimpleNamespace(model=whole, size_bytes=0, info={}), Group(0, 2))["mode"] == "pipeline"
 
 
 def test_the_split_setting_picks_pipeline_or_insists_on_tensor(tmp_path, monkeypatch):
