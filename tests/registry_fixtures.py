@@ -189,8 +189,9 @@ def token_registry(tmp_path_factory):
     tokens.server.shutdown()
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    """A key and certificate for 127.0.0.1 / localhost (PEM files)."""
+def self_signed(tmp: Path, dns: tuple[str, ...] = ("localhost",), ips: tuple[str, ...] = ("127.0.0.1",)
+                ) -> tuple[Path, Path]:
+    """A key and self-signed certificate for these names and addresses (PEM files in `tmp`)."""
     import datetime
     import ipaddress
 
@@ -200,14 +201,14 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
     from cryptography.x509.oid import NameOID
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (ips or dns)[0])])
     now = datetime.datetime.now(datetime.timezone.utc)
+    names = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips] + [x509.DNSName(d) for d in dns]
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(key, hashes.SHA256()))
     key_path, cert_path = tmp / "tls.key", tmp / "tls.pem"
@@ -222,7 +223,7 @@ def tls_registry(tmp_path_factory, monkeypatch):
     """docker-registry over HTTPS with a self-signed certificate that SSL_CERT_FILE trusts."""
     pytest.importorskip("cryptography", reason="the test certificate is made with `cryptography`")
     tmp = tmp_path_factory.mktemp("tls_registry")
-    key_path, cert_path = _self_signed(tmp)
+    key_path, cert_path = self_signed(tmp)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert_path))
     reg = _start(tmp, f"  tls:\n    certificate: {cert_path}\n    key: {key_path}\n")
     yield reg

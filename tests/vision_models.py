@@ -7,7 +7,8 @@
   `{"type": "image"}` parts as Qwen2-VL's does, and a preprocessor_config.json that keeps
   images small (at most 112x112 pixels: 16 image tokens each).
 - `tiny_vision_model`: that directory imported into the test's store; returns its name.
-- `png(seed)`, `png_b64(seed)`, `data_url(seed)`: small PNG images, different per seed.
+- `png(seed)`, `png_b64(seed)`, `data_url(seed)`: small PNG images, different per seed;
+  `send_png(handler, data)` answers an HTTP test server's request with one.
 mlx-vlm is the optional extra `mlxlite[vision]` (in the `test` extra too): without it these
 fixtures skip, saying so.
 """
@@ -33,6 +34,15 @@ TEMPLATE = (
     "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def send_png(handler, data: bytes) -> None:
+    """Answer a `BaseHTTPRequestHandler`'s request with `data` as a PNG."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "image/png")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
 
 
 def need_mlx_vlm() -> None:

@@ -19,7 +19,7 @@ import pytest
 from mlxlite import config
 from mlxlite.errors import BadRequest
 from mlxlite.server import images
-from tests.vision_models import png
+from tests.vision_models import png, send_png
 
 WHERE = "messages[0].content[1].image_url.url"
 LOOPBACK = ipaddress.ip_address("127.0.0.1")
@@ -38,12 +38,7 @@ class ImageHost:
                 host.seen.append((self.path, self.headers.get("Host", "")))
                 url = urllib.parse.urlsplit(self.path)
                 if url.path == "/one.png":
-                    data = png(1)
-                    self.send_response(200)
-                    self.send_header("Content-Type", "image/png")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
+                    send_png(self, png(1))
                 elif url.path in ("/hop", "/loop"):
                     self.send_response(302)
                     self.send_header("Location", urllib.parse.parse_qs(url.query)["to"][0]
@@ -193,34 +188,11 @@ def test_every_address_a_host_resolves_to_is_checked(image_host, monkeypatch):
     assert image_host.seen == []
 
 
-def _certificate(tmp_path, name: str) -> tuple[str, str]:
-    """A self-signed key and certificate for the DNS name `name` only (PEM files)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    key_path, cert_path = tmp_path / "tls.key", tmp_path / "tls.pem"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return str(key_path), str(cert_path)
-
-
 def test_https_to_the_checked_address_names_the_urls_host_in_sni_and_the_certificate_check(tmp_path, monkeypatch):
     pytest.importorskip("cryptography", reason="the test certificate is made with `cryptography`")
-    key, cert = _certificate(tmp_path, "images.test")
+    from tests.registry_fixtures import self_signed
+
+    key, cert = map(str, self_signed(tmp_path, dns=("images.test",), ips=()))     # the DNS name only
     monkeypatch.setenv("SSL_CERT_FILE", cert)       # the client trusts this one certificate
     server_names: list = []
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from tests.fake_engine import FakeEngine, RunningServer, add_fake_model, wait_for
-from tests.vision_models import data_url, png, png_b64
+from tests.vision_models import data_url, png, png_b64, send_png
 
 GREEDY = {"temperature": 0, "num_predict": 6, "seed": 1}
 
@@ -264,12 +264,7 @@ def image_host():
             if self.path != "/one.png":
                 self.send_error(404)
                 return
-            data = png(1)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_png(self, png(1))
 
         def log_message(self, *args):
             pass
