@@ -211,3 +211,21 @@ def test_deepseek_routing_mlx_lm_cannot_run_is_refused_by_name():
 def test_gemma3_reads_ollamas_rope_base_names_too():
     cfg = gguf.model_config(_header("gemma3", **{"rope.global.freq_base": 1e6, "rope.local.freq_base": 5000.0}))
     assert (cfg["rope_theta"], cfg["rope_local_base_freq"]) == (1e6, 5000.0)
+
+
+def test_ollamas_gemma3_files_run_global_layers_at_linear_rope_8_as_ollama_corrects_them():
+    """Ollama's converter writes no RoPE scaling for the multimodal gemma3 checkpoints; its
+    runner puts HF's linear factor 8 back for the 4B, 12B and 27B (34, 48, 62 layers) when the
+    window is shorter than the context. Without it the global layers rotate 8x too fast."""
+    def cfg(layers, **keys):
+        return gguf.model_config(_header("gemma3", block_count=layers, context_length=131072, **{
+            "attention.sliding_window": 1024, **keys}))
+
+    for layers in (34, 48, 62):
+        assert cfg(layers)["rope_scaling"] == {"type": "linear", "factor": 8.0}
+    assert "rope_scaling" not in cfg(26)                                    # the 1B: none
+    assert "rope_scaling" not in cfg(34, **{"attention.sliding_window": 131072})
+    # a file that says (llama.cpp's) is read as it says
+    assert cfg(34, **{"rope.scaling.type": "linear", "rope.scaling.factor": 4.0})["rope_scaling"] == \
+        {"type": "linear", "factor": 4.0}
+
