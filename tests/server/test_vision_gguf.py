@@ -90,3 +90,32 @@ def test_tags_and_show_say_vision_also_for_ollamas_config_blob(srv, store, tiny_
     assert "vision" not in store.read_config(pulled)
     assert native.takes_images(store, pulled, store.read_config(pulled))
     assert "vision" in native.show_model(store, pulled)["capabilities"]
+
+
+def _post(srv, path, body):
+    import urllib.request
+
+    req = urllib.request.Request(srv.url + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.load(resp)
+
+
+def test_anthropic_and_responses_images_reach_a_gemma3_gguf(srv):
+    from tests.vision_models import png_b64
+
+    def message(seed):
+        return _post(srv, "/v1/messages", {"model": "tiny-gemma3-vl", "max_tokens": 6, "temperature": 0,
+                                           "messages": [{"role": "user", "content": [
+                                               {"type": "image", "source": {"type": "base64", "media_type":
+                                                                            "image/png", "data": png_b64(seed)}},
+                                               {"type": "text", "text": "What is this?"}]}]})
+
+    one = message(1)
+    assert one["usage"]["output_tokens"] == 6 and one["usage"]["input_tokens"] > 4 + 5
+    response = _post(srv, "/v1/responses", {"model": "tiny-gemma3-vl", "max_output_tokens": 6, "temperature": 0,
+                                            "input": [{"role": "user", "content": [
+                                                {"type": "input_text", "text": "What is this?"},
+                                                {"type": "input_image", "image_url": data_url(1)}]}]})
+    assert response["usage"]["output_tokens"] == 6
+    assert response["usage"]["input_tokens"] == one["usage"]["input_tokens"]   # the same prompt either way
