@@ -43,6 +43,9 @@ def load(path: Path, header: gguf.Header, *, on_cpu: bool, float32: bool,
         text["vocab_size"] = int(embedding.shape[1])    # rows: a padded table can outnumber the tokens
     cfg = gguf.vision_config(header, text)
     settings = cfg.pop("processor")
+    if cfg["image_token_index"] >= text["vocab_size"]:     # its embedding is looked up before the image replaces it
+        raise Unsupported(f"{header.path}: the image token's id {cfg['image_token_index']} is past the "
+                          f"{text['vocab_size']}-row embedding table")
     spec = gguf.build_tokenizer(header.metadata)
     tokenizer = GGUFTokenizer(spec)
     dequantize = float32 and quants.float32_bytes(header) <= budget

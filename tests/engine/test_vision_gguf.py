@@ -138,3 +138,18 @@ def test_without_mlx_vlm_the_text_runs_and_images_say_how_to_get_them(store, gem
     with pytest.raises(BadRequest) as err:
         _render(loaded, [png(1)], name="g3:latest")
     assert str(err.value) == "model 'g3:latest' needs mlx-vlm for images: pip install 'mlxlite[vision]'"
+
+
+def test_an_image_token_past_the_embedding_table_is_refused_by_name(gemma3_vision_files, monkeypatch):
+    """mlx-vlm looks every id up in the embedding before the image replaces its tokens: an image
+    token id the table lacks would read past it, so the load says so instead."""
+    from mlxlite.engine import vision_gguf
+    from mlxlite.errors import Unsupported
+    from mlxlite.formats import gguf
+
+    built = gemma3_vision_files["F32"]
+    header = gguf.read_gguf(built.path)
+    real = gguf.vision_config
+    monkeypatch.setattr(gguf, "vision_config", lambda h, text: {**real(h, text), "image_token_index": 330})
+    with pytest.raises(Unsupported, match="the image token's id 330 is past the 330-row embedding table"):
+        vision_gguf.load(built.path, header, on_cpu=True, float32=True, budget=1 << 40)
