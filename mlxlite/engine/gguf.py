@@ -424,13 +424,14 @@ def mlx_lm_tokenizer(tokenizer: GGUFTokenizer) -> Any:
 
 
 def load_gguf(path: Path, *, on_cpu: bool, float32: bool, budget: int,
-              pick: Callable[[nn.Module], Share | None] | None = None,
+              pick: Callable[[nn.Module], Share | None] | None = None, header: gguf.Header | None = None,
               ) -> tuple[Any, Any, gguf.TokenizerSpec, gguf.Header, dict]:
-    """See module doc; `float32` asks for dequantization, granted when it fits `budget`.
+    """See module doc; `float32` asks for dequantization, granted when it fits `budget`;
+    `header`: the file's, when the caller read it already.
     `pick(model)` (a rank's, `distributed.layer_pick`) looks at the model before any weight is
     read and says what this rank reads: a pipeline stage's layers, or every layer split as it is
     read; `config["_share"]` says which ("pipeline", "tensor": the model comes back split), or None."""
-    header = gguf.read_gguf(path)
+    header = header or gguf.read_gguf(path)
     config = gguf.model_config(header)  # Unsupported names the architecture / type
     spec = gguf.build_tokenizer(header.metadata)
     arch = gguf.family(header)

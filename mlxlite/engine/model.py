@@ -3,8 +3,8 @@
 Contract:
   - `load(store, entry) -> Loaded`: integrity first (`store.check_integrity`), then GGUF
     (`engine/gguf.py`) or safetensors through mlx-lm from `store.view(entry)` (a vision model's
-    through mlx-vlm when the extra is installed, `vision.py`; else its text through mlx-lm,
-    `info["vision"] == "missing"`); the Modelfile
+    through mlx-vlm when the extra is installed, `vision.py`, and so a GGUF carrying its vision
+    tower, `vision_gguf.py`; else its text through mlx-lm, `info["vision"] == "missing"`); the Modelfile
     layers (params -> `defaults`, system, messages) are read. The prompt template is the
     model's template layer (an Ollama Go template, run as Go does, or jinja), else its own
     jinja template, else a fallback that fits its vocabulary. A harmony template (gpt-oss)
@@ -44,11 +44,11 @@ import mlx.core as mx
 
 from mlxlite import config
 from mlxlite import options as options_mod
-from mlxlite.engine import blas, vision
+from mlxlite.engine import blas, vision, vision_gguf
 from mlxlite.engine.gguf import load_gguf
 from mlxlite.engine.text import token_table
 from mlxlite.errors import BadRequest, IntegrityError, MlxliteError, Unsupported
-from mlxlite.formats import archs, harmony, templates
+from mlxlite.formats import archs, gguf, harmony, templates
 from mlxlite.options import Options
 from mlxlite.store import (
     MEDIA_GGUF,
@@ -275,8 +275,18 @@ def load(store: Store, entry: ModelEntry, *, lazy: bool = False, pick: Any = Non
     try:
         if layer is not None:
             path = store.blob_path(layer.digest)
-            model, tokenizer, spec, header, cfg = load_gguf(
-                path, on_cpu=on_cpu(), float32=f32, budget=memory_budget(), pick=pick)
+            header = gguf.read_gguf(path)
+            # A vision tower inline (Ollama's gemma3): images through mlx-vlm, else text only (the 400
+            # says why). A distributed rank (`pick`) loads the text.
+            sees = gguf.takes_images(header) and pick is None
+            if sees and vision.available():
+                model, tokenizer, spec, header, cfg = vision_gguf.load(
+                    path, header, on_cpu=on_cpu(), float32=f32, budget=memory_budget())
+            else:
+                model, tokenizer, spec, header, cfg = load_gguf(
+                    path, on_cpu=on_cpu(), float32=f32, budget=memory_budget(), pick=pick, header=header)
+            if sees:
+                info["vision"] = True if isinstance(model, vision.VisionLM) else "missing"
             dequantized = cfg.pop("_dequantized")
             share = cfg.pop("_share")
             if share:

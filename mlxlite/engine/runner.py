@@ -21,8 +21,9 @@ Contract:
   - Samplers and text streaming per sequence: `make_sampler`, `make_processors`,
     `allowed_logits`, `TextStream`, `StopMatcher`.
   - Images (`vision.py`, mlx-vlm's optional extra): `check_images(loaded)` (a 400 unless
-    the model takes images), `vision_tokens(loaded, text, images)` -> (token ids, inputs)
-    for `generate(..., vision=)` and the decoder's `add(..., vision=)`.
+    the model takes images), `image_marker(loaded)` (what a Go template's message holds per
+    image, or None), `vision_tokens(loaded, text, images)` -> (token ids, inputs) for
+    `generate(..., vision=)` and the decoder's `add(..., vision=)`.
   - `memory_budget()` (the device's), `end_thread()`: the MLX thread's last call, which frees
     MLX's per-thread streams before the thread exits (else a clean exit can abort).
 Never called from more than one thread at a time (the scheduler owns the MLX thread).
@@ -60,7 +61,7 @@ from mlxlite.engine.model import (
 )
 from mlxlite.engine.sampling import allowed_logits, make_processors, make_sampler, top_alternatives
 from mlxlite.engine.text import StopMatcher, TextStream
-from mlxlite.engine.vision import check_images, vision_tokens
+from mlxlite.engine.vision import check_images, image_marker, vision_tokens
 from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.options import Options
 from mlxlite.results import Finish, Piece, SerialDecoder
@@ -69,7 +70,7 @@ __all__ = [
     "Loaded", "Piece", "Finish", "load", "unload", "tokenize", "detokenize", "token_bytes", "token_piece", "generate",
     "embed", "context_window", "make_sampler", "make_processors", "allowed_logits", "new_cache", "prefill",
     "TextStream", "StopMatcher", "on_cpu", "memory_budget", "decoder", "cache_nbytes", "cache_prefix",
-    "save_cache", "load_cache", "end_thread", "check_images", "vision_tokens",
+    "save_cache", "load_cache", "end_thread", "check_images", "image_marker", "vision_tokens",
 ]
 
 

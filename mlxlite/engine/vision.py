@@ -5,8 +5,10 @@ Owns: recognizing a vision model (`is_vision_config`: its config.json has a
 first vision model's load: the core never needs it, and it imports transformers and more,
 seconds), `VisionLM` (what the text path drives: the language model's logits and KV cache),
 `check_images` (does this loaded model take images; without mlx-vlm the 400 says how to
-install it), `vision_tokens` (a rendered prompt and its images -> token ids with the
-model's image placeholders expanded, plus the pixel inputs) and `prefill` (the prompt's
+install it), `image_marker` (the text an Ollama Go template's message gets per image, for
+a model that names one: a GGUF's tower, `vision_gguf.py`), `vision_tokens` (a rendered
+prompt and its images -> token ids with the model's image placeholders expanded, plus the
+pixel inputs) and `prefill` (the prompt's
 embeddings with the image features merged in, into the KV cache in chunks, cancellable
 between them). Images are decoded with Pillow (mlx-vlm's dependency): an image that does
 not decode, or has more than `max_image_pixels`, is a `BadRequest`.
@@ -63,10 +65,13 @@ class VisionLM(nn.Module):
     """An mlx-vlm model as the text path sees a model: `model(tokens[None], cache=)` gives
     logits, `make_cache()` its language model's KV cache. `vlm` is the whole model."""
 
-    def __init__(self, vlm: Any, processor: Any) -> None:
+    def __init__(self, vlm: Any, processor: Any, marker: str | None = None) -> None:
         super().__init__()
         self.vlm = vlm
         self._processor = [processor]        # a list: nn.Module would treat it as a child
+        # What the template writes per image, which the processor expands (gemma3's
+        # `<start_of_image>`); None: the processor's `image_token`.
+        self.marker = marker
 
     @property
     def processor(self) -> Any:
@@ -112,6 +117,13 @@ def is_vision(loaded: Any) -> bool:
     return isinstance(getattr(loaded, "model", None), VisionLM)
 
 
+def image_marker(loaded: Any) -> str | None:
+    """The text that stands for one image in a prompt, for a model that names one (its template
+    layer, an Ollama Go template, cannot place content parts: the marker goes in the message, as
+    Ollama puts its `[img-N]` tag), else None."""
+    return loaded.model.marker if is_vision(loaded) else None
+
+
 def check_images(loaded: Any) -> None:
     """A `BadRequest` unless this loaded model takes images."""
     if is_vision(loaded):
@@ -150,14 +162,17 @@ def vision_tokens(loaded: Any, text: str, images: list[bytes], add_special: bool
 
     model: VisionLM = loaded.model
     processor = model.processor
-    marker = getattr(processor, "image_token", None)
+    marker = model.marker or getattr(processor, "image_token", None)
+    image_id = _image_token_id(model.vlm.config)
     if isinstance(marker, str) and marker and text.count(marker) != len(images):
         raise BadRequest(f"model '{loaded.name}': its template placed {text.count(marker)} of the request's "
                          f"{len(images)} images")
     pictures = [decode_image(data, i) for i, data in enumerate(images)]
+    if add_special and getattr(loaded, "bos_token", None) and text.startswith(loaded.bos_token):
+        add_special = False     # as `model.tokenize`: a template that wrote BOS gets no second one
     try:
         inputs = prepare_inputs(processor, images=pictures, prompts=[text],
-                                image_token_index=getattr(model.vlm.config, "image_token_id", None),
+                                image_token_index=image_id,
                                 add_special_tokens=add_special)
     except (ValueError, TypeError, IndexError, KeyError) as exc:
         raise BadRequest(f"the images could not be prepared for model '{loaded.name}': {exc}") from None
@@ -165,9 +180,18 @@ def vision_tokens(loaded: Any, text: str, images: list[bytes], add_special: bool
     tokens = [int(t) for t in (ids[0].tolist() if hasattr(ids, "tolist") else ids[0])]
     extra = {k: v for k, v in inputs.items()
              if k not in ("input_ids", "attention_mask", "pixel_values") and v is not None}
-    pad = getattr(model.vlm.config, "image_token_id", None)
-    pad = pad if isinstance(pad, int) else -1
+    pad = image_id if isinstance(image_id, int) else -1
     return tokens, VisionInputs(inputs.get("pixel_values"), extra, len(images), pad, tokens.count(pad))
+
+
+def _image_token_id(cfg: Any) -> int | None:
+    """The id the image features replace: Qwen2-VL's config says `image_token_id`, gemma3's
+    `image_token_index`."""
+    for key in ("image_token_id", "image_token_index"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 # ---- prefill --------------------------------------------------------------------------------

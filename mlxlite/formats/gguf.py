@@ -13,6 +13,9 @@ Contract:
     `map_name(name, architecture)` maps a GGUF tensor name to mlx-lm's. Both dispatch
     through the family's `Arch` in `formats/archs/` (keyed by `general.architecture`;
     `family(header)` is the one a file runs on, where metadata picks a variant).
+  - `vision_of(header)` is the family's `archs.Vision` when the file carries its vision tower
+    inline (Ollama's gemma3; `takes_images(header)`), else None; `vision_config(header, text)`
+    is mlx-vlm's config for it over the text model's `model_config`.
   - `build_tokenizer(meta)` (from `formats/vocab.py`, which owns it) builds a
     `tokenizers.Tokenizer` plus its specials from `tokenizer.ggml.*` metadata.
 Never imports mlx (importers and `show` use it); `tokenizers` is imported lazily.
@@ -264,6 +267,32 @@ def model_config(header: Header) -> dict[str, Any]:
     # in a hostile file is metadata no model can be built from, whichever family reads it.
     except (TypeError, ValueError, OverflowError, ZeroDivisionError, IndexError, KeyError):
         raise BadRequest(f"{header.path}: GGUF metadata holds {header.architecture} model dimensions "
+                         "of the wrong type or range") from None
+
+
+def vision_of(header: Header) -> archs.Vision | None:
+    """The inline vision tower's map when this file carries one, else None."""
+    try:
+        vision = family(header).vision
+    except Unsupported:
+        return None
+    return vision if vision is not None and vision.present(_meta(header)) else None
+
+
+def takes_images(header: Header) -> bool:
+    return vision_of(header) is not None
+
+
+def vision_config(header: Header, text: dict[str, Any]) -> dict[str, Any]:
+    """mlx-vlm's config.json dict (and "processor") for the file's vision tower, over `text`
+    (`model_config`'s dict); `Unsupported` when the file carries none."""
+    vision = vision_of(header)
+    if vision is None:
+        raise Unsupported(f"{header.path}: GGUF {header.architecture} file carries no vision tower")
+    try:
+        return vision.config(_meta(header), text)
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError, IndexError, KeyError):
+        raise BadRequest(f"{header.path}: GGUF metadata holds {header.architecture} vision dimensions "
                          "of the wrong type or range") from None
 
 

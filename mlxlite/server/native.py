@@ -357,7 +357,7 @@ def model_record(store: Any, entry: Any) -> dict:
         "digest": st.digest_hex(entry.digest),
         "details": _details(info, unsupported),
         # What the stored config says (show adds what the template says: tools, thinking).
-        "capabilities": _capabilities(info, vision=bool(info.get("vision")), unsupported=unsupported),
+        "capabilities": _capabilities(info, vision=takes_images(store, entry, info), unsupported=unsupported),
     }
 
 
@@ -400,6 +400,24 @@ def cannot_run(store: Any, entry: Any, info: dict) -> str | None:
             return str(exc)     # not kept: a missing or damaged blob can be pulled again
         _CANNOT_LOAD[layer.digest] = gguf.cannot_load(header)
     return _CANNOT_LOAD[layer.digest]
+
+
+_TAKES_IMAGES: dict[str, bool] = {}    # GGUF blob digest -> whether it carries a vision tower
+
+
+def takes_images(store: Any, entry: Any, info: dict) -> bool:
+    """Whether the model takes images: its config says so, or (a GGUF pulled with Ollama's
+    config) its file carries a vision tower, as Ollama asks its metadata. Read once per blob."""
+    if info.get("vision"):
+        return True
+    if info.get("format") != "gguf" or (layer := _gguf_layer(entry)) is None:
+        return False
+    if layer.digest not in _TAKES_IMAGES:
+        try:
+            _TAKES_IMAGES[layer.digest] = gguf.takes_images(gguf.read_gguf(store.blob_path(layer.digest)))
+        except MlxliteError:
+            return False    # not kept: a missing or damaged blob can be pulled again
+    return _TAKES_IMAGES[layer.digest]
 
 
 def _details(info: dict, unsupported: str | None) -> dict:
@@ -448,7 +466,7 @@ def show_model(store: Any, entry: Any, verbose: bool = False) -> dict:
         value = read_json_layer(store, entry, layer, "messages")
         messages.extend(m for m in (value if isinstance(value, list) else []) if isinstance(m, dict))
     model_info: dict = {}
-    vision = bool(info.get("vision"))
+    vision = takes_images(store, entry, info)
     if info.get("format") == "gguf":
         meta = _gguf_meta(store, entry)
         for key, value in meta.items():

@@ -7,7 +7,10 @@ returns `Rendered` (token ids, how many of the chat's oldest messages were left 
 the prompt itself opened a `<think>` section, for a harmony template (gpt-oss) the message
 the output continues, which the routes parse channels from, and a vision model's image
 inputs). Images ride on their messages (`images`: bytes, checked by `images.py`); a jinja
-template places them as content parts (`{"type": "image"}`, Hugging Face's convention) and
+template places them as content parts (`{"type": "image"}`, Hugging Face's convention), an
+Ollama Go template gets the model's image marker (`engine.image_marker`: gemma3's
+`<start_of_image>`) in the message's text where Ollama puts its `[img-N]` tags (in place of
+each `[img]`, else before the text), and
 the engine's `vision_tokens` turns the text and images into token ids and pixel inputs (its
 `check_images` first says whether the model takes images at all). A chat longer than
 num_ctx loses its oldest whole messages (never the system prompt, never the latest message,
@@ -18,6 +21,7 @@ Never imports mlx.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from mlxlite.errors import BadRequest
@@ -139,11 +143,15 @@ class PromptSpec:
         opened: list[Any] = [False, None]
         is_harmony = harmony.is_harmony(getattr(template, "source", ""))
         seen: list[tuple[list[int], Any]] = []      # each render's tokens and image inputs
+        placed = _with_image_parts
         if pictures and isinstance(template, templates.GoChatTemplate):
-            raise BadRequest(f'"{self.model}": its template (an Ollama Go template) cannot place images')
+            marker = getattr(engine, "image_marker", lambda _: None)(loaded)
+            if not marker:
+                raise BadRequest(f'"{self.model}": its template (an Ollama Go template) cannot place images')
+            placed = partial(_with_image_tags, marker=marker)
 
         def tokens_of(msgs: list[dict]) -> list[int]:
-            text = template.render([_with_image_parts(m) for m in msgs] if pictures else msgs,
+            text = template.render([placed(m) for m in msgs] if pictures else msgs,
                                    tools=tools, add_generation_prompt=True, **extra)
             opened[0] = _opens_thinking(text)
             opened[1] = harmony.open_message(text) if is_harmony else None
@@ -173,6 +181,21 @@ def _with_image_parts(message: dict) -> dict:
     rest = {k: v for k, v in message.items() if k != "images"}
     return {**rest, "content": [*({"type": "image"} for _ in shown),
                                 {"type": "text", "text": message.get("content") or ""}]}
+
+
+def _with_image_tags(message: dict, marker: str) -> dict:
+    """A message with its images as `marker` in its text, as Ollama tags them for a Go
+    template: each image takes the next `[img]` of the text, else goes before it."""
+    shown = message.get("images")
+    if not shown:
+        return message
+    text, prefix = str(message.get("content") or ""), ""
+    for _ in shown:
+        if "[img]" in text:
+            text = text.replace("[img]", marker, 1)
+        else:
+            prefix += marker
+    return {**{k: v for k, v in message.items() if k != "images"}, "content": prefix + text}
 
 
 def _fit_chat(messages: list[dict], tokens_of: Any, num_ctx: int, room: int) -> Rendered:

@@ -96,6 +96,7 @@ def gguf_config(path: Path) -> dict:
         "quantization": gguf.file_type_name(meta.get("general.file_type")),
         "context_length": meta.get(f"{arch}.context_length"),
         "files": [path.name],
+        **({"vision": True} if gguf.takes_images(header) else {}),  # its vision tower inline (mlx-vlm)
     }
 
 

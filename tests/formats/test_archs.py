@@ -211,3 +211,81 @@ def test_deepseek_routing_mlx_lm_cannot_run_is_refused_by_name():
 def test_gemma3_reads_ollamas_rope_base_names_too():
     cfg = gguf.model_config(_header("gemma3", **{"rope.global.freq_base": 1e6, "rope.local.freq_base": 5000.0}))
     assert (cfg["rope_theta"], cfg["rope_local_base_freq"]) == (1e6, 5000.0)
+
+
+def test_ollamas_gemma3_files_run_global_layers_at_linear_rope_8_as_ollama_corrects_them():
+    """Ollama's converter writes no RoPE scaling for the multimodal gemma3 checkpoints; its
+    runner puts HF's linear factor 8 back for the 4B, 12B and 27B (34, 48, 62 layers) when the
+    window is shorter than the context. Without it the global layers rotate 8x too fast."""
+    def cfg(layers, **keys):
+        return gguf.model_config(_header("gemma3", block_count=layers, context_length=131072, **{
+            "attention.sliding_window": 1024, **keys}))
+
+    for layers in (34, 48, 62):
+        assert cfg(layers)["rope_scaling"] == {"type": "linear", "factor": 8.0}
+    assert "rope_scaling" not in cfg(26)                                    # the 1B: none
+    assert "rope_scaling" not in cfg(34, **{"attention.sliding_window": 131072})
+    # a file that says (llama.cpp's) is read as it says
+    assert cfg(34, **{"rope.scaling.type": "linear", "rope.scaling.factor": 4.0})["rope_scaling"] == \
+        {"type": "linear", "factor": 4.0}
+
+
+GEMMA3_VISION = {"vision.block_count": 2, "vision.embedding_length": 32, "vision.feed_forward_length": 64,
+                 "vision.attention.head_count": 2, "vision.image_size": 56, "vision.patch_size": 14,
+                 "vision.attention.layer_norm_epsilon": 1e-6, "mm.tokens_per_image": 4}
+IMAGE_TOKENS = ["<pad>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+
+
+def _gemma3_vision(tokens=IMAGE_TOKENS, tensors=("v.blk.0.attn_q.weight",), **keys) -> gguf.Header:
+    header = _header("gemma3", tensors, **{**GEMMA3_VISION, **keys})
+    return gguf.Header(header.path, 3, {**header.metadata, "tokenizer.ggml.tokens": [*tokens, *"abc"]},
+                       header.tensors)
+
+
+def test_gemma3_vision_tower_names_map_onto_mlx_vlms_gemma3():
+    vision = archs.get("gemma3").vision
+    tower = "vision_tower.vision_model."
+    assert {n: vision.map_name(n) for n in (
+        "v.patch_embedding.weight", "v.position_embedding.weight", "v.post_layernorm.bias",
+        "v.blk.3.attn_q.weight", "v.blk.3.attn_output.bias", "v.blk.3.layer_norm2.weight", "v.blk.3.mlp.fc1.weight",
+        "mm.mm_input_projection.weight", "mm.mm_soft_emb_norm.weight")} == {
+        "v.patch_embedding.weight": tower + "embeddings.patch_embedding.weight",
+        "v.position_embedding.weight": tower + "embeddings.position_embedding.weight",
+        "v.post_layernorm.bias": tower + "post_layernorm.bias",
+        "v.blk.3.attn_q.weight": tower + "encoder.layers.3.self_attn.q_proj.weight",
+        "v.blk.3.attn_output.bias": tower + "encoder.layers.3.self_attn.out_proj.bias",
+        "v.blk.3.layer_norm2.weight": tower + "encoder.layers.3.layer_norm2.weight",
+        "v.blk.3.mlp.fc1.weight": tower + "encoder.layers.3.mlp.fc1.weight",
+        "mm.mm_input_projection.weight": "multi_modal_projector.mm_input_projection_weight",
+        "mm.mm_soft_emb_norm.weight": "multi_modal_projector.mm_soft_emb_norm.weight"}
+    with pytest.raises(Unsupported, match="'v.blk.0.attn_qkv.weight' has no mlx-vlm equivalent"):
+        vision.map_name("v.blk.0.attn_qkv.weight")
+    # llama.cpp's mmproj names are another file's: not these
+    with pytest.raises(Unsupported):
+        vision.map_name("v.patch_embd.weight")
+
+
+def test_a_gemma3_file_takes_images_when_it_carries_the_tower():
+    assert gguf.takes_images(_gemma3_vision())
+    assert not gguf.takes_images(_gemma3_vision(tensors=()))            # metadata, no tensors
+    assert not gguf.takes_images(_header("gemma3", ("v.blk.0.attn_q.weight",)))  # no vision.block_count
+    assert not gguf.takes_images(_header("llama", ("v.blk.0.attn_q.weight",), **GEMMA3_VISION))
+    assert not gguf.takes_images(_header("mamba"))
+
+
+def test_gemma3_vision_config_reads_the_tower_and_the_image_tokens():
+    header = _gemma3_vision()
+    cfg = gguf.vision_config(header, gguf.model_config(header))
+    assert cfg["vision_config"] == {
+        "model_type": "siglip_vision_model", "image_size": 56, "patch_size": 14, "num_hidden_layers": 2,
+        "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_channels": 3,
+        "layer_norm_eps": 1e-6}
+    assert (cfg["image_token_index"], cfg["hidden_size"], cfg["text_config"]["mm_tokens_per_image"]) == (3, 2048, 4)
+    assert cfg["text_config"]["rope_global_base_freq"] == 1e6 and "rope_theta" not in cfg["text_config"]
+    assert cfg["processor"]["image_size"] == 56 and cfg["processor"]["image_mean"] == [0.5, 0.5, 0.5]
+    with pytest.raises(BadRequest, match=r"image_size 56, patch_size 14, mm.tokens_per_image 9"):
+        gguf.vision_config(_gemma3_vision(**{"mm.tokens_per_image": 9}), gguf.model_config(header))
+    with pytest.raises(Unsupported, match="lacks gemma3's image tokens \\(<image_soft_token>\\)"):
+        gguf.vision_config(_gemma3_vision(tokens=IMAGE_TOKENS[:3]), gguf.model_config(header))
+    with pytest.raises(Unsupported, match="carries no vision tower"):
+        gguf.vision_config(_header("gemma3"), gguf.model_config(header))

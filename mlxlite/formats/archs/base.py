@@ -2,8 +2,9 @@
 mlx-lm names, and the per-tensor transforms llama.cpp's converter applied that the engine
 must undo.
 
-Owns `Arch` (one per family module), `Meta` (typed reads of `<arch>.*` metadata keys) and
-the config keys every decoder shares. Pure data and small functions: never imports mlx,
+Owns `Arch` (one per family module), `Meta` (typed reads of `<arch>.*` metadata keys),
+`Vision` (a vision tower some files carry inline: its names and config on mlx-vlm's model of
+the family) and the config keys every decoder shares. Pure data and small functions: never imports mlx,
 never reads files, never touches tensor values (the engine applies what an `Arch` declares).
 """
 
@@ -71,6 +72,7 @@ class Arch:
     # a family whose files split across mlx-lm classes by metadata (deepseek2: V2's softmax
     # routing, V3's sigmoid): picks the variant `Arch` that one file runs on
     variant: Callable[[Meta], Arch] | None = None
+    vision: Vision | None = None    # the vision tower a file may carry inline (Ollama's gemma3)
 
     def reads(self, name: str) -> bool:
         return not name.startswith(self.skip)
@@ -97,6 +99,29 @@ class Arch:
         cfg.update(self.config(meta))
         cfg["model_type"] = self.model_type
         return cfg
+
+
+@dataclass(frozen=True)
+class Vision:
+    """A vision tower and projector carried in the model's own GGUF (Ollama's converter writes
+    them into the one file; llama.cpp's go to a separate mmproj file, which this does not read):
+    how they run on mlx-vlm's model of the family, the text model's names under `text`."""
+
+    model_type: str                             # mlx-vlm's module under mlx_vlm.models
+    prefixes: tuple[str, ...]                   # GGUF names of the tower and projector start so
+    map_name: Callable[[str], str]              # tower/projector GGUF name -> mlx-vlm parameter name
+    # (meta, the text model's mlx-lm config) -> mlx-vlm's config.json dict, plus "processor":
+    # how images become pixels and tokens (size, mean/std, the image tokens, tokens per image)
+    config: Callable[[Meta, dict[str, Any]], dict[str, Any]]
+    text: str = "language_model."               # the text model's names sit under this prefix
+    dense: frozenset[str] = frozenset()         # mlx-vlm names read as floats however stored (convs, bare parameters)
+    conv: frozenset[str] = frozenset()          # torch's conv layout [out, in, kH, kW] -> MLX's [out, kH, kW, in]
+    norm_offset: frozenset[str] = frozenset()   # tower/projector GGUF names stored as w + the family's offset
+
+    def present(self, meta: Meta) -> bool:
+        """Whether this file carries the tower (Ollama asks `<arch>.vision.block_count`, and the
+        tensors must be there)."""
+        return bool(meta.get("vision.block_count")) and any(t.startswith(self.prefixes) for t in meta.tensors)
 
 
 def common_config(meta: Meta) -> dict[str, Any]:
