@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.tiny_models import CORPUS, quantize_rows, write_gguf
+from tests import tiny_models
+from tests.tiny_models import quantize_rows, write_gguf
 from tests.vision_models import need_mlx_vlm
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
@@ -99,15 +100,7 @@ def go_replace(name: str) -> str:
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer)
-    return tok
+    return tiny_models.build_tokenizer(SPECIALS)
 
 
 def tokenizer_metadata(tok) -> dict:

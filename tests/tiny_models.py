@@ -166,13 +166,14 @@ def permute_qk(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 # ---- building ------------------------------------------------------------------------------
-def build_tokenizer():
+def build_tokenizer(specials: list[str] | None = None):
+    """The tests' byte-level BPE trained on CORPUS, with `specials` (default SPECIALS) first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=specials or SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
     return tok
