@@ -54,7 +54,8 @@ def test_text_input_gives_a_message_with_usage(client, srv):
     assert resp.usage.total_tokens == resp.usage.input_tokens + resp.usage.output_tokens
     opts = srv.engine.options[-1]
     assert (opts.temperature, opts.top_p) == (0.5, 0.9)
-    assert srv.log_lines()[-1]["path"] == "/v1/responses" and srv.log_lines()[-1]["status"] == 200
+    (line,) = srv.logged("/v1/responses", 1)      # written just after the response: wait for it
+    assert line["status"] == 200
 
 
 def test_items_and_instructions_become_the_chat_prompt(client, srv):
