@@ -169,19 +169,17 @@ def _metadata(tok, qtype: str) -> dict:
     }
 
 
-def make_gemma3_gguf(root: Path, qtype: str = "F32", seed: int = 0) -> Gemma3Built:
-    import mlx.core as mx
+def random_weights(model: Any, seed: int) -> dict[str, np.ndarray]:
+    """Random float32 values for every parameter of mlx-vlm's gemma3 `model` under its names
+    and layouts, but the tied head (gemma3 checkpoints have no lm_head)."""
     from mlx.utils import tree_flatten
 
-    tok = build_tokenizer()
-    vocab = tok.get_vocab_size(with_added_tokens=True)
-    model = mlx_vlm_model(reference_config(vocab, tok.token_to_id("<image_soft_token>")))
     rng = np.random.default_rng(seed)
     held: dict[str, np.ndarray] = {}
     for name, p in tree_flatten(model.parameters()):
         shape = p.shape
         if name.startswith("language_model.lm_head"):
-            continue                                            # tied: gemma3 checkpoints have no lm_head
+            continue
         if "norm" in name and name.endswith("weight") and "vision_tower" not in name:
             w = 0.2 * rng.standard_normal(shape)                # gemma's RMSNorm scales by 1 + w
         elif name.endswith("bias") or "norm" in name:
@@ -189,6 +187,16 @@ def make_gemma3_gguf(root: Path, qtype: str = "F32", seed: int = 0) -> Gemma3Bui
         else:
             w = rng.standard_normal(shape) * (0.5 if "embed" in name else 0.2)
         held[name] = w.astype(np.float32)
+    return held
+
+
+def make_gemma3_gguf(root: Path, qtype: str = "F32", seed: int = 0) -> Gemma3Built:
+    import mlx.core as mx
+
+    tok = build_tokenizer()
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    model = mlx_vlm_model(reference_config(vocab, tok.token_to_id("<image_soft_token>")))
+    held = random_weights(model, seed)
     tensors, kinds = [], {}
     for name, w in held.items():
         gname = go_replace(name)

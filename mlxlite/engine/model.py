@@ -207,7 +207,6 @@ def _hf_specials(tokenizer: Any) -> frozenset[int]:
 
 def _load_safetensors(store: Store, entry: ModelEntry, f32: bool,
                       lazy: bool = False) -> tuple[Any, Any, dict, bool, Path]:
-    from mlx_lm.utils import dequantize_model
     from mlx_lm.utils import load as mlx_load
 
     view = store.view(entry)
@@ -219,25 +218,36 @@ def _load_safetensors(store: Store, entry: ModelEntry, f32: bool,
         raise BadRequest(f"model '{entry.name.display}': config.json is not valid JSON") from None
     if vision.is_vision_config(model_cfg) and vision.available():
         model = vision.load_vlm(view, entry.name.display)
-        if on_cpu():
-            model.set_dtype(mx.float32)     # float16 on MLX's CPU backend is far slower
+        dequantized = _on_cpu_dtype(model, model_cfg, f32)
         mx.eval(model.parameters())
-        return model, _vision_tokenizer(model, model_cfg), model_cfg, False, view
+        return model, _vision_tokenizer(model, model_cfg), model_cfg, dequantized, view
     try:
         model, tokenizer = mlx_load(str(view), lazy=lazy)
     except (ValueError, KeyError, FileNotFoundError, OSError) as exc:
         hint = f" (a vision model: {vision.INSTALL})" if vision.is_vision_config(model_cfg) else ""
         raise Unsupported(f"model '{entry.name.display}' cannot be loaded by mlx-lm: {exc}{hint}") from None
-    dequantized = False
-    if on_cpu():
-        quantized = "quantization" in model_cfg or "quantization_config" in model_cfg
-        if quantized and f32 and _float32_estimate(model) <= memory_budget():
-            model = dequantize_model(model)
-            dequantized = True
-        model.set_dtype(mx.float32)  # float16 on MLX's CPU backend is far slower
-        if not lazy:
-            mx.eval(model.parameters())
+    dequantized = _on_cpu_dtype(model, model_cfg, f32)
+    if on_cpu() and not lazy:
+        mx.eval(model.parameters())
     return model, tokenizer, model_cfg, dequantized, view
+
+
+def _on_cpu_dtype(model: Any, model_cfg: dict, f32: bool) -> bool:
+    """On the CPU device: a quantized model's packed modules become float32 when that fits the
+    budget, and every float is float32 (float16 on MLX's CPU backend is far slower). Whether it
+    dequantized."""
+    if not on_cpu():
+        return False
+    dequantized = False
+    quantized = "quantization" in model_cfg or "quantization_config" in model_cfg
+    if quantized and f32 and _float32_estimate(model) <= memory_budget():
+        # lazy: mlx-lm's package __init__ imports transformers (deferred above)
+        from mlx_lm.utils import dequantize_model
+
+        dequantize_model(model)     # swaps the modules in place
+        dequantized = True
+    model.set_dtype(mx.float32)
+    return dequantized
 
 
 def _vision_tokenizer(model: vision.VisionLM, cfg: dict) -> Any:

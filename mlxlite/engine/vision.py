@@ -3,10 +3,13 @@
 Owns: recognizing a vision model (`is_vision_config`: its config.json has a
 `vision_config`), loading one with mlx-vlm (`load_vlm`; mlx-vlm is imported lazily, on the
 first vision model's load: the core never needs it, and it imports transformers and more,
-seconds), `VisionLM` (what the text path drives: the language model's logits and KV cache),
-`check_images` (does this loaded model take images; without mlx-vlm the 400 says how to
-install it), `image_marker` (the text an Ollama Go template's message gets per image, for
-a model that names one: a GGUF's tower, `vision_gguf.py`), `vision_tokens` (a rendered
+seconds; what mlx-vlm's load leaves wrong for a family is set there: gemma3's image marker and
+hidden_size, a processor that drops `add_special_tokens`), `VisionLM` (what the text path
+drives: the language model's logits and KV cache), `check_images` (does this loaded model take
+images; without mlx-vlm the 400 says how to install it), `image_marker` (the text a template
+writes per image where the processor expands it, for a model that names one: gemma3's
+`<start_of_image>`, from safetensors or a GGUF's tower, `vision_gguf.py`; an Ollama Go
+template's message gets it per image), `vision_tokens` (a rendered
 prompt and its images -> token ids with the model's image placeholders expanded, plus the
 pixel inputs) and `prefill` (the prompt's
 embeddings with the image features merged in, into the KV cache in chunks, cancellable
@@ -19,6 +22,7 @@ that state first. Never imports the scheduler, the server or `model.py` (which i
 
 from __future__ import annotations
 
+import inspect
 import io
 import threading
 from dataclasses import dataclass, field
@@ -100,6 +104,12 @@ def available() -> bool:
     return True
 
 
+# A family whose template writes one token per image that its processor expands around other
+# ones (gemma3's `<start_of_image>` -> `\n\n<start_of_image>` + soft tokens + `<end_of_image>\n\n`):
+# the processor attribute naming what the template writes. Others write the processor's `image_token`.
+_MARKER = {"gemma3": "boi_token"}
+
+
 def load_vlm(path: Path, display: str) -> VisionLM:
     """The model directory through mlx-vlm (weights, processor, image processor)."""
     try:
@@ -110,7 +120,33 @@ def load_vlm(path: Path, display: str) -> VisionLM:
         vlm, processor = vlm_load(str(path))
     except (ValueError, KeyError, FileNotFoundError, OSError, TypeError) as exc:
         raise Unsupported(f"model '{display}' cannot be loaded by mlx-vlm: {exc}") from None
-    return VisionLM(vlm, processor)
+    model_type = getattr(vlm.config, "model_type", "")
+    if model_type == "gemma3":
+        # mlx-vlm divides image features by sqrt(config.hidden_size) and its text model multiplies
+        # every embedding by sqrt(the text width); Google's config.json has no top-level hidden_size
+        # (mlx-vlm's default, 2048, is the width of none of them): the text width, so the features
+        # go in unscaled as transformers puts them (the GGUF path's config says the same).
+        vlm.config.hidden_size = vlm.config.text_config.hidden_size
+    marker = getattr(processor, _MARKER.get(model_type, ""), None)
+    return VisionLM(vlm, naming_special_tokens(processor), marker=marker if isinstance(marker, str) else None)
+
+
+def naming_special_tokens(processor: Any) -> Any:
+    """`processor`, its `__call__` naming `add_special_tokens`: mlx-vlm's `prepare_inputs` forwards
+    it only to a processor that names it, and one that does not (gemma3's) has its tokenizer add
+    BOS before the BOS the template wrote."""
+    cls = type(processor)
+    if hasattr(processor, "process") or "add_special_tokens" in inspect.signature(cls.__call__).parameters:
+        return processor    # mlx-vlm calls `process` where there is one
+
+    class Named(cls):  # type: ignore[valid-type, misc]
+        def __call__(self, images: Any = None, text: Any = None, add_special_tokens: bool = True,
+                     **kwargs: Any) -> Any:
+            return super().__call__(images=images, text=text, add_special_tokens=add_special_tokens, **kwargs)
+
+    Named.__name__ = Named.__qualname__ = cls.__name__
+    processor.__class__ = Named
+    return processor
 
 
 def is_vision(loaded: Any) -> bool:

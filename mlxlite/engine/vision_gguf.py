@@ -26,7 +26,7 @@ import mlx.core as mx
 
 from mlxlite.engine import quants
 from mlxlite.engine.gguf import GGUFTokenizer, _fit, _load, load_report
-from mlxlite.engine.vision import INSTALL, VisionLM
+from mlxlite.engine.vision import INSTALL, VisionLM, naming_special_tokens
 from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.formats import archs, gguf
 
@@ -140,16 +140,9 @@ def gemma3_processor(settings: dict, tokenizer: GGUFTokenizer, spec: gguf.Tokeni
     text = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=spec.bos_token, eos_token=spec.eos_token,
                                    unk_token=spec.unk_token, pad_token=spec.pad_token or spec.eos_token,
                                    extra_special_tokens=settings["tokens"])
-
-    class Processor(Gemma3Processor):
-        """mlx-vlm forwards `add_special_tokens` only to a processor that names it: this one does,
-        so a template that writes BOS itself gets none added."""
-
-        def __call__(self, images: Any = None, text: Any = None, add_special_tokens: bool = True,
-                     **kwargs: Any) -> Any:
-            return super().__call__(images=images, text=text, add_special_tokens=add_special_tokens, **kwargs)
-
-    return Processor(image_processor=images, tokenizer=text, image_seq_length=settings["image_seq_length"])
+    # naming add_special_tokens: a template that writes BOS itself gets none added
+    return naming_special_tokens(Gemma3Processor(image_processor=images, tokenizer=text,
+                                                 image_seq_length=settings["image_seq_length"]))
 
 
 PROCESSORS = {"gemma3": gemma3_processor}   # mlx-vlm model type -> its processor from the GGUF
