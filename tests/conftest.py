@@ -21,7 +21,7 @@ from mlxlite.engine import blas  # noqa: E402
 blas.preload()
 
 pytest_plugins = ["tests.tiny_models", "tests.registry_fixtures", "tests.default_model", "tests.vision_models",
-                  "tests.gguf_vision_models", "tests.st_gemma3_models"]
+                  "tests.gguf_vision_models", "tests.st_gemma3_models", "tests.gguf_qwen25vl_models"]
 
 
 @pytest.fixture(autouse=True)

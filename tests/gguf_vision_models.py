@@ -84,12 +84,13 @@ REPLACEMENTS = [
 ]
 
 
-def go_replace(name: str) -> str:
-    """Go's strings.NewReplacer(REPLACEMENTS...).Replace: one left-to-right pass, at each
-    position the first pair (in argument order) whose old string starts there."""
+def go_replace(name: str, pairs: list[tuple[str, str]] | None = None) -> str:
+    """Go's strings.NewReplacer(pairs...).Replace (default: gemma3's REPLACEMENTS): one
+    left-to-right pass, at each position the first pair (in argument order) whose old string
+    starts there."""
     out, i = [], 0
     while i < len(name):
-        hit = next(((old, new) for old, new in REPLACEMENTS if name.startswith(old, i)), None)
+        hit = next(((old, new) for old, new in pairs or REPLACEMENTS if name.startswith(old, i)), None)
         if hit:
             out.append(hit[1])
             i += len(hit[0])

@@ -286,7 +286,7 @@ def load(store: Store, entry: ModelEntry, *, lazy: bool = False, pick: Any = Non
         if layer is not None:
             path = store.blob_path(layer.digest)
             header = gguf.read_gguf(path)
-            # A vision tower inline (Ollama's gemma3): images through mlx-vlm, else text only (the 400
+            # A vision tower inline (Ollama's gemma3, qwen25vl): images through mlx-vlm, else text only (the 400
             # says why). A distributed rank (`pick`) loads the text.
             sees = gguf.takes_images(header) and pick is None
             if sees and vision.available():

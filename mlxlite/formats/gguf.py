@@ -14,7 +14,7 @@ Contract:
     through the family's `Arch` in `formats/archs/` (keyed by `general.architecture`;
     `family(header)` is the one a file runs on, where metadata picks a variant).
   - `vision_of(header)` is the family's `archs.Vision` when the file carries its vision tower
-    inline (Ollama's gemma3; `takes_images(header)`), else None; `vision_config(header, text)`
+    inline (Ollama's gemma3 and qwen25vl; `takes_images(header)`), else None; `vision_config(header, text)`
     is mlx-vlm's config for it over the text model's `model_config`.
   - `build_tokenizer(meta)` (from `formats/vocab.py`, which owns it) builds a
     `tokenizers.Tokenizer` plus its specials from `tokenizer.ggml.*` metadata.
@@ -233,7 +233,8 @@ def family(header: Header) -> archs.Arch:
 
 
 def _meta(header: Header) -> archs.Meta:
-    return archs.Meta(header.metadata, header.architecture, frozenset(t.name for t in header.tensors), header.path)
+    return archs.Meta(header.metadata, header.architecture, frozenset(t.name for t in header.tensors), header.path,
+                      shapes={t.name: tuple(reversed(t.shape)) for t in header.tensors})
 
 
 def check_supported(header: Header) -> str:

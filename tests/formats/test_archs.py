@@ -22,7 +22,8 @@ def _header(arch: str, tensors: tuple[str, ...] = (), **keys) -> gguf.Header:
 
 
 def test_every_family_is_registered_by_its_gguf_name():
-    assert set(archs.REGISTRY) == {"llama", "mistral", "smollm", "qwen2", "qwen3", "qwen3moe", "gemma2", "gemma3",
+    assert set(archs.REGISTRY) == {"llama", "mistral", "smollm", "qwen2", "qwen25vl", "qwen3", "qwen3moe", "gemma2",
+                                   "gemma3",
                                    "phi3", "granite", "olmo2", "starcoder2", "gpt-oss", "deepseek2",
                                    "bert", "nomic-bert"}
     with pytest.raises(Unsupported, match=r"'mamba' is not supported \(supported: bert, deepseek2, gemma2"):
@@ -289,3 +290,122 @@ def test_gemma3_vision_config_reads_the_tower_and_the_image_tokens():
         gguf.vision_config(_gemma3_vision(tokens=IMAGE_TOKENS[:3]), gguf.model_config(header))
     with pytest.raises(Unsupported, match="carries no vision tower"):
         gguf.vision_config(_header("gemma3"), gguf.model_config(header))
+
+
+QWEN25VL = {"embedding_length": 3584, "attention.head_count": 28, "attention.head_count_kv": 4,
+            "feed_forward_length": 18944, "block_count": 28, "rope.freq_base": 1e6, "rope.mrope_section": [16, 24, 24],
+            "vision.block_count": 32, "vision.embedding_length": 1280, "vision.attention.head_count": 16,
+            "vision.num_channels": 3, "vision.patch_size": 14, "vision.spatial_merge_size": 2,
+            "vision.spatial_patch_size": 14, "vision.window_size": 112, "vision.attention.layer_norm_epsilon": 1e-6,
+            "vision.rope.freq_base": 1e4, "vision.fullatt_block_indexes": [7, 15, 23, 31],
+            "vision.temporal_patch_size": 2}
+QWEN_TOKENS = ["<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+               "<|video_pad|>"]
+
+
+def _qwen25vl(tokens=QWEN_TOKENS, gate=(3420, 1280), **keys) -> gguf.Header:
+    """Qwen2.5-VL-7B's metadata as Ollama's converter writes it; the tower's MLP width is only
+    in v.blk.0.ffn_gate's shape (GGUF order: innermost first)."""
+    header = _header("qwen25vl", (), **{**QWEN25VL, **keys})
+    tensors = (gguf.TensorInfo("v.blk.0.ffn_gate.weight", tuple(reversed(gate)), 0, 0),
+               gguf.TensorInfo("blk.0.attn_q.weight", (3584, 3584), 0, 0))
+    return gguf.Header(header.path, 3, {**header.metadata, "tokenizer.ggml.tokens": [*tokens, *"abc"]}, tensors)
+
+
+def test_qwen25vl_text_runs_on_mlx_lms_qwen2():
+    cfg = gguf.model_config(_qwen25vl())
+    assert (cfg["model_type"], cfg["rope_theta"], cfg["hidden_size"], cfg["num_key_value_heads"]) == \
+        ("qwen2", 1e6, 3584, 4)
+    assert "rope_scaling" not in cfg and archs.get("qwen25vl").reads("blk.0.attn_q.weight")
+    assert not archs.get("qwen25vl").reads("v.blk.0.attn_q.weight")
+    assert gguf.map_name("blk.0.attn_q.bias", "qwen25vl") == "model.layers.0.self_attn.q_proj.bias"
+
+
+def test_qwen25vl_tower_names_and_pieces_map_onto_mlx_vlms_qwen2_5_vl():
+    """convert_qwen25vl.go's names back to mlx-vlm's; q/k/v and the two patch halves name the one
+    parameter they were cut from, and say where they go in it."""
+    vision = archs.get("qwen25vl").vision
+    assert {n: vision.map_name(n) for n in (
+        "v.blk.3.attn_q.weight", "v.blk.3.attn_v.bias", "v.blk.3.attn_out.weight", "v.blk.3.ffn_gate.weight",
+        "v.blk.3.ffn_down.bias", "v.blk.3.ln1.weight", "v.blk.3.ln2.weight", "v.patch_embd_0.weight",
+        "v.patch_embd_1.weight", "v.merger.ln_q.weight", "v.merger.mlp.0.weight", "v.merger.mlp.2.bias")} == {
+        "v.blk.3.attn_q.weight": "vision_tower.blocks.3.attn.qkv.weight",
+        "v.blk.3.attn_v.bias": "vision_tower.blocks.3.attn.qkv.bias",
+        "v.blk.3.attn_out.weight": "vision_tower.blocks.3.attn.proj.weight",
+        "v.blk.3.ffn_gate.weight": "vision_tower.blocks.3.mlp.gate_proj.weight",
+        "v.blk.3.ffn_down.bias": "vision_tower.blocks.3.mlp.down_proj.bias",
+        "v.blk.3.ln1.weight": "vision_tower.blocks.3.norm1.weight",
+        "v.blk.3.ln2.weight": "vision_tower.blocks.3.norm2.weight",
+        "v.patch_embd_0.weight": "vision_tower.patch_embed.proj.weight",
+        "v.patch_embd_1.weight": "vision_tower.patch_embed.proj.weight",
+        "v.merger.ln_q.weight": "vision_tower.merger.ln_q.weight",
+        "v.merger.mlp.0.weight": "vision_tower.merger.mlp.0.weight",
+        "v.merger.mlp.2.bias": "vision_tower.merger.mlp.2.bias"}
+    assert [vision.piece(f"v.blk.0.attn_{p}.weight") for p in "qkv"] == [archs.Piece(i, 3) for i in range(3)]
+    assert vision.piece("v.patch_embd_1.weight") == archs.Piece(1, 2, axis=1, stack=True)
+    assert vision.piece("v.blk.0.attn_out.weight") is None and vision.piece("v.merger.mlp.0.weight") is None
+    for bad in ("v.blk.0.attn.qkv.weight", "v.patch_embd.weight", "mm.0.weight"):   # llama.cpp's mmproj names
+        with pytest.raises(Unsupported, match=f"{bad!r} has no mlx-vlm equivalent in qwen2.5-vl"):
+            vision.map_name(bad)
+
+
+def test_a_qwen25vl_file_takes_images_when_it_carries_the_tower():
+    assert gguf.takes_images(_qwen25vl())
+    assert not gguf.takes_images(_header("qwen25vl", ("v.blk.0.ffn_gate.weight",)))   # no vision.block_count
+    assert not gguf.takes_images(_header("qwen25vl", ("blk.0.attn_q.weight",), **QWEN25VL))  # no tower tensors
+
+
+def test_qwen25vl_vision_config_reads_the_tower_its_shapes_and_the_image_tokens():
+    header = _qwen25vl()
+    cfg = gguf.vision_config(header, gguf.model_config(header))
+    assert cfg["vision_config"] == {
+        "model_type": "qwen2_5_vl", "depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
+        "out_hidden_size": 3584, "num_heads": 16, "patch_size": 14, "spatial_patch_size": 14,
+        "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31], "in_channels": 3}
+    # mlx-vlm's qwen2_5_vl reads its text keys at the top level
+    assert (cfg["model_type"], cfg["hidden_size"], cfg["rope_theta"], cfg["text_config"]["model_type"]) == \
+        ("qwen2_5_vl", 3584, 1e6, "qwen2_5_vl")
+    assert cfg["rope_scaling"] == {"type": "mrope", "mrope_section": [16, 24, 24]} and "head_dim" not in cfg
+    assert (cfg["image_token_id"], cfg["vision_start_token_id"], cfg["vision_end_token_id"],
+            cfg["video_token_id"], cfg["vision_token_id"]) == (4, 1, 2, 5, 3)
+    processor = cfg["processor"]
+    assert (processor["min_pixels"], processor["max_pixels"], processor["merge_size"]) == (3136, 2 << 20, 2)
+    assert processor["marker"] == "<|vision_start|><|image_pad|><|vision_end|>"
+    # llama.cpp pads the sections to four with a zero; Ollama's fields its runner defaults
+    padded = _qwen25vl(**{"rope.mrope_section": [16, 24, 24, 0], "vision.num_channels": 0})
+    cfg = gguf.vision_config(padded, gguf.model_config(padded))
+    assert cfg["rope_scaling"]["mrope_section"] == [16, 24, 24] and cfg["vision_config"]["in_channels"] == 3
+    # the video and vision-pad tokens images never use may be absent: no id is theirs then
+    without = _qwen25vl(tokens=[t for t in QWEN_TOKENS if t not in ("<|video_pad|>", "<|vision_pad|>")])
+    cfg = gguf.vision_config(without, gguf.model_config(without))
+    assert (cfg["image_token_id"], cfg["video_token_id"], cfg["vision_token_id"]) == (3, -1, -1)
+
+
+def test_qwen25vl_vision_what_mlx_vlm_cannot_run_is_refused_by_name():
+    def config(**kw):
+        header = _qwen25vl(**kw)
+        return gguf.vision_config(header, gguf.model_config(header))
+
+    with pytest.raises(BadRequest, match="lacks qwen25vl.rope.mrope_section"):
+        config(**{"rope.mrope_section": None})
+    with pytest.raises(BadRequest, match=r"mrope_section \[16, 24, 20\] does not split the 64 rotary"):
+        config(**{"rope.mrope_section": [16, 24, 20]})
+    with pytest.raises(Unsupported, match="vision RMS epsilon 1e-05 and RoPE base 10000: mlx-vlm's qwen2_5_vl"):
+        config(**{"vision.attention.layer_norm_epsilon": 1e-5})
+    with pytest.raises(Unsupported, match="temporal_patch_size 3"):
+        config(**{"vision.temporal_patch_size": 3})
+    with pytest.raises(Unsupported, match=r"lacks qwen2.5-vl's image tokens \(<\|image_pad\|>\)"):
+        config(tokens=[t for t in QWEN_TOKENS if t != "<|image_pad|>"])
+    with pytest.raises(Unsupported, match="head size 64 \\(not width / heads\\)"):
+        config(**{"attention.key_length": 64})
+    with pytest.raises(Unsupported, match="RoPE scaling 'yarn'"):
+        config(**{"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0})
+    with pytest.raises(BadRequest, match="MLP width unknown"):
+        config(gate=(0, 1280))
+    with pytest.raises(BadRequest, match="max_pixels 100, MLP width 3420"):     # Ollama's 56x56 minimum
+        config(**{"vision.max_pixels": 100})
+    with pytest.raises(BadRequest, match="embedding_length 1280, attention.head_count 7"):
+        config(**{"vision.attention.head_count": 7})
+    with pytest.raises(BadRequest, match="metadata holds qwen25vl vision dimensions of the wrong type"):
+        config(**{"vision.fullatt_block_indexes": "all"})

@@ -2,9 +2,10 @@
 mlx-lm names, and the per-tensor transforms llama.cpp's converter applied that the engine
 must undo.
 
-Owns `Arch` (one per family module), `Meta` (typed reads of `<arch>.*` metadata keys),
-`Vision` (a vision tower some files carry inline: its names and config on mlx-vlm's model of
-the family) and the config keys every decoder shares. Pure data and small functions: never imports mlx,
+Owns `Arch` (one per family module), `Meta` (typed reads of `<arch>.*` metadata keys, and the
+tensors' names and shapes), `Vision` (a vision tower some files carry inline: its names and
+config on mlx-vlm's model of the family; `Piece`: a tensor the converter cut out of one
+mlx-vlm parameter) and the config keys every decoder shares. Pure data and small functions: never imports mlx,
 never reads files, never touches tensor values (the engine applies what an `Arch` declares).
 """
 
@@ -29,10 +30,13 @@ _NAME = re.compile(r"(?:blk\.(\d+)\.)?([a-z0-9_]+)(?:\.(weight|bias|scales|biase
 
 
 class Meta:
-    """Reads `<arch>.<key>` metadata with the types mlx-lm's config wants."""
+    """Reads `<arch>.<key>` metadata with the types mlx-lm's config wants; `shape(tensor)` is a
+    tensor's shape in numpy order (outermost first) where the caller gave them."""
 
-    def __init__(self, metadata: Mapping[str, Any], arch: str, tensor_names: frozenset[str], path: str = "") -> None:
+    def __init__(self, metadata: Mapping[str, Any], arch: str, tensor_names: frozenset[str], path: str = "",
+                 shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
         self.metadata, self.arch, self.tensors, self.path = metadata, arch, tensor_names, path
+        self.shapes = shapes or {}
 
     def get(self, key: str, default: Any = None) -> Any:
         value = self.metadata.get(f"{self.arch}.{key}")
@@ -48,6 +52,9 @@ class Meta:
 
     def has(self, tensor: str) -> bool:
         return tensor in self.tensors
+
+    def shape(self, tensor: str) -> tuple[int, ...] | None:
+        return self.shapes.get(tensor)
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ class Arch:
     # a family whose files split across mlx-lm classes by metadata (deepseek2: V2's softmax
     # routing, V3's sigmoid): picks the variant `Arch` that one file runs on
     variant: Callable[[Meta], Arch] | None = None
-    vision: Vision | None = None    # the vision tower a file may carry inline (Ollama's gemma3)
+    vision: Vision | None = None    # the vision tower a file may carry inline (Ollama's gemma3, qwen25vl)
 
     def reads(self, name: str) -> bool:
         return not name.startswith(self.skip)
@@ -102,6 +109,19 @@ class Arch:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """One of `count` GGUF tensors a converter cut out of one mlx-vlm parameter (Ollama's
+    qwen25vl splits the fused `qkv` into attn_q/k/v and the Conv3d patch embedding into its two
+    temporal halves): the engine joins them in `index` order along `axis`, each given a new
+    axis there first when `stack` (the converter dropped it)."""
+
+    index: int
+    count: int
+    axis: int = 0
+    stack: bool = False
+
+
+@dataclass(frozen=True)
 class Vision:
     """A vision tower and projector carried in the model's own GGUF (Ollama's converter writes
     them into the one file; llama.cpp's go to a separate mmproj file, which this does not read):
@@ -117,6 +137,7 @@ class Vision:
     dense: frozenset[str] = frozenset()         # mlx-vlm names read as floats however stored (convs, bare parameters)
     conv: frozenset[str] = frozenset()          # torch's conv layout [out, in, kH, kW] -> MLX's [out, kH, kW, in]
     norm_offset: frozenset[str] = frozenset()   # tower/projector GGUF names stored as w + the family's offset
+    piece: Callable[[str], Piece | None] = lambda name: None    # a tower GGUF name that is part of a parameter
 
     def present(self, meta: Meta) -> bool:
         """Whether this file carries the tower (Ollama asks `<arch>.vision.block_count`, and the

@@ -123,7 +123,8 @@ def vision_config(meta: Meta, text: dict[str, Any]) -> dict[str, Any]:
             "layer_norm_eps": float(meta.get("vision.attention.layer_norm_epsilon", 1e-6)),
         },
         "processor": {"image_size": size, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
-                      "resample": "bilinear", "image_seq_length": per_image, "tokens": dict(IMAGE_TOKENS)},
+                      "resample": "bilinear", "image_seq_length": per_image, "tokens": dict(IMAGE_TOKENS),
+                      "marker": IMAGE_TOKENS["boi_token"]},
     }
 
 
