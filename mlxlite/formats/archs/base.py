@@ -5,7 +5,8 @@ must undo.
 Owns `Arch` (one per family module), `Meta` (typed reads of `<arch>.*` metadata keys, and the
 tensors' names and shapes), `Vision` (a vision tower some files carry inline: its names and
 config on mlx-vlm's model of the family; `Piece`: a tensor the converter cut out of one
-mlx-vlm parameter) and the config keys every decoder shares. Pure data and small functions: never imports mlx,
+mlx-vlm parameter; `tower_name`: the name map a tower's family fills in) and the config keys
+every decoder shares. Pure data and small functions: never imports mlx,
 never reads files, never touches tensor values (the engine applies what an `Arch` declares).
 """
 
@@ -143,6 +144,21 @@ class Vision:
         """Whether this file carries the tower (Ollama asks `<arch>.vision.block_count`, and the
         tensors must be there)."""
         return bool(meta.get("vision.block_count")) and any(t.startswith(self.prefixes) for t in meta.tensors)
+
+
+def tower_name(name: str, pattern: re.Pattern[str], layers: str, layer: Mapping[str, str],
+               top: Mapping[str, str], family: str) -> str:
+    """A tower GGUF name -> mlx-vlm's parameter name: `pattern`'s groups are (block, part,
+    top-level name, suffix); a block's part becomes `layers` + block + `layer[part]`, a
+    top-level name `top[name]`, the suffix kept. Anything else is refused naming `family`."""
+    m = pattern.match(name)
+    if m:
+        block, part, top_name, suffix = m.groups()
+        if block is not None and part in layer:
+            return f"{layers}{block}.{layer[part]}.{suffix}"
+        if top_name in top:
+            return f"{top[top_name]}.{suffix}"
+    raise Unsupported(f"GGUF tensor {name!r} has no mlx-vlm equivalent in {family}'s vision tower")
 
 
 def common_config(meta: Meta) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import re
 from typing import Any
 
 from mlxlite.errors import BadRequest, Unsupported
-from mlxlite.formats.archs.base import Arch, Meta, Vision
+from mlxlite.formats.archs.base import Arch, Meta, Vision, tower_name
 from mlxlite.formats.archs.gemma2 import GEMMA_BLOCK, query_scalar
 from mlxlite.formats.archs.qwen3 import QK_NORM
 
@@ -78,14 +78,7 @@ def vision_name(name: str) -> str:
     """A tower/projector GGUF name (Ollama's) -> mlx-vlm's gemma3 parameter name."""
     if name == "mm.mm_input_projection.weight":
         return PROJECTION
-    m = _VNAME.match(name)
-    if m:
-        block, part, top, suffix = m.groups()
-        if block is not None and part in _LAYER:
-            return f"{TOWER}encoder.layers.{block}.{_LAYER[part]}.{suffix}"
-        if top in _TOP:
-            return f"{_TOP[top]}.{suffix}"
-    raise Unsupported(f"GGUF tensor {name!r} has no mlx-vlm equivalent in gemma3's vision tower")
+    return tower_name(name, _VNAME, TOWER + "encoder.layers.", _LAYER, _TOP, "gemma3")
 
 
 def vision_config(meta: Meta, text: dict[str, Any]) -> dict[str, Any]:

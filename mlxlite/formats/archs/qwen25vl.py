@@ -34,14 +34,15 @@ from typing import Any
 
 from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.formats.archs import qwen2
-from mlxlite.formats.archs.base import Arch, Meta, Piece, Vision
+from mlxlite.formats.archs.base import Arch, Meta, Piece, Vision, tower_name
 
 TOWER = "vision_tower."
 _LAYER = {"attn_q": "attn.qkv", "attn_k": "attn.qkv", "attn_v": "attn.qkv", "attn_out": "attn.proj",
           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
           "ln1": "norm1", "ln2": "norm2"}
-_TOP = {"v.patch_embd_0": "patch_embed.proj", "v.patch_embd_1": "patch_embed.proj",
-        "v.merger.ln_q": "merger.ln_q", "v.merger.mlp.0": "merger.mlp.0", "v.merger.mlp.2": "merger.mlp.2"}
+_TOP = {"v.patch_embd_0": TOWER + "patch_embed.proj", "v.patch_embd_1": TOWER + "patch_embed.proj",
+        "v.merger.ln_q": TOWER + "merger.ln_q", "v.merger.mlp.0": TOWER + "merger.mlp.0",
+        "v.merger.mlp.2": TOWER + "merger.mlp.2"}
 _VNAME = re.compile(r"(?:v\.blk\.(\d+)\.([a-z0-9_]+)|(v\.[a-z0-9_.]+?))\.(weight|bias)\Z")
 _PIECES = {"attn_q": Piece(0, 3), "attn_k": Piece(1, 3), "attn_v": Piece(2, 3),
            # MLX's Conv3d weight is [out, t, p, p, in]: each half (made [out, p, p, in]) at t
@@ -56,14 +57,7 @@ CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.261302
 def vision_name(name: str) -> str:
     """A tower/merger GGUF name (Ollama's) -> mlx-vlm's qwen2_5_vl parameter name (the three
     q/k/v pieces and the two patch halves name the one parameter they are part of)."""
-    m = _VNAME.match(name)
-    if m:
-        block, part, top, suffix = m.groups()
-        if block is not None and part in _LAYER:
-            return f"{TOWER}blocks.{block}.{_LAYER[part]}.{suffix}"
-        if top in _TOP:
-            return f"{TOWER}{_TOP[top]}.{suffix}"
-    raise Unsupported(f"GGUF tensor {name!r} has no mlx-vlm equivalent in qwen2.5-vl's vision tower")
+    return tower_name(name, _VNAME, TOWER + "blocks.", _LAYER, _TOP, "qwen2.5-vl")
 
 
 def vision_piece(name: str) -> Piece | None:
