@@ -274,13 +274,13 @@ def test_a_gemma3_file_takes_images_when_it_carries_the_tower():
     assert not gguf.takes_images(_header("mamba"))
 
 
-def test_gemma3_vision_config_reads_the_tower_and_the_image_tokens():
+def _vision_config(header: gguf.Header) -> dict:
+    return gguf.vision_config(header, gguf.model_config(header))
+
+
+def test_gemma3_vision_config_reads_the_image_tokens():
     header = _gemma3_vision()
-    cfg = gguf.vision_config(header, gguf.model_config(header))
-    assert cfg["vision_config"] == {
-        "model_type": "siglip_vision_model", "image_size": 56, "patch_size": 14, "num_hidden_layers": 2,
-        "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_channels": 3,
-        "layer_norm_eps": 1e-6}
+    cfg = _vision_config(header)
     assert (cfg["image_token_index"], cfg["hidden_size"], cfg["text_config"]["mm_tokens_per_image"]) == (3, 2048, 4)
     assert cfg["text_config"]["rope_global_base_freq"] == 1e6 and "rope_theta" not in cfg["text_config"]
     assert cfg["processor"]["image_size"] == 56 and cfg["processor"]["image_mean"] == [0.5, 0.5, 0.5]
@@ -355,14 +355,22 @@ def test_a_qwen25vl_file_takes_images_when_it_carries_the_tower():
     assert not gguf.takes_images(_header("qwen25vl", ("blk.0.attn_q.weight",), **QWEN25VL))  # no tower tensors
 
 
-def test_qwen25vl_vision_config_reads_the_tower_its_shapes_and_the_image_tokens():
-    header = _qwen25vl()
-    cfg = gguf.vision_config(header, gguf.model_config(header))
-    assert cfg["vision_config"] == {
-        "model_type": "qwen2_5_vl", "depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
-        "out_hidden_size": 3584, "num_heads": 16, "patch_size": 14, "spatial_patch_size": 14,
-        "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
-        "fullatt_block_indexes": [7, 15, 23, 31], "in_channels": 3}
+@pytest.mark.parametrize(("header", "tower"), [
+    (_gemma3_vision, {"model_type": "siglip_vision_model", "image_size": 56, "patch_size": 14,
+                      "num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+                      "num_channels": 3, "layer_norm_eps": 1e-6}),
+    # qwen25vl's MLP width is read from v.blk.0.ffn_gate's shape
+    (_qwen25vl, {"model_type": "qwen2_5_vl", "depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
+                 "out_hidden_size": 3584, "num_heads": 16, "patch_size": 14, "spatial_patch_size": 14,
+                 "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                 "fullatt_block_indexes": [7, 15, 23, 31], "in_channels": 3}),
+], ids=["gemma3", "qwen25vl"])
+def test_vision_config_reads_the_tower(header, tower):
+    assert _vision_config(header())["vision_config"] == tower
+
+
+def test_qwen25vl_vision_config_reads_the_text_keys_and_the_image_tokens():
+    cfg = _vision_config(_qwen25vl())
     # mlx-vlm's qwen2_5_vl reads its text keys at the top level
     assert (cfg["model_type"], cfg["hidden_size"], cfg["rope_theta"], cfg["text_config"]["model_type"]) == \
         ("qwen2_5_vl", 3584, 1e6, "qwen2_5_vl")
@@ -374,18 +382,17 @@ def test_qwen25vl_vision_config_reads_the_tower_its_shapes_and_the_image_tokens(
     assert processor["marker"] == "<|vision_start|><|image_pad|><|vision_end|>"
     # llama.cpp pads the sections to four with a zero; Ollama's fields its runner defaults
     padded = _qwen25vl(**{"rope.mrope_section": [16, 24, 24, 0], "vision.num_channels": 0})
-    cfg = gguf.vision_config(padded, gguf.model_config(padded))
+    cfg = _vision_config(padded)
     assert cfg["rope_scaling"]["mrope_section"] == [16, 24, 24] and cfg["vision_config"]["in_channels"] == 3
     # the video and vision-pad tokens images never use may be absent: no id is theirs then
     without = _qwen25vl(tokens=[t for t in QWEN_TOKENS if t not in ("<|video_pad|>", "<|vision_pad|>")])
-    cfg = gguf.vision_config(without, gguf.model_config(without))
+    cfg = _vision_config(without)
     assert (cfg["image_token_id"], cfg["video_token_id"], cfg["vision_token_id"]) == (3, -1, -1)
 
 
 def test_qwen25vl_vision_what_mlx_vlm_cannot_run_is_refused_by_name():
     def config(**kw):
-        header = _qwen25vl(**kw)
-        return gguf.vision_config(header, gguf.model_config(header))
+        return _vision_config(_qwen25vl(**kw))
 
     with pytest.raises(BadRequest, match="lacks qwen25vl.rope.mrope_section"):
         config(**{"rope.mrope_section": None})
