@@ -22,7 +22,7 @@ loader's map:
     the tower's first attn_v, Q4_0 (a K-quant mix gives attn_v a type of its own): block 0's
     q/k/v in two types, the other blocks' in one. The reference then holds the dequantized
     values.
-`Qwen25VLBuilt.reference` is the mlx-vlm model holding exactly what the file holds;
+`VisionGGUF.reference` is the mlx-vlm model holding exactly what the file holds;
 `reference_pixels` preprocesses an image as Ollama's runner does (process_image.go), written
 here from its loops with Pillow's bilinear resize. Fixtures: `qwen25vl_files` (F32 and Q8_0,
 once per session), `qwen25vl_model` (the F32 file with a ChatML Go template layer, as a pull
@@ -32,19 +32,24 @@ of Ollama's qwen2.5vl stores it). Without mlx-vlm these fixtures skip.
 from __future__ import annotations
 
 import io
-import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
 from tests import tiny_models
-from tests.gguf_vision_models import go_replace
+from tests.gguf_vision_models import (
+    VisionGGUF,
+    bpe_metadata,
+    f32_and_q8_0,
+    gguf_metadata,
+    go_replace,
+    import_with_template,
+    mlx_vlm_model,
+)
 from tests.tiny_models import quantize_rows, write_gguf
-from tests.vision_models import TEMPLATE, need_mlx_vlm
+from tests.vision_models import TEMPLATE
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
             "<|image_pad|>", "<|video_pad|>"]
@@ -79,17 +84,8 @@ def build_tokenizer():
 
 
 def tokenizer_metadata(tok) -> dict:
-    vocab = tok.get_vocab(with_added_tokens=True)
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    return {
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2", "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": [3 if t in SPECIALS else 1 for t in tokens],
-        "tokenizer.ggml.merges": [" ".join(m) if isinstance(m, list) else m for m in merges],
-        "tokenizer.ggml.eos_token_id": vocab["<|im_end|>"], "tokenizer.ggml.padding_token_id": vocab["<|endoftext|>"],
-        "tokenizer.ggml.bos_token_id": vocab["<|endoftext|>"], "tokenizer.ggml.add_bos_token": False,
-        "tokenizer.chat_template": TEMPLATE,
-    }
+    return bpe_metadata(tok, SPECIALS, "qwen2", TEMPLATE,
+                        {"eos": "<|im_end|>", "padding": "<|endoftext|>", "bos": "<|endoftext|>"}, add_bos_token=False)
 
 
 def reference_config(vocab: int, ids: dict[str, int], tied: bool) -> dict:
@@ -101,16 +97,6 @@ def reference_config(vocab: int, ids: dict[str, int], tied: bool) -> dict:
             "video_token_id": ids["<|video_pad|>"], "vision_start_token_id": ids["<|vision_start|>"],
             "vision_end_token_id": ids["<|vision_end|>"], "vision_token_id": ids["<|vision_pad|>"],
             "vision_config": {"model_type": "qwen2_5_vl", **VISION, "out_hidden_size": TEXT["hidden_size"]}}
-
-
-def mlx_vlm_model(cfg: dict) -> Any:
-    from mlx_vlm.models.qwen2_5_vl import Model, ModelConfig, TextConfig, VisionConfig
-
-    cfg = json.loads(json.dumps(cfg))
-    config = ModelConfig.from_dict(cfg)
-    config.text_config = TextConfig.from_dict(cfg["text_config"])
-    config.vision_config = VisionConfig.from_dict(cfg["vision_config"])
-    return Model(config)
 
 
 def hf_name(name: str) -> str:
@@ -135,31 +121,19 @@ def converter_tensors(name: str, w: np.ndarray) -> list[tuple[str, np.ndarray]]:
     return [(gname, w)]
 
 
-@dataclass
-class Qwen25VLBuilt:
-    path: Path
-    reference: Any              # mlx-vlm's qwen2_5_vl Model holding the file's values (float32)
-    tokenizer: Any              # the `tokenizers.Tokenizer` the vocabulary came from
-    tensors: dict[str, str]     # GGUF name -> GGML type written
-
-
 def _metadata(tok, qtype: str) -> dict:
     t, v = TEXT, VISION
     return {
-        "general.architecture": "qwen25vl", "general.file_type": 7 if qtype == "Q8_0" else 0,
-        "general.quantization_version": 2,
-        "qwen25vl.block_count": t["num_hidden_layers"], "qwen25vl.context_length": t["max_position_embeddings"],
-        "qwen25vl.embedding_length": t["hidden_size"], "qwen25vl.feed_forward_length": t["intermediate_size"],
-        "qwen25vl.attention.head_count": t["num_attention_heads"],
-        "qwen25vl.attention.head_count_kv": t["num_key_value_heads"], "qwen25vl.rope.freq_base": t["rope_theta"],
-        "qwen25vl.attention.layer_norm_rms_epsilon": t["rms_norm_eps"], "qwen25vl.rope.mrope_section": MROPE,
-        "qwen25vl.vision.block_count": v["depth"], "qwen25vl.vision.embedding_length": v["hidden_size"],
-        "qwen25vl.vision.attention.head_count": v["num_heads"], "qwen25vl.vision.num_channels": v["in_channels"],
-        "qwen25vl.vision.patch_size": v["patch_size"], "qwen25vl.vision.spatial_merge_size": v["spatial_merge_size"],
-        "qwen25vl.vision.spatial_patch_size": v["patch_size"], "qwen25vl.vision.window_size": v["window_size"],
-        "qwen25vl.vision.attention.layer_norm_epsilon": 1e-6, "qwen25vl.vision.rope.freq_base": 1e4,
-        "qwen25vl.vision.fullatt_block_indexes": v["fullatt_block_indexes"],
-        "qwen25vl.vision.temporal_patch_size": v["temporal_patch_size"],
+        **gguf_metadata("qwen25vl", qtype, t, {
+            "rope.freq_base": t["rope_theta"], "attention.layer_norm_rms_epsilon": t["rms_norm_eps"],
+            "rope.mrope_section": MROPE,
+            "vision.block_count": v["depth"], "vision.embedding_length": v["hidden_size"],
+            "vision.attention.head_count": v["num_heads"], "vision.num_channels": v["in_channels"],
+            "vision.patch_size": v["patch_size"], "vision.spatial_merge_size": v["spatial_merge_size"],
+            "vision.spatial_patch_size": v["patch_size"], "vision.window_size": v["window_size"],
+            "vision.attention.layer_norm_epsilon": 1e-6, "vision.rope.freq_base": 1e4,
+            "vision.fullatt_block_indexes": v["fullatt_block_indexes"],
+            "vision.temporal_patch_size": v["temporal_patch_size"]}),
         **tokenizer_metadata(tok),
     }
 
@@ -170,14 +144,14 @@ def _quantized_type(gname: str, w: np.ndarray, qtype: str) -> str:
     return "Q4_0" if gname.startswith("v.blk.0.attn_v.") else "Q8_0"
 
 
-def make_qwen25vl_gguf(root: Path, qtype: str = "F32", seed: int = 0) -> Qwen25VLBuilt:
+def make_qwen25vl_gguf(root: Path, qtype: str = "F32", seed: int = 0) -> VisionGGUF:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     tok = build_tokenizer()
     vocab = tok.get_vocab_size(with_added_tokens=True)
     tied = qtype == "F32"
-    model = mlx_vlm_model(reference_config(vocab, {t: tok.token_to_id(t) for t in SPECIALS}, tied))
+    model = mlx_vlm_model("qwen2_5_vl", reference_config(vocab, {t: tok.token_to_id(t) for t in SPECIALS}, tied))
     rng = np.random.default_rng(seed)
     held: dict[str, np.ndarray] = {}
     for name, p in tree_flatten(model.parameters()):
@@ -209,7 +183,7 @@ def make_qwen25vl_gguf(root: Path, qtype: str = "F32", seed: int = 0) -> Qwen25V
     write_gguf(path, _metadata(tok, qtype), tensors)
     model.load_weights([(k, mx.array(v)) for k, v in held.items()], strict=True)
     mx.eval(model.parameters())
-    return Qwen25VLBuilt(path, model, tok, kinds)
+    return VisionGGUF(path, model, tok, kinds)
 
 
 # ---- Ollama's image preprocessing, from process_image.go ------------------------------------
@@ -249,14 +223,14 @@ def reference_pixels(image_bytes: bytes) -> tuple[np.ndarray, tuple[int, int, in
     return np.stack(patches), (1, gh, gw)
 
 
-def image_tokens(built: Qwen25VLBuilt, grid: tuple[int, int, int]) -> str:
+def image_tokens(built: VisionGGUF, grid: tuple[int, int, int]) -> str:
     """What one image becomes in the prompt's text (Qwen2.5-VL's processor; Ollama's runner
     places the same tokens): one `<|image_pad|>` per merged patch between the vision markers."""
     m = VISION["spatial_merge_size"]
     return "<|vision_start|>" + "<|image_pad|>" * (grid[0] * grid[1] * grid[2] // (m * m)) + "<|vision_end|>"
 
 
-def reference_logits(built: Qwen25VLBuilt, ids: list[int], image: tuple[np.ndarray, tuple] | None) -> np.ndarray:
+def reference_logits(built: VisionGGUF, ids: list[int], image: tuple[np.ndarray, tuple] | None) -> np.ndarray:
     """mlx-vlm's own whole forward pass (no cache): the image's features merged, its
     multimodal positions computed by mlx-vlm from the grid."""
     import mlx.core as mx
@@ -271,20 +245,12 @@ def reference_logits(built: Qwen25VLBuilt, ids: list[int], image: tuple[np.ndarr
 
 
 @pytest.fixture(scope="session")
-def qwen25vl_files(tmp_path_factory) -> dict[str, Qwen25VLBuilt]:
-    need_mlx_vlm()
-    root = tmp_path_factory.mktemp("qwen25vl")
-    return {q: make_qwen25vl_gguf(root, q) for q in ("F32", "Q8_0")}
+def qwen25vl_files(tmp_path_factory) -> dict[str, VisionGGUF]:
+    return f32_and_q8_0(tmp_path_factory, "qwen25vl", make_qwen25vl_gguf)
 
 
 @pytest.fixture
 def qwen25vl_model(store, qwen25vl_files) -> str:
     """The F32 file in the store with a Go template layer, as a pull of Ollama's qwen2.5vl
     stores it (the file's own jinja template is then not used)."""
-    from mlxlite import names
-    from mlxlite.store import MEDIA_OLLAMA_TEMPLATE
-    from mlxlite.store.importers import import_gguf
-
-    import_gguf(store, qwen25vl_files["F32"].path, names.parse("tiny-qwen25vl"),
-                extra=((MEDIA_OLLAMA_TEMPLATE, GO_TEMPLATE.encode()),))
-    return "tiny-qwen25vl"
+    return import_with_template(store, qwen25vl_files["F32"].path, "tiny-qwen25vl", GO_TEMPLATE)

@@ -18,7 +18,10 @@ convert_gemma3.go does, independently of our loader's map:
     jinja chat template that places `{"type": "image"}` parts as gemma3's does;
   - types: F32, or Q8_0 for every 2-D weight whose rows split into 32-blocks (text and vision
     linears, the embedding, the projection), the reference then holding the dequantized values.
-`Gemma3Built.reference` is the mlx-vlm model holding exactly what the file holds.
+`VisionGGUF.reference` is the mlx-vlm model holding exactly what the file holds. The other
+vision families' builders (`gguf_qwen25vl_models`, `st_gemma3_models`) share `VisionGGUF`,
+`go_replace`, `bpe_metadata`, `gguf_metadata`, `mlx_vlm_model`, `f32_and_q8_0` and
+`import_with_template` from here.
 `GO_TEMPLATE` is Ollama's gemma3 template layer. Fixtures: `gemma3_vision_files` (F32 and
 Q8_0, once per session), `gemma3_vision_model` (the F32 file imported with Ollama's template
 layer, as `pull gemma3` stores it; returns its name). mlx-vlm is the optional extra: without
@@ -27,7 +30,9 @@ it these fixtures skip.
 
 from __future__ import annotations
 
+import importlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,19 +109,50 @@ def build_tokenizer():
     return tiny_models.build_tokenizer(SPECIALS)
 
 
-def tokenizer_metadata(tok) -> dict:
+def bpe_metadata(tok, specials: list[str], pre: str, template: str, ids: dict[str, str],
+                 **flags: bool) -> dict:
+    """The tokenizer's GGUF keys for the tests' BPE `tok` (shared by the vision families): its
+    tokens in id order, `specials` typed control, its merges, pre-tokenizer `pre` and chat
+    `template`; `ids` names the special tokens' keys (`bos` -> `tokenizer.ggml.bos_token_id`),
+    `flags` the booleans (`add_bos_token`)."""
     vocab = tok.get_vocab(with_added_tokens=True)
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     merges = json.loads(tok.to_str())["model"]["merges"]
     return {
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": [3 if t in SPECIALS else 1 for t in tokens],
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3 if t in specials else 1 for t in tokens],
         "tokenizer.ggml.merges": [" ".join(m) if isinstance(m, list) else m for m in merges],
-        "tokenizer.ggml.bos_token_id": vocab["<bos>"], "tokenizer.ggml.eos_token_id": vocab["<eos>"],
-        "tokenizer.ggml.eot_token_id": vocab["<end_of_turn>"], "tokenizer.ggml.padding_token_id": vocab["<pad>"],
-        "tokenizer.ggml.unknown_token_id": vocab["<unk>"], "tokenizer.ggml.add_bos_token": True,
-        "tokenizer.ggml.add_eos_token": False, "tokenizer.chat_template": JINJA,
+        **{f"tokenizer.ggml.{key}_token_id": vocab[token] for key, token in ids.items()},
+        **{f"tokenizer.ggml.{key}": value for key, value in flags.items()},
+        "tokenizer.chat_template": template,
     }
+
+
+def tokenizer_metadata(tok) -> dict:
+    return bpe_metadata(tok, SPECIALS, "default", JINJA, {"bos": "<bos>", "eos": "<eos>", "eot": "<end_of_turn>",
+                                                          "padding": "<pad>", "unknown": "<unk>"},
+                        add_bos_token=True, add_eos_token=False)
+
+
+def mlx_vlm_model(family: str, cfg: dict) -> Any:
+    """mlx-vlm's `family` Model (its module under mlx_vlm.models) for the config dict `cfg`."""
+    models = importlib.import_module(f"mlx_vlm.models.{family}")
+    cfg = json.loads(json.dumps(cfg))       # from_dict keeps our dicts: a copy of their own
+    config = models.ModelConfig.from_dict(cfg)
+    config.text_config = models.TextConfig.from_dict(cfg["text_config"])
+    config.vision_config = models.VisionConfig.from_dict(cfg["vision_config"])
+    return models.Model(config)
+
+
+def import_with_template(store, path: Path, name: str, template: str) -> str:
+    """The GGUF at `path` in the store as `name` with a Go template layer, as a pull of Ollama's
+    library stores a model (the file's own jinja template is then not used); returns `name`."""
+    from mlxlite import names
+    from mlxlite.store import MEDIA_OLLAMA_TEMPLATE
+    from mlxlite.store.importers import import_gguf
+
+    import_gguf(store, path, names.parse(name), extra=((MEDIA_OLLAMA_TEMPLATE, template.encode()),))
+    return name
 
 
 def reference_config(vocab: int, image_token: int) -> dict:
@@ -133,39 +169,36 @@ def reference_config(vocab: int, image_token: int) -> dict:
     }
 
 
-def mlx_vlm_model(cfg: dict) -> Any:
-    from mlx_vlm.models.gemma3 import Model, ModelConfig, TextConfig, VisionConfig
-
-    config = ModelConfig.from_dict(cfg)
-    config.text_config = TextConfig.from_dict(cfg["text_config"])
-    config.vision_config = VisionConfig.from_dict(cfg["vision_config"])
-    return Model(config)
-
-
 @dataclass
-class Gemma3Built:
+class VisionGGUF:
     path: Path
-    reference: Any          # mlx-vlm's gemma3 Model holding the file's values (float32)
+    reference: Any          # mlx-vlm's Model of the family holding the file's values (float32)
     tokenizer: Any          # the `tokenizers.Tokenizer` the file's vocabulary came from
     tensors: dict[str, str]  # GGUF name -> GGML type written
+
+
+def gguf_metadata(arch: str, qtype: str, text: dict, keys: dict) -> dict:
+    """A vision family's GGUF metadata but the tokenizer's: the general keys, the text model's
+    standard keys from its mlx-vlm config `text`, and the family's `keys`, all under `arch.`."""
+    standard = {"block_count": text["num_hidden_layers"], "context_length": text["max_position_embeddings"],
+                "embedding_length": text["hidden_size"], "feed_forward_length": text["intermediate_size"],
+                "attention.head_count": text["num_attention_heads"],
+                "attention.head_count_kv": text["num_key_value_heads"]}
+    return {"general.architecture": arch, "general.file_type": 7 if qtype == "Q8_0" else 0,
+            "general.quantization_version": 2, **{f"{arch}.{k}": v for k, v in {**standard, **keys}.items()}}
 
 
 def _metadata(tok, qtype: str) -> dict:
     t, v = TEXT, VISION
     return {
-        "general.architecture": "gemma3", "general.file_type": 7 if qtype == "Q8_0" else 0,
-        "general.quantization_version": 2,
-        "gemma3.block_count": t["num_hidden_layers"], "gemma3.attention.head_count": t["num_attention_heads"],
-        "gemma3.attention.head_count_kv": t["num_key_value_heads"],
-        "gemma3.context_length": t["max_position_embeddings"], "gemma3.embedding_length": t["hidden_size"],
-        "gemma3.feed_forward_length": t["intermediate_size"], "gemma3.attention.sliding_window": t["sliding_window"],
-        "gemma3.vision.block_count": v["num_hidden_layers"], "gemma3.vision.embedding_length": v["hidden_size"],
-        "gemma3.vision.feed_forward_length": v["intermediate_size"], "gemma3.vision.image_size": v["image_size"],
-        "gemma3.vision.patch_size": v["patch_size"], "gemma3.vision.num_channels": v["num_channels"],
-        "gemma3.vision.attention.head_count": v["num_attention_heads"],
-        "gemma3.vision.attention.layer_norm_epsilon": v["layer_norm_eps"],
-        "gemma3.attention.key_length": t["head_dim"], "gemma3.attention.value_length": t["head_dim"],
-        "gemma3.mm.tokens_per_image": TOKENS_PER_IMAGE,
+        **gguf_metadata("gemma3", qtype, t, {
+            "attention.sliding_window": t["sliding_window"],
+            "attention.key_length": t["head_dim"], "attention.value_length": t["head_dim"],
+            "vision.block_count": v["num_hidden_layers"], "vision.embedding_length": v["hidden_size"],
+            "vision.feed_forward_length": v["intermediate_size"], "vision.image_size": v["image_size"],
+            "vision.patch_size": v["patch_size"], "vision.num_channels": v["num_channels"],
+            "vision.attention.head_count": v["num_attention_heads"],
+            "vision.attention.layer_norm_epsilon": v["layer_norm_eps"], "mm.tokens_per_image": TOKENS_PER_IMAGE}),
         **tokenizer_metadata(tok),
     }
 
@@ -191,12 +224,12 @@ def random_weights(model: Any, seed: int) -> dict[str, np.ndarray]:
     return held
 
 
-def make_gemma3_gguf(root: Path, qtype: str = "F32", seed: int = 0) -> Gemma3Built:
+def make_gemma3_gguf(root: Path, qtype: str = "F32", seed: int = 0) -> VisionGGUF:
     import mlx.core as mx
 
     tok = build_tokenizer()
     vocab = tok.get_vocab_size(with_added_tokens=True)
-    model = mlx_vlm_model(reference_config(vocab, tok.token_to_id("<image_soft_token>")))
+    model = mlx_vlm_model("gemma3", reference_config(vocab, tok.token_to_id("<image_soft_token>")))
     held = random_weights(model, seed)
     tensors, kinds = [], {}
     for name, w in held.items():
@@ -223,7 +256,7 @@ def make_gemma3_gguf(root: Path, qtype: str = "F32", seed: int = 0) -> Gemma3Bui
     held["language_model.lm_head.weight"] = held["language_model.model.embed_tokens.weight"]
     model.load_weights([(k, mx.array(v)) for k, v in held.items()], strict=True)
     mx.eval(model.parameters())
-    return Gemma3Built(path, model, tok, kinds)
+    return VisionGGUF(path, model, tok, kinds)
 
 
 def reference_pixels(image_bytes: bytes) -> np.ndarray:
@@ -246,7 +279,7 @@ def image_text(tok) -> str:
     return "\n\n<start_of_image>" + "<image_soft_token>" * TOKENS_PER_IMAGE + "<end_of_image>\n\n"
 
 
-def reference_logits(built: Gemma3Built, ids: list[int], pixels: np.ndarray | None) -> np.ndarray:
+def reference_logits(built: VisionGGUF, ids: list[int], pixels: np.ndarray | None) -> np.ndarray:
     """mlx-vlm's own forward pass (embeddings with the image merged, then its text model)."""
     import mlx.core as mx
 
@@ -258,21 +291,21 @@ def reference_logits(built: Gemma3Built, ids: list[int], pixels: np.ndarray | No
     return np.array(logits[0].astype(mx.float32))
 
 
-@pytest.fixture(scope="session")
-def gemma3_vision_files(tmp_path_factory) -> dict[str, Gemma3Built]:
+def f32_and_q8_0(tmp_path_factory, folder: str, make: Callable[[Path, str], VisionGGUF]) -> dict[str, VisionGGUF]:
+    """A family's F32 and Q8_0 files (`make(root, qtype)`), in a session folder; skips without
+    mlx-vlm, which builds the reference."""
     need_mlx_vlm()
-    root = tmp_path_factory.mktemp("gemma3-vision")
-    return {q: make_gemma3_gguf(root, q) for q in ("F32", "Q8_0")}
+    root = tmp_path_factory.mktemp(folder)
+    return {q: make(root, q) for q in ("F32", "Q8_0")}
+
+
+@pytest.fixture(scope="session")
+def gemma3_vision_files(tmp_path_factory) -> dict[str, VisionGGUF]:
+    return f32_and_q8_0(tmp_path_factory, "gemma3-vision", make_gemma3_gguf)
 
 
 @pytest.fixture
 def gemma3_vision_model(store, gemma3_vision_files) -> str:
     """The F32 file in the store with Ollama's gemma3 template layer, as a pull of Ollama's
     gemma3 stores it (the file's own jinja template is then not used)."""
-    from mlxlite import names
-    from mlxlite.store import MEDIA_OLLAMA_TEMPLATE
-    from mlxlite.store.importers import import_gguf
-
-    import_gguf(store, gemma3_vision_files["F32"].path, names.parse("tiny-gemma3-vl"),
-                extra=((MEDIA_OLLAMA_TEMPLATE, GO_TEMPLATE.encode()),))
-    return "tiny-gemma3-vl"
+    return import_with_template(store, gemma3_vision_files["F32"].path, "tiny-gemma3-vl", GO_TEMPLATE)

@@ -144,7 +144,7 @@ def make_gemma3_dir(root: Path, seed: int = 0) -> Gemma3Dir:
     ids = {t: tok.token_to_id(t) for t in SPECIALS}
     vocab = tok.get_vocab_size(with_added_tokens=True)
     ref = reference_config(vocab, ids["<image_soft_token>"])
-    weights = random_weights(mlx_vlm_model(ref), seed)
+    weights = random_weights(mlx_vlm_model("gemma3", ref), seed)
     text = {**ref["text_config"], "rope_theta": ref["text_config"]["rope_global_base_freq"],  # transformers' name
             "final_logit_softcapping": None, "attn_logit_softcapping": None}
     config = {
