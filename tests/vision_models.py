@@ -9,6 +9,10 @@
 - `tiny_vision_model`: that directory imported into the test's store; returns its name.
 - `png(seed)`, `png_b64(seed)`, `data_url(seed)`: small PNG images, different per seed;
   `send_png(handler, data)` answers an HTTP test server's request with one.
+- For the engine tests of every vision family (`tests/engine/test_vision_*.py`): `load_model`
+  (import a file or directory, load it with the engine), `render` (one user message with
+  images), `last_logits` (the engine's chunked vision prefill, then one step) and `first_top`
+  (the first generated token's top logprobs).
 mlx-vlm is the optional extra `mlxlite[vision]` (in the `test` extra too): without it these
 fixtures skip, saying so.
 """
@@ -24,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+QUESTION = "What is this?"
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
@@ -106,6 +111,54 @@ def make_vision_model(root: Path, *, hidden: int = 64, layers: int = 2, heads: i
         "image_std": [0.26862954, 0.26130258, 0.27577711], "do_resize": True, "do_rescale": True,
         "do_normalize": True, "do_convert_rgb": True}))
     return root
+
+
+# ---- the engine tests' steps (the engine's imports wait for the call: they load mlx) ----------
+def load_model(store, path: Path, name: str, monkeypatch=None, float32: bool = True):
+    """`path` imported into the store as `name` and loaded by the engine; `float32=False` (with
+    `monkeypatch`) keeps quantized weights packed on the CPU."""
+    from mlxlite.engine import runner
+    from mlxlite.store.importers import import_path
+
+    if monkeypatch is not None and not float32:
+        monkeypatch.setenv("MLXLITE_FLOAT32_ON_CPU", "0")
+    import_path(store, path, name)
+    return runner.load(store, store.resolve(name))
+
+
+def render(loaded, images, text: str = QUESTION, name: str = "tiny", system: str | None = None):
+    """One user message (`text` with `images`) rendered as the server renders a chat."""
+    from mlxlite.engine import runner
+    from mlxlite.server.prompt import PromptSpec
+
+    message = {"role": "user", "content": text, **({"images": tuple(images)} if images else {})}
+    return PromptSpec(name, messages=(message,), system=system).render(loaded, runner, 2048, 4)
+
+
+def last_logits(loaded, rendered, step: int = 5) -> np.ndarray:
+    """The engine's own path: the prompt prefilled in chunks of `step` (`vision.prefill`, across
+    the image and gemma3's 16-token sliding window), then its last token stepped."""
+    import mlx.core as mx
+
+    from mlxlite.engine import model as model_mod
+    from mlxlite.engine import vision
+
+    cache = model_mod.new_cache(loaded)
+    assert vision.prefill(loaded.model, rendered.tokens, rendered.vision, cache, step)
+    logits = loaded.model(mx.array(rendered.tokens[-1:])[None], cache=cache)
+    return np.array(logits[0, -1].astype(mx.float32))
+
+
+def first_top(loaded, images) -> list:
+    """The top 5 logprobs of the first token a greedy 4-token generation after `images` picks."""
+    from mlxlite.engine import runner
+    from mlxlite.options import Options
+
+    rendered = render(loaded, images)
+    out = list(runner.generate(loaded, rendered.tokens, Options(temperature=0, num_predict=4),
+                               vision=rendered.vision, top_logprobs=5))
+    assert out[-1].eval_tokens == 4
+    return out[0].top
 
 
 def png(seed: int, size: tuple[int, int] = (64, 64)) -> bytes:

@@ -11,30 +11,11 @@ import numpy as np
 import pytest
 
 from mlxlite.options import Options
-from mlxlite.server.prompt import PromptSpec
 from tests.gguf_vision_models import image_text, reference_pixels
 from tests.st_gemma3_models import hf_logits
-from tests.vision_models import png
+from tests.vision_models import QUESTION, first_top, last_logits, load_model, png, render
 
 GREEDY = Options(temperature=0, num_predict=4)
-QUESTION = "What is this?"
-
-
-def _load(store, built, name, monkeypatch=None, float32=True):
-    from mlxlite.engine import runner
-    from mlxlite.store.importers import import_path
-
-    if not float32:
-        monkeypatch.setenv("MLXLITE_FLOAT32_ON_CPU", "0")
-    import_path(store, built.path, name)
-    return runner.load(store, store.resolve(name))
-
-
-def _render(loaded, images, text=QUESTION, system=None):
-    from mlxlite.engine import runner
-
-    message = {"role": "user", "content": text, **({"images": tuple(images)} if images else {})}
-    return PromptSpec("tiny", messages=(message,), system=system).render(loaded, runner, 2048, 4)
 
 
 def _expected(built, content, system=""):
@@ -43,20 +24,6 @@ def _expected(built, content, system=""):
     tok = built.tokenizer
     text = f"<start_of_turn>user\n{system}{content}<end_of_turn>\n<start_of_turn>model\n"
     return [tok.token_to_id("<bos>")] + tok.encode(text, add_special_tokens=False).ids
-
-
-def _last_logits(loaded, rendered, step=5):
-    """The engine's own path: the prompt prefilled in chunks (across the 16-token sliding window),
-    then its last token stepped."""
-    import mlx.core as mx
-
-    from mlxlite.engine import model as model_mod
-    from mlxlite.engine import vision
-
-    cache = model_mod.new_cache(loaded)
-    assert vision.prefill(loaded.model, rendered.tokens, rendered.vision, cache, step)
-    logits = loaded.model(mx.array(rendered.tokens[-1:])[None], cache=cache)
-    return np.array(logits[0, -1].astype(mx.float32))
 
 
 def _mlx_vlm(built, hidden_size=None):
@@ -85,18 +52,18 @@ def test_the_template_places_each_image_as_gemma3s_image_sequence_after_one_bos(
     from mlxlite.engine import vision
 
     built = gemma3_st_dirs["float"]
-    loaded = _load(store, built, "g3")
+    loaded = load_model(store, built.path, "g3")
     assert isinstance(loaded.model, vision.VisionLM) and loaded.model.marker == "<start_of_image>"
     assert loaded.info["vision"] is True and loaded.info["architecture"] == "gemma3"
     img = image_text(built.tokenizer)
-    rendered = _render(loaded, [png(1)])
+    rendered = render(loaded, [png(1)])
     assert rendered.tokens == _expected(built, img + QUESTION)
     assert rendered.vision.images == 1 and rendered.vision.placeholders == 4
     pixels = np.array(rendered.vision.pixel_values)
     assert pixels.shape == (1, 3, 56, 56) and np.abs(pixels - reference_pixels(png(1))).max() < 1e-5
-    two = _render(loaded, [png(1), png(2)], system="Be brief.")
+    two = render(loaded, [png(1), png(2)], system="Be brief.")
     assert two.tokens == _expected(built, img + img + QUESTION, system="Be brief.\n\n")
-    assert _render(loaded, []).tokens == _expected(built, QUESTION)     # text alone: one BOS too
+    assert render(loaded, []).tokens == _expected(built, QUESTION)     # text alone: one BOS too
 
 
 @pytest.mark.parametrize(("kind", "float32"), [("float", True), ("4bit", True), ("4bit", False)])
@@ -107,19 +74,19 @@ def test_logits_with_an_image_equal_mlx_vlms_own_load_of_the_directory(store, ge
     from mlxlite.engine import runner
 
     built = gemma3_st_dirs[kind]
-    loaded = _load(store, built, f"g3-{kind}", monkeypatch, float32)
+    loaded = load_model(store, built.path, f"g3-{kind}", monkeypatch, float32)
     packed = [m for _, m in loaded.model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
     # mlx-vlm's 4-bit convert packs the text linears, the embedding and its head; on the CPU they
     # become float32 when that fits, as a text model's do.
     assert len(packed) == (6 * 7 + 2 if kind == "4bit" and not float32 else 0)
     assert loaded.info["weights"] == {"float": "float", "4bit": "float32" if float32 else "quantized"}[kind]
 
-    rendered = _render(loaded, [png(1)])
+    rendered = render(loaded, [png(1)])
     ids = _expected(built, image_text(built.tokenizer) + QUESTION)
     assert rendered.tokens == ids
     width = built.config["text_config"]["hidden_size"]
     ref = _forward(_mlx_vlm(built, hidden_size=width), ids, reference_pixels(png(1)))[-1]
-    ours = _last_logits(loaded, rendered)
+    ours = last_logits(loaded, rendered)
     assert np.abs(ours - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
     assert ours.argmax() == ref.argmax()
     out = list(runner.generate(loaded, rendered.tokens, GREEDY, vision=rendered.vision))
@@ -134,26 +101,17 @@ def test_image_features_enter_unscaled_as_transformers_gemma3_puts_them(store, g
     Ours equals transformers' forward on the same values (called causally, as mlx-vlm and we run
     gemma3: without its token_type_ids, which would let an image's tokens see each other)."""
     built = gemma3_st_dirs["float"]
-    loaded = _load(store, built, "g3")
-    rendered = _render(loaded, [png(1)])
+    loaded = load_model(store, built.path, "g3")
+    rendered = render(loaded, [png(1)])
     ref = hf_logits(built, rendered.tokens, reference_pixels(png(1)))[-1]
-    ours = _last_logits(loaded, rendered)
+    ours = last_logits(loaded, rendered)
     assert np.abs(ours - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
     default = _forward(_mlx_vlm(built), rendered.tokens, reference_pixels(png(1)))[-1]
     assert np.abs(default - ref).max() > 0.1     # mlx-vlm's 2048 would have moved them
 
 
 def test_two_images_give_different_logits_and_the_same_image_the_same(store, gemma3_st_dirs):
-    from mlxlite.engine import runner
-
-    loaded = _load(store, gemma3_st_dirs["float"], "g3")
-
-    def first(images):
-        rendered = _render(loaded, images)
-        out = list(runner.generate(loaded, rendered.tokens, GREEDY, vision=rendered.vision, top_logprobs=5))
-        assert out[-1].eval_tokens == 4
-        return out[0].top
-
-    assert first([png(1)]) == first([png(1)])
-    assert first([png(1)]) != first([png(2)])
-    assert first([png(1)]) != first([])
+    loaded = load_model(store, gemma3_st_dirs["float"].path, "g3")
+    assert first_top(loaded, [png(1)]) == first_top(loaded, [png(1)])
+    assert first_top(loaded, [png(1)]) != first_top(loaded, [png(2)])
+    assert first_top(loaded, [png(1)]) != first_top(loaded, [])

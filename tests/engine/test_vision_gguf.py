@@ -15,43 +15,10 @@ import pytest
 
 from mlxlite.errors import BadRequest
 from mlxlite.options import Options
-from mlxlite.server.prompt import PromptSpec
 from tests.gguf_vision_models import image_text, reference_logits, reference_pixels
-from tests.vision_models import png
+from tests.vision_models import QUESTION, first_top, last_logits, load_model, png, render
 
 GREEDY = Options(temperature=0, num_predict=4)
-QUESTION = "What is this?"
-
-
-def _load(store, path, name, monkeypatch=None, float32=True):
-    from mlxlite.engine import runner
-    from mlxlite.store.importers import import_path
-
-    if monkeypatch is not None and not float32:
-        monkeypatch.setenv("MLXLITE_FLOAT32_ON_CPU", "0")
-    import_path(store, path, name)
-    return runner.load(store, store.resolve(name))
-
-
-def _render(loaded, images, text=QUESTION, name="tiny"):
-    from mlxlite.engine import runner
-
-    message = {"role": "user", "content": text, **({"images": tuple(images)} if images else {})}
-    return PromptSpec(name, messages=(message,)).render(loaded, runner, 2048, 4)
-
-
-def _last_logits(loaded, rendered, step=5):
-    """The engine's own path: the prompt prefilled in chunks (`vision.prefill`, across gemma3's
-    16-token sliding window), then its last token stepped."""
-    import mlx.core as mx
-
-    from mlxlite.engine import model as model_mod
-    from mlxlite.engine import vision
-
-    cache = model_mod.new_cache(loaded)
-    assert vision.prefill(loaded.model, rendered.tokens, rendered.vision, cache, step)
-    logits = loaded.model(mx.array(rendered.tokens[-1:])[None], cache=cache)
-    return np.array(logits[0, -1].astype(mx.float32))
 
 
 @pytest.mark.parametrize(("qtype", "float32"), [("F32", True), ("Q8_0", True), ("Q8_0", False)])
@@ -62,7 +29,7 @@ def test_logits_with_an_image_equal_mlx_vlms_on_the_same_weights(store, gemma3_v
     from mlxlite.engine import vision
 
     built = gemma3_vision_files[qtype]
-    loaded = _load(store, built.path, f"g3-{qtype}", monkeypatch, float32)
+    loaded = load_model(store, built.path, f"g3-{qtype}", monkeypatch, float32)
     assert isinstance(loaded.model, vision.VisionLM)
     assert loaded.info["vision"] is True and loaded.info["architecture"] == "gemma3"
     packed = [m for _, m in loaded.model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
@@ -70,7 +37,7 @@ def test_logits_with_an_image_equal_mlx_vlms_on_the_same_weights(store, gemma3_v
     assert len(packed) == (0 if float32 or qtype == "F32" else 6 * 7 + 2 * 6 + 2)
     assert loaded.info["weights"] == ("quantized" if packed else "float32")
 
-    rendered = _render(loaded, [png(1)])
+    rendered = render(loaded, [png(1)])
     # The file's jinja template places the image part; the processor expands it as Gemma3Processor does.
     text = "<start_of_turn>user\n" + image_text(built.tokenizer) + QUESTION + "<end_of_turn>\n<start_of_turn>model\n"
     expected = [built.tokenizer.token_to_id("<bos>")] + built.tokenizer.encode(text, add_special_tokens=False).ids
@@ -80,7 +47,7 @@ def test_logits_with_an_image_equal_mlx_vlms_on_the_same_weights(store, gemma3_v
     assert np.abs(pixels - reference_pixels(png(1))).max() < 1e-5
 
     ref = reference_logits(built, expected, reference_pixels(png(1)))
-    ours = _last_logits(loaded, rendered)
+    ours = last_logits(loaded, rendered)
     assert np.abs(ours - ref[-1]).max() < 1e-3 * max(1.0, np.abs(ref).max())
     assert ours.argmax() == ref[-1].argmax()
     other = reference_logits(built, expected, reference_pixels(png(2)))
@@ -88,19 +55,10 @@ def test_logits_with_an_image_equal_mlx_vlms_on_the_same_weights(store, gemma3_v
 
 
 def test_two_images_give_different_logits_and_the_same_image_the_same(store, gemma3_vision_files):
-    from mlxlite.engine import runner
-
-    loaded = _load(store, gemma3_vision_files["F32"].path, "g3")
-
-    def first(images):
-        rendered = _render(loaded, images)
-        out = list(runner.generate(loaded, rendered.tokens, GREEDY, vision=rendered.vision, top_logprobs=5))
-        assert out[-1].eval_tokens == 4
-        return out[0].top
-
-    assert first([png(1)]) == first([png(1)])
-    assert first([png(1)]) != first([png(2)])
-    assert first([png(1)]) != first([])     # text only runs on the same model
+    loaded = load_model(store, gemma3_vision_files["F32"].path, "g3")
+    assert first_top(loaded, [png(1)]) == first_top(loaded, [png(1)])
+    assert first_top(loaded, [png(1)]) != first_top(loaded, [png(2)])
+    assert first_top(loaded, [png(1)]) != first_top(loaded, [])     # text only runs on the same model
 
 
 def test_the_ollama_template_layer_gets_the_image_where_ollama_tags_it(store, gemma3_vision_model,
@@ -119,10 +77,10 @@ def test_the_ollama_template_layer_gets_the_image_where_ollama_tags_it(store, ge
         return [bos] + tok.encode(text, add_special_tokens=False).ids
 
     img = image_text(tok)
-    assert _render(loaded, [png(1)], name="g3").tokens == expect(img + QUESTION)
-    assert _render(loaded, [png(1), png(2)], "Compare [img] with [img].").tokens == \
+    assert render(loaded, [png(1)], name="g3").tokens == expect(img + QUESTION)
+    assert render(loaded, [png(1), png(2)], "Compare [img] with [img].").tokens == \
         expect(f"Compare {img} with {img}.")
-    rendered = _render(loaded, [png(1)])
+    rendered = render(loaded, [png(1)])
     out = list(runner.generate(loaded, rendered.tokens, GREEDY, vision=rendered.vision))
     assert out[-1].eval_tokens == 4
 
@@ -131,12 +89,12 @@ def test_without_mlx_vlm_the_text_runs_and_images_say_how_to_get_them(store, gem
     from mlxlite.engine import runner, vision
 
     monkeypatch.setitem(sys.modules, "mlx_vlm", None)       # `import mlx_vlm` now fails
-    loaded = _load(store, gemma3_vision_files["F32"].path, "g3")
+    loaded = load_model(store, gemma3_vision_files["F32"].path, "g3")
     assert not isinstance(loaded.model, vision.VisionLM) and loaded.info["vision"] == "missing"
-    rendered = _render(loaded, [])
+    rendered = render(loaded, [])
     assert list(runner.generate(loaded, rendered.tokens, GREEDY))[-1].eval_tokens == 4
     with pytest.raises(BadRequest) as err:
-        _render(loaded, [png(1)], name="g3:latest")
+        render(loaded, [png(1)], name="g3:latest")
     assert str(err.value) == "model 'g3:latest' needs mlx-vlm for images: pip install 'mlxlite[vision]'"
 
 

@@ -19,49 +19,16 @@ import pytest
 
 from mlxlite.errors import Unsupported
 from mlxlite.options import Options
-from mlxlite.server.prompt import PromptSpec
 from tests.gguf_qwen25vl_models import image_tokens, reference_logits, reference_pixels
-from tests.vision_models import png
+from tests.vision_models import QUESTION, first_top, last_logits, load_model, png, render
 
 GREEDY = Options(temperature=0, num_predict=4)
-QUESTION = "What is this?"
 SIZE = (112, 84)    # width, height
-
-
-def _load(store, path, name, monkeypatch=None, float32=True):
-    from mlxlite.engine import runner
-    from mlxlite.store.importers import import_path
-
-    if monkeypatch is not None and not float32:
-        monkeypatch.setenv("MLXLITE_FLOAT32_ON_CPU", "0")
-    import_path(store, path, name)
-    return runner.load(store, store.resolve(name))
-
-
-def _render(loaded, images, text=QUESTION, name="tiny"):
-    from mlxlite.engine import runner
-
-    message = {"role": "user", "content": text, **({"images": tuple(images)} if images else {})}
-    return PromptSpec(name, messages=(message,)).render(loaded, runner, 2048, 4)
 
 
 def _expected(built, content: str) -> list[int]:
     text = f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
     return built.tokenizer.encode(text, add_special_tokens=False).ids
-
-
-def _last_logits(loaded, rendered, step=5):
-    """The engine's own path: the prompt prefilled in chunks (`vision.prefill`, across the
-    image), then its last token stepped."""
-    import mlx.core as mx
-
-    from mlxlite.engine import model as model_mod
-    from mlxlite.engine import vision
-
-    cache = model_mod.new_cache(loaded)
-    assert vision.prefill(loaded.model, rendered.tokens, rendered.vision, cache, step)
-    logits = loaded.model(mx.array(rendered.tokens[-1:])[None], cache=cache)
-    return np.array(logits[0, -1].astype(mx.float32))
 
 
 @pytest.mark.parametrize(("qtype", "float32"), [("F32", True), ("Q8_0", True), ("Q8_0", False)])
@@ -71,7 +38,7 @@ def test_logits_with_an_image_equal_mlx_vlms_on_the_same_weights(store, qwen25vl
     from mlxlite.engine import vision
 
     built = qwen25vl_files[qtype]
-    loaded = _load(store, built.path, f"q25-{qtype}", monkeypatch, float32)
+    loaded = load_model(store, built.path, f"q25-{qtype}", monkeypatch, float32)
     assert isinstance(loaded.model, vision.VisionLM)
     assert loaded.info["vision"] is True and loaded.info["architecture"] == "qwen25vl"
     packed = {name for name, m in loaded.model.named_modules()
@@ -84,7 +51,7 @@ def test_logits_with_an_image_equal_mlx_vlms_on_the_same_weights(store, qwen25vl
         assert "vlm.vision_tower.blocks.1.attn.qkv" in packed and "vlm.vision_tower.blocks.0.attn.qkv" not in packed
     assert loaded.info["weights"] == ("quantized" if packed else "float32")
 
-    rendered = _render(loaded, [png(1, SIZE)])
+    rendered = render(loaded, [png(1, SIZE)])
     pixels, grid = reference_pixels(png(1, SIZE))
     assert grid == (1, 6, 8)
     # The file's jinja template places the image part; the processor expands `<|image_pad|>`.
@@ -94,7 +61,7 @@ def test_logits_with_an_image_equal_mlx_vlms_on_the_same_weights(store, qwen25vl
     assert np.abs(np.array(rendered.vision.pixel_values) - pixels).max() < 1e-5
 
     ref = reference_logits(built, expected, (pixels, grid))
-    ours = _last_logits(loaded, rendered)
+    ours = last_logits(loaded, rendered)
     assert np.abs(ours - ref[-1]).max() < 1e-3 * max(1.0, np.abs(ref).max())
     assert ours.argmax() == ref[-1].argmax()
     other = reference_logits(built, expected, reference_pixels(png(2, SIZE)))
@@ -124,35 +91,26 @@ def test_text_alone_runs_on_mlx_lms_qwen2_where_multimodal_rope_is_qwen2s_rope(s
     built = qwen25vl_files[qtype]
     ids = _expected(built, QUESTION)
     ref = _text_reference(built, ids)
-    with_vlm = _load(store, built.path, f"vl-{qtype}")
+    with_vlm = load_model(store, built.path, f"vl-{qtype}")
     monkeypatch.setitem(sys.modules, "mlx_vlm", None)       # `import mlx_vlm` now fails
-    loaded = _load(store, built.path, f"text-{qtype}")
+    loaded = load_model(store, built.path, f"text-{qtype}")
     assert not isinstance(loaded.model, vision.VisionLM) and loaded.info["vision"] == "missing"
     assert type(loaded.model).__module__ == "mlx_lm.models.qwen2"
-    rendered = _render(loaded, [])
+    rendered = render(loaded, [])
     assert rendered.tokens == ids
     cache = model_mod.new_cache(loaded)
     ours = np.array(loaded.model(mx.array(ids)[None], cache=cache)[0, -1].astype(mx.float32))
     assert np.abs(ours - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
     # and the VisionLM (mlx-vlm's text path) gives the same for text alone
-    assert np.abs(_last_logits(with_vlm, _render(with_vlm, [])) - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+    assert np.abs(last_logits(with_vlm, render(with_vlm, [])) - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
 
 
 def test_two_images_give_different_logits_and_the_same_image_the_same(store, qwen25vl_files):
-    from mlxlite.engine import runner
-
-    loaded = _load(store, qwen25vl_files["F32"].path, "q25")
-
-    def first(images):
-        rendered = _render(loaded, images)
-        out = list(runner.generate(loaded, rendered.tokens, GREEDY, vision=rendered.vision, top_logprobs=5))
-        assert out[-1].eval_tokens == 4
-        return out[0].top
-
-    assert first([png(1)]) == first([png(1)])
-    assert first([png(1)]) != first([png(2)])
-    assert first([png(1)]) != first([])     # text only runs on the same model
-    assert first([png(1), png(2)]) != first([png(2), png(1)])   # two images, in their order
+    loaded = load_model(store, qwen25vl_files["F32"].path, "q25")
+    assert first_top(loaded, [png(1)]) == first_top(loaded, [png(1)])
+    assert first_top(loaded, [png(1)]) != first_top(loaded, [png(2)])
+    assert first_top(loaded, [png(1)]) != first_top(loaded, [])     # text only runs on the same model
+    assert first_top(loaded, [png(1), png(2)]) != first_top(loaded, [png(2), png(1)])   # two images, in their order
 
 
 def test_the_ollama_template_layer_gets_the_image_where_ollama_tags_it(store, qwen25vl_model, qwen25vl_files):
@@ -164,10 +122,10 @@ def test_the_ollama_template_layer_gets_the_image_where_ollama_tags_it(store, qw
     loaded = runner.load(store, store.resolve(qwen25vl_model))
     assert loaded.info["template"] == "ollama" and loaded.info["vision"] is True
     small = image_tokens(built, (1, 4, 4))      # 64x64 -> 56x56: 4x4 patches, 2x2 merged
-    assert _render(loaded, [png(1)]).tokens == _expected(built, small + QUESTION)
-    assert _render(loaded, [png(1), png(2)], "Compare [img] with [img].").tokens == \
+    assert render(loaded, [png(1)]).tokens == _expected(built, small + QUESTION)
+    assert render(loaded, [png(1), png(2)], "Compare [img] with [img].").tokens == \
         _expected(built, f"Compare {small} with {small}.")
-    rendered = _render(loaded, [png(1)])
+    rendered = render(loaded, [png(1)])
     out = list(runner.generate(loaded, rendered.tokens, GREEDY, vision=rendered.vision))
     assert out[-1].eval_tokens == 4
 
