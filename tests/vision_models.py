@@ -13,6 +13,10 @@
   (import a file or directory, load it with the engine), `render` (one user message with
   images), `last_logits` (the engine's chunked vision prefill, then one step) and `first_top`
   (the first generated token's top logprobs).
+- For the daemon tests of every vision family (`tests/server/test_vision_*.py`): `serving`
+  (a `srv` fixture: a real daemon over a model fixture's store), `SERVER_GREEDY`, `post_json`,
+  `capabilities` (`/api/tags`'s) and `vision_under_ollamas_config` (a model's GGUF re-stored under Ollama's config blob
+  still says `vision`).
 mlx-vlm is the optional extra `mlxlite[vision]` (in the `test` extra too): without it these
 fixtures skip, saying so.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -159,6 +164,57 @@ def first_top(loaded, images) -> list:
                                vision=rendered.vision, top_logprobs=5))
     assert out[-1].eval_tokens == 4
     return out[0].top
+
+
+# ---- the daemon tests' steps ---------------------------------------------------------------
+SERVER_GREEDY = {"temperature": 0, "num_predict": 6, "seed": 1}
+
+
+def serving(model_fixture: str):
+    """A `srv` fixture for a test module: a real daemon (the real engine) on 127.0.0.1:0 over
+    the store once the fixture named `model_fixture` has put its model there."""
+    from tests.fake_engine import RunningServer
+
+    @pytest.fixture
+    def srv(store, request):
+        request.getfixturevalue(model_fixture)
+        with RunningServer(None, store) as s:
+            yield s
+
+    return srv
+
+
+def post_json(srv, path: str, body: dict) -> dict:
+    req = urllib.request.Request(srv.url + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.load(resp)
+
+
+def capabilities(srv) -> dict[str, list[str]]:
+    """`/api/tags`: each model's capabilities by its full name."""
+    with urllib.request.urlopen(srv.url + "/api/tags") as resp:
+        return {m["name"]: m["capabilities"] for m in json.load(resp)["models"]}
+
+
+def vision_under_ollamas_config(store, model: str, family: str, pulled: str) -> None:
+    """`model`'s GGUF and template layers re-stored as `pulled` under Ollama's own config blob
+    (no vision flag: what a pull from Ollama's registry stores): the GGUF's metadata still
+    makes `show` say `vision`, as Ollama reads `<arch>.vision.block_count`."""
+    from mlxlite import names
+    from mlxlite.server import native
+    from mlxlite.store import DOCKER_CONFIG, MEDIA_GGUF, MEDIA_OLLAMA_TEMPLATE, Layer, build_manifest
+
+    entry = store.resolve(model)
+    raw = json.dumps({"model_format": "gguf", "model_family": family, "model_families": [family],
+                      "model_type": "4.3B", "file_type": "F32"}).encode()
+    config = Layer(DOCKER_CONFIG, store.put_bytes(raw), len(raw))
+    layers = [layer for layer in entry.manifest.layers if layer.media_type in (MEDIA_GGUF, MEDIA_OLLAMA_TEMPLATE)]
+    store.write_manifest(names.parse(pulled), build_manifest(config, layers))
+    entry = store.resolve(pulled)
+    assert "vision" not in store.read_config(entry)
+    assert native.takes_images(store, entry, store.read_config(entry))
+    assert "vision" in native.show_model(store, entry)["capabilities"]
 
 
 def png(seed: int, size: tuple[int, int] = (64, 64)) -> bytes:

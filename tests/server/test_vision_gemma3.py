@@ -5,20 +5,10 @@ Gemma3Processor expands it, after one BOS: its token count is checked against `t
 
 from __future__ import annotations
 
-import pytest
-
-from tests.fake_engine import RunningServer
 from tests.gguf_vision_models import image_text
-from tests.vision_models import data_url, png
+from tests.vision_models import QUESTION, SERVER_GREEDY, data_url, png, serving
 
-GREEDY = {"temperature": 0, "num_predict": 6, "seed": 1}
-QUESTION = "What is this?"
-
-
-@pytest.fixture
-def srv(store, gemma3_st_model):
-    with RunningServer(None, store) as s:
-        yield s
+srv = serving("gemma3_st_model")
 
 
 def _prompt_tokens(built, images: int) -> int:
@@ -34,7 +24,7 @@ def test_the_ollama_client_sends_images_to_a_gemma3_directory(srv, gemma3_st_dir
 
     def ask(*images):
         return client.chat("tiny-gemma3-st", [{"role": "user", "content": QUESTION, "images": list(images)}],
-                           options=GREEDY, logprobs=True, top_logprobs=3)
+                           options=SERVER_GREEDY, logprobs=True, top_logprobs=3)
 
     def top(reply):
         return [(t.token, round(t.logprob, 4)) for t in reply.logprobs[0].top_logprobs]
@@ -44,8 +34,8 @@ def test_the_ollama_client_sends_images_to_a_gemma3_directory(srv, gemma3_st_dir
     assert one.prompt_eval_count == _prompt_tokens(gemma3_st_dirs["float"], 1)
     assert top(one) == top(again) and top(one) != top(two)
     assert ask(png(1), png(2)).prompt_eval_count == _prompt_tokens(gemma3_st_dirs["float"], 2)
-    streamed = client.generate("tiny-gemma3-st", "Describe", images=[png(1)], options=GREEDY, stream=True)
-    whole = client.generate("tiny-gemma3-st", "Describe", images=[png(1)], options=GREEDY)
+    streamed = client.generate("tiny-gemma3-st", "Describe", images=[png(1)], options=SERVER_GREEDY, stream=True)
+    whole = client.generate("tiny-gemma3-st", "Describe", images=[png(1)], options=SERVER_GREEDY)
     assert "".join(part.response for part in streamed) == whole.response and whole.eval_count == 6
     shown = client.show("tiny-gemma3-st")
     assert "vision" in shown.capabilities and "completion" in shown.capabilities

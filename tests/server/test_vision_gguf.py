@@ -5,20 +5,18 @@ own config blob (what `pull` from Ollama's registry stores, which has no vision 
 
 from __future__ import annotations
 
-import json
+from tests.vision_models import (
+    SERVER_GREEDY,
+    capabilities,
+    data_url,
+    png,
+    png_b64,
+    post_json,
+    serving,
+    vision_under_ollamas_config,
+)
 
-import pytest
-
-from tests.fake_engine import RunningServer
-from tests.vision_models import data_url, png
-
-GREEDY = {"temperature": 0, "num_predict": 6, "seed": 1}
-
-
-@pytest.fixture
-def srv(store, gemma3_vision_model):
-    with RunningServer(None, store) as s:
-        yield s
+srv = serving("gemma3_vision_model")
 
 
 def _top(logprobs) -> list:
@@ -33,14 +31,14 @@ def test_the_ollama_client_sends_images_to_a_gemma3_gguf(srv):
 
     def ask(image):
         return client.chat("tiny-gemma3-vl", [{"role": "user", "content": "What is this?", "images": [image]}],
-                           options=GREEDY, logprobs=True, top_logprobs=3)
+                           options=SERVER_GREEDY, logprobs=True, top_logprobs=3)
 
     one, again, two = ask(png(1)), ask(png(1)), ask(png(2))
     assert one.message.content and one.eval_count == 6
     assert one.prompt_eval_count > 4 + 5    # the image's 4 tokens, its markers and the text
     assert _top(one.logprobs) == _top(again.logprobs) and _top(one.logprobs) != _top(two.logprobs)
-    streamed = client.generate("tiny-gemma3-vl", "Describe", images=[png(1)], options=GREEDY, stream=True)
-    whole = client.generate("tiny-gemma3-vl", "Describe", images=[png(1)], options=GREEDY)
+    streamed = client.generate("tiny-gemma3-vl", "Describe", images=[png(1)], options=SERVER_GREEDY, stream=True)
+    whole = client.generate("tiny-gemma3-vl", "Describe", images=[png(1)], options=SERVER_GREEDY)
     assert "".join(part.response for part in streamed) == whole.response and whole.eval_count == 6
     shown = client.show("tiny-gemma3-vl")
     assert "vision" in shown.capabilities and "completion" in shown.capabilities
@@ -69,43 +67,14 @@ def test_the_openai_client_sends_an_image_url_to_a_gemma3_gguf(srv):
 def test_tags_and_show_say_vision_also_for_ollamas_config_blob(srv, store, tiny_gguf_model):
     """A model pulled from Ollama's registry keeps Ollama's config blob (no vision flag): the
     GGUF's own metadata says it, as Ollama reads `gemma3.vision.block_count`."""
-    import urllib.request
-
-    from mlxlite import names
-    from mlxlite.server import native
-    from mlxlite.store import DOCKER_CONFIG, MEDIA_GGUF, MEDIA_OLLAMA_TEMPLATE, Layer, build_manifest
-
-    with urllib.request.urlopen(srv.url + "/api/tags") as resp:
-        caps = {m["name"]: m["capabilities"] for m in json.load(resp)["models"]}
+    caps = capabilities(srv)
     assert "vision" in caps["tiny-gemma3-vl:latest"] and "vision" not in caps["tiny-gguf:latest"]
-
-    # The same GGUF blob under Ollama's config, as a pull of Ollama's gemma3 stores it.
-    entry = store.resolve("tiny-gemma3-vl")
-    raw = json.dumps({"model_format": "gguf", "model_family": "gemma3", "model_families": ["gemma3"],
-                      "model_type": "4.3B", "file_type": "F32"}).encode()
-    config = Layer(DOCKER_CONFIG, store.put_bytes(raw), len(raw))
-    layers = [layer for layer in entry.manifest.layers if layer.media_type in (MEDIA_GGUF, MEDIA_OLLAMA_TEMPLATE)]
-    store.write_manifest(names.parse("registry.ollama.ai/library/gemma3-like:4b"), build_manifest(config, layers))
-    pulled = store.resolve("registry.ollama.ai/library/gemma3-like:4b")
-    assert "vision" not in store.read_config(pulled)
-    assert native.takes_images(store, pulled, store.read_config(pulled))
-    assert "vision" in native.show_model(store, pulled)["capabilities"]
-
-
-def _post(srv, path, body):
-    import urllib.request
-
-    req = urllib.request.Request(srv.url + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        return json.load(resp)
+    vision_under_ollamas_config(store, "tiny-gemma3-vl", "gemma3", "registry.ollama.ai/library/gemma3-like:4b")
 
 
 def test_anthropic_and_responses_images_reach_a_gemma3_gguf(srv):
-    from tests.vision_models import png_b64
-
     def message(seed):
-        return _post(srv, "/v1/messages", {"model": "tiny-gemma3-vl", "max_tokens": 6, "temperature": 0,
+        return post_json(srv, "/v1/messages", {"model": "tiny-gemma3-vl", "max_tokens": 6, "temperature": 0,
                                            "messages": [{"role": "user", "content": [
                                                {"type": "image", "source": {"type": "base64", "media_type":
                                                                             "image/png", "data": png_b64(seed)}},
@@ -113,7 +82,7 @@ def test_anthropic_and_responses_images_reach_a_gemma3_gguf(srv):
 
     one = message(1)
     assert one["usage"]["output_tokens"] == 6 and one["usage"]["input_tokens"] > 4 + 5
-    response = _post(srv, "/v1/responses", {"model": "tiny-gemma3-vl", "max_output_tokens": 6, "temperature": 0,
+    response = post_json(srv, "/v1/responses", {"model": "tiny-gemma3-vl", "max_output_tokens": 6, "temperature": 0,
                                             "input": [{"role": "user", "content": [
                                                 {"type": "input_text", "text": "What is this?"},
                                                 {"type": "input_image", "image_url": data_url(1)}]}]})

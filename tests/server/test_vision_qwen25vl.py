@@ -5,21 +5,19 @@ and `/api/tags` say `vision`, also under Ollama's own config blob (what `pull` s
 
 from __future__ import annotations
 
-import json
+from tests.vision_models import (
+    SERVER_GREEDY,
+    capabilities,
+    data_url,
+    png,
+    png_b64,
+    post_json,
+    serving,
+    vision_under_ollamas_config,
+)
 
-import pytest
-
-from tests.fake_engine import RunningServer
-from tests.vision_models import data_url, png, png_b64
-
-GREEDY = {"temperature": 0, "num_predict": 6, "seed": 1}
 MODEL = "tiny-qwen25vl"
-
-
-@pytest.fixture
-def srv(store, qwen25vl_model):
-    with RunningServer(None, store) as s:
-        yield s
+srv = serving("qwen25vl_model")
 
 
 def _top(logprobs) -> list:
@@ -33,27 +31,18 @@ def test_the_ollama_client_sends_images_to_a_qwen25vl_gguf(srv):
 
     def ask(image):
         return client.chat(MODEL, [{"role": "user", "content": "What is this?", "images": [image]}],
-                           options=GREEDY, logprobs=True, top_logprobs=3)
+                           options=SERVER_GREEDY, logprobs=True, top_logprobs=3)
 
     one, again, two = ask(png(1)), ask(png(1)), ask(png(2))
     assert one.message.content and one.eval_count == 6
     assert one.prompt_eval_count > 4 + 2    # the image's 4 tokens, its two markers and the text
     assert _top(one.logprobs) == _top(again.logprobs) and _top(one.logprobs) != _top(two.logprobs)
-    streamed = client.generate(MODEL, "Describe", images=[png(1)], options=GREEDY, stream=True)
-    whole = client.generate(MODEL, "Describe", images=[png(1)], options=GREEDY)
+    streamed = client.generate(MODEL, "Describe", images=[png(1)], options=SERVER_GREEDY, stream=True)
+    whole = client.generate(MODEL, "Describe", images=[png(1)], options=SERVER_GREEDY)
     assert "".join(part.response for part in streamed) == whole.response and whole.eval_count == 6
     shown = client.show(MODEL)
     assert "vision" in shown.capabilities and "completion" in shown.capabilities
     assert shown.details.family == "qwen25vl"
-
-
-def _post(srv, path, body):
-    import urllib.request
-
-    req = urllib.request.Request(srv.url + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        return json.load(resp)
 
 
 def test_openai_anthropic_and_responses_images_reach_a_qwen25vl_gguf(srv):
@@ -71,12 +60,12 @@ def test_openai_anthropic_and_responses_images_reach_a_qwen25vl_gguf(srv):
     assert a.choices[0].message.content and a.usage.completion_tokens == 6
     assert [t.logprob for t in a.choices[0].logprobs.content[0].top_logprobs] != \
         [t.logprob for t in b.choices[0].logprobs.content[0].top_logprobs]
-    message = _post(srv, "/v1/messages", {"model": MODEL, "max_tokens": 6, "temperature": 0, "messages": [
+    message = post_json(srv, "/v1/messages", {"model": MODEL, "max_tokens": 6, "temperature": 0, "messages": [
         {"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                                                   "data": png_b64(1)}},
                                      {"type": "text", "text": "What is this?"}]}]})
     assert message["usage"]["output_tokens"] == 6 and message["usage"]["input_tokens"] == a.usage.prompt_tokens
-    response = _post(srv, "/v1/responses", {"model": MODEL, "max_output_tokens": 6, "temperature": 0, "input": [
+    response = post_json(srv, "/v1/responses", {"model": MODEL, "max_output_tokens": 6, "temperature": 0, "input": [
         {"role": "user", "content": [{"type": "input_text", "text": "What is this?"},
                                      {"type": "input_image", "image_url": data_url(1)}]}]})
     assert response["usage"]["output_tokens"] == 6
@@ -86,22 +75,5 @@ def test_openai_anthropic_and_responses_images_reach_a_qwen25vl_gguf(srv):
 def test_tags_and_show_say_vision_also_for_ollamas_config_blob(srv, store):
     """A model pulled from Ollama's registry keeps Ollama's config blob (no vision flag): the
     GGUF's own metadata says it, as Ollama reads `qwen25vl.vision.block_count`."""
-    import urllib.request
-
-    from mlxlite import names
-    from mlxlite.server import native
-    from mlxlite.store import DOCKER_CONFIG, MEDIA_GGUF, MEDIA_OLLAMA_TEMPLATE, Layer, build_manifest
-
-    with urllib.request.urlopen(srv.url + "/api/tags") as resp:
-        caps = {m["name"]: m["capabilities"] for m in json.load(resp)["models"]}
-    assert "vision" in caps[f"{MODEL}:latest"]
-    entry = store.resolve(MODEL)
-    raw = json.dumps({"model_format": "gguf", "model_family": "qwen25vl", "model_families": ["qwen25vl"],
-                      "model_type": "8.3B", "file_type": "Q4_K_M"}).encode()
-    config = Layer(DOCKER_CONFIG, store.put_bytes(raw), len(raw))
-    layers = [layer for layer in entry.manifest.layers if layer.media_type in (MEDIA_GGUF, MEDIA_OLLAMA_TEMPLATE)]
-    store.write_manifest(names.parse("registry.ollama.ai/library/qwen2.5vl-like:7b"), build_manifest(config, layers))
-    pulled = store.resolve("registry.ollama.ai/library/qwen2.5vl-like:7b")
-    assert "vision" not in store.read_config(pulled)
-    assert native.takes_images(store, pulled, store.read_config(pulled))
-    assert "vision" in native.show_model(store, pulled)["capabilities"]
+    assert "vision" in capabilities(srv)[f"{MODEL}:latest"]
+    vision_under_ollamas_config(store, MODEL, "qwen25vl", "registry.ollama.ai/library/qwen2.5vl-like:7b")
