@@ -3,11 +3,13 @@
 Owns the MLX half of scale-out (`dist/` owns launch, ranks and failure, and never imports
 mlx): `init_group(backend)` joins the group MLX's launcher set up (`MLX_RANK` and
 `MLX_HOSTFILE`, or NCCL's variables); `broadcast(group, payload)` carries rank 0's bytes to
-every rank over the group itself (one `all_sum` when it fits `HEAD` bytes); `shard(loaded,
-group)` splits a loaded model in place, tensor parallel through mlx-lm's `Model.shard` when
-the architecture has it and its heads divide by the group size, else pipeline (a contiguous
-range of layers per rank, the last stage's output gathered so every rank holds the same
-logits); `LockstepDecoder` is the batch decoder whose sampled tokens are rank 0's on every
+every rank over the group itself (one `all_sum` when it fits `HEAD` bytes); `layer_pick(group)`
+tells a GGUF load what this rank reads (a pipeline stage's layers, or every layer sharded as
+soon as it is read); `shard(loaded, group)` splits a loaded model in place, tensor parallel
+through mlx-lm's `Model.shard` when the architecture has it and its heads and packed widths
+divide by the group size, else pipeline (a contiguous range of layers per rank, each stage's
+hidden state handed on by one `all_sum` per stage so every rank holds the same logits; the
+`dist_split` setting can ask for either); `LockstepDecoder` is the batch decoder whose sampled tokens are rank 0's on every
 rank, so all caches stay in step however sampling or summation order differ. Never talks
 to sockets or processes, never decides when a rank is lost.
 """
