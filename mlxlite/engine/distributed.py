@@ -9,8 +9,9 @@ soon as it is read); `shard(loaded, group)` splits a loaded model in place, tens
 through mlx-lm's `Model.shard` when the architecture has it and its heads and packed widths
 divide by the group size, else pipeline (a contiguous range of layers per rank, each stage's
 hidden state handed on by one `all_sum` per stage so every rank holds the same logits; the
-`dist_split` setting can ask for either); `LockstepDecoder` is the batch decoder whose sampled tokens are rank 0's on every
-rank, so all caches stay in step however sampling or summation order differ. Never talks
+`dist_split` setting can ask for either); `LockstepDecoder` is the batch decoder whose
+sampled tokens are rank 0's on every rank, so all caches stay in step however sampling or
+summation order differ. Never talks
 to sockets or processes, never decides when a rank is lost.
 """
 
