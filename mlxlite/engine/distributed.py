@@ -11,8 +11,7 @@ divide by the group size, else pipeline (a contiguous range of layers per rank, 
 hidden state handed on by one `all_sum` per stage so every rank holds the same logits; the
 `dist_split` setting can ask for either); `LockstepDecoder` is the batch decoder whose
 sampled tokens are rank 0's on every rank, so all caches stay in step however sampling or
-summation order differ. Never talks
-to sockets or processes, never decides when a rank is lost.
+summation order differ. Never talks to sockets or processes, never decides when a rank is lost.
 """
 
 from __future__ import annotations
