@@ -202,7 +202,7 @@ def vision_under_ollamas_config(store, model: str, family: str, pulled: str) -> 
     (no vision flag: what a pull from Ollama's registry stores): the GGUF's metadata still
     makes `show` say `vision`, as Ollama reads `<arch>.vision.block_count`."""
     from mlxlite import names
-    from mlxlite.server import native
+    from mlxlite.server import models
     from mlxlite.store import DOCKER_CONFIG, MEDIA_GGUF, MEDIA_OLLAMA_TEMPLATE, Layer, build_manifest
 
     entry = store.resolve(model)
@@ -213,8 +213,8 @@ def vision_under_ollamas_config(store, model: str, family: str, pulled: str) -> 
     store.write_manifest(names.parse(pulled), build_manifest(config, layers))
     entry = store.resolve(pulled)
     assert "vision" not in store.read_config(entry)
-    assert native.takes_images(store, entry, store.read_config(entry))
-    assert "vision" in native.show_model(store, entry)["capabilities"]
+    assert models.takes_images(store, entry, store.read_config(entry))
+    assert "vision" in models.show_model(store, entry)["capabilities"]
 
 
 def png(seed: int, size: tuple[int, int] = (64, 64)) -> bytes:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from mlxlite.server import anthropic as anthropic_api
 from mlxlite.server import create as create_api
 from mlxlite.server import dist as dist_api
+from mlxlite.server import models as models_api
 from mlxlite.server import native
 from mlxlite.server import openai as openai_api
 from mlxlite.server import pull as pull_api
@@ -34,12 +35,12 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/api/chat"): native.handle_chat,
     ("POST", "/api/embed"): native.handle_embed,
     ("POST", "/api/embeddings"): native.handle_embeddings,
-    ("GET", "/api/tags"): native.handle_tags,
-    ("HEAD", "/api/tags"): native.handle_tags,
-    ("POST", "/api/show"): native.handle_show,
-    ("GET", "/api/ps"): native.handle_ps,
-    ("POST", "/api/copy"): native.handle_copy,
-    ("DELETE", "/api/delete"): native.handle_delete,
+    ("GET", "/api/tags"): models_api.handle_tags,
+    ("HEAD", "/api/tags"): models_api.handle_tags,
+    ("POST", "/api/show"): models_api.handle_show,
+    ("GET", "/api/ps"): models_api.handle_ps,
+    ("POST", "/api/copy"): models_api.handle_copy,
+    ("DELETE", "/api/delete"): models_api.handle_delete,
     ("POST", "/v1/chat/completions"): openai_api.handle_chat_completions,
     ("POST", "/v1/completions"): openai_api.handle_completions,
     ("POST", "/v1/embeddings"): openai_api.handle_embeddings,

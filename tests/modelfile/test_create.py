@@ -155,7 +155,7 @@ def test_foreign_params_layer_is_kept_byte_for_byte_on_round_trip(store, default
 def test_a_foreign_models_damaged_small_layers_show_or_fail_plainly(store, default_model, run_cli):
     """A pulled model's system layer in Latin-1 and its params layer not JSON: `show
     --modelfile` printed a traceback (UnicodeDecodeError / JSONDecodeError), /api/show a 500."""
-    from mlxlite.server.native import show_model
+    from mlxlite.server.models import show_model
 
     base = store.resolve(default_model)
     system = "Réponds en français.".encode("latin-1")
