@@ -24,19 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import child_env, default_gguf  # noqa: E402
-
-
-class StandIn:
-    """A group's rank and size, all loading and sharding ask of it."""
-
-    def __init__(self, rank: int, size: int) -> None:
-        self._rank, self._size = rank, size
-
-    def rank(self) -> int:
-        return self._rank
-
-    def size(self) -> int:
-        return self._size
+from tests.dist.standin import Group as StandIn  # noqa: E402
 
 
 def child(home: str, rank: int, size: int, whole: bool) -> None:

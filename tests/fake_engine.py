@@ -274,6 +274,28 @@ class RunningServer:
         self.close()
 
 
+def call(srv: Any, path: str, body: Any, method: str = "POST", timeout: float = 120) -> tuple[int, Any]:
+    """(status, body) of one request to a running server: NDJSON as a list of objects, JSON as
+    an object, anything else as text; an HTTP error's status and body alike."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(srv.url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            payload, status, ctype = resp.read(), resp.status, resp.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as exc:
+        payload, status, ctype = exc.read(), exc.code, exc.headers.get("Content-Type", "")
+    if "ndjson" in ctype:
+        return status, [json.loads(line) for line in payload.splitlines() if line.strip()]
+    if "json" in ctype:
+        return status, json.loads(payload)
+    return status, payload.decode()
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
     """Poll until `predicate()`; a generous bound so slow CI machines never flake."""
     deadline = time.monotonic() + timeout

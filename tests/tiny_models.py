@@ -509,6 +509,20 @@ def tiny_gguf_path(tiny_files) -> Path:
     return tiny_files["gguf"]
 
 
+@pytest.fixture(scope="module")
+def tiny_gguf_loaded(tmp_path_factory, tiny_gguf_path):
+    """The tiny GGUF imported into a store of its own and loaded by the real runner (one per module)."""
+    from mlxlite.engine import runner
+    from mlxlite.store import Store
+    from mlxlite.store.importers import import_path
+
+    store = Store(tmp_path_factory.mktemp("tiny_loaded") / "models")
+    import_path(store, tiny_gguf_path, "tiny-gguf")
+    loaded = runner.load(store, store.resolve("tiny-gguf"))
+    yield loaded
+    runner.unload(loaded)
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf_bad_arch(tiny_files) -> Path:
     return tiny_files["bad"]

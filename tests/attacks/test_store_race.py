@@ -33,6 +33,7 @@ from mlxlite.store import layout as store_layout
 from mlxlite.store.importers import import_path
 from tests.attacks.invariants import check_store, full, leftovers, unreferenced
 from tests.registry_fixtures import BINARY
+from tests.remote.test_hub import hub  # noqa: F401  (the fixture, requested by name)
 from tests.store.test_importers import make_model_dir
 from tests.tiny_models import write_gguf
 
@@ -179,14 +180,6 @@ def _ollama_dir(root: Path, gguf: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def hub_server(monkeypatch):
-    from tests.remote.test_hub import Hub
-
-    server = Hub()
-    monkeypatch.setenv("MLXLITE_HF_ENDPOINT", server.url)
-    yield server
-    server.server.shutdown()
 
 
 @pytest.mark.parametrize("verb", ["import-gguf", "import-ollama", "pull-layout", "create", "pull-registry",
@@ -211,7 +204,7 @@ def test_a_write_reports_the_model_it_wrote_even_if_an_rm_follows_at_once(
         push(packer, target, insecure=True)
         run = lambda: pull(store, target, insecure=True)  # noqa: E731
     elif verb in ("pull-hf", "pull-url"):
-        hub = request.getfixturevalue("hub_server")
+        hub = request.getfixturevalue("hub")     # tests/remote/test_hub.py's Hugging Face stand-in
         hub.repos["org/Tiny-GGUF"] = hub.repos["files"] = {"Tiny.Q4_0.gguf": make_gguf(2)}
         ref = "hf.co/org/Tiny-GGUF:Q4_0" if verb == "pull-hf" else f"{hub.url}/files/Tiny.Q4_0.gguf"
         target = "hf.co/org/tiny-gguf:Q4_0" if verb == "pull-hf" else "tiny.q4_0"

@@ -641,16 +641,8 @@ E2E_SCHEMA = {  # bounded: every document it accepts is short, so a random model
 
 
 @pytest.fixture(scope="module")
-def tiny_loaded(tmp_path_factory, tiny_gguf_path):
-    from mlxlite.engine import runner
-    from mlxlite.store import Store
-    from mlxlite.store.importers import import_path
-
-    store = Store(tmp_path_factory.mktemp("constrain_store") / "models")
-    import_path(store, tiny_gguf_path, "tiny-gguf")
-    loaded = runner.load(store, store.resolve("tiny-gguf"))
-    yield loaded
-    runner.unload(loaded)
+def tiny_loaded(tiny_gguf_loaded):
+    return tiny_gguf_loaded
 
 
 def _generate(loaded, spec, **opts):

@@ -11,20 +11,8 @@ import re
 
 import pytest
 
+from tests.dist.standin import Group
 from tests.dist.test_dist import write_llama
-
-
-class Group:
-    """What loading and `shard` ask of a group: its rank and size."""
-
-    def __init__(self, rank: int, size: int) -> None:
-        self._rank, self._size = rank, size
-
-    def rank(self) -> int:
-        return self._rank
-
-    def size(self) -> int:
-        return self._size
 
 
 @pytest.fixture(scope="module")

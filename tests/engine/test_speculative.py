@@ -24,16 +24,8 @@ def opts(**kw) -> options_mod.Options:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_gguf_path):
-    from mlxlite.engine import runner
-    from mlxlite.store import Store
-    from mlxlite.store.importers import import_path
-
-    store = Store(tmp_path_factory.mktemp("spec_store") / "models")
-    import_path(store, tiny_gguf_path, "tiny-gguf")
-    loaded = runner.load(store, store.resolve("tiny-gguf"))
-    yield loaded
-    runner.unload(loaded)
+def tiny(tiny_gguf_loaded):
+    return tiny_gguf_loaded
 
 
 def tokens(pieces) -> list[int]:

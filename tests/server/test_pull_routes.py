@@ -4,13 +4,11 @@ shapes, streamed and not, errors before and after the first line, the ollama cli
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 
 import pytest
 
 from mlxlite.remote import push as push_model
-from tests.fake_engine import FakeEngine, RunningServer
+from tests.fake_engine import FakeEngine, RunningServer, call
 from tests.remote.test_registry import make_model
 
 
@@ -20,23 +18,10 @@ def srv(store):
         yield s
 
 
-def post(srv, path: str, body: dict):
-    req = urllib.request.Request(srv.url + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            payload, status, ctype = resp.read(), resp.status, resp.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as exc:
-        payload, status, ctype = exc.read(), exc.code, exc.headers.get("Content-Type", "")
-    if "ndjson" in ctype:
-        return status, [json.loads(line) for line in payload.splitlines() if line.strip()]
-    return status, json.loads(payload)
-
-
 def test_push_then_pull_stream_ollama_events(srv, store, registry):
     name = registry.name("team/api:v1")
     files = make_model(store, name)
-    status, lines = post(srv, "/api/push", {"model": name, "insecure": True})
+    status, lines = call(srv, "/api/push", {"model": name, "insecure": True})
     assert status == 200
     assert lines[0] == {"status": "retrieving manifest"}
     assert lines[-2:] == [{"status": "pushing manifest"}, {"status": "success"}]
@@ -44,7 +29,7 @@ def test_push_then_pull_stream_ollama_events(srv, store, registry):
     assert pushing and all(line["status"] == f"pushing {line['digest'][7:19]}" for line in pushing)
     digest = store.resolve(name).digest
     store.remove(name)
-    status, lines = post(srv, "/api/pull", {"model": name, "insecure": True})
+    status, lines = call(srv, "/api/pull", {"model": name, "insecure": True})
     assert status == 200
     assert lines[0] == {"status": "pulling manifest"}
     assert lines[-3:] == [{"status": "verifying sha256 digest"}, {"status": "writing manifest"},
@@ -61,20 +46,20 @@ def test_push_then_pull_stream_ollama_events(srv, store, registry):
 def test_pull_without_stream_and_errors(srv, store, registry):
     name = registry.name("team/api:v2")
     make_model(store, name)
-    assert post(srv, "/api/push", {"name": name, "insecure": True, "stream": False}) == (200, {"status": "success"})
+    assert call(srv, "/api/push", {"name": name, "insecure": True, "stream": False}) == (200, {"status": "success"})
     store.remove(name)
-    assert post(srv, "/api/pull", {"model": name, "insecure": True, "stream": False}) == (200, {"status": "success"})
+    assert call(srv, "/api/pull", {"model": name, "insecure": True, "stream": False}) == (200, {"status": "success"})
     assert store.exists(name)
     missing = registry.name("team/absent:v1")
-    status, body = post(srv, "/api/pull", {"model": missing, "insecure": True, "stream": False})
+    status, body = call(srv, "/api/pull", {"model": missing, "insecure": True, "stream": False})
     assert status == 404 and "does not exist" in body["error"]
-    status, lines = post(srv, "/api/pull", {"model": missing, "insecure": True})
+    status, lines = call(srv, "/api/pull", {"model": missing, "insecure": True})
     assert status == 200 and lines[0] == {"status": "pulling manifest"} and "does not exist" in lines[-1]["error"]
-    assert post(srv, "/api/pull", {"model": name, "insecure": "yes"})[0] == 400
-    assert post(srv, "/api/pull", {})[0] == 400
-    assert post(srv, "/api/pull", {"model": "bad name!"})[0] == 400
-    assert post(srv, "/api/push", {"model": "nothing-here:v1"})[0] == 404
-    status, body = post(srv, "/api/pull", {"model": "oci-layout:packages"})  # a server-side path
+    assert call(srv, "/api/pull", {"model": name, "insecure": "yes"})[0] == 400
+    assert call(srv, "/api/pull", {})[0] == 400
+    assert call(srv, "/api/pull", {"model": "bad name!"})[0] == 400
+    assert call(srv, "/api/push", {"model": "nothing-here:v1"})[0] == 404
+    status, body = call(srv, "/api/pull", {"model": "oci-layout:packages"})  # a server-side path
     assert status == 400 and "local paths" in body["error"]
 
 
@@ -120,5 +105,5 @@ def test_client_that_goes_away_cancels_the_pull_and_keeps_the_partial(srv, store
     assert download.partial_bytes(store, big.digest, big.size) == settled < big.size  # stopped, kept
     assert not store.exists(f"{proxy.host}/team/gone:v1")
     proxy.rate = 0
-    assert post(srv, "/api/pull", {"model": f"{proxy.host}/team/gone:v1", "insecure": True, "stream": False}) \
+    assert call(srv, "/api/pull", {"model": f"{proxy.host}/team/gone:v1", "insecure": True, "stream": False}) \
         == (200, {"status": "success"})

@@ -11,12 +11,10 @@ import http.server
 import json
 import socket
 import threading
-import urllib.error
-import urllib.request
 
 import pytest
 
-from tests.fake_engine import FakeEngine, RunningServer, add_fake_model, wait_for
+from tests.fake_engine import FakeEngine, RunningServer, add_fake_model, call, wait_for
 from tests.vision_models import data_url, png, png_b64, send_png
 
 GREEDY = {"temperature": 0, "num_predict": 6, "seed": 1}
@@ -26,22 +24,6 @@ GREEDY = {"temperature": 0, "num_predict": 6, "seed": 1}
 def srv(store, tiny_vision_model):
     with RunningServer(None, store) as s:
         yield s
-
-
-def call(srv, path, body, method="POST"):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(srv.url + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            payload, status, ctype = resp.read(), resp.status, resp.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as exc:
-        payload, status, ctype = exc.read(), exc.code, exc.headers.get("Content-Type", "")
-    if "ndjson" in ctype:
-        return status, [json.loads(line) for line in payload.splitlines() if line.strip()]
-    if "json" in ctype:
-        return status, json.loads(payload)
-    return status, payload.decode()
 
 
 def _top(entries):
