@@ -326,9 +326,13 @@ def _fit(model: nn.Module, module: nn.Module, prefix: str, weights: dict[str, mx
     return {k[len(prefix):]: v for k, v in weights.items()}
 
 
-def _load(module: nn.Module, weights: dict[str, mx.array], config: dict) -> None:
+def load_into(model: nn.Module, module: nn.Module, prefix: str, weights: dict[str, mx.array], config: dict, *,
+              dequantize: bool, on_cpu: bool) -> None:
+    """`weights` (full names under `prefix`) made ready by `_fit` and loaded into `module` (the
+    model itself, or one of its layers), strictly: a missing, extra or misshapen tensor is an error."""
+    ready = _fit(model, module, prefix, weights, config, dequantize=dequantize, on_cpu=on_cpu)
     try:
-        module.load_weights(list(weights.items()), strict=True)
+        module.load_weights(list(ready.items()), strict=True)
     except ValueError as exc:
         raise Unsupported(f"GGUF tensors do not fit the {config['model_type']} model: {exc}") from None
 
@@ -345,7 +349,7 @@ def build_model(config: dict, weights: dict[str, mx.array], *, dequantize: bool,
             if not layers[0] <= i < layers[1]:
                 stack[i] = Absent()
     rope_freqs = weights.pop(ROPE_FREQS, None)
-    _load(model, _fit(model, model, "", weights, config, dequantize=dequantize, on_cpu=on_cpu), config)
+    load_into(model, model, "", weights, config, dequantize=dequantize, on_cpu=on_cpu)
     if rope_freqs is not None:
         _apply_rope_freqs(model, config, rope_freqs)
     mx.eval(model.parameters())
@@ -364,13 +368,13 @@ def build_split(path: Path, header: gguf.Header, config: dict, report: dict, *, 
     outer = read_weights(path, header, config, report=report, layers=(0, 0), **kw)
     rope_freqs = outer.pop(ROPE_FREQS, None)
     with only_layers(model, []):
-        _load(model, _fit(model, model, "", outer, config, **kw), config)
+        load_into(model, model, "", outer, config, **kw)
     del outer
     for i, layer in enumerate(stack):
         weights = read_weights(path, header, config, report=report, layers=(i, i + 1), outside=False, **kw)
         match = next((m for m in map(_LAYER.search, weights) if m), None)
         prefix = match.string[:match.end()] if match else f"model.layers.{i}."
-        _load(layer, _fit(model, layer, prefix, weights, config, **kw), config)
+        load_into(model, layer, prefix, weights, config, **kw)
         del weights
         with only_layers(model, [layer]):
             split(model)

@@ -30,7 +30,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlxlite.engine import quants
-from mlxlite.engine.gguf import GGUFTokenizer, _fit, _load, load_report
+from mlxlite.engine.gguf import GGUFTokenizer, load_into, load_report
 from mlxlite.engine.vision import INSTALL, VisionLM, naming_special_tokens
 from mlxlite.errors import BadRequest, Unsupported
 from mlxlite.formats import archs, gguf
@@ -157,7 +157,7 @@ def build(cfg: dict, weights: dict[str, mx.array], *, dequantize: bool, on_cpu: 
         for part in ("weight", "scales", "biases"):
             if f"{embed}.{part}" in weights:
                 weights[f"{head}.{part}"] = weights[f"{embed}.{part}"]
-    _load(model, _fit(model, model, "", weights, cfg, dequantize=dequantize, on_cpu=on_cpu), cfg)
+    load_into(model, model, "", weights, cfg, dequantize=dequantize, on_cpu=on_cpu)
     mx.eval(model.parameters())
     return model
 
